@@ -1,0 +1,5 @@
+import sys
+
+from kdfast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,25 @@
+"""How per-row loss terms become one number. Shared by every backend so they agree exactly."""
+from __future__ import annotations
+
+REDUCTIONS = ("batchmean", "sum", "mean")
+KINDS = ("kl", "soft_ce")
+
+
+def kd_divisor(reduction: str, rows: int, vocab: int) -> float:
+    """``sum``: 1; ``batchmean``: kept rows; ``mean``: kept rows x V (the study's form).
+    Never 0, so an empty selection gives a loss of exactly 0."""
+    if reduction == "sum":
+        return 1.0
+    if reduction == "batchmean":
+        return float(max(rows, 1))
+    return float(max(rows * vocab, 1))
+
+
+def kd_factor(temperature: float, t2_scale: bool) -> float:
+    """The T**2 factor (Hinton et al.) that keeps soft-target gradients temperature-independent."""
+    return temperature * temperature if t2_scale else 1.0
+
+
+def mlm_divisor(reduction: str, labelled_rows: int) -> float:
+    """MLM cross-entropy: a sum for ``sum``, else the mean over labelled rows."""
+    return 1.0 if reduction == "sum" else float(max(labelled_rows, 1))

@@ -1,0 +1,1 @@
+"""Benchmarks and budget calibration: shared measurement utilities, kernel and budget suites."""

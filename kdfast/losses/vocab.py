@@ -1,0 +1,154 @@
+"""Vocabulary-level KD: temperature KL / soft CE on logits, and the same fused with both LM heads.
+
+Shapes: N rows (tokens), V vocabulary, Hs/Ht student/teacher hidden widths.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from kdfast import _backends
+from kdfast import _checks as check
+from kdfast._reduction import KINDS, REDUCTIONS
+from kdfast.losses.types import KDOutput
+
+
+def _check_options(temperature: float, kind: str, reduction: str, backend: str) -> float:
+    check.choice("kind", kind, KINDS)
+    check.choice("reduction", reduction, REDUCTIONS)
+    check.choice("backend", backend, ("auto",) + _backends.BACKENDS)
+    return check.positive("temperature", temperature)
+
+
+def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+          mask: Optional[torch.Tensor] = None, kind: str = "kl", reduction: str = "batchmean",
+          t2_scale: bool = True, backend: str = "auto") -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) (``kind="kl"``) or -sum softmax(t/T) log_softmax(s/T)
+    (``"soft_ce"``) over rows of [N, V] logits, times T**2 when ``t2_scale``.
+
+    ``mask`` [N] keeps rows (True). ``batchmean`` divides by kept rows, ``mean`` by kept rows x V,
+    ``sum`` not at all. The teacher is a constant. No kept rows gives 0 with zero gradients.
+    """
+    temperature = _check_options(temperature, kind, reduction, backend)
+    check.tensor("student_logits", student_logits, ndim=2)
+    check.tensor("teacher_logits", teacher_logits, ndim=2)
+    check.shape("teacher_logits", teacher_logits, tuple(student_logits.shape), "[N, V] of student_logits")
+    device = check.same_device(("student_logits", "teacher_logits"), (student_logits, teacher_logits))
+    mask = check.mask("mask", mask, (student_logits.shape[0],), device, "[N]")
+    check.finite("student_logits", student_logits)
+    check.finite("teacher_logits", teacher_logits)
+    kwargs = dict(student_logits=student_logits, teacher_logits=teacher_logits, temperature=temperature,
+                  mask=mask, kind=kind, reduction=reduction, t2_scale=bool(t2_scale))
+    return _backends.call("kd_kl", device, backend, **kwargs)
+
+
+def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                    teacher_weight: torch.Tensor, student_bias: Optional[torch.Tensor] = None,
+                    teacher_bias: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                    ignore_index: int = -100, temperature: float = 1.0, kd_weight: float = 1.0,
+                    mlm_weight: float = 0.0, kind: str = "kl", reduction: str = "batchmean",
+                    t2_scale: bool = True, mask: Optional[torch.Tensor] = None,
+                    row_weights: Optional[torch.Tensor] = None, teacher_topk: Optional[int] = None,
+                    backend: str = "auto") -> KDOutput:
+    """Vocabulary KD plus MLM cross-entropy through both LM heads, without [N, V] logits in memory
+    on the kernel backends.
+
+    Student logits are ``student_hidden [N, Hs] @ student_weight[V, Hs]^T + student_bias[V]``,
+    teacher logits likewise from [N, Ht] and [V, Ht]; products accumulate in fp32.
+    KD rows: ``mask`` [N] if given, else rows whose ``labels`` != ``ignore_index``, else all.
+    MLM rows: rows whose ``labels`` != ``ignore_index`` (CE on the raw student logits, a mean over
+    them, or a sum for ``reduction="sum"``). ``row_weights`` [N] scale each KD row.
+    ``teacher_topk`` keeps the teacher's k largest logits (renormalised) as the soft target.
+    Returns ``KDOutput(loss, kd, mlm)`` with ``loss = kd_weight*kd + mlm_weight*mlm``.
+    The teacher tensors are constants: they receive no gradient.
+    """
+    temperature = _check_options(temperature, kind, reduction, backend)
+    kd_weight = check.non_negative("kd_weight", kd_weight)
+    mlm_weight = check.non_negative("mlm_weight", mlm_weight)
+    check.tensor("student_hidden", student_hidden, ndim=2)
+    check.tensor("student_weight", student_weight, ndim=2)
+    check.tensor("teacher_hidden", teacher_hidden, ndim=2)
+    check.tensor("teacher_weight", teacher_weight, ndim=2)
+    rows, width_s = student_hidden.shape
+    vocab = student_weight.shape[0]
+    check.shape("student_weight", student_weight, (vocab, width_s), "[V, Hs] matching student_hidden's Hs")
+    check.shape("teacher_hidden", teacher_hidden, (rows, None), "[N, Ht] with the N of student_hidden")
+    check.shape("teacher_weight", teacher_weight, (vocab, teacher_hidden.shape[1]),
+                "[V, Ht] with the V of student_weight and the Ht of teacher_hidden")
+    check.same_dtype(("student_hidden", "student_weight"), (student_hidden, student_weight))
+    check.same_dtype(("teacher_hidden", "teacher_weight"), (teacher_hidden, teacher_weight))
+    names = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "student_bias",
+             "teacher_bias", "row_weights")
+    device = check.same_device(names, (student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                       student_bias, teacher_bias, row_weights))
+    for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+        if bias is not None:
+            check.tensor(name, bias, ndim=1)
+            check.shape(name, bias, (vocab,), "[V]")
+            check.finite(name, bias)
+    if row_weights is not None:
+        check.tensor("row_weights", row_weights, ndim=1)
+        check.shape("row_weights", row_weights, (rows,), "[N]")
+        check.finite("row_weights", row_weights)
+    if teacher_topk is not None:
+        if isinstance(teacher_topk, bool) or not isinstance(teacher_topk, int) or not 0 < teacher_topk:
+            raise ValueError(f"teacher_topk: expected None or an int in [1, V={vocab}], got {teacher_topk!r}")
+        teacher_topk = min(teacher_topk, vocab)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    labels = check.labels("labels", labels, rows, vocab, ignore_index, device)
+    mask = check.mask("mask", mask, (rows,), device, "[N]")
+    if mlm_weight and labels is None:
+        raise ValueError(f"labels: expected a [N] label tensor because mlm_weight={mlm_weight}, got None")
+    for name, value in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden),
+                        ("student_weight", student_weight), ("teacher_weight", teacher_weight)):
+        check.finite(name, value)
+    kwargs = dict(student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
+                  teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias,
+                  labels=labels, ignore_index=ignore_index, temperature=temperature, kd_weight=kd_weight,
+                  mlm_weight=mlm_weight, kind=kind, reduction=reduction, t2_scale=bool(t2_scale), mask=mask,
+                  row_weights=row_weights, teacher_topk=teacher_topk)
+    return _backends.call("fused_linear_kd", device, backend, **kwargs)
+
+
+class KDKLLoss(nn.Module):
+    """Module form of :func:`kd_kl`; holds the options."""
+
+    def __init__(self, temperature: float = 1.0, kind: str = "kl", reduction: str = "batchmean",
+                 t2_scale: bool = True, backend: str = "auto"):
+        super().__init__()
+        _check_options(temperature, kind, reduction, backend)
+        self.options = dict(temperature=temperature, kind=kind, reduction=reduction, t2_scale=t2_scale,
+                            backend=backend)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return kd_kl(student_logits, teacher_logits, mask=mask, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class FusedLinearKDLoss(nn.Module):
+    """Module form of :func:`fused_linear_kd`; holds the options, takes hidden states and heads."""
+
+    def __init__(self, temperature: float = 1.0, kd_weight: float = 1.0, mlm_weight: float = 0.0,
+                 kind: str = "kl", reduction: str = "batchmean", t2_scale: bool = True, ignore_index: int = -100,
+                 teacher_topk: Optional[int] = None, backend: str = "auto"):
+        super().__init__()
+        _check_options(temperature, kind, reduction, backend)
+        self.options = dict(temperature=temperature, kd_weight=kd_weight, mlm_weight=mlm_weight, kind=kind,
+                            reduction=reduction, t2_scale=t2_scale, ignore_index=ignore_index,
+                            teacher_topk=teacher_topk, backend=backend)
+
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                teacher_weight: torch.Tensor, student_bias: Optional[torch.Tensor] = None,
+                teacher_bias: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None, row_weights: Optional[torch.Tensor] = None) -> KDOutput:
+        return fused_linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                               teacher_bias, labels=labels, mask=mask, row_weights=row_weights, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

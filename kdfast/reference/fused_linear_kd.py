@@ -1,0 +1,44 @@
+"""Reference vocabulary KD through both LM heads: logits are materialised in fp32 or fp64."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from kdfast._reduction import kd_divisor, kd_factor, mlm_divisor
+from kdfast.losses.types import KDOutput
+from kdfast.reference._common import compute_dtype
+from kdfast.reference.kd_kl import kd_rows
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            dtype: torch.dtype) -> torch.Tensor:
+    return F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
+def fused_linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None,
+                    teacher_bias=None, labels=None, ignore_index=-100, temperature=1.0, kd_weight=1.0,
+                    mlm_weight=0.0, kind="kl", reduction="batchmean", t2_scale=True, mask=None,
+                    row_weights=None, teacher_topk=None) -> KDOutput:
+    dtype = compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    kd_rows_mask = mask if mask is not None else (None if labels is None else labels != ignore_index)
+    zero = student_hidden.sum().to(dtype) * 0 if student_hidden.numel() else student_hidden.new_zeros((), dtype=dtype)
+
+    kd = zero
+    if kd_weight != 0:
+        sel = slice(None) if kd_rows_mask is None else kd_rows_mask
+        s_logits = _logits(student_hidden[sel], student_weight, student_bias, dtype)
+        with torch.no_grad():
+            t_logits = _logits(teacher_hidden[sel], teacher_weight, teacher_bias, dtype)
+        rows = kd_rows(s_logits, t_logits, temperature, kind, teacher_topk)
+        if row_weights is not None:
+            rows = rows * row_weights[sel].to(dtype)
+        kd = rows.sum() * (kd_factor(temperature, t2_scale) / kd_divisor(reduction, rows.shape[0],
+                                                                          student_weight.shape[0]))
+    mlm = zero
+    if mlm_weight != 0 and labels is not None:
+        kept = labels != ignore_index
+        s_logits = _logits(student_hidden[kept], student_weight, student_bias, dtype)
+        mlm = F.cross_entropy(s_logits, labels[kept], reduction="sum") / mlm_divisor(reduction, int(kept.sum()))
+    return KDOutput(kd_weight * kd + mlm_weight * mlm, kd, mlm)
