@@ -24,14 +24,14 @@ from kdfast.triton.static import KernelSpec
 
 
 @triton.jit
-def _online_update(m, l, x):
-    """Fold a chunk ``x`` into a running (max, sum exp(x - max)); returns (m_new, l_new, rescale,
-    exp(x - m_new)). -inf entries contribute 0, and an all -inf prefix stays (−inf, 0) without NaN."""
+def _online_update(m, total, x):
+    """Fold a chunk ``x`` into a running (max m, total = sum exp(x - m)); returns (m_new, total_new,
+    rescale, exp(x - m_new)). -inf entries contribute 0, and an all -inf prefix stays (-inf, 0), no NaN."""
     m_new = tl.maximum(m, tl.max(x, axis=0))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     rescale = tl.exp(m - m_safe)
     e = tl.exp(x - m_safe)
-    return m_new, l * rescale + tl.sum(e, axis=0), rescale, e
+    return m_new, total * rescale + tl.sum(e, axis=0), rescale, e
 
 
 @triton.jit
