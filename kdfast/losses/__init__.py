@@ -1,6 +1,12 @@
 """Public loss API: functional form plus an ``nn.Module`` per loss."""
-from kdfast.losses.attention import (AttentionKLLoss, AttentionScoreMSELoss, RelationKLLoss, attention_kl,
-                                     attention_score_mse, relation_kl)
+from kdfast.losses.attention import (
+                                     AttentionKLLoss,
+                                     AttentionScoreMSELoss,
+                                     RelationKLLoss,
+                                     attention_kl,
+                                     attention_score_mse,
+                                     relation_kl,
+)
 from kdfast.losses.hidden import HiddenMSELoss, hidden_mse
 from kdfast.losses.strategies import StrategyLoss, distilbert, minilm, minilm_v2, tinybert
 from kdfast.losses.types import KDOutput
