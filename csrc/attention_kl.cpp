@@ -20,6 +20,7 @@
 #include <tuple>
 #include <vector>
 
+#include "attention_kl_args.h"
 #include "attention_kl_math.h"
 #include "ops.h"
 
@@ -70,37 +71,14 @@ KDFAST_CLONES void gemm(index_t M, index_t N, index_t K, const float* a, index_t
   }
 }
 
-// ---------------------------------------------------------------- operands
-// One [B, heads, L, d] operand (d contiguous), any storage; strides in elements.
-struct Operand {
-  const void* ptr;
-  int storage;
-  int d;
-  index_t sb, sh, sl;
-  index_t offset(index_t b, index_t h, index_t l) const { return b * sb + h * sh + l * sl; }
-};
-
-// A writable fp32 [B, heads, L, d] gradient.
-struct GradOut {
-  float* ptr;
-  index_t sb, sh, sl;
-  float* row(index_t b, index_t h, index_t l) const { return ptr + b * sb + h * sh + l * sl; }
-};
-
-using OperandArgs = std::tuple<uintptr_t, int, int, index_t, index_t, index_t>;  // ptr, storage, d, strides
-using GradArgs = std::tuple<uintptr_t, index_t, index_t, index_t>;               // ptr, strides
-
-Operand operand(const OperandArgs& a) {
-  return Operand{reinterpret_cast<const void*>(std::get<0>(a)), std::get<1>(a), std::get<2>(a),
-                 std::get<3>(a), std::get<4>(a), std::get<5>(a)};
-}
-
-GradOut grad_out(const GradArgs& a) {
-  return GradOut{reinterpret_cast<float*>(std::get<0>(a)), std::get<1>(a), std::get<2>(a), std::get<3>(a)};
-}
+// ---------------------------------------------------------------- packing
+using attn::GradView;
+using attn::OperandArgs;
+using attn::OperandView;
+using attn::GradArgs;
 
 // rows[r] of (b, h) as fp32 into dst[r * ld + c] (c < d), zero beyond d up to ld and for r in [n, rows_padded).
-void pack_rows(const Operand& x, index_t b, index_t h, const index_t* rows, index_t n, index_t rows_padded,
+void pack_rows(const OperandView& x, index_t b, index_t h, const index_t* rows, index_t n, index_t rows_padded,
                float* dst, index_t ld) {
   std::fill(dst, dst + rows_padded * ld, 0.0f);
   for (index_t r = 0; r < n; ++r) {
@@ -110,7 +88,7 @@ void pack_rows(const Operand& x, index_t b, index_t h, const index_t* rows, inde
 }
 
 // The transpose: dst[c * ld + r] for c < d_padded (zero beyond d), r < n (zero up to ld).
-void pack_columns(const Operand& x, index_t b, index_t h, const index_t* rows, index_t n, index_t d_padded,
+void pack_columns(const OperandView& x, index_t b, index_t h, const index_t* rows, index_t n, index_t d_padded,
                   float* dst, index_t ld) {
   std::fill(dst, dst + d_padded * ld, 0.0f);
   for (index_t r = 0; r < n; ++r) {
@@ -151,7 +129,7 @@ KDFAST_CLONES void row_backward(float* s, const float* t, index_t n, float lse_s
 
 // ---------------------------------------------------------------- problem
 struct Problem {
-  Operand q_s, k_s, q_t, k_t;
+  OperandView q_s, k_s, q_t, k_t;
   bool same_qk;            // relation: k is q (gradients sum into one output)
   const bool* key_mask;    // [B, L] contiguous, or null
   index_t batch, heads, length;
@@ -159,7 +137,8 @@ struct Problem {
 
   Problem(const OperandArgs& qs, const OperandArgs& ks, const OperandArgs& qt, const OperandArgs& kt,
           bool same, uintptr_t mask, index_t b, index_t h, index_t l)
-      : q_s(operand(qs)), k_s(operand(ks)), q_t(operand(qt)), k_t(operand(kt)), same_qk(same),
+      : q_s(attn::operand_view(qs)), k_s(attn::operand_view(ks)), q_t(attn::operand_view(qt)),
+        k_t(attn::operand_view(kt)), same_qk(same),
         key_mask(reinterpret_cast<const bool*>(mask)), batch(b), heads(h), length(l), valid(b) {
     for (index_t bi = 0; bi < b; ++bi)
       for (index_t j = 0; j < l; ++j)
@@ -271,7 +250,7 @@ void backward(const OperandArgs& qs, const OperandArgs& ks, const OperandArgs& q
   Problem p(qs, ks, qt, kt, same_qk, mask, batch, heads, length);
   const float* lse_s_in = reinterpret_cast<const float*>(lse_s);
   const float* lse_t_in = reinterpret_cast<const float*>(lse_t);
-  GradOut dq = grad_out(dq_args), dk = grad_out(dk_args);
+  GradView dq = attn::grad_view(dq_args), dk = attn::grad_view(dk_args);
   const int d = p.q_s.d;
   const float alpha_s = 1.0f / std::sqrt(float(d));
 

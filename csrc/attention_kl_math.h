@@ -144,4 +144,23 @@ KDFAST_HD float load_as_float(const void* base, int storage, index_t i) {
   return storage == kBFloat16 ? bf16_to_float(bits) : fp16_to_float(bits);
 }
 
+// One [B, heads, L, d] input (d contiguous, any storage); strides in elements.
+struct OperandView {
+  const void* ptr;
+  int storage;
+  int d;
+  index_t sb, sh, sl;
+  KDFAST_HD index_t offset(index_t b, index_t h, index_t l) const { return b * sb + h * sh + l * sl; }
+  KDFAST_HD float load(index_t b, index_t h, index_t l, int c) const {
+    return load_as_float(ptr, storage, offset(b, h, l) + c);
+  }
+};
+
+// A writable fp32 [B, heads, L, d] gradient (d contiguous).
+struct GradView {
+  float* ptr;
+  index_t sb, sh, sl;
+  KDFAST_HD float* row(index_t b, index_t h, index_t l) const { return ptr + b * sb + h * sh + l * sl; }
+};
+
 }  // namespace kdfast::attn
