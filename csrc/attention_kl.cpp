@@ -41,11 +41,7 @@ index_t round_up(index_t n, index_t m) { return (n + m - 1) / m * m; }
 // ---------------------------------------------------------------- microkernel
 typedef float vec16 __attribute__((vector_size(64)));
 
-__attribute__((always_inline)) inline vec16 load16(const float* p) {
-  vec16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+__attribute__((always_inline)) inline void load16(vec16& v, const float* p) { std::memcpy(&v, p, sizeof(v)); }
 
 // C[m, n] (+)= scale * sum_k A(m, k) B[k, n] with A(m, k) = a[m * a_rs + k * a_cs], B and C row-major.
 // M is a multiple of MR, N of NR; A must be readable on all M rows (zero-padded by the caller).
@@ -56,7 +52,8 @@ KDFAST_CLONES void gemm(index_t M, index_t N, index_t K, const float* a, index_t
       vec16 acc[MR] = {};
       const float* a_blk = a + i0 * a_rs;
       for (index_t k = 0; k < K; ++k) {
-        vec16 bk = load16(b + k * b_rs + j0);
+        vec16 bk;
+        load16(bk, b + k * b_rs + j0);
         const float* a_k = a_blk + k * a_cs;
 #pragma GCC unroll 8
         for (int r = 0; r < MR; ++r) acc[r] += a_k[r * a_rs] * bk;
@@ -64,7 +61,11 @@ KDFAST_CLONES void gemm(index_t M, index_t N, index_t K, const float* a, index_t
       for (int r = 0; r < MR; ++r) {
         float* c_row = c + (i0 + r) * c_rs + j0;
         vec16 out = acc[r] * scale;
-        if (accumulate) out += load16(c_row);
+        if (accumulate) {
+          vec16 old;
+          load16(old, c_row);
+          out += old;
+        }
         std::memcpy(c_row, &out, sizeof(out));
       }
     }
