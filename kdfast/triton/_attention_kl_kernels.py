@@ -10,7 +10,8 @@ sits at ``ptr + b*stride_b + h*stride_h + i*stride_l + c`` (last stride 1). That
 Masked keys (``key_mask`` False) and keys past L are left out of both softmaxes.
 
 * ``attention_kl_fwd``: one program per (query tile, b*h); one pass over key tiles with online
-  (max, sum) for both softmaxes and the rescaled running sum of exp(t - m_t)(t - s). Writes KL_i,
+  (max, sum) for both softmaxes and the rescaled running sum of exp(t - m_t)(t - s) (centred on
+  the maxima: KL_i = acc / l_t - log l_t + log l_s). Writes KL_i,
   lse_s,i and lse_t,i ([B, h, L] fp32 each).
 * ``attention_kl_dq``: one program per query tile; dq_s,i = alpha_s * scale * sum_j dS_ij k_s,j.
 * ``attention_kl_dk``: one program per key tile; dk_s,j = alpha_s * scale * sum_i dS_ij q_s,i
@@ -78,9 +79,10 @@ def _scores(q_s, k_s, q_t, k_t, alpha_s, alpha_t):
 def _dscores(q_s, k_s, q_t, k_t, lse_s, lse_t, row_ok, key_ok, alpha_s, alpha_t):
     """dS = valid_i * (p_s - p_t) on a [rows, keys] tile, from the stored log-sum-exps."""
     s, t = _scores(q_s, k_s, q_t, k_t, alpha_s, alpha_t)
-    p_s = tl.exp(s - lse_s[:, None])
-    p_t = tl.exp(t - lse_t[:, None])
-    return tl.where(row_ok[:, None] & key_ok[None, :], p_s - p_t, 0.0)
+    ok = row_ok[:, None] & key_ok[None, :]
+    p_s = tl.exp(tl.where(ok, s - lse_s[:, None], float("-inf")))
+    p_t = tl.exp(tl.where(ok, t - lse_t[:, None], float("-inf")))
+    return p_s - p_t
 
 
 @triton.jit
@@ -107,25 +109,27 @@ def attention_kl_fwd(
     m_t = tl.full([BLOCK_M], -1e30, tl.float32)
     l_s = tl.zeros([BLOCK_M], tl.float32)
     l_t = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M], tl.float32)  # sum_j exp(t - m_t) (t - s)
+    # acc = sum_j exp(t - m_t) ((t - m_t) - (s - m_s)): centred on the running maxima, so the
+    # maxima cancel exactly (KL = 0 for L = 1) and student ~ teacher loses no digits.
+    acc = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, L, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_ok = _valid(mask_row, keys, L, HAS_MASK)[None, :]
         k_s = _load_rows(k_s_head, keys, stride_ks_l, L, D_S, BLOCK_DS, DOT_FP32)
         k_t = _load_rows(k_t_head, keys, stride_kt_l, L, D_T, BLOCK_DT, DOT_FP32)
         s, t = _scores(q_s, k_s, q_t, k_t, alpha_s, alpha_t)
-        t_minus_s = tl.where(key_ok, t - s, 0.0)
+        m_s_new = tl.maximum(m_s, tl.max(tl.where(key_ok, s, float("-inf")), 1))
+        m_t_new = tl.maximum(m_t, tl.max(tl.where(key_ok, t, float("-inf")), 1))
+        centred = tl.where(key_ok, (t - m_t_new[:, None]) - (s - m_s_new[:, None]), 0.0)
         s = tl.where(key_ok, s, float("-inf"))
         t = tl.where(key_ok, t, float("-inf"))
 
-        m_s_new = tl.maximum(m_s, tl.max(s, 1))
-        l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(s - m_s_new[:, None]), 1)
-        m_s = m_s_new
-        m_t_new = tl.maximum(m_t, tl.max(t, 1))
         rescale_t = tl.exp(m_t - m_t_new)
         e_t = tl.exp(t - m_t_new[:, None])
+        acc = rescale_t * (acc - ((m_t_new - m_t) - (m_s_new - m_s)) * l_t) + tl.sum(e_t * centred, 1)
         l_t = l_t * rescale_t + tl.sum(e_t, 1)
-        acc = acc * rescale_t + tl.sum(e_t * t_minus_s, 1)
+        l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(s - m_s_new[:, None]), 1)
+        m_s = m_s_new
         m_t = m_t_new
 
     # A row without any valid key (its whole batch row masked) gets KL 0 and LSEs 0.
@@ -134,7 +138,7 @@ def attention_kl_fwd(
     l_t = tl.where(has_keys, l_t, 1.0)
     lse_s = tl.where(has_keys, m_s + tl.log(l_s), 0.0)
     lse_t = tl.where(has_keys, m_t + tl.log(l_t), 0.0)
-    kl = acc / l_t - lse_t + lse_s
+    kl = acc / l_t - tl.log(l_t) + tl.log(l_s)
     out = bh.to(tl.int64) * L + rows
     in_range = rows < L
     tl.store(KL + out, kl, mask=in_range)

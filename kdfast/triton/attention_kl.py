@@ -26,6 +26,18 @@ def _pow2(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
+# (kernel, fp32 inputs, a head size > 64) -> (BLOCK_M, BLOCK_N, num_warps). BLOCK_M tiles query rows,
+# BLOCK_N key rows; fp32 tiles go through "tf32x3" dots, which need about twice the registers.
+_GPU_TILES = {
+    ("fwd", True, False): (64, 32, 4), ("fwd", True, True): (64, 16, 4),
+    ("fwd", False, False): (128, 64, 8), ("fwd", False, True): (128, 32, 8),
+    ("dq", True, False): (64, 16, 4), ("dq", True, True): (32, 16, 4),
+    ("dq", False, False): (64, 64, 4), ("dq", False, True): (64, 32, 4),
+    ("dk", True, False): (32, 32, 4), ("dk", True, True): (16, 32, 4),
+    ("dk", False, False): (64, 64, 4), ("dk", False, True): (32, 64, 4),
+}
+
+
 def launch_config(kernel: str, d_s: int, d_t: int, fp32: bool) -> dict:
     """Tile sizes and warps of ``kernel`` ("fwd", "dq", "dk") for head sizes (d_s, d_t).
 
@@ -35,14 +47,8 @@ def launch_config(kernel: str, d_s: int, d_t: int, fp32: bool) -> dict:
     """
     if triton_interpreting():
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
-    wide = max(d_s, d_t) > 64
-    if kernel == "fwd":
-        return {"BLOCK_M": 64, "BLOCK_N": 32 if wide else 64, "num_warps": 4, "num_stages": 2}
-    if kernel == "dq":
-        return {"BLOCK_M": 64, "BLOCK_N": 32 if wide else 64, "num_warps": 4 if not (wide and fp32) else 8,
-                "num_stages": 2}
-    return {"BLOCK_M": 32 if wide else 64, "BLOCK_N": 64, "num_warps": 4 if not (wide and fp32) else 8,
-            "num_stages": 2}
+    block_m, block_n, warps = _GPU_TILES[kernel, fp32, max(d_s, d_t) > 64]
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": 2}
 
 
 def _dot_fp32(*tensors: torch.Tensor) -> bool:
@@ -74,7 +80,7 @@ def forward_rows(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
     d_t = q_t.shape[-1]
     kl, lse_s, lse_t = (new_output((b, h, length), torch.float32, q_s.device) for _ in range(3))
     mask, stride_mask = _mask_args(key_mask, kl)
-    cfg = launch_config("fwd", d_s, d_t, q_s.dtype == torch.float32)
+    cfg = launch_config("fwd", d_s, d_t, _dot_fp32(q_s, q_t))
     kernels.attention_kl_fwd[(triton.cdiv(length, cfg["BLOCK_M"]), b * h)](
         q_s, k_s, q_t, k_t, mask, kl, lse_s, lse_t,
         *_strides(q_s), *_strides(k_s), *_strides(q_t), *_strides(k_t),
@@ -96,12 +102,12 @@ def backward_grads(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t:
     b, h, length, d_s = q_s.shape
     d_t = q_t.shape[-1]
     mask, stride_mask = _mask_args(key_mask, lse_s)
-    fp32 = q_s.dtype == torch.float32
+    fp32 = _dot_fp32(q_s, q_t)
     operands = (q_s, k_s, q_t, k_t, mask, lse_s, lse_t, scale)
     strides = (*_strides(q_s), *_strides(k_s), *_strides(q_t), *_strides(k_t))
     scalars = (stride_mask, h, length, d_s, d_t, d_s ** -0.5, d_t ** -0.5)
     common = dict(HAS_MASK=key_mask is not None, BLOCK_DS=_pow2(d_s), BLOCK_DT=_pow2(d_t),
-                  DOT_FP32=_dot_fp32(q_s, q_t))
+                  DOT_FP32=fp32)
 
     cfg = launch_config("dq", d_s, d_t, fp32)
     kernels.attention_kl_dq[(triton.cdiv(length, cfg["BLOCK_M"]), b * h)](
@@ -169,3 +175,35 @@ def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
                  key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean over (B, h, valid rows) of KL(softmax(q_t k_t^T/sqrt(d_t)) || softmax(q_s k_s^T/sqrt(d_s)))."""
     return AttentionKLFunction.apply(q_s, k_s, q_t.detach(), k_t.detach(), key_mask)
+
+
+def _spec(kernel: str, dtype: str, d_s: int, d_t: int) -> KernelSpec:
+    """Static-compile spec of one kernel with student and teacher tiles in ``dtype`` ("fp32", "bf16")."""
+    fn = getattr(kernels, f"attention_kl_{kernel}")
+    fp32 = dtype == "fp32"
+    cfg = dict(launch_config(kernel, d_s, d_t, fp32))
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    constexprs = dict(HAS_MASK=True, BLOCK_DS=_pow2(d_s), BLOCK_DT=_pow2(d_t), DOT_FP32=fp32, **cfg)
+    if kernel == "dk":
+        constexprs["ADD_DQ"] = True
+    pointer = {"QS": dtype, "KS": dtype, "QT": dtype, "KT": dtype, "MASK": "u8", "DQ": dtype, "DK": dtype}
+    if kernel == "dk":
+        pointer["DQ"] = "fp32"
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.startswith("alpha"):
+            signature[name] = "fp32"
+        elif name.startswith("stride") or name in ("H", "L", "D_S", "D_T"):
+            signature[name] = "i32"
+        else:
+            signature[name] = "*" + pointer.get(name, "fp32")
+    return KernelSpec(name=f"attention_kl_{kernel}_{dtype}_ds{d_s}_dt{d_t}", fn=fn, signature=signature,
+                      constexprs=constexprs, num_warps=num_warps, num_stages=num_stages)
+
+
+STATIC_COMPILE_SPECS = [_spec(kernel, dtype, d_s, d_t)
+                        for kernel in ("fwd", "dq", "dk")
+                        for dtype in ("fp32", "bf16")
+                        for d_s, d_t in ((64, 48), (128, 96))]
