@@ -64,13 +64,15 @@ def check_attention(b, h, length, d_s, d_t, dtype, masked, scale=1.0):
         assert rel_err(grad, ref_grad) <= tol
 
 
-@pytest.mark.parametrize("b, h, length, d_s, d_t", [
-    (2, 2, 1, 8, 12),
-    (3, 2, 7, 24, 40),
-    (1, 2, 128, 32, 16),
-    (1, 1, 513, 8, 16),
+@pytest.mark.parametrize("b, h, length, d_s, d_t, masked", [
+    (2, 2, 1, 8, 12, False),
+    (2, 2, 1, 8, 12, True),
+    (3, 2, 7, 24, 40, False),
+    (3, 2, 7, 24, 40, True),
+    (1, 2, 128, 32, 16, False),
+    (2, 2, 128, 32, 16, True),
+    (1, 1, 513, 8, 16, True),
 ])
-@pytest.mark.parametrize("masked", [False, True])
 def test_attention_kl_fp32_matches_float64(b, h, length, d_s, d_t, masked):
     check_attention(b, h, length, d_s, d_t, torch.float32, masked)
 
@@ -109,11 +111,11 @@ def check_relation(b, length, width_s, width_t, heads, dtype, masked):
     assert rel_err(grad, ref_grad) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("length, masked", [(1, False), (7, True), (128, True), (513, False)])
-def test_relation_kl_fp32_matches_float64(length, masked):
-    # 3 relation heads of d_s = 8 (student width 24) and d_t = 12 (teacher width 36)
-    b = 1 if length > 128 else 3
-    check_relation(b, length, 24, 36, 3, torch.float32, masked)
+@pytest.mark.parametrize("b, length, heads, masked", [(2, 1, 3, False), (3, 7, 3, True), (2, 128, 3, True),
+                                                    (1, 513, 1, False)])
+def test_relation_kl_fp32_matches_float64(b, length, heads, masked):
+    # relation heads of d_s = 8 and d_t = 12, decoupled from any attention head count
+    check_relation(b, length, 8 * heads, 12 * heads, heads, torch.float32, masked)
 
 
 def test_relation_kl_bf16_matches_float64():
@@ -121,10 +123,10 @@ def test_relation_kl_bf16_matches_float64():
 
 
 def test_two_backward_passes_are_bitwise_equal():
-    x_s = torch.randn(2, 70, 48, requires_grad=True)
-    x_t = torch.randn(2, 70, 64)
-    mask = make_mask(2, 70, fully_masked_batch=False)
-    first, second = (torch.autograd.grad(relation_kl(x_s, x_t, 4, mask, backend="triton"), x_s)[0]
+    x_s = torch.randn(1, 100, 32, requires_grad=True)
+    x_t = torch.randn(1, 100, 48)
+    mask = make_mask(1, 100)
+    first, second = (torch.autograd.grad(relation_kl(x_s, x_t, 2, mask, backend="triton"), x_s)[0]
                      for _ in range(2))
     assert torch.equal(first, second)
 

@@ -59,6 +59,33 @@ def _store_rows(base, rows, stride_l, L, d, tile, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _heads(QS, KS, QT, KT, MASK, stride_qs_b, stride_qs_h, stride_ks_b, stride_ks_h,
+           stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, stride_mask_b, H):
+    """Program axis 1 runs over b*H + h: (b, h, bases of q_s, k_s, q_t, k_t, this batch's mask row)."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    return (b, h, _head_ptr(QS, b, h, stride_qs_b, stride_qs_h), _head_ptr(KS, b, h, stride_ks_b, stride_ks_h),
+            _head_ptr(QT, b, h, stride_qt_b, stride_qt_h), _head_ptr(KT, b, h, stride_kt_b, stride_kt_h),
+            MASK + b.to(tl.int64) * stride_mask_b)
+
+
+@triton.jit
+def _load_pair(s_head, t_head, idx, stride_s_l, stride_t_l, L, D_S, D_T,
+               BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Rows ``idx`` of a student head [L, d_s] and of a teacher head [L, d_t]."""
+    return (_load_rows(s_head, idx, stride_s_l, L, D_S, BLOCK_DS, DOT_FP32),
+            _load_rows(t_head, idx, stride_t_l, L, D_T, BLOCK_DT, DOT_FP32))
+
+
+@triton.jit
+def _load_lse(LSE_S, LSE_T, b, h, H, L, rows):
+    """Stored lse_s, lse_t of query rows ``rows`` of head (b, h) ([B, H, L] fp32)."""
+    stats = (b * H + h).to(tl.int64) * L + rows
+    return (tl.load(LSE_S + stats, mask=rows < L, other=0.0), tl.load(LSE_T + stats, mask=rows < L, other=0.0))
+
+
+@triton.jit
 def _valid(mask_row, idx, L, HAS_MASK: tl.constexpr):
     """True for positions < L that the key-padding mask keeps."""
     ok = idx < L
@@ -94,15 +121,11 @@ def attention_kl_fwd(
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b, h, q_s_head, k_s_head, q_t_head, k_t_head, mask_row = _heads(
+        QS, KS, QT, KT, MASK, stride_qs_b, stride_qs_h, stride_ks_b, stride_ks_h,
+        stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, stride_mask_b, H)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_s = _load_rows(_head_ptr(QS, b, h, stride_qs_b, stride_qs_h), rows, stride_qs_l, L, D_S, BLOCK_DS, DOT_FP32)
-    q_t = _load_rows(_head_ptr(QT, b, h, stride_qt_b, stride_qt_h), rows, stride_qt_l, L, D_T, BLOCK_DT, DOT_FP32)
-    k_s_head = _head_ptr(KS, b, h, stride_ks_b, stride_ks_h)
-    k_t_head = _head_ptr(KT, b, h, stride_kt_b, stride_kt_h)
-    mask_row = MASK + b.to(tl.int64) * stride_mask_b
+    q_s, q_t = _load_pair(q_s_head, q_t_head, rows, stride_qs_l, stride_qt_l, L, D_S, D_T, BLOCK_DS, BLOCK_DT, DOT_FP32)
 
     # Finite start for the maxima: a tile of only masked keys (-inf) then adds exp(-inf) = 0.
     m_s = tl.full([BLOCK_M], -1e30, tl.float32)
@@ -115,8 +138,8 @@ def attention_kl_fwd(
     for start in range(0, L, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_ok = _valid(mask_row, keys, L, HAS_MASK)[None, :]
-        k_s = _load_rows(k_s_head, keys, stride_ks_l, L, D_S, BLOCK_DS, DOT_FP32)
-        k_t = _load_rows(k_t_head, keys, stride_kt_l, L, D_T, BLOCK_DT, DOT_FP32)
+        k_s, k_t = _load_pair(k_s_head, k_t_head, keys, stride_ks_l, stride_kt_l, L, D_S, D_T,
+                              BLOCK_DS, BLOCK_DT, DOT_FP32)
         s, t = _scores(q_s, k_s, q_t, k_t, alpha_s, alpha_t)
         m_s_new = tl.maximum(m_s, tl.max(tl.where(key_ok, s, float("-inf")), 1))
         m_t_new = tl.maximum(m_t, tl.max(tl.where(key_ok, t, float("-inf")), 1))
@@ -139,7 +162,7 @@ def attention_kl_fwd(
     lse_s = tl.where(has_keys, m_s + tl.log(l_s), 0.0)
     lse_t = tl.where(has_keys, m_t + tl.log(l_t), 0.0)
     kl = acc / l_t - tl.log(l_t) + tl.log(l_s)
-    out = bh.to(tl.int64) * L + rows
+    out = (b * H + h).to(tl.int64) * L + rows
     in_range = rows < L
     tl.store(KL + out, kl, mask=in_range)
     tl.store(LSE_S + out, lse_s, mask=in_range)
@@ -156,26 +179,20 @@ def attention_kl_dq(
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b, h, q_s_head, k_s_head, q_t_head, k_t_head, mask_row = _heads(
+        QS, KS, QT, KT, MASK, stride_qs_b, stride_qs_h, stride_ks_b, stride_ks_h,
+        stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, stride_mask_b, H)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_s = _load_rows(_head_ptr(QS, b, h, stride_qs_b, stride_qs_h), rows, stride_qs_l, L, D_S, BLOCK_DS, DOT_FP32)
-    q_t = _load_rows(_head_ptr(QT, b, h, stride_qt_b, stride_qt_h), rows, stride_qt_l, L, D_T, BLOCK_DT, DOT_FP32)
-    k_s_head = _head_ptr(KS, b, h, stride_ks_b, stride_ks_h)
-    k_t_head = _head_ptr(KT, b, h, stride_kt_b, stride_kt_h)
-    mask_row = MASK + b.to(tl.int64) * stride_mask_b
+    q_s, q_t = _load_pair(q_s_head, q_t_head, rows, stride_qs_l, stride_qt_l, L, D_S, D_T, BLOCK_DS, BLOCK_DT, DOT_FP32)
     row_ok = _valid(mask_row, rows, L, HAS_MASK)
-    stats = bh.to(tl.int64) * L + rows
-    lse_s = tl.load(LSE_S + stats, mask=rows < L, other=0.0)
-    lse_t = tl.load(LSE_T + stats, mask=rows < L, other=0.0)
+    lse_s, lse_t = _load_lse(LSE_S, LSE_T, b, h, H, L, rows)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
     for start in range(0, L, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_ok = _valid(mask_row, keys, L, HAS_MASK)
-        k_s = _load_rows(k_s_head, keys, stride_ks_l, L, D_S, BLOCK_DS, DOT_FP32)
-        k_t = _load_rows(k_t_head, keys, stride_kt_l, L, D_T, BLOCK_DT, DOT_FP32)
+        k_s, k_t = _load_pair(k_s_head, k_t_head, keys, stride_ks_l, stride_kt_l, L, D_S, D_T,
+                              BLOCK_DS, BLOCK_DT, DOT_FP32)
         ds = _dscores(q_s, k_s, q_t, k_t, lse_s, lse_t, row_ok, key_ok, alpha_s, alpha_t)
         dq = tl.dot(ds.to(k_s.dtype), k_s, dq, input_precision=FP32_DOT)
 
@@ -194,26 +211,20 @@ def attention_kl_dk(
     BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """``ADD_DQ``: add the fp32 dq stored at DQ (same strides as DK) to this tile before storing."""
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b, h, q_s_head, k_s_head, q_t_head, k_t_head, mask_row = _heads(
+        QS, KS, QT, KT, MASK, stride_qs_b, stride_qs_h, stride_ks_b, stride_ks_h,
+        stride_qt_b, stride_qt_h, stride_kt_b, stride_kt_h, stride_mask_b, H)
     keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_s = _load_rows(_head_ptr(KS, b, h, stride_ks_b, stride_ks_h), keys, stride_ks_l, L, D_S, BLOCK_DS, DOT_FP32)
-    k_t = _load_rows(_head_ptr(KT, b, h, stride_kt_b, stride_kt_h), keys, stride_kt_l, L, D_T, BLOCK_DT, DOT_FP32)
-    q_s_head = _head_ptr(QS, b, h, stride_qs_b, stride_qs_h)
-    q_t_head = _head_ptr(QT, b, h, stride_qt_b, stride_qt_h)
-    mask_row = MASK + b.to(tl.int64) * stride_mask_b
+    k_s, k_t = _load_pair(k_s_head, k_t_head, keys, stride_ks_l, stride_kt_l, L, D_S, D_T, BLOCK_DS, BLOCK_DT, DOT_FP32)
     key_ok = _valid(mask_row, keys, L, HAS_MASK)
-    stats_head = bh.to(tl.int64) * L
 
     dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
     for start in range(0, L, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = _valid(mask_row, rows, L, HAS_MASK)
-        q_s = _load_rows(q_s_head, rows, stride_qs_l, L, D_S, BLOCK_DS, DOT_FP32)
-        q_t = _load_rows(q_t_head, rows, stride_qt_l, L, D_T, BLOCK_DT, DOT_FP32)
-        lse_s = tl.load(LSE_S + stats_head + rows, mask=rows < L, other=0.0)
-        lse_t = tl.load(LSE_T + stats_head + rows, mask=rows < L, other=0.0)
+        q_s, q_t = _load_pair(q_s_head, q_t_head, rows, stride_qs_l, stride_qt_l, L, D_S, D_T,
+                              BLOCK_DS, BLOCK_DT, DOT_FP32)
+        lse_s, lse_t = _load_lse(LSE_S, LSE_T, b, h, H, L, rows)
         ds = _dscores(q_s, k_s, q_t, k_t, lse_s, lse_t, row_ok, key_ok, alpha_s, alpha_t)
         dk = tl.dot(tl.trans(ds).to(q_s.dtype), q_s, dk, input_precision=FP32_DOT)
 
