@@ -31,7 +31,7 @@ def _pow2(d: int) -> int:
 _GPU_TILES = {
     ("fwd", True, False): (64, 32, 4), ("fwd", True, True): (64, 16, 4),
     ("fwd", False, False): (128, 64, 8), ("fwd", False, True): (128, 32, 8),
-    ("dq", True, False): (64, 16, 4), ("dq", True, True): (16, 16, 4),
+    ("dq", True, False): (64, 16, 4), ("dq", True, True): (16, 16, 8),
     ("dq", False, False): (64, 32, 4), ("dq", False, True): (64, 32, 4),
     ("dk", True, False): (32, 32, 4), ("dk", True, True): (16, 32, 4),
     ("dk", False, False): (64, 64, 4), ("dk", False, True): (32, 64, 8),
