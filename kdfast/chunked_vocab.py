@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
+from kdfast._buffers import new_output
 from kdfast._reduction import kd_divisor, kd_factor, mlm_divisor
 from kdfast.losses.types import KDOutput
 
@@ -319,3 +320,22 @@ def unsupported_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
         if tensor is not None and tensor.dtype == torch.float64:
             return "float64 inputs are served by backend='torch' (kernel backends compute in fp32)"
     return None
+
+
+def row_kernel_outputs(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.Tensor,
+                       mlm_coef: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Check a row kernel's arguments against the contract (they go to native code as raw pointers)
+    and allocate its outputs ``kd_row``, ``mlm_row`` [C] fp32."""
+    rows = s.shape[0]
+    if s.dtype != torch.float32 or t.dtype != torch.float32 or s.shape != t.shape or s.dim() != 2:
+        raise ValueError(f"row kernel: expected fp32 s, t of one shape [C, V], got {s.dtype} {tuple(s.shape)} "
+                         f"and {t.dtype} {tuple(t.shape)}")
+    if s.stride(1) != 1 or t.stride() != s.stride():
+        raise ValueError(f"row kernel: expected s, t with unit column stride and equal strides, got "
+                         f"{s.stride()} and {t.stride()}")
+    for name, value, dtype in (("labels", labels, torch.int64), ("kd_coef", kd_coef, torch.float32),
+                               ("mlm_coef", mlm_coef, torch.float32)):
+        if value.dtype != dtype or value.shape != (rows,) or not value.is_contiguous() or value.device != s.device:
+            raise ValueError(f"row kernel: {name}: expected contiguous {dtype} [{rows}] on {s.device}, got "
+                             f"{value.dtype} {tuple(value.shape)} on {value.device}")
+    return new_output((rows,), torch.float32, s.device), new_output((rows,), torch.float32, s.device)
