@@ -12,18 +12,22 @@ namespace {
 using vocab_kd::OnlineSum;
 using vocab_kd::RowStats;
 
-constexpr index_t kBlock = 512;  // elements per online step: one max pass + one exp pass, in L1
+constexpr index_t kBlock = 512;  // elements per online step (2 KiB of each row, in L1)
 
-// Online (max, sum) of exp(x * scale) over one row, a block at a time: the block's max, the block's
-// sum of exp relative to it, then one merge into the running state.
-inline OnlineSum block_online_sum(OnlineSum acc, const float* x, index_t n, float scale) {
-  float block_max = -FLT_MAX;
-#pragma omp simd reduction(max : block_max)
-  for (index_t i = 0; i < n; ++i) block_max = std::max(block_max, x[i] * scale);
-  float block_sum = 0.0f;
-#pragma omp simd reduction(+ : block_sum)
-  for (index_t i = 0; i < n; ++i) block_sum += vocab_kd::vocab_exp(x[i] * scale - block_max);
-  return vocab_kd::online_merge(acc, {block_max, block_sum});
+// Maximum of a block of n elements.
+inline float block_max(const float* x, index_t n) {
+  float m = -FLT_MAX;
+#pragma omp simd reduction(max : m)
+  for (index_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// sum exp((x - max) * scale) over a block of n elements.
+inline float block_exp_sum(const float* x, index_t n, float max, float scale) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (index_t i = 0; i < n; ++i) sum += vocab_kd::vocab_exp((x[i] - max) * scale);
+  return sum;
 }
 
 struct RowResult {
@@ -31,8 +35,10 @@ struct RowResult {
   float mlm;
 };
 
-// One row: s [V] (overwritten with the gradient), t [V]. target_clones keeps the wheel portable
-// while the hot loops get AVX-512/AVX2 code where the CPU has it.
+// One row: s [V] (overwritten with the gradient), t [V]. Pass 1 walks the row a block at a time:
+// the block's maxima, its exp sums relative to them, then one online merge per softmax. Pass 2 writes
+// the gradient and sums the KD terms. target_clones keeps the wheel portable while the hot loops get
+// AVX-512/AVX2 code where the CPU has it.
 __attribute__((target_clones("avx512f", "avx2", "default")))
 RowResult kd_row(float* s, const float* t, index_t vocab, int64_t label, float kd_coef, float mlm_coef,
                  float temperature, bool soft_ce) {
@@ -42,20 +48,23 @@ RowResult kd_row(float* s, const float* t, index_t vocab, int64_t label, float k
   OnlineSum a = vocab_kd::online_empty(), b = vocab_kd::online_empty(), raw = vocab_kd::online_empty();
   for (index_t start = 0; start < vocab; start += kBlock) {
     const index_t n = std::min(kBlock, vocab - start);
-    a = block_online_sum(a, s + start, n, inv_t);
-    b = block_online_sum(b, t + start, n, inv_t);
-    if (raw_softmax) raw = block_online_sum(raw, s + start, n, 1.0f);
+    const float s_max = block_max(s + start, n), t_max = block_max(t + start, n);
+    a = vocab_kd::online_merge(a, {s_max, block_exp_sum(s + start, n, s_max, inv_t)}, inv_t);
+    b = vocab_kd::online_merge(b, {t_max, block_exp_sum(t + start, n, t_max, inv_t)}, inv_t);
+    if (raw_softmax) raw = vocab_kd::online_merge(raw, {s_max, block_exp_sum(s + start, n, s_max, 1.0f)}, 1.0f);
   }
   RowStats st;
   st.inv_t = inv_t;
-  st.lse_a = vocab_kd::online_lse(a);
-  st.lse_b = vocab_kd::online_lse(b);
-  st.lse_s = raw_softmax ? vocab_kd::online_lse(raw) : st.lse_a;
+  st.s_max = a.max;
+  st.t_max = b.max;
+  st.log_sum_a = logf(a.sum);
+  st.log_sum_b = logf(b.sum);
+  st.log_sum_s = raw_softmax ? logf(raw.sum) : st.log_sum_a;
   st.kd_coef = kd_coef;
   st.mlm_coef = has_label ? mlm_coef : 0.0f;
   st.raw_softmax = raw_softmax;
   st.soft_ce = soft_ce;
-  const float mlm = has_label ? vocab_kd::mlm_loss(st.lse_s, s[label]) : 0.0f;
+  const float mlm = has_label ? vocab_kd::mlm_loss(st, s[label]) : 0.0f;
 
   float kd = 0.0f;
 #pragma omp simd reduction(+ : kd)

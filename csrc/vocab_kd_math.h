@@ -56,7 +56,8 @@ KDFAST_HD float vocab_exp(float x) {
   return x < kExpFloor ? 0.0f : y * scale;
 }
 
-// Online softmax normaliser: sum of exp(x - max) over the elements seen so far.
+// Online softmax normaliser of x*scale: max is the largest raw x seen, sum = sum exp((x - max)*scale).
+// Working on raw differences (x - max) first keeps them exact, so large logits lose no precision.
 struct OnlineSum {
   float max;
   float sum;
@@ -64,28 +65,28 @@ struct OnlineSum {
 
 KDFAST_HD OnlineSum online_empty() { return {-FLT_MAX, 0.0f}; }
 
-// Add one element (scaled: x is already divided by T).
-KDFAST_HD OnlineSum online_add(OnlineSum acc, float x) {
-  if (x > acc.max) return {x, acc.sum * vocab_exp(acc.max - x) + 1.0f};
-  return {acc.max, acc.sum + vocab_exp(x - acc.max)};
+// Add one element.
+KDFAST_HD OnlineSum online_add(OnlineSum acc, float x, float scale) {
+  if (x > acc.max) return {x, acc.sum * vocab_exp((acc.max - x) * scale) + 1.0f};
+  return {acc.max, acc.sum + vocab_exp((x - acc.max) * scale)};
 }
 
 // Combine two partial states (threads, warps, or a CPU block into its row).
-KDFAST_HD OnlineSum online_merge(OnlineSum a, OnlineSum b) {
+KDFAST_HD OnlineSum online_merge(OnlineSum a, OnlineSum b, float scale) {
   const float m = a.max > b.max ? a.max : b.max;
-  return {m, a.sum * vocab_exp(a.max - m) + b.sum * vocab_exp(b.max - m)};
+  return {m, a.sum * vocab_exp((a.max - m) * scale) + b.sum * vocab_exp((b.max - m) * scale)};
 }
 
-KDFAST_HD float online_lse(OnlineSum acc) { return acc.max + logf(acc.sum); }
-
-// What pass 2 needs for a row.
+// What pass 2 needs for a row. log softmax(s/T)_v = (s_v - s_max)/T - log_sum_a, and likewise for t.
 struct RowStats {
-  float inv_t;     // 1/T
-  float lse_a;     // logsumexp(s/T)
-  float lse_b;     // logsumexp(t/T)
-  float lse_s;     // logsumexp(s) (= lse_a when T == 1); only read when mlm_coef != 0
-  float kd_coef;   // gradient coefficient of q - p
-  float mlm_coef;  // gradient coefficient of softmax(s) - onehot(y)
+  float inv_t;       // 1/T
+  float s_max;       // max of the student logits
+  float t_max;       // max of the teacher logits
+  float log_sum_a;   // log sum exp((s - s_max)/T)
+  float log_sum_b;   // log sum exp((t - t_max)/T)
+  float log_sum_s;   // log sum exp(s - s_max) (= log_sum_a when T == 1); read when raw_softmax
+  float kd_coef;     // gradient coefficient of q - p
+  float mlm_coef;    // gradient coefficient of softmax(s) - onehot(y)
   bool raw_softmax;  // softmax(s) differs from q (T != 1) and the row has an MLM term
   bool soft_ce;
 };
@@ -96,16 +97,16 @@ struct ElementOut {
 };
 
 KDFAST_HD ElementOut element_grad(float s, float t, const RowStats& st) {
-  const float log_q = s * st.inv_t - st.lse_a;
-  const float log_p = t * st.inv_t - st.lse_b;  // -inf for a teacher logit dropped by top-k
+  const float log_q = (s - st.s_max) * st.inv_t - st.log_sum_a;
+  const float log_p = (t - st.t_max) * st.inv_t - st.log_sum_b;  // -inf for a teacher logit dropped by top-k
   const float q = vocab_exp(log_q);
   const float p = vocab_exp(log_p);
-  const float softmax_s = st.raw_softmax ? vocab_exp(s - st.lse_s) : q;
+  const float softmax_s = st.raw_softmax ? vocab_exp((s - st.s_max) - st.log_sum_s) : q;
   const float kd_term = p > 0.0f ? p * (st.soft_ce ? -log_q : log_p - log_q) : 0.0f;
   return {st.kd_coef * (q - p) + st.mlm_coef * softmax_s, kd_term};
 }
 
-// MLM cross-entropy of the row: logsumexp(s) - s[y].
-KDFAST_HD float mlm_loss(float lse_s, float s_label) { return lse_s - s_label; }
+// MLM cross-entropy of the row: logsumexp(s) - s[y] = log_sum_s - (s[y] - s_max).
+KDFAST_HD float mlm_loss(const RowStats& st, float s_label) { return st.log_sum_s - (s_label - st.s_max); }
 
 }  // namespace kdfast::vocab_kd
