@@ -26,5 +26,5 @@ def fused_linear_kd(**kwargs) -> KDOutput:
     return chunked_fused_linear_kd(rows, **kwargs)
 
 
-def unsupported_reason(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, **_) -> Optional[str]:
-    return _decline_float64(student_hidden, teacher_hidden)
+def unsupported_reason(**kwargs) -> Optional[str]:
+    return _decline_float64(kwargs.get("student_hidden"), kwargs.get("teacher_hidden"))

@@ -15,5 +15,5 @@ def kd_kl(**kwargs) -> torch.Tensor:
     return chunked_kd_kl(rows, **kwargs)
 
 
-def unsupported_reason(student_logits: torch.Tensor, teacher_logits: torch.Tensor, **_) -> Optional[str]:
-    return _decline_float64(student_logits, teacher_logits)
+def unsupported_reason(**kwargs) -> Optional[str]:
+    return _decline_float64(kwargs.get("student_logits"), kwargs.get("teacher_logits"))
