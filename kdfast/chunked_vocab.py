@@ -337,6 +337,35 @@ def unsupported_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
     return None
 
 
+def fused_unsupported_reason(**kwargs) -> Optional[str]:
+    """``unsupported_reason`` for the keyword arguments of ``fused_linear_kd``."""
+    return unsupported_reason(kwargs.get("student_hidden"), kwargs.get("teacher_hidden"))
+
+
+def kd_kl_unsupported_reason(**kwargs) -> Optional[str]:
+    """``unsupported_reason`` for the keyword arguments of ``kd_kl``."""
+    return unsupported_reason(kwargs.get("student_logits"), kwargs.get("teacher_logits"))
+
+
+def pointer_row_kernel(launch: Callable[..., None], with_stream: bool) -> RowKernel:
+    """A row kernel from a native entry point taking raw pointers:
+    ``launch(s, t, labels, kd_coef, mlm_coef, kd_row, mlm_row, rows, vocab, ld, temperature, soft_ce[, stream])``
+    (``stream``: the current CUDA stream's handle when ``with_stream``)."""
+
+    def rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.Tensor, mlm_coef: torch.Tensor,
+             temperature: float, soft_ce: bool) -> "tuple[torch.Tensor, torch.Tensor]":
+        kd_row, mlm_row = row_kernel_outputs(s, t, labels, kd_coef, mlm_coef)
+        args = [s.data_ptr(), t.data_ptr(), labels.data_ptr(), kd_coef.data_ptr(), mlm_coef.data_ptr(),
+                kd_row.data_ptr(), mlm_row.data_ptr(), s.shape[0], s.shape[1], s.stride(0), float(temperature),
+                bool(soft_ce)]
+        if with_stream:
+            args.append(torch.cuda.current_stream(s.device).cuda_stream)
+        launch(*args)
+        return kd_row, mlm_row
+
+    return rows
+
+
 def row_kernel_outputs(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.Tensor,
                        mlm_coef: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
     """Check a row kernel's arguments against the contract (they go to native code as raw pointers)
