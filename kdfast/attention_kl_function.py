@@ -128,10 +128,16 @@ def relation_kl(kernels: Kernels, x_s: torch.Tensor, x_t: torch.Tensor, num_rela
                                      relation_heads(x_t, num_relation_heads), None, key_mask)
 
 
-def attention_kl_unsupported(q_s, k_s, q_t, k_t, key_mask) -> Optional[str]:
+def attention_kl_unsupported(q_s=None, k_s=None, q_t=None, k_t=None, key_mask=None) -> Optional[str]:
+    """``unsupported_reason`` of op attention_kl (None when asked without inputs)."""
+    if q_s is None or q_t is None:
+        return None
     return unsupported_reason(q_s.shape[-1], q_t.shape[-1], (q_s.dtype, q_t.dtype))
 
 
-def relation_kl_unsupported(x_s, x_t, num_relation_heads, key_mask) -> Optional[str]:
+def relation_kl_unsupported(x_s=None, x_t=None, num_relation_heads=1, key_mask=None) -> Optional[str]:
+    """``unsupported_reason`` of op relation_kl (None when asked without inputs)."""
+    if x_s is None or x_t is None:
+        return None
     return unsupported_reason(x_s.shape[-1] // num_relation_heads, x_t.shape[-1] // num_relation_heads,
                               (x_s.dtype, x_t.dtype))
