@@ -266,8 +266,10 @@ def arm_report(arm: Arm, options: Options, shapes: tuple, peak: float, teacher_c
     teacher_shape, student_shape = shapes
     ms = statistics.median(arm.ms)
     tokens = options.batch * options.seq
+    mlm_weight = getattr(arm.strategy, "mlm_weight", None)  # attention strategies: MLM only when > 0
     analytic = analytic_step_flops(arm.name, teacher_shape, student_shape, options.batch, options.seq,
-                                   MLM_PROBABILITY, getattr(arm.strategy, "num_relation_heads", 12))
+                                   MLM_PROBABILITY, getattr(arm.strategy, "num_relation_heads", 12),
+                                   student_mlm=None if mlm_weight is None else mlm_weight > 0)
     measured = measure_flops(arm.step)
     calibration = Calibration(ms, tokens, analytic["total"], options.world_size)
     charge = teacher_charge if arm.strategy.teacher is not None else 0.0
