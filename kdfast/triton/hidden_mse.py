@@ -2,7 +2,8 @@
 
 ``_rows_kernel`` reads each (projected) student row once with its teacher row, writes
 grad = grad_scale * (y - t) (in place of y when asked; 0 on masked rows), and stores per-program
-partials of the float64 squared-error sum and of the column sums of grad (the bias gradient).
+partials (CHUNK_ROWS rows x BLOCK_W columns) of the squared-error sum and of the column sums of
+grad (the bias gradient).
 The partials are reduced in a fixed order by torch, so results are bitwise reproducible.
 """
 from __future__ import annotations
@@ -17,46 +18,50 @@ from kdfast._buffers import new_output
 from kdfast._hidden_mse import decline, hidden_mse_with
 from kdfast.triton.static import KernelSpec
 
-BLOCK_R = 32
-BLOCK_W = 128
+CHUNK_ROWS = 256  # rows per program (and per deterministic partial)
+BLOCK_R = 16
+BLOCK_W = 64
 
 
 @triton.jit
 def _rows_kernel(y_ptr, y_ld, t_ptr, t_ld, mask_ptr, grad_ptr, grad_ld, loss_part_ptr, column_part_ptr,
                  rows_total, width, grad_scale, HAS_MASK: tl.constexpr, HAS_COLUMNS: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+                 CHUNK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
     chunk = tl.program_id(0)
-    rows = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_in = rows < rows_total
-    keep = row_in
-    if HAS_MASK:
-        keep = keep & (tl.load(mask_ptr + rows, mask=row_in, other=0) != 0)
-    rows64 = rows.to(tl.int64)
-    loss = tl.zeros((BLOCK_R,), dtype=tl.float64)
-    for start in range(0, width, BLOCK_W):
-        cols = start + tl.arange(0, BLOCK_W)
-        col_in = cols < width
+    col_block = tl.program_id(1)
+    cols = col_block * BLOCK_W + tl.arange(0, BLOCK_W)
+    col_in = cols < width
+    loss = tl.zeros((BLOCK_W,), dtype=tl.float64)
+    column_sum = tl.zeros((BLOCK_W,), dtype=tl.float32)
+    for start in range(0, CHUNK_ROWS, BLOCK_R):
+        rows = chunk * CHUNK_ROWS + start + tl.arange(0, BLOCK_R)
+        row_in = rows < rows_total
+        keep = row_in
+        if HAS_MASK:
+            keep = keep & (tl.load(mask_ptr + rows, mask=row_in, other=0) != 0)
+        rows64 = rows.to(tl.int64)
         load_mask = keep[:, None] & col_in[None, :]
         y = tl.load(y_ptr + rows64[:, None] * y_ld + cols[None, :], mask=load_mask, other=0.0).to(tl.float32)
         t = tl.load(t_ptr + rows64[:, None] * t_ld + cols[None, :], mask=load_mask, other=0.0).to(tl.float32)
         diff = y - t
-        loss += tl.sum(diff.to(tl.float64) * diff.to(tl.float64), axis=1)
+        loss += tl.sum(diff * diff, axis=0).to(tl.float64)  # fp32 over BLOCK_R rows, float64 across
         grad = grad_scale * diff
+        column_sum += tl.sum(grad, axis=0)
         tl.store(grad_ptr + rows64[:, None] * grad_ld + cols[None, :], grad, mask=row_in[:, None] & col_in[None, :])
-        if HAS_COLUMNS:
-            tl.store(column_part_ptr + chunk.to(tl.int64) * width + cols, tl.sum(grad, axis=0), mask=col_in)
-    tl.store(loss_part_ptr + chunk, tl.sum(loss, axis=0))
+    tl.store(loss_part_ptr + chunk * tl.num_programs(1) + col_block, tl.sum(loss, axis=0))
+    if HAS_COLUMNS:
+        tl.store(column_part_ptr + chunk.to(tl.int64) * width + cols, column_sum, mask=col_in)
 
 
 def _rows(y, t, row_mask, grad_scale, grad, column_sum) -> torch.Tensor:
     rows, width = y.shape
-    chunks = triton.cdiv(rows, BLOCK_R)
-    loss_part = new_output((chunks,), torch.float64, y.device)
-    column_part = new_output((chunks, width), torch.float32, y.device) if column_sum is not None else loss_part
+    grid = (triton.cdiv(rows, CHUNK_ROWS), triton.cdiv(width, BLOCK_W))
+    loss_part = new_output(grid, torch.float64, y.device)
+    column_part = new_output((grid[0], width), torch.float32, y.device) if column_sum is not None else loss_part
     mask = row_mask.view(torch.uint8) if row_mask is not None else y
-    _rows_kernel[(chunks,)](y, y.stride(0), t, t.stride(0), mask, grad, grad.stride(0), loss_part, column_part,
-                            rows, width, grad_scale, HAS_MASK=row_mask is not None,
-                            HAS_COLUMNS=column_sum is not None, BLOCK_R=BLOCK_R, BLOCK_W=BLOCK_W)
+    _rows_kernel[grid](y, y.stride(0), t, t.stride(0), mask, grad, grad.stride(0), loss_part, column_part,
+                       rows, width, grad_scale, HAS_MASK=row_mask is not None, HAS_COLUMNS=column_sum is not None,
+                       CHUNK_ROWS=CHUNK_ROWS, BLOCK_R=BLOCK_R, BLOCK_W=BLOCK_W)
     if column_sum is not None:
         column_sum.copy_(column_part.sum(0))
     return loss_part.sum()
@@ -74,7 +79,8 @@ def hidden_mse(h_s: torch.Tensor, h_t: torch.Tensor, weight: Optional[torch.Tens
 def _specs() -> list[KernelSpec]:
     specs = []
     for t_type in ("*fp32", "*bf16"):
-        flags = {"HAS_MASK": True, "HAS_COLUMNS": True, "BLOCK_R": BLOCK_R, "BLOCK_W": BLOCK_W}
+        flags = {"HAS_MASK": True, "HAS_COLUMNS": True, "CHUNK_ROWS": CHUNK_ROWS, "BLOCK_R": BLOCK_R,
+                 "BLOCK_W": BLOCK_W}
         types = {"y_ptr": "*fp32", "y_ld": "i32", "t_ptr": t_type, "t_ld": "i32", "mask_ptr": "*u8",
                  "grad_ptr": "*fp32", "grad_ld": "i32", "loss_part_ptr": "*fp64", "column_part_ptr": "*fp32",
                  "rows_total": "i32", "width": "i32", "grad_scale": "fp32"}
