@@ -48,18 +48,10 @@ void tile_6x16(index_t depth, const double* a, index_t a_row, index_t a_step, co
 
 index_t round_up(index_t x, index_t m) { return (x + m - 1) / m * m; }
 
-struct Side {  // one of the (student, teacher) pairs of Q or K: base pointers and element strides
-  const float* student;
-  const float* teacher;
-  std::vector<index_t> s_stride, t_stride;  // [b, h, l, c]
-};
-
 struct Problem {
   index_t batch, heads, length, d_s, d_t;
-  Side q, k;
-  const uint8_t* key_mask;  // [B, L] or nullptr (keep every key)
-  index_t mask_b, mask_l;
-  double alpha_s, alpha_t, grad_scale_q, grad_scale_k;
+  MseOperand x, y;  // X = [a_s Q_s | -a_t Q_t], Y = [K_s | K_t] with the key mask
+  double grad_scale_q, grad_scale_k;
   double* head_energy;        // [B * h]
   float* dq_s;                // [B, h, L, d_s] contiguous, or nullptr (no gradients)
   float* dk_s;
@@ -74,19 +66,13 @@ struct Panels {
         x(rows * ld + kRows), y(rows * ld + kRows), gq(gram_rows * ld), gk(gram_rows * ld), tile(kRows * kCols) {}
 };
 
-// Panel row l of a side: concatenated, scaled, float64; masked rows and padding are 0.
-void load_panel(const Side& side, index_t b, index_t h, const Problem& p, double s_scale, double t_scale,
-                bool use_mask, std::vector<double>& panel, index_t ld) {
+// The operand of head (b, h) as a float64 panel; padding rows and columns are 0.
+void load_panel(const MseOperand& operand, index_t b, index_t h, const Problem& p, std::vector<double>& panel,
+                index_t ld) {
   std::fill(panel.begin(), panel.end(), 0.0);
-  const float* s = side.student + b * side.s_stride[0] + h * side.s_stride[1];
-  const float* t = side.teacher + b * side.t_stride[0] + h * side.t_stride[1];
-  for (index_t l = 0; l < p.length; ++l) {
-    if (use_mask && !p.key_mask[b * p.mask_b + l * p.mask_l]) continue;
-    double* row = panel.data() + l * ld;
+  for (index_t l = 0; l < p.length; ++l)
     for (index_t c = 0; c < p.d_s + p.d_t; ++c)
-      row[c] = mse_operand(s + l * side.s_stride[2], side.s_stride[3], t + l * side.t_stride[2], side.t_stride[3],
-                           c, p.d_s, p.d_t, s_scale, t_scale);
-  }
+      panel[l * ld + c] = mse_operand_at(operand, b, h, l, c, p.length, p.d_s, p.d_t);
 }
 
 // Upper triangle (in 6x16 tiles, so j >= i is always covered) of G = P^T P for a panel P.
@@ -116,8 +102,8 @@ void panel_times_gram(Panels& w, const std::vector<double>& panel, const std::ve
 
 void one_head(const Problem& p, index_t bh, Panels& w) {
   const index_t b = bh / p.heads, h = bh % p.heads, n = p.d_s + p.d_t;
-  load_panel(p.q, b, h, p, p.alpha_s, -p.alpha_t, false, w.x, w.ld);
-  load_panel(p.k, b, h, p, 1.0, 1.0, p.key_mask != nullptr, w.y, w.ld);
+  load_panel(p.x, b, h, p, w.x, w.ld);
+  load_panel(p.y, b, h, p, w.y, w.ld);
   gram_upper(w.x, w.rows, w.ld, w.gq);
   gram_upper(w.y, w.rows, w.ld, w.gk);
   double energy = 0.0;
@@ -138,12 +124,19 @@ void attention_mse_forward(std::uintptr_t q_s, std::vector<index_t> q_s_stride, 
                            std::vector<index_t> mask_stride, std::vector<index_t> sizes, double alpha_s,
                            double alpha_t, double grad_scale_q, double grad_scale_k, std::uintptr_t head_energy,
                            std::uintptr_t dq_s, std::uintptr_t dk_s) {
-  Problem p{sizes.at(0), sizes.at(1), sizes.at(2), sizes.at(3), sizes.at(4),
-            {reinterpret_cast<const float*>(q_s), reinterpret_cast<const float*>(q_t), q_s_stride, q_t_stride},
-            {reinterpret_cast<const float*>(k_s), reinterpret_cast<const float*>(k_t), k_s_stride, k_t_stride},
-            reinterpret_cast<const uint8_t*>(key_mask), mask_stride.at(0), mask_stride.at(1),
-            alpha_s, alpha_t, grad_scale_q, grad_scale_k, reinterpret_cast<double*>(head_energy),
-            reinterpret_cast<float*>(dq_s), reinterpret_cast<float*>(dk_s)};
+  auto operand = [](std::uintptr_t student, const std::vector<index_t>& s_stride, std::uintptr_t teacher,
+                    const std::vector<index_t>& t_stride, double s_scale, double t_scale, std::uintptr_t mask,
+                    const std::vector<index_t>& mask_stride) {
+    return MseOperand{reinterpret_cast<const float*>(student), reinterpret_cast<const float*>(teacher),
+                      {s_stride.at(0), s_stride.at(1), s_stride.at(2), s_stride.at(3)},
+                      {t_stride.at(0), t_stride.at(1), t_stride.at(2), t_stride.at(3)}, s_scale, t_scale,
+                      reinterpret_cast<const uint8_t*>(mask), mask_stride.at(0), mask_stride.at(1)};
+  };
+  const Problem p{sizes.at(0), sizes.at(1), sizes.at(2), sizes.at(3), sizes.at(4),
+                  operand(q_s, q_s_stride, q_t, q_t_stride, alpha_s, -alpha_t, 0, {0, 0}),
+                  operand(k_s, k_s_stride, k_t, k_t_stride, 1.0, 1.0, key_mask, mask_stride),
+                  grad_scale_q, grad_scale_k, reinterpret_cast<double*>(head_energy),
+                  reinterpret_cast<float*>(dq_s), reinterpret_cast<float*>(dk_s)};
   py::gil_scoped_release release;
 #pragma omp parallel
   {

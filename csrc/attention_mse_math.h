@@ -27,4 +27,24 @@ KDFAST_HD double mse_gram_pair(double gq, double gk, bool off_diagonal) {
   return (off_diagonal ? 2.0 : 1.0) * gq * gk;
 }
 
+// One concatenated operand (X: Q sides, scales a_s and -a_t, no mask; Y: K sides, scales 1, key mask).
+struct MseOperand {
+  const float* student;
+  const float* teacher;
+  index_t s_stride[4];  // [b, h, l, c] element strides
+  index_t t_stride[4];
+  double s_scale, t_scale;
+  const uint8_t* mask;  // [B, L] keep flags, or nullptr
+  index_t mask_b, mask_l;
+};
+
+// Entry (l, c) of the operand of head (b, h) as float64: 0 for padding rows (l >= L) and masked keys.
+KDFAST_HD double mse_operand_at(const MseOperand& p, index_t b, index_t h, index_t l, index_t c, index_t length,
+                                index_t d_s, index_t d_t) {
+  if (l >= length || (p.mask != nullptr && !p.mask[b * p.mask_b + l * p.mask_l])) return 0.0;
+  return mse_operand(p.student + b * p.s_stride[0] + h * p.s_stride[1] + l * p.s_stride[2], p.s_stride[3],
+                     p.teacher + b * p.t_stride[0] + h * p.t_stride[1] + l * p.t_stride[2], p.t_stride[3], c, d_s,
+                     d_t, p.s_scale, p.t_scale);
+}
+
 }  // namespace kdfast
