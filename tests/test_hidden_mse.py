@@ -44,6 +44,15 @@ def rel(out, ref):
     return float((out.detach().double() - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
+def assert_close(got_loss, got_grads, want, tol):
+    want_loss, want_grads = want
+    assert rel(got_loss, want_loss) <= tol
+    assert len(got_grads) == len(want_grads)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.isfinite(g).all()
+        assert rel(g, w) <= tol
+
+
 def run(backend, h_s, h_t, proj, mask):
     loss = hidden_mse(h_s, h_t, proj, mask, backend=backend)
     return loss, torch.autograd.grad(loss, params(h_s, proj))
@@ -67,13 +76,8 @@ def test_matches_float64(backend, projection, masked, length):
     width_s, width_t = (24, 24) if projection == "none" else (24, 40)
     h_s, h_t, proj, mask = case(2 if length < 513 else 1, length, width_s, width_t, projection, masked)
     loss, grads = run(backend, h_s, h_t, proj, mask)
-    want_loss, want_grads = expected(h_s, h_t, proj, mask)
     assert loss.dtype == torch.float32
-    assert rel(loss, want_loss) <= 1e-5
-    assert len(grads) == len(want_grads)
-    for g, w in zip(grads, want_grads):
-        assert torch.isfinite(g).all()
-        assert rel(g, w) <= 1e-5
+    assert_close(loss, grads, expected(h_s, h_t, proj, mask), 1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -87,11 +91,7 @@ def test_student_close_to_teacher(backend):
     loss = hidden_mse(h_s, h_t, proj, mask, backend=backend)
     assert rel(loss, expected(h_s, h_t, proj, mask)[0]) <= 1e-5
     h_t = y * (1 + 2e-2 * torch.randn(2, 33, 48))
-    loss, grads = run(backend, h_s, h_t, proj, mask)
-    want_loss, want_grads = expected(h_s, h_t, proj, mask)
-    assert rel(loss, want_loss) <= 1e-5
-    for g, w in zip(grads, want_grads):
-        assert rel(g, w) <= 1e-5
+    assert_close(*run(backend, h_s, h_t, proj, mask), expected(h_s, h_t, proj, mask), 1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,11 +106,8 @@ def test_everything_masked_gives_zero(backend):
 def test_bf16_inputs(backend):
     h_s, h_t, proj, mask = case(2, 19, 32, 48, "bias", True, dtype=torch.bfloat16)
     loss, grads = run(backend, h_s, h_t, proj, mask)
-    want_loss, want_grads = expected(h_s, h_t, proj, mask)
     assert grads[0].dtype == torch.bfloat16 and grads[1].dtype == torch.bfloat16
-    assert rel(loss, want_loss) <= 2e-2
-    for g, w in zip(grads, want_grads):
-        assert rel(g, w) <= 2e-2
+    assert_close(loss, grads, expected(h_s, h_t, proj, mask), 2e-2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
