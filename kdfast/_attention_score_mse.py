@@ -18,8 +18,12 @@ from kdfast._grad_in_forward import GradInForward
 Kernel = Callable[..., tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]
 
 
-def decline(q_s: torch.Tensor, q_t: torch.Tensor, backend: str, max_head_dim: Optional[int]) -> Optional[str]:
-    """Why a kernel backend cannot take these inputs (float64, or a head size above its limit)."""
+def decline(q_s: Optional[torch.Tensor], q_t: Optional[torch.Tensor], backend: str,
+            max_head_dim: Optional[int]) -> Optional[str]:
+    """Why a kernel backend cannot take these inputs (float64, or a head size above its limit);
+    None without inputs (a bare availability query)."""
+    if q_s is None or q_t is None:
+        return None
     if torch.float64 in (q_s.dtype, q_t.dtype):
         return f"{backend} kernels take fp32/bf16/fp16 inputs, got float64"
     if max_head_dim is not None and max(q_s.shape[-1], q_t.shape[-1]) > max_head_dim:

@@ -23,7 +23,10 @@ from kdfast._grad_in_forward import GradInForward
 RowKernel = Callable[..., torch.Tensor]
 
 
-def decline(h_s: torch.Tensor, h_t: torch.Tensor, backend: str) -> Optional[str]:
+def decline(h_s: Optional[torch.Tensor], h_t: Optional[torch.Tensor], backend: str) -> Optional[str]:
+    """Why a kernel backend cannot take these inputs (float64); None without inputs."""
+    if h_s is None or h_t is None:
+        return None
     if torch.float64 in (h_s.dtype, h_t.dtype):
         return f"{backend} kernels take fp32/bf16/fp16 inputs, got float64"
     return None

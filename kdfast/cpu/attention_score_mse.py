@@ -10,7 +10,7 @@ from kdfast._attention_score_mse import attention_score_mse_with, decline
 from kdfast._buffers import new_output
 
 
-def unsupported_reason(q_s, k_s, q_t, k_t, key_mask, include_masked_keys) -> Optional[str]:
+def unsupported_reason(q_s=None, q_t=None, **_) -> Optional[str]:
     return decline(q_s, q_t, "cpu", max_head_dim=None)
 
 

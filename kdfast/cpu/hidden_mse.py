@@ -9,7 +9,7 @@ from kdfast import _ext
 from kdfast._hidden_mse import decline, hidden_mse_with
 
 
-def unsupported_reason(h_s, h_t, weight, bias, mask) -> Optional[str]:
+def unsupported_reason(h_s=None, h_t=None, **_) -> Optional[str]:
     return decline(h_s, h_t, "cpu")
 
 

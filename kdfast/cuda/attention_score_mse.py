@@ -12,7 +12,7 @@ from kdfast._buffers import new_output
 MAX_HEAD_DIM = 128
 
 
-def unsupported_reason(q_s, k_s, q_t, k_t, key_mask, include_masked_keys) -> Optional[str]:
+def unsupported_reason(q_s=None, q_t=None, **_) -> Optional[str]:
     return decline(q_s, q_t, "cuda", MAX_HEAD_DIM)
 
 

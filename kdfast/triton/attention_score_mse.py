@@ -145,7 +145,7 @@ def _kernel(q_s, k_s, q_t, k_t, key_mask, alpha_s, alpha_t, grad_scale_q, grad_s
     return energy, grads[0], grads[1]
 
 
-def unsupported_reason(q_s, k_s, q_t, k_t, key_mask, include_masked_keys) -> Optional[str]:
+def unsupported_reason(q_s=None, q_t=None, **_) -> Optional[str]:
     return decline(q_s, q_t, "triton", MAX_HEAD_DIM)
 
 
