@@ -97,16 +97,17 @@ def test_attention_kl_reads_strided_views_of_a_fused_projection():
     assert rel_err(loss, ref) <= 1e-5
 
 
-def check_relation(b, length, width_s, width_t, heads, dtype, masked):
+def check_relation(b, length, width_s, width_t, heads, dtype, masked, weight=1.0):
+    """Loss and dx of ``weight * relation_kl`` against the float64 formula."""
     x_s = torch.randn(b, length, width_s).to(dtype).requires_grad_()
     x_t = torch.randn(b, length, width_t).to(dtype)
     mask = make_mask(b, length) if masked else None
     loss = relation_kl(x_s, x_t, heads, mask, backend="triton")
-    (grad,) = torch.autograd.grad(loss, x_s)
+    (grad,) = torch.autograd.grad(weight * loss, x_s)
     x64 = x_s.detach().double().requires_grad_()
     xs, xt = heads64(x64, heads), heads64(x_t, heads)
     ref = kl_loss64(xs, xs, xt, xt, mask)
-    (ref_grad,) = torch.autograd.grad(ref, x64)
+    (ref_grad,) = torch.autograd.grad(weight * ref, x64)
     assert rel_err(loss, ref) <= TOL[dtype]
     assert rel_err(grad, ref_grad) <= TOL[dtype]
 
@@ -120,6 +121,10 @@ def test_relation_kl_fp32_matches_float64(b, length, heads, masked):
 
 def test_relation_kl_bf16_matches_float64():
     check_relation(2, 70, 48, 80, 4, torch.bfloat16, masked=True)
+
+
+def test_gradients_follow_grad_output():
+    check_relation(2, 7, 16, 24, 2, torch.float32, masked=True, weight=-2.5)
 
 
 def test_two_backward_passes_are_bitwise_equal():
