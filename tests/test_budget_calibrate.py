@@ -115,3 +115,12 @@ def test_teacher_charge_reduces_or_exhausts_the_budget():
     steps, exact, notes = calibrate.budget_for(calibration, budget, 1e17, "vanilla")
     assert steps == 0 and exact == 0 and "exceeds the budget" in notes[0]
     assert calibrate.parse_charge("amortized:4") == 0.25 and calibrate.parse_charge("full") == 1.0
+
+
+def test_a_failing_selftest_stops_the_calibration(monkeypatch):
+    from kdfast import selftest
+    bad = selftest.Result(op="kd_kl", backend="cpu", dtype="float32", status="FAIL", detail="grad err 3e-1")
+    monkeypatch.setattr(selftest, "check", lambda device: [bad])
+    with pytest.raises(ValueError, match="selftest: expected every kdfast backend to match the reference on cpu, "
+                                         "got 1 failure"):
+        calibrate.selftest(torch.device("cpu"))
