@@ -81,10 +81,10 @@ def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick:
         for key, fn in impls.items():
             name, backend = _split(key)
             log(f"  {op} {shape} {name}{'[' + backend + ']' if backend else ''} ...")
-            outputs = fn(inputs)  # first call outside timing also catches errors early
+            outputs = fn(inputs)  # the first warm-up call (compiles, if the impl does): checked, not timed
             err = None if key == FLOOR else _max_rel_err(outputs, reference)
             del outputs
-            ms = measure.median_ms(lambda: fn(inputs), device, warmup=warmup, repeats=repeats)
+            ms = measure.median_ms(lambda: fn(inputs), device, warmup=max(warmup - 1, 0), repeats=repeats)
             peak = measure.peak_mb(lambda: fn(inputs), device)
             results.append({"op": op, "impl": name, "backend": backend, "shape": dict(shape),
                             "dtype": str(dtype).replace("torch.", ""), "median_ms": round(ms, 3),
