@@ -16,6 +16,7 @@ Run (CPU, the acceptance shape):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -108,8 +109,9 @@ def main(argv=None) -> dict:
     results = {}
     for name, step in arms.items():
         strategy.zero_grad(set_to_none=True)
-        mb = peak_mb(lambda: step(batch), device)
-        ms = median_ms(lambda: step(batch), device, warmup=1, repeats=args.repeats)
+        run = functools.partial(step, batch)
+        mb = peak_mb(run, device)
+        ms = median_ms(run, device, warmup=1, repeats=args.repeats)
         strategy.zero_grad(set_to_none=True)
         results[name] = {"peak_mb": round(mb, 1), "median_ms": round(ms, 1)}
         print(f"{name:9s} peak {mb:9.1f} MiB   step {ms:9.1f} ms", flush=True)
