@@ -47,7 +47,7 @@ def kdfast_step(strategy):
     def step(batch):
         out = strategy(batch)
         out.loss.backward()
-        return float(out.loss)
+        return float(out.loss.detach())
     return step
 
 
@@ -75,7 +75,7 @@ def eager_step(teacher, student, proj):
         loss = tinybert(sq, sk, tq, tk, sh, th, attention_mask=batch["attention_mask"].bool(), proj=proj,
                         backend="torch").loss
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
