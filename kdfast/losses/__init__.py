@@ -1,6 +1,12 @@
 """Public loss API: functional form plus an ``nn.Module`` per loss."""
-from kdfast.losses.attention import (AttentionKLLoss, AttentionScoreMSELoss, RelationKLLoss, attention_kl,
-                                     attention_score_mse, relation_kl)
+from kdfast.losses.attention import (
+                                     AttentionKLLoss,
+                                     AttentionScoreMSELoss,
+                                     RelationKLLoss,
+                                     attention_kl,
+                                     attention_score_mse,
+                                     relation_kl,
+)
 from kdfast.losses.hidden import HiddenMSELoss, hidden_mse
 from kdfast.losses.types import KDOutput
 from kdfast.losses.vocab import FusedLinearKDLoss, KDKLLoss, fused_linear_kd, kd_kl

@@ -1,0 +1,1 @@
+"""Budget units, FLOP accounting and the `kdfast bench budget` calibration suite."""

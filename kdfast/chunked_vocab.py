@@ -1,0 +1,321 @@
+"""The chunked vocabulary-KD autograd Functions shared by every kernel backend (cpu, cuda, triton).
+
+``fused_linear_kd``: per chunk of C selected rows (rows with a label, or kept by ``mask``), the
+teacher and student logits [C, V] are computed in fp32 by torch matmuls, a backend *row kernel*
+turns the student logits into d loss / d logits in place, and the gradients of the student hidden
+states, weight and bias are accumulated in fp32. Backward only scales them by grad_output.
+Extra memory is O(C x V) for the two logit chunks plus the fp32 gradients; nothing [N, V] exists.
+
+``kd_kl``: the same row kernel on given logits (no matmuls); its gradient buffer is [N, V] like
+the input.
+
+Row kernel contract (one function per backend, e.g. ``kdfast.cpu.fused_linear_kd.rows``)::
+
+    rows(s, t, labels, kd_coef, mlm_coef, temperature, soft_ce) -> (kd_row, mlm_row)
+
+- ``s`` [C, V] fp32 contiguous student logits, overwritten with
+  ``kd_coef[r] * (q - p) + mlm_coef[r] * (softmax(s) - onehot(labels[r]))``, where
+  ``q = softmax(s / T)`` and ``p = softmax(t / T)``;
+- ``t`` [C, V] fp32 contiguous teacher logits (read only; -inf entries have p = 0: top-k);
+- ``labels`` [C] int64, -1 means no MLM term for the row; ``kd_coef``, ``mlm_coef`` [C] fp32;
+- returns ``kd_row`` [C] fp32, KL(p || q) (or the soft CE -sum p log q when ``soft_ce``), unscaled,
+  and ``mlm_row`` [C] fp32, ``lse(s) - s[label]`` (0 for rows without a label).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from kdfast._reduction import kd_divisor, kd_factor, mlm_divisor
+from kdfast.losses.types import KDOutput
+
+RowKernel = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
+
+# Bytes for the two fp32 logit chunks: small enough to stay near the CPU caches / far below GPU memory.
+CPU_CHUNK_BYTES = 64 * 2**20
+CUDA_CHUNK_BYTES = 1024 * 2**20
+
+
+def chunk_rows(rows: int, vocab: int, device: torch.device) -> int:
+    """Rows per chunk so the teacher and student fp32 logit chunks [C, V] fit the memory budget:
+    ``CPU_CHUNK_BYTES`` on CPU, on CUDA the smaller of ``CUDA_CHUNK_BYTES`` and a quarter of free memory.
+    ``KDFAST_VOCAB_CHUNK_ROWS`` overrides it (for experiments)."""
+    forced = os.environ.get("KDFAST_VOCAB_CHUNK_ROWS")
+    if forced:
+        return max(1, min(rows, int(forced)))
+    budget = CPU_CHUNK_BYTES
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(CUDA_CHUNK_BYTES, free // 4)
+    per_row = 2 * vocab * 4
+    chunk = max(16, (budget // per_row) // 16 * 16)
+    return max(1, min(rows, chunk))
+
+
+# --------------------------------------------------------------------------- fp32 products
+
+
+def _mm_out_dtype_works(device: torch.device) -> bool:
+    """Whether ``torch.mm(a16, b16, out_dtype=float32)`` (fp32 accumulation and output) runs here."""
+    if device.type != "cuda":
+        return False
+    try:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError):
+        return False
+
+
+class _Head:
+    """One LM head (weight [V, H], bias [V]) for fp32 products of a chunk.
+
+    16-bit weights are used as they are where torch can multiply them with an fp32 output (CUDA),
+    else upcast once; every product accumulates and returns fp32, so logits are never rounded."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        self.native16 = weight.dtype != torch.float32 and _mm_out_dtype_works(weight.device)
+        self.weight = weight if self.native16 or weight.dtype == torch.float32 else weight.float()
+        self.weight32 = weight if weight.dtype == torch.float32 else None  # for fp32 gradient products
+        self.bias = None if bias is None else bias.float()
+
+    def logits_into(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        """out [C, V] fp32 = x [C, H] @ weight^T + bias."""
+        if self.native16:
+            torch.mm(x.to(self.weight.dtype), self.weight.t(), out_dtype=torch.float32, out=out)
+            if self.bias is not None:
+                out.add_(self.bias)
+        elif self.bias is None:
+            torch.mm(x.float(), self.weight.t(), out=out)
+        else:
+            torch.addmm(self.bias, x.float(), self.weight.t(), out=out)
+
+    def fp32_weight(self) -> torch.Tensor:
+        if self.weight32 is None:
+            self.weight32 = self.weight.float()
+        return self.weight32
+
+
+# --------------------------------------------------------------------------- row selection
+
+
+@dataclass
+class _Selection:
+    """The rows a call computes and their per-row coefficients (all [R], R = selected rows)."""
+
+    index: Optional[torch.Tensor]  # [R] int64 row ids, or None when every row is selected
+    labels: torch.Tensor           # [R] int64, -1 = no MLM term
+    kd_coef: torch.Tensor          # [R] fp32, d loss / d kd_row * (1/T), 0 for non-KD rows
+    mlm_coef: torch.Tensor         # [R] fp32, d loss / d mlm_row
+    kd_scale: torch.Tensor         # [R] fp64, kd = sum(kd_scale * kd_row)
+    mlm_divisor: float
+
+    @property
+    def count(self) -> int:
+        return self.labels.shape[0]
+
+
+def _select(rows: int, vocab: int, device: torch.device, labels: Optional[torch.Tensor], ignore_index: int,
+            mask: Optional[torch.Tensor], row_weights: Optional[torch.Tensor], temperature: float,
+            kd_weight: float, mlm_weight: float, reduction: str, t2_scale: bool) -> _Selection:
+    """KD rows: ``mask``, else labelled rows, else all (none when kd_weight is 0).
+    MLM rows: labelled rows when mlm_weight is not 0. A call computes the union."""
+    all_rows = torch.ones(rows, dtype=torch.bool, device=device)
+    kd_rows = all_rows if mask is None and labels is None else (mask if mask is not None else labels != ignore_index)
+    if kd_weight == 0:
+        kd_rows = torch.zeros_like(all_rows)
+    mlm_rows = (labels != ignore_index) if (mlm_weight != 0 and labels is not None) else torch.zeros_like(all_rows)
+    chosen = kd_rows | mlm_rows
+    index = None if bool(chosen.all()) else chosen.nonzero().squeeze(1)
+
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        return x if index is None else x.index_select(0, index)
+
+    n_kd, n_mlm = int(kd_rows.sum()), int(mlm_rows.sum())
+    kd_scale = pick(kd_rows).double() * (kd_factor(temperature, t2_scale) / kd_divisor(reduction, n_kd, vocab))
+    if row_weights is not None:
+        kd_scale = kd_scale * pick(row_weights).double()
+    mlm_div = mlm_divisor(reduction, n_mlm)
+    sel_mlm = pick(mlm_rows)
+    sel_labels = torch.where(sel_mlm, pick(labels), -1) if labels is not None else torch.full_like(sel_mlm, -1, dtype=torch.long)
+    return _Selection(index=index, labels=sel_labels.long().contiguous(),
+                      kd_coef=(kd_scale * (kd_weight / temperature)).float().contiguous(),
+                      mlm_coef=(sel_mlm.double() * (mlm_weight / mlm_div)).float().contiguous(),
+                      kd_scale=kd_scale, mlm_divisor=mlm_div)
+
+
+def _keep_topk(t: torch.Tensor, k: int) -> None:
+    """Set every teacher logit below the row's k-th largest to -inf (in place): p = 0 there."""
+    if k < t.shape[1]:
+        kth = torch.topk(t, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+        t.masked_fill_(t < kth, float("-inf"))
+
+
+def _combine_scale(grad_loss, grad_kd, grad_mlm, kd_weight: float, mlm_weight: float) -> torch.Tensor:
+    """The factor c with d(outputs)/d(inputs) = c * stored grads, where stored = d(kd_weight*kd + mlm_weight*mlm).
+
+    Gradients arriving through ``kd`` and ``mlm`` separately must be proportional to the weights
+    (the fused kernel keeps one gradient), which covers ``loss.backward()`` and single-term losses."""
+    if kd_weight and mlm_weight and not torch.equal(grad_kd * mlm_weight, grad_mlm * kd_weight):
+        raise RuntimeError("fused_linear_kd: backward through `kd` and `mlm` with weights other than "
+                           "kd_weight:mlm_weight needs backend='torch' (kernel backends keep one fused gradient)")
+    if kd_weight:
+        return grad_loss + grad_kd / kd_weight
+    if mlm_weight:
+        return grad_loss + grad_mlm / mlm_weight
+    return grad_loss * 0
+
+
+# --------------------------------------------------------------------------- fused linear KD
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                opts: dict):
+        row_kernel: RowKernel = opts["row_kernel"]
+        rows, vocab = student_hidden.shape[0], student_weight.shape[0]
+        device = student_hidden.device
+        sel = _select(rows, vocab, device, opts["labels"], opts["ignore_index"], opts["mask"], opts["row_weights"],
+                      opts["temperature"], opts["kd_weight"], opts["mlm_weight"], opts["reduction"], opts["t2_scale"])
+        need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        d_hidden = torch.zeros(student_hidden.shape, dtype=torch.float32, device=device) if need_dh else None
+        d_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=device) if need_dw else None
+        d_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_db else None
+        kd_sum = torch.zeros((), dtype=torch.float64, device=device)
+        mlm_sum = torch.zeros((), dtype=torch.float64, device=device)
+
+        if sel.count:
+            with_teacher = opts["kd_weight"] != 0
+            student = _Head(student_weight, student_bias)
+            teacher = _Head(teacher_weight, teacher_bias) if with_teacher else None
+            size = opts["chunk_rows"] or chunk_rows(sel.count, vocab, device)
+            s_buf = torch.empty((size, vocab), dtype=torch.float32, device=device)
+            t_buf = torch.empty((size, vocab), dtype=torch.float32, device=device)
+            for start in range(0, sel.count, size):
+                stop = min(start + size, sel.count)
+                part = slice(start, stop)
+                ids = None if sel.index is None else sel.index[part]
+                x_s = student_hidden[part] if ids is None else student_hidden.index_select(0, ids)
+                s, t = s_buf[: stop - start], t_buf[: stop - start]
+                student.logits_into(s, x_s)
+                if with_teacher:
+                    x_t = teacher_hidden[part] if ids is None else teacher_hidden.index_select(0, ids)
+                    teacher.logits_into(t, x_t)
+                    if opts["teacher_topk"] is not None:
+                        _keep_topk(t, opts["teacher_topk"])
+                else:
+                    t.copy_(s)  # KL(q || q) = 0: the KD term vanishes, only the MLM gradient remains
+                kd_row, mlm_row = row_kernel(s, t, sel.labels[part], sel.kd_coef[part], sel.mlm_coef[part],
+                                             opts["temperature"], opts["kind"] == "soft_ce")
+                kd_sum += (kd_row.double() * sel.kd_scale[part]).sum()
+                mlm_sum += mlm_row.double().sum()
+                # s now holds d loss / d student logits for this chunk.
+                if need_dh:
+                    if ids is None:
+                        torch.mm(s, student.fp32_weight(), out=d_hidden[part])
+                    else:
+                        d_hidden.index_copy_(0, ids, torch.mm(s, student.fp32_weight()))
+                if need_dw:
+                    d_weight.addmm_(s.t(), x_s.float())
+                if need_db:
+                    d_bias += s.sum(0)
+
+        kd = (kd_sum if opts["kd_weight"] != 0 else kd_sum * 0).float()
+        mlm = (mlm_sum / sel.mlm_divisor if opts["mlm_weight"] != 0 else mlm_sum * 0).float()
+        loss = opts["kd_weight"] * kd + opts["mlm_weight"] * mlm
+        ctx.weights = (opts["kd_weight"], opts["mlm_weight"])
+        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        ctx.like = (student_hidden.dtype, student_weight.dtype)
+        return loss, kd, mlm
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_kd, grad_mlm):
+        d_hidden, d_weight, d_bias = ctx.saved_tensors
+        scale = _combine_scale(grad_loss, grad_kd, grad_mlm, *ctx.weights)
+        hidden_dtype, weight_dtype = ctx.like
+        dh = None if d_hidden is None else (d_hidden * scale).to(hidden_dtype)
+        dw = None if d_weight is None else (d_weight * scale).to(weight_dtype)
+        db = None if d_bias is None else (d_bias * scale).to(weight_dtype)
+        return dh, dw, db, None, None, None, None
+
+
+def chunked_fused_linear_kd(row_kernel: RowKernel, *, student_hidden, student_weight, teacher_hidden,
+                            teacher_weight, student_bias=None, teacher_bias=None, labels=None, ignore_index=-100,
+                            temperature=1.0, kd_weight=1.0, mlm_weight=0.0, kind="kl", reduction="batchmean",
+                            t2_scale=True, mask=None, row_weights=None, teacher_topk=None,
+                            chunk_rows: Optional[int] = None) -> KDOutput:
+    """``kdfast.fused_linear_kd`` (validated keyword arguments) on ``row_kernel``; ``chunk_rows``
+    forces the rows per chunk (default: from the shapes and free memory)."""
+    opts = dict(row_kernel=row_kernel, labels=labels, ignore_index=ignore_index, temperature=float(temperature),
+                kd_weight=float(kd_weight), mlm_weight=float(mlm_weight), kind=kind, reduction=reduction,
+                t2_scale=bool(t2_scale), mask=mask, row_weights=row_weights, teacher_topk=teacher_topk,
+                chunk_rows=chunk_rows)
+    teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+    teacher_bias = None if teacher_bias is None else teacher_bias.detach()
+    loss, kd, mlm = _FusedLinearKD.apply(student_hidden, student_weight, student_bias, teacher_hidden,
+                                         teacher_weight, teacher_bias, opts)
+    return KDOutput(loss, kd, mlm)
+
+
+# --------------------------------------------------------------------------- KD on given logits
+
+
+class _KDKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, opts: dict):
+        row_kernel: RowKernel = opts["row_kernel"]
+        rows, vocab = student_logits.shape
+        device = student_logits.device
+        sel = _select(rows, vocab, device, None, -100, opts["mask"], None, opts["temperature"], 1.0, 0.0,
+                      opts["reduction"], opts["t2_scale"])
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.zeros(student_logits.shape, dtype=student_logits.dtype, device=device) if need_grad else None
+        kd_sum = torch.zeros((), dtype=torch.float64, device=device)
+        if sel.count:
+            size = opts["chunk_rows"] or chunk_rows(sel.count, vocab, device)
+            # fp32 without a mask: the kernel works directly in the gradient buffer.
+            in_place = grad is not None and sel.index is None and grad.dtype == torch.float32
+            s_buf = None if in_place else torch.empty((size, vocab), dtype=torch.float32, device=device)
+            t_buf = torch.empty((size, vocab), dtype=torch.float32, device=device)
+            for start in range(0, sel.count, size):
+                stop = min(start + size, sel.count)
+                part = slice(start, stop)
+                ids = None if sel.index is None else sel.index[part]
+                s = grad[part] if in_place else s_buf[: stop - start]
+                t = t_buf[: stop - start]
+                s.copy_(student_logits[part] if ids is None else student_logits.index_select(0, ids))
+                t.copy_(teacher_logits[part] if ids is None else teacher_logits.index_select(0, ids))
+                kd_row, _ = row_kernel(s, t, sel.labels[part], sel.kd_coef[part], sel.mlm_coef[part],
+                                       opts["temperature"], opts["kind"] == "soft_ce")
+                kd_sum += (kd_row.double() * sel.kd_scale[part]).sum()
+                if grad is not None and not in_place:
+                    if ids is None:
+                        grad[part] = s
+                    else:
+                        grad.index_copy_(0, ids, s.to(grad.dtype))
+        ctx.save_for_backward(grad)
+        return kd_sum.float()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return (None if grad is None else grad * grad_output.to(grad.dtype)), None, None
+
+
+def chunked_kd_kl(row_kernel: RowKernel, *, student_logits, teacher_logits, temperature=1.0, mask=None, kind="kl",
+                  reduction="batchmean", t2_scale=True, chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """``kdfast.kd_kl`` (validated keyword arguments) on ``row_kernel``: a 0-dim fp32 loss."""
+    opts = dict(row_kernel=row_kernel, temperature=float(temperature), mask=mask, kind=kind, reduction=reduction,
+                t2_scale=bool(t2_scale), chunk_rows=chunk_rows)
+    return _KDKL.apply(student_logits, teacher_logits.detach(), opts)
+
+
+def unsupported_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
+    """Kernel backends decline float64 (the torch reference serves it)."""
+    for tensor in tensors:
+        if tensor is not None and tensor.dtype == torch.float64:
+            return "float64 inputs are served by backend='torch' (kernel backends compute in fp32)"
+    return None

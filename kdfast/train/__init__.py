@@ -1,0 +1,1 @@
+"""The thin trainer: the training step, clock, checkpoints, pretrain loop and the comparison."""
