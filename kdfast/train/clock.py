@@ -4,8 +4,9 @@ Policy (README "Budget clock"):
 - counted: every training step from the moment ``start()`` is called after setup: data loading,
   teacher forward, student forward/backward, loss, optimizer, and any ``torch.compile`` warm-up;
 - not counted: whatever runs inside ``paused()`` (held-out evaluation and checkpoint writes);
-- units: ``seconds`` of device time (wall seconds x world size), ``tokens`` processed (all ranks), or
-  ``flop`` (tokens x the strategy's FLOPs per token from ``kdfast.budget``);
+- units (``kdfast.budget.units``): ``s`` of device time (wall seconds x world size), ``tok`` (student
+  input tokens over all ranks), or ``flop`` (tokens x the strategy's FLOPs per token, from the
+  calibration of ``kdfast bench budget``);
 - the elapsed budget lives in ``state_dict()`` so a resumed run continues it;
 - under torchrun the spent amount is the maximum over ranks, so every rank takes the same stop
   decision and the same LR on the same step.
@@ -18,9 +19,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from kdfast.budget.units import Budget
 from kdfast.train.distributed import Context, max_across
-
-UNITS = ("seconds", "tokens", "flop")
 
 
 def lr_factor(fraction: float, warmup: float) -> float:
@@ -32,17 +32,13 @@ def lr_factor(fraction: float, warmup: float) -> float:
 
 
 class BudgetClock:
-    """Spends ``amount`` of ``unit``; ``offset`` is budget already spent elsewhere (a charged teacher)."""
+    """Spends ``budget``; ``offset`` (in the budget's unit) was already spent elsewhere (a charged teacher)."""
 
-    def __init__(self, amount: float, unit: str, context: Optional[Context] = None,
+    def __init__(self, budget: Budget, context: Optional[Context] = None,
                  flop_per_token: Optional[float] = None, offset: float = 0.0):
-        if unit not in UNITS:
-            raise ValueError(f"unit: expected one of {', '.join(UNITS)}, got {unit!r}")
-        if not amount > 0:
-            raise ValueError(f"budget: expected an amount > 0, got {amount} {unit}")
-        if unit == "flop" and not flop_per_token:
+        if budget.unit == "flop" and not flop_per_token:
             raise ValueError("flop_per_token: expected the strategy's FLOPs per token for a FLOP budget, got none")
-        self.amount, self.unit, self.offset = float(amount), unit, float(offset)
+        self.amount, self.unit, self.offset = float(budget.amount), budget.unit, float(offset)
         self.context = context or Context()
         self.flop_per_token = flop_per_token
         self.seconds = 0.0          # counted wall seconds of this process (before the current start)
@@ -78,9 +74,9 @@ class BudgetClock:
                 self.start()
 
     def _measure(self) -> float:
-        if self.unit == "seconds":
+        if self.unit == "s":
             return self._counted_seconds() * self.context.world
-        if self.unit == "tokens":
+        if self.unit == "tok":
             return float(self.tokens)
         return self.tokens * self.flop_per_token
 

@@ -25,11 +25,13 @@ DEFAULTS: Dict[str, Any] = {
         "tokenizer": None,                # defaults to the tokenizer saved with the teacher
         "build_tokenizer": 0,             # >0: train a WordPiece tokenizer of this size on the corpus first
         "layers": 4, "hidden": 256, "heads": 4, "intermediate": 1024,   # the teacher pretrained when path is None
+        "attention_dropout": 0.1,
         "budget": "240s",                 # its pretraining budget
         "lr": 1e-3,
         "charge": "none",                 # none | full | amortized:N  (teacher cost added to KD arms' budget used)
     },
-    "student": {"preset": None, "layers": 2, "hidden": 128, "heads": 2, "intermediate": 512, "init": "random"},
+    "student": {"preset": None, "layers": 2, "hidden": 128, "heads": 2, "intermediate": 512, "init": "random",
+                "attention_dropout": 0.1},  # 0 lets CPU attention use SDPA's flash kernel
     "data": {
         "train": [],                      # files, directories, hf:NAME[/CONFIG][:SPLIT] or builtin:python-docs
         "heldout": [],                    # empty: hold out the last heldout_fraction of train
