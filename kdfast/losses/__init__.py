@@ -8,6 +8,7 @@ from kdfast.losses.attention import (
                                      relation_kl,
 )
 from kdfast.losses.hidden import HiddenMSELoss, hidden_mse
+from kdfast.losses.strategies import StrategyLoss, distilbert, minilm, minilm_v2, tinybert
 from kdfast.losses.types import KDOutput
 from kdfast.losses.vocab import FusedLinearKDLoss, KDKLLoss, fused_linear_kd, kd_kl
 
@@ -15,4 +16,5 @@ __all__ = [
     "kd_kl", "fused_linear_kd", "attention_kl", "relation_kl", "attention_score_mse", "hidden_mse",
     "KDKLLoss", "FusedLinearKDLoss", "AttentionKLLoss", "RelationKLLoss", "AttentionScoreMSELoss",
     "HiddenMSELoss", "KDOutput",
+    "distilbert", "tinybert", "minilm", "minilm_v2", "StrategyLoss",
 ]
