@@ -119,7 +119,7 @@ def compare(config: dict, context: Context, resume: bool = False) -> dict:
 
     out = Path(config["out"])
     validate(config)
-    tokenizer = setup.tokenizer_for(config, out / "tokenizer")
+    tokenizer = setup.tokenizer_for(config, out / "tokenizer", context)
     data = setup.load_data(config, tokenizer)
     dry_build(config, None if not config["teacher"]["path"] else
               setup.load_teacher_checked(config["teacher"]["path"], tokenizer, torch.device("cpu")),

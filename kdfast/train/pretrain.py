@@ -287,6 +287,8 @@ def train_arm(config: dict, strategy_name: str, run_dir: Path, context: Context,
                "seconds": clock.state_dict()["seconds"], "epochs": stream.epochs,
                "unique_tokens": data.unique_tokens, "final_mlm_loss": curve[-1]["heldout_mlm_loss"],
                "curve": curve, "model": str(run_dir / "model")}
+    if context.distributed:  # each rank's own view of where it stopped
+        write_json(run_dir / f"rank-{context.rank}.json", {"steps": clock.steps, "spent": clock.spent})
     if context.is_main:
         student.save_pretrained(str(run_dir / "model"))
         tokenizer.save_pretrained(str(run_dir / "model"))
@@ -320,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_strategy(args.strategy)
         parse_budget(str(config["train"]["budget"]))
-        tokenizer = setup.tokenizer_for(config, run_dir / "tokenizer")
+        tokenizer = setup.tokenizer_for(config, run_dir / "tokenizer", context)
         data = setup.load_data(config, tokenizer)
         teacher = None
         if args.strategy != "no-kd":

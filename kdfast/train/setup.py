@@ -76,20 +76,23 @@ def resolve_auto(config: dict) -> dict:
     return config
 
 
-def tokenizer_for(config: dict, cache_dir: Path):
+def tokenizer_for(config: dict, cache_dir: Path, context=None):
     """The teacher's tokenizer, or (``teacher.build_tokenizer`` > 0, no teacher path) a WordPiece one
-    trained on the corpus and cached in ``cache_dir``."""
+    trained on the corpus and cached in ``cache_dir`` (by rank 0; the other ranks wait, then load it)."""
     teacher = config["teacher"]
     if teacher["tokenizer"] or teacher["path"]:
         return tokenizers.load(teacher["tokenizer"] or teacher["path"])
     if teacher["build_tokenizer"] <= 0:
         raise ValueError("teacher: expected teacher.path (a pretrained teacher) or teacher.build_tokenizer > 0 "
                          "(build a tokenizer and pretrain a small teacher), got neither")
-    if (cache_dir / "tokenizer.json").is_file():
-        return tokenizers.load(str(cache_dir))
+    from kdfast.train.distributed import Context, barrier
+
+    context = context or Context()
     corpus.check_sources(config["data"]["train"])
-    return tokenizers.build_wordpiece(corpus.documents(config["data"]["train"]), teacher["build_tokenizer"],
-                                      cache_dir)
+    if context.is_main and not (cache_dir / "tokenizer.json").is_file():
+        tokenizers.build_wordpiece(corpus.documents(config["data"]["train"]), teacher["build_tokenizer"], cache_dir)
+    barrier(context)
+    return tokenizers.load(str(cache_dir))
 
 
 def load_data(config: dict, tokenizer) -> dataset.PretrainData:
