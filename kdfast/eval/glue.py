@@ -22,8 +22,7 @@ import torch
 from kdfast.eval import glue_tasks, metrics
 from kdfast.eval.glue_tasks import Task
 
-STUDY_GRID = {"lrs": [1e-5, 3e-5, 5e-5, 8e-5], "batch_sizes": [16, 32], "epochs": 5, "seq_len": 128,
-              "seeds": [0, 1, 2, 3, 4]}
+GRID_KEYS = ("lrs", "batch_sizes", "epochs", "seq_len", "seeds")
 
 
 def encode(tokenizer, task: Task, rows: List[dict], seq_len: int) -> List[dict]:
@@ -151,8 +150,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="local {task}/{train,validation}.jsonl (HF column names); default: HF `glue`")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
-    parser.add_argument("--preset", choices=["study"], default=None,
-                        help="study: lr {1e-5,3e-5,5e-5,8e-5} x batch {16,32}, 5 epochs, seq 128, seeds 0-4")
+    parser.add_argument("--preset", default=None,
+                        help="take the grid from configs/glue-NAME.yaml; study: lr {1e-5,3e-5,5e-5,8e-5} x "
+                             "batch {16,32}, 5 epochs, seq 128, median of seeds 0-4")
     parser.add_argument("--lrs", default="1e-4", help="comma-separated learning rates")
     parser.add_argument("--batch-sizes", default="32", help="comma-separated batch sizes")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (the median is reported)")
@@ -179,9 +179,14 @@ def run(args: argparse.Namespace) -> int:
         glue_tasks.check_dir(args.data_dir, tasks)
     if not Path(args.model).is_dir():
         raise ValueError(f"model: expected a directory saved with save_pretrained, got {args.model!r}")
-    grid = dict(STUDY_GRID) if args.preset == "study" else {
-        "lrs": _numbers(args.lrs), "batch_sizes": _numbers(args.batch_sizes, int), "epochs": args.epochs,
-        "seq_len": args.seq_len, "seeds": _numbers(args.seeds, int)}
+    if args.preset:
+        from kdfast.train.config import load as load_config
+
+        section = load_config(preset=f"glue-{args.preset}")["glue"]
+        grid = {key: section[key] for key in GRID_KEYS}
+    else:
+        grid = {"lrs": _numbers(args.lrs), "batch_sizes": _numbers(args.batch_sizes, int), "epochs": args.epochs,
+                "seq_len": args.seq_len, "seeds": _numbers(args.seeds, int)}
     results = evaluate_model(args.model, tasks, args.data_dir, device=pick_device(args.device),
                              tokenizer_path=args.tokenizer, max_train_examples=args.max_train_examples,
                              max_eval_examples=args.max_eval_examples, progress=lambda m: print(m, file=sys.stderr),
