@@ -10,8 +10,11 @@ from trainer_fixtures import TINY_MODEL, write_corpus
 
 
 def _compare(tmp_path, *extra):
+    """The tiny preset on a miniature model; KEY=VALUE overrides go together after the options."""
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    options = [e for e in extra if e not in overrides]
     return main(["compare", "--preset", "tiny", "--data", str(write_corpus(tmp_path)), "--out", str(tmp_path / "out"),
-                 "--budget", "1024tok", *TINY_MODEL, "teacher.budget=2048tok", "glue.tasks=[]", *extra])
+                 "--budget", "1024tok", *options, *TINY_MODEL, "teacher.budget=2048tok", "glue.tasks=[]", *overrides])
 
 
 def _no_training_happened(tmp_path):
