@@ -84,7 +84,7 @@ class KdfastBuildExt(build_ext):
         for src in _rel("kernels/*.cu"):
             obj = os.path.join(build_temp, os.path.basename(src) + ".o")
             cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Icsrc", "-Ikernels",
-                   "--use_fast_math", "-Xcompiler", "-fPIC", "-Xptxas", "-v", *gencode]
+                   "--threads", "0", "-Xcompiler", "-fPIC", "-Xptxas", "-v", *gencode]
             print(" ".join(cmd))
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             log = proc.stdout + proc.stderr

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
+from kdfast._buffers import new_output
 from kdfast._reduction import kd_divisor, kd_factor, mlm_divisor
 from kdfast.losses.types import KDOutput
 
@@ -153,93 +154,108 @@ def _keep_topk(t: torch.Tensor, k: int) -> None:
         t.masked_fill_(t < kth, float("-inf"))
 
 
-def _combine_scale(grad_loss, grad_kd, grad_mlm, kd_weight: float, mlm_weight: float) -> torch.Tensor:
-    """The factor c with d(outputs)/d(inputs) = c * stored grads, where stored = d(kd_weight*kd + mlm_weight*mlm).
+def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                opts: dict, need: "tuple[bool, bool, bool]", kd_weight: float, mlm_weight: float):
+    """Loss sums and fp32 gradients of ``kd_weight * kd + mlm_weight * mlm``, chunk by chunk.
 
-    Gradients arriving through ``kd`` and ``mlm`` separately must be proportional to the weights
-    (the fused kernel keeps one gradient), which covers ``loss.backward()`` and single-term losses."""
-    if kd_weight and mlm_weight and not torch.equal(grad_kd * mlm_weight, grad_mlm * kd_weight):
-        raise RuntimeError("fused_linear_kd: backward through `kd` and `mlm` with weights other than "
-                           "kd_weight:mlm_weight needs backend='torch' (kernel backends keep one fused gradient)")
-    if kd_weight:
-        return grad_loss + grad_kd / kd_weight
-    if mlm_weight:
-        return grad_loss + grad_mlm / mlm_weight
-    return grad_loss * 0
-
-
-# --------------------------------------------------------------------------- fused linear KD
+    Returns (kd [0-dim fp64], mlm [0-dim fp64], d_hidden, d_weight, d_bias); a gradient is None when
+    ``need`` says it is not wanted. A zero ``kd_weight`` skips the teacher."""
+    row_kernel: RowKernel = opts["row_kernel"]
+    rows, vocab = student_hidden.shape[0], student_weight.shape[0]
+    device = student_hidden.device
+    sel = _select(rows, vocab, device, opts["labels"], opts["ignore_index"], opts["mask"], opts["row_weights"],
+                  opts["temperature"], kd_weight, mlm_weight, opts["reduction"], opts["t2_scale"])
+    need_dh, need_dw, need_db = need
+    d_hidden = torch.zeros(student_hidden.shape, dtype=torch.float32, device=device) if need_dh else None
+    d_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=device) if need_dw else None
+    d_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_db else None
+    kd_sum = torch.zeros((), dtype=torch.float64, device=device)
+    mlm_sum = torch.zeros((), dtype=torch.float64, device=device)
+    if sel.count:
+        with_teacher = kd_weight != 0
+        student = _Head(student_weight, student_bias)
+        teacher = _Head(teacher_weight, teacher_bias) if with_teacher else None
+        size = opts["chunk_rows"] or chunk_rows(sel.count, vocab, device)
+        s_buf = torch.empty((size, vocab), dtype=torch.float32, device=device)
+        t_buf = torch.empty((size, vocab), dtype=torch.float32, device=device)
+        for start in range(0, sel.count, size):
+            stop = min(start + size, sel.count)
+            part = slice(start, stop)
+            ids = None if sel.index is None else sel.index[part]
+            x_s = student_hidden[part] if ids is None else student_hidden.index_select(0, ids)
+            s, t = s_buf[: stop - start], t_buf[: stop - start]
+            student.logits_into(s, x_s)
+            if with_teacher:
+                x_t = teacher_hidden[part] if ids is None else teacher_hidden.index_select(0, ids)
+                teacher.logits_into(t, x_t)
+                if opts["teacher_topk"] is not None:
+                    _keep_topk(t, opts["teacher_topk"])
+            else:
+                t.copy_(s)  # KL(q || q) = 0: the KD term vanishes, only the MLM gradient remains
+            kd_row, mlm_row = row_kernel(s, t, sel.labels[part], sel.kd_coef[part], sel.mlm_coef[part],
+                                         opts["temperature"], opts["kind"] == "soft_ce")
+            kd_sum += (kd_row.double() * sel.kd_scale[part]).sum()
+            mlm_sum += mlm_row.double().sum()
+            # s now holds d loss / d student logits for this chunk.
+            if need_dh:
+                if ids is None:
+                    torch.mm(s, student.fp32_weight(), out=d_hidden[part])
+                else:
+                    d_hidden.index_copy_(0, ids, torch.mm(s, student.fp32_weight()))
+            if need_dw:
+                d_weight.addmm_(s.t(), x_s.float())
+            if need_db:
+                d_bias += s.sum(0)
+    return kd_sum, mlm_sum / sel.mlm_divisor, d_hidden, d_weight, d_bias
 
 
 class _FusedLinearKD(torch.autograd.Function):
+    """Forward computes the loss and keeps the gradients of ``loss = kd_weight*kd + mlm_weight*mlm``.
+    Backward scales them; when ``kd`` and ``mlm`` receive gradients in another ratio (a caller
+    re-weighting the parts), it recomputes the MLM gradients alone and combines the two."""
+
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 opts: dict):
-        row_kernel: RowKernel = opts["row_kernel"]
-        rows, vocab = student_hidden.shape[0], student_weight.shape[0]
-        device = student_hidden.device
-        sel = _select(rows, vocab, device, opts["labels"], opts["ignore_index"], opts["mask"], opts["row_weights"],
-                      opts["temperature"], opts["kd_weight"], opts["mlm_weight"], opts["reduction"], opts["t2_scale"])
-        need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        d_hidden = torch.zeros(student_hidden.shape, dtype=torch.float32, device=device) if need_dh else None
-        d_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=device) if need_dw else None
-        d_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_db else None
-        kd_sum = torch.zeros((), dtype=torch.float64, device=device)
-        mlm_sum = torch.zeros((), dtype=torch.float64, device=device)
-
-        if sel.count:
-            with_teacher = opts["kd_weight"] != 0
-            student = _Head(student_weight, student_bias)
-            teacher = _Head(teacher_weight, teacher_bias) if with_teacher else None
-            size = opts["chunk_rows"] or chunk_rows(sel.count, vocab, device)
-            s_buf = torch.empty((size, vocab), dtype=torch.float32, device=device)
-            t_buf = torch.empty((size, vocab), dtype=torch.float32, device=device)
-            for start in range(0, sel.count, size):
-                stop = min(start + size, sel.count)
-                part = slice(start, stop)
-                ids = None if sel.index is None else sel.index[part]
-                x_s = student_hidden[part] if ids is None else student_hidden.index_select(0, ids)
-                s, t = s_buf[: stop - start], t_buf[: stop - start]
-                student.logits_into(s, x_s)
-                if with_teacher:
-                    x_t = teacher_hidden[part] if ids is None else teacher_hidden.index_select(0, ids)
-                    teacher.logits_into(t, x_t)
-                    if opts["teacher_topk"] is not None:
-                        _keep_topk(t, opts["teacher_topk"])
-                else:
-                    t.copy_(s)  # KL(q || q) = 0: the KD term vanishes, only the MLM gradient remains
-                kd_row, mlm_row = row_kernel(s, t, sel.labels[part], sel.kd_coef[part], sel.mlm_coef[part],
-                                             opts["temperature"], opts["kind"] == "soft_ce")
-                kd_sum += (kd_row.double() * sel.kd_scale[part]).sum()
-                mlm_sum += mlm_row.double().sum()
-                # s now holds d loss / d student logits for this chunk.
-                if need_dh:
-                    if ids is None:
-                        torch.mm(s, student.fp32_weight(), out=d_hidden[part])
-                    else:
-                        d_hidden.index_copy_(0, ids, torch.mm(s, student.fp32_weight()))
-                if need_dw:
-                    d_weight.addmm_(s.t(), x_s.float())
-                if need_db:
-                    d_bias += s.sum(0)
-
-        kd = (kd_sum if opts["kd_weight"] != 0 else kd_sum * 0).float()
-        mlm = (mlm_sum / sel.mlm_divisor if opts["mlm_weight"] != 0 else mlm_sum * 0).float()
-        loss = opts["kd_weight"] * kd + opts["mlm_weight"] * mlm
-        ctx.weights = (opts["kd_weight"], opts["mlm_weight"])
-        ctx.save_for_backward(d_hidden, d_weight, d_bias)
-        ctx.like = (student_hidden.dtype, student_weight.dtype)
-        return loss, kd, mlm
+        kd_weight, mlm_weight = opts["kd_weight"], opts["mlm_weight"]
+        need = tuple(ctx.needs_input_grad[:3])
+        kd, mlm, d_hidden, d_weight, d_bias = _fused_pass(
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, opts, need,
+            kd_weight, mlm_weight)
+        kd = (kd if kd_weight != 0 else kd * 0).float()
+        mlm = (mlm if mlm_weight != 0 else mlm * 0).float()
+        ctx.opts, ctx.need = opts, need
+        ctx.save_for_backward(d_hidden, d_weight, d_bias, student_hidden, student_weight, student_bias)
+        return kd_weight * kd + mlm_weight * mlm, kd, mlm
 
     @staticmethod
     def backward(ctx, grad_loss, grad_kd, grad_mlm):
-        d_hidden, d_weight, d_bias = ctx.saved_tensors
-        scale = _combine_scale(grad_loss, grad_kd, grad_mlm, *ctx.weights)
-        hidden_dtype, weight_dtype = ctx.like
-        dh = None if d_hidden is None else (d_hidden * scale).to(hidden_dtype)
-        dw = None if d_weight is None else (d_weight * scale).to(weight_dtype)
-        db = None if d_bias is None else (d_bias * scale).to(weight_dtype)
-        return dh, dw, db, None, None, None, None
+        d_hidden, d_weight, d_bias, student_hidden, student_weight, student_bias = ctx.saved_tensors
+        kd_weight, mlm_weight = ctx.opts["kd_weight"], ctx.opts["mlm_weight"]
+        coef_kd = grad_loss * kd_weight + grad_kd  # d/d kd of what is back-propagated
+        coef_mlm = grad_loss * mlm_weight + grad_mlm
+        grads = [d_hidden, d_weight, d_bias]
+        if not kd_weight and not mlm_weight:
+            scales = [grad_loss * 0]
+        elif not mlm_weight:
+            scales = [coef_kd / kd_weight]
+        elif not kd_weight or torch.equal(coef_kd * mlm_weight, coef_mlm * kd_weight):
+            scales = [coef_mlm / mlm_weight]
+        else:
+            # stored = kd_weight*dkd + mlm_weight*dmlm, so coef_kd*dkd + coef_mlm*dmlm
+            #        = (coef_kd/kd_weight)*stored + (coef_mlm - coef_kd*mlm_weight/kd_weight)*dmlm.
+            *_, m_hidden, m_weight, m_bias = _fused_pass(student_hidden, student_weight, student_bias, None, None,
+                                                         None, ctx.opts, ctx.need, 0.0, 1.0)
+            scales = [coef_kd / kd_weight, coef_mlm - coef_kd * (mlm_weight / kd_weight)]
+            grads = [(g, m) for g, m in zip(grads, (m_hidden, m_weight, m_bias))]
+        out = []
+        for grad, like in zip(grads, (student_hidden, student_weight, student_bias)):
+            if isinstance(grad, tuple):
+                grad = None if grad[0] is None else grad[0] * scales[0] + grad[1] * scales[1]
+            elif grad is not None:
+                grad = grad * scales[0]
+            out.append(None if grad is None else grad.to(like.dtype))
+        return (*out, None, None, None, None)
 
 
 def chunked_fused_linear_kd(row_kernel: RowKernel, *, student_hidden, student_weight, teacher_hidden,
@@ -319,3 +335,51 @@ def unsupported_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
         if tensor is not None and tensor.dtype == torch.float64:
             return "float64 inputs are served by backend='torch' (kernel backends compute in fp32)"
     return None
+
+
+def fused_unsupported_reason(**kwargs) -> Optional[str]:
+    """``unsupported_reason`` for the keyword arguments of ``fused_linear_kd``."""
+    return unsupported_reason(kwargs.get("student_hidden"), kwargs.get("teacher_hidden"))
+
+
+def kd_kl_unsupported_reason(**kwargs) -> Optional[str]:
+    """``unsupported_reason`` for the keyword arguments of ``kd_kl``."""
+    return unsupported_reason(kwargs.get("student_logits"), kwargs.get("teacher_logits"))
+
+
+def pointer_row_kernel(launch: Callable[..., None], with_stream: bool) -> RowKernel:
+    """A row kernel from a native entry point taking raw pointers:
+    ``launch(s, t, labels, kd_coef, mlm_coef, kd_row, mlm_row, rows, vocab, ld, temperature, soft_ce[, stream])``
+    (``stream``: the current CUDA stream's handle when ``with_stream``)."""
+
+    def rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.Tensor, mlm_coef: torch.Tensor,
+             temperature: float, soft_ce: bool) -> "tuple[torch.Tensor, torch.Tensor]":
+        kd_row, mlm_row = row_kernel_outputs(s, t, labels, kd_coef, mlm_coef)
+        args = [s.data_ptr(), t.data_ptr(), labels.data_ptr(), kd_coef.data_ptr(), mlm_coef.data_ptr(),
+                kd_row.data_ptr(), mlm_row.data_ptr(), s.shape[0], s.shape[1], s.stride(0), float(temperature),
+                bool(soft_ce)]
+        if with_stream:
+            args.append(torch.cuda.current_stream(s.device).cuda_stream)
+        launch(*args)
+        return kd_row, mlm_row
+
+    return rows
+
+
+def row_kernel_outputs(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.Tensor,
+                       mlm_coef: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Check a row kernel's arguments against the contract (they go to native code as raw pointers)
+    and allocate its outputs ``kd_row``, ``mlm_row`` [C] fp32."""
+    rows = s.shape[0]
+    if s.dtype != torch.float32 or t.dtype != torch.float32 or s.shape != t.shape or s.dim() != 2:
+        raise ValueError(f"row kernel: expected fp32 s, t of one shape [C, V], got {s.dtype} {tuple(s.shape)} "
+                         f"and {t.dtype} {tuple(t.shape)}")
+    if s.stride(1) != 1 or t.stride() != s.stride():
+        raise ValueError(f"row kernel: expected s, t with unit column stride and equal strides, got "
+                         f"{s.stride()} and {t.stride()}")
+    for name, value, dtype in (("labels", labels, torch.int64), ("kd_coef", kd_coef, torch.float32),
+                               ("mlm_coef", mlm_coef, torch.float32)):
+        if value.dtype != dtype or value.shape != (rows,) or not value.is_contiguous() or value.device != s.device:
+            raise ValueError(f"row kernel: {name}: expected contiguous {dtype} [{rows}] on {s.device}, got "
+                             f"{value.dtype} {tuple(value.shape)} on {value.device}")
+    return new_output((rows,), torch.float32, s.device), new_output((rows,), torch.float32, s.device)

@@ -6,7 +6,7 @@ import torch
 
 from kdfast import _backends, selftest
 from kdfast.cli import main
-from tests.conftest import needs_triton_interpreter
+from tests.conftest import interpreting_triton
 
 
 def test_check_covers_every_op_and_available_backend():
@@ -16,20 +16,20 @@ def test_check_covers_every_op_and_available_backend():
         for backend in selftest.available_backends(op, torch.device("cpu")):
             assert (op, backend) in seen
         assert (op, "torch") in seen
+    if interpreting_triton():  # Triton's interpreter serves CPU tensors: it is checked too
+        assert {"kd_kl", "fused_linear_kd"} <= {op for op, backend in seen if backend == "triton"}
     assert all(r.dtype == "float32" for r in results)
     assert not [r for r in results if r.failed], selftest.format_table(results)
     assert all(r.loss_err < 1e-5 and r.grad_err < 1e-5 for r in results if r.status == "ok")
 
 
-@needs_triton_interpreter
-def test_check_includes_triton_under_the_interpreter():
-    results = selftest.check("cpu", seed=2)
-    triton_ops = {r.op for r in results if r.backend == "triton" and r.status == "ok"}
-    assert {"kd_kl", "fused_linear_kd"} <= triton_ops
-    assert triton_ops == {op for op in _backends.OPS if _backends.implemented(op, "triton")}
+@pytest.fixture
+def torch_only(monkeypatch):
+    """Check only the reference backend (fast whatever kernels exist)."""
+    monkeypatch.setattr(selftest, "available_backends", lambda op, device: ["torch"])
 
 
-def test_wrong_result_fails_and_exits_non_zero(monkeypatch, capsys):
+def test_wrong_result_fails_and_exits_non_zero(monkeypatch, capsys, torch_only):
     import kdfast.reference.kd_kl as reference
 
     exact = reference.kd_kl
@@ -62,7 +62,7 @@ def test_exception_is_a_failure_and_decline_is_skipped(monkeypatch):
     assert declined.status == "skipped" and "CUDA tensors" in declined.detail
 
 
-def test_cli_prints_table_and_passes(capsys):
+def test_cli_prints_table_and_passes(capsys, torch_only):
     assert main(["selftest", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     for op in _backends.OPS:

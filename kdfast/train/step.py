@@ -38,7 +38,7 @@ class StepResult:
     phase_ms: Optional[dict] = None
 
 
-class _Stopwatch:
+class Stopwatch:
     """Time stamps on one device: recorded CUDA events, or ``perf_counter`` on CPU."""
 
     def __init__(self, device: torch.device):
@@ -59,7 +59,7 @@ class _Stopwatch:
 class _PhaseLog:
     """Stamps collected during one step; read once the step has finished."""
 
-    watch: _Stopwatch
+    watch: Stopwatch
     spans: list = field(default_factory=list)  # (phase, start stamp, end stamp)
 
     @contextlib.contextmanager
@@ -114,7 +114,7 @@ class TrainStep:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def __call__(self) -> StepResult:
-        log = _PhaseLog(_Stopwatch(self.device)) if self.timing else None
+        log = _PhaseLog(Stopwatch(self.device)) if self.timing else None
         phase = log.phase if log else (lambda name: contextlib.nullcontext())
         observing = observe_ops(log.observe_kd_op) if log else contextlib.nullcontext()
         losses, mlm_losses, parts, tokens = [], [], {}, 0

@@ -1,0 +1,134 @@
+"""``kdfast bench kernels``: time every implementation of the fused losses, fwd+bwd, with the same
+timing and memory measurement (kdfast/bench/measure.py), print a table and write JSON.
+
+JSON: ``{"device", "device_name", "torch", "triton", "git_commit", "seed", "threads", "quick",
+"results": [{"op", "impl", "backend", "shape", "dtype", "median_ms", "peak_mb", "max_rel_err",
+"vs_floor"}]}``. The op modules live in kdfast/bench/ops/ (interface in its ``__init__``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from kdfast.bench import measure
+from kdfast.bench.ops import FLOOR, OPS
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
+SEED = 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--op", default="all", choices=OPS + ("all",), help="which op to time (default: all)")
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
+    parser.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--impl", action="append", default=None,
+                        help="only these impls (repeatable; 'floor' is always timed)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls (default 2, quick 1)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the results here")
+
+
+def environment(device: torch.device, quick: bool) -> dict:
+    """Where and with what the numbers were taken."""
+    triton_version = None
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+        triton_version = triton.__version__
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {"device": device.type, "device_name": name, "torch": torch.__version__, "triton": triton_version,
+            "git_commit": commit, "seed": SEED, "threads": torch.get_num_threads(), "quick": quick,
+            "python": sys.version.split()[0]}
+
+
+def _split(key: str) -> tuple[str, Optional[str]]:
+    name, _, backend = key.partition(":")
+    return name, backend or None
+
+
+def _max_rel_err(outputs: tuple, reference: tuple) -> float:
+    return max(measure.rel_err(out, ref) for out, ref in zip(outputs, reference))
+
+
+def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick: bool, only: Optional[list],
+             warmup: int, repeats: int, log: Callable[[str], None] = print) -> list[dict]:
+    """Time every impl of ``op`` on each of its shapes; one result dict per (shape, impl)."""
+    module = importlib.import_module(f"kdfast.bench.ops.{op}")
+    dtype = dtype or getattr(module, "DEFAULT_DTYPES", DEFAULT_DTYPES)[device.type]
+    impls = module.impls(device)
+    if only:
+        impls = {k: f for k, f in impls.items() if k == FLOOR or _split(k)[0] in only or k in only}
+    results = []
+    for shape in module.shapes(quick, device):
+        torch.manual_seed(SEED)
+        inputs = module.inputs(shape, dtype, device)
+        reference = module.reference(inputs)
+        for key, fn in impls.items():
+            name, backend = _split(key)
+            log(f"  {op} {shape} {name}{'[' + backend + ']' if backend else ''} ...")
+            outputs = fn(inputs)  # first call outside timing also catches errors early
+            err = None if key == FLOOR else _max_rel_err(outputs, reference)
+            del outputs
+            ms = measure.median_ms(lambda: fn(inputs), device, warmup=warmup, repeats=repeats)
+            peak = measure.peak_mb(lambda: fn(inputs), device)
+            results.append({"op": op, "impl": name, "backend": backend, "shape": dict(shape),
+                            "dtype": str(dtype).replace("torch.", ""), "median_ms": round(ms, 3),
+                            "peak_mb": round(peak, 2), "max_rel_err": err})
+        floor = next((r["median_ms"] for r in results if r["impl"] == FLOOR and r["shape"] == shape), None)
+        for r in results:
+            if r["shape"] == shape and floor:
+                r["vs_floor"] = round(r["median_ms"] / floor, 3)
+        del inputs, reference
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    head = f"{'op':<14}{'impl':<10}{'backend':<9}{'shape':<44}{'dtype':<10}{'ms':>10}{'x floor':>9}{'peak MB':>10}{'rel err':>10}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
+        err = "-" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"
+        ratio = f"{r['vs_floor']:.2f}" if r.get("vs_floor") else "-"
+        lines.append(f"{r['op']:<14}{r['impl']:<10}{r['backend'] or '-':<9}{shape:<44}{r['dtype']:<10}"
+                     f"{r['median_ms']:>10.1f}{ratio:>9}{r['peak_mb']:>10.1f}{err:>10}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("kdfast bench kernels: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
+    ops = OPS if args.op == "all" else (args.op,)
+    results = []
+    for op in ops:
+        if importlib.util.find_spec(f"kdfast.bench.ops.{op}") is None:
+            print(f"kdfast bench kernels: no benchmark module for {op} yet (kdfast/bench/ops/{op}.py)", file=sys.stderr)
+            continue
+        results += bench_op(op, device, dtype, args.quick, args.impl, warmup, repeats,
+                            log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(format_table(results))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**environment(device, args.quick), "results": results}, indent=1) + "\n")
+        print(f"wrote {path}")
+    return 0

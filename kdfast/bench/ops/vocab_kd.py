@@ -1,0 +1,138 @@
+"""Benchmark op ``vocab_kd``: KD (KL at T=2, batchmean, T^2) + MLM cross-entropy through both LM heads,
+fwd+bwd, returning (loss, d student_hidden, d student_weight).
+
+Impls: ``kdfast:<backend>`` per kernel backend available, ``eager`` (materialised logits,
+F.log_softmax + F.kl_div + F.cross_entropy, autograd), ``compile`` (torch.compile of eager),
+``liger`` (LigerFusedLinearJSD beta=0 + LigerFusedLinearCrossEntropyLoss, CUDA with liger-kernel),
+``floor`` (the four matmuls no implementation avoids: teacher logits, student logits, d_hidden, d_weight).
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import kdfast
+from kdfast import _backends
+
+VOCAB = 30522
+TEMPERATURE = 2.0
+FULL_ROWS = (2048, 8192)
+WIDTHS = ((384, 768), (768, 1024))  # (Hs, Ht)
+REFERENCE_CHUNK = 512  # rows per float64 reference chunk
+
+
+def shapes(quick: bool, device: torch.device) -> list[dict]:
+    if quick:
+        return [{"rows": 1024, "V": VOCAB, "Hs": 384, "Ht": 768}]
+    return [{"rows": n, "V": VOCAB, "Hs": hs, "Ht": ht} for hs, ht in WIDTHS for n in FULL_ROWS]
+
+
+def inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
+    """Hidden states ~N(0, 1) and heads scaled so logits have a std of about 2; every row labelled."""
+    n, v, hs, ht = shape["rows"], shape["V"], shape["Hs"], shape["Ht"]
+
+    def randn(*size, scale=1.0, grad=False):
+        return (torch.randn(*size, device=device) * scale).to(dtype).requires_grad_(grad)
+
+    return {"student_hidden": randn(n, hs, grad=True), "student_weight": randn(v, hs, scale=2 / hs**0.5, grad=True),
+            "teacher_hidden": randn(n, ht), "teacher_weight": randn(v, ht, scale=2 / ht**0.5),
+            "labels": torch.randint(0, v, (n,), device=device)}
+
+
+def _grads(loss: torch.Tensor, x: dict) -> tuple:
+    d_hidden, d_weight = torch.autograd.grad(loss, (x["student_hidden"], x["student_weight"]))
+    return loss.detach(), d_hidden, d_weight
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def eager_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels) -> torch.Tensor:
+    """What one writes without kdfast: both logit tensors in memory, fp32 softmaxes."""
+    s = _at_least_fp32(F.linear(student_hidden, student_weight))
+    with torch.no_grad():
+        t = _at_least_fp32(F.linear(teacher_hidden, teacher_weight))
+    kd = F.kl_div(F.log_softmax(s / TEMPERATURE, dim=-1), F.log_softmax(t / TEMPERATURE, dim=-1),
+                  reduction="batchmean", log_target=True) * TEMPERATURE**2
+    return kd + F.cross_entropy(s, labels)
+
+
+def _eager(x: dict) -> tuple:
+    return _grads(eager_loss(**x), x)
+
+
+_compiled = {}
+
+
+def _compile(x: dict) -> tuple:
+    fn = _compiled.setdefault("eager", torch.compile(eager_loss, dynamic=False))
+    return _grads(fn(**x), x)
+
+
+def _kdfast(backend: str) -> Callable[[dict], tuple]:
+    def run(x: dict) -> tuple:
+        out = kdfast.fused_linear_kd(x["student_hidden"], x["student_weight"], x["teacher_hidden"],
+                                     x["teacher_weight"], labels=x["labels"], temperature=TEMPERATURE,
+                                     kd_weight=1.0, mlm_weight=1.0, backend=backend)
+        return _grads(out.loss, x)
+    return run
+
+
+def _liger() -> Callable[[dict], tuple]:
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
+
+    jsd = LigerFusedLinearJSD(jsd_beta=0.0, temperature=TEMPERATURE)
+    ce = LigerFusedLinearCrossEntropyLoss()
+
+    def run(x: dict) -> tuple:
+        kd = jsd(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"])
+        loss = kd * TEMPERATURE**2 + ce(x["student_weight"], x["student_hidden"], x["labels"])
+        return _grads(loss, x)
+    return run
+
+
+def _floor(x: dict) -> tuple:
+    with torch.no_grad():
+        hidden, weight = x["student_hidden"], x["student_weight"]
+        t = x["teacher_hidden"] @ x["teacher_weight"].t()
+        s = hidden @ weight.t()
+        return t, s @ weight, s.t() @ hidden
+
+
+def impls(device: torch.device) -> dict[str, Callable[[dict], tuple]]:
+    out = {}
+    for backend in ("cpu", "triton", "cuda"):
+        if _backends.implemented("fused_linear_kd", backend) and _backends.backend_ready(backend, device) is None:
+            if backend == "triton" and device.type != "cuda":
+                continue  # the Triton interpreter is a test tool, not a benchmark
+            out[f"kdfast:{backend}"] = _kdfast(backend)
+    out["eager"] = _eager
+    out["compile"] = _compile
+    if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
+        out["liger"] = _liger()
+    out["floor"] = _floor
+    return out
+
+
+def reference(x: dict) -> tuple:
+    """float64 eager on the same (possibly 16-bit rounded) inputs, a chunk of rows at a time
+    (both terms are means over rows, so chunk losses and gradients add up)."""
+    n = x["student_hidden"].shape[0]
+    weight = x["student_weight"].detach().double().requires_grad_(True)
+    teacher_weight = x["teacher_weight"].detach().double()
+    loss = torch.zeros((), dtype=torch.float64, device=weight.device)
+    d_hidden, d_weight = [], torch.zeros_like(weight)
+    for start in range(0, n, REFERENCE_CHUNK):
+        part = slice(start, start + REFERENCE_CHUNK)
+        hidden = x["student_hidden"][part].detach().double().requires_grad_(True)
+        chunk_loss = eager_loss(hidden, weight, x["teacher_hidden"][part].double(), teacher_weight,
+                                x["labels"][part]) * (hidden.shape[0] / n)
+        g_hidden, g_weight = torch.autograd.grad(chunk_loss, (hidden, weight))
+        loss += chunk_loss.detach()
+        d_hidden.append(g_hidden)
+        d_weight += g_weight
+    return loss, torch.cat(d_hidden), d_weight

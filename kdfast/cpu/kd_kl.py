@@ -1,0 +1,15 @@
+"""kd_kl on the cpu backend: the C++/OpenMP vocabulary-KD row kernel on given logits."""
+from __future__ import annotations
+
+import torch
+
+from kdfast.chunked_vocab import chunked_kd_kl, kd_kl_unsupported_reason
+from kdfast.cpu.fused_linear_kd import rows
+
+
+def kd_kl(**kwargs) -> torch.Tensor:
+    """``kdfast.kd_kl`` on CPU tensors (validated keyword arguments)."""
+    return chunked_kd_kl(rows, **kwargs)
+
+
+unsupported_reason = kd_kl_unsupported_reason  # float64 goes to backend 'torch'

@@ -1,0 +1,214 @@
+"""CPU backend of fused_linear_kd / kd_kl (C++ row kernel + chunked driver) against independent float64
+formulas (tests/vocab_kd_float64.py): losses and every gradient, fp32 and bf16, bad inputs, memory."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kdfast
+from kdfast import _ext
+import vocab_kd_float64 as f64
+
+pytestmark = pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")
+
+BACKEND = "cpu"
+N, HS, HT, V = 29, 8, 12, 1100  # V spans two full 512-element blocks and a partial one
+
+
+def make(n=N, hs=HS, ht=HT, v=V, dtype=torch.float32, scale=1.0, bias=True, ignored=True):
+    """Fresh inputs; logits have a std of about 2*scale. Every third label ignored when ``ignored``."""
+    def randn(*size, s=1.0):
+        return (torch.randn(*size, dtype=torch.float64) * s).to(dtype)
+    labels = torch.randint(0, v, (n,))
+    if ignored:
+        labels[::3] = -100
+    return dict(student_hidden=randn(n, hs, s=scale).requires_grad_(True),
+                student_weight=randn(v, hs, s=2 / hs**0.5).requires_grad_(True),
+                teacher_hidden=randn(n, ht, s=scale), teacher_weight=randn(v, ht, s=2 / ht**0.5),
+                student_bias=randn(v, s=0.5).requires_grad_(True) if bias else None,
+                teacher_bias=randn(v, s=0.5) if bias else None, labels=labels)
+
+
+def run_kdfast(inputs: dict, grad_scale: float = 1.0, **options) -> tuple:
+    out = kdfast.fused_linear_kd(**inputs, **options, backend=BACKEND)
+    tensors = [inputs["student_hidden"], inputs["student_weight"]]
+    if inputs.get("student_bias") is not None:
+        tensors.append(inputs["student_bias"])
+    grads = torch.autograd.grad(out.loss * grad_scale, tensors)
+    return (out.loss.detach() * grad_scale, *grads)
+
+
+def assert_close(got: tuple, ref: tuple, tol: float) -> None:
+    names = ("loss", "d_hidden", "d_weight", "d_bias")
+    errors = {name: f64.rel_err(g, r) for name, g, r in zip(names, got, ref)}
+    assert all(e <= tol for e in errors.values()), errors
+
+
+@pytest.fixture(params=[None, 5], ids=["auto_chunk", "chunk5"])
+def chunk(request, monkeypatch):
+    """Run each case with the automatic chunk (one chunk here) and with 5-row chunks."""
+    if request.param:
+        monkeypatch.setenv("KDFAST_VOCAB_CHUNK_ROWS", str(request.param))
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("kind", ["kl", "soft_ce"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean"])
+def test_fp32_grid_matches_float64(temperature, kind, reduction, chunk):
+    inputs = make()
+    options = dict(temperature=temperature, kind=kind, reduction=reduction, mlm_weight=0.7, kd_weight=1.3)
+    assert_close(run_kdfast(inputs, **options), f64.loss_and_grads(**inputs, **options), 1e-5)
+
+
+@pytest.mark.parametrize("options", [
+    dict(t2_scale=False, temperature=2.0),
+    dict(mlm_weight=1.0, kd_weight=0.0),
+    dict(mlm_weight=0.0, temperature=3.0),
+    dict(teacher_topk=7, temperature=2.0, mlm_weight=0.5),
+    dict(teacher_topk=1, kind="soft_ce"),
+    dict(row_weights="random", temperature=2.0, reduction="sum"),
+    dict(mask="random", mlm_weight=0.4, temperature=0.5),
+], ids=["no_t2", "mlm_only", "kd_only_no_labels", "topk7", "topk1_soft_ce", "row_weights", "mask"])
+def test_options_match_float64(options, chunk):
+    inputs = make()
+    options = dict(options)
+    if options.get("row_weights") == "random":
+        options["row_weights"] = torch.rand(N)
+    if options.get("mask") == "random":
+        options["mask"] = torch.rand(N) < 0.5
+    if options.get("mlm_weight", 0.0) == 0.0 and "mask" not in options:
+        inputs["labels"] = None
+    ref = f64.loss_and_grads(**inputs, **options)
+    assert_close(run_kdfast(inputs, grad_scale=2.5, **options), tuple(2.5 * r for r in ref), 1e-5)
+
+
+def test_grad_scale_is_applied():
+    inputs = make()
+    ref = f64.loss_and_grads(**inputs, temperature=2.0)
+    assert_close(run_kdfast(inputs, grad_scale=-3.0, temperature=2.0), tuple(-3.0 * r for r in ref), 1e-5)
+
+
+@pytest.mark.parametrize("scale", [30.0, 300.0])
+@pytest.mark.parametrize("temperature", [0.5, 4.0])
+def test_extreme_logits(scale, temperature):
+    inputs = make(scale=scale)
+    options = dict(temperature=temperature, mlm_weight=1.0)
+    assert_close(run_kdfast(inputs, **options), f64.loss_and_grads(**inputs, **options), 1e-5)
+
+
+def test_no_bias_and_unlabelled_kd():
+    inputs = make(bias=False)
+    inputs["labels"] = None
+    assert_close(run_kdfast(inputs, temperature=2.0), f64.loss_and_grads(**inputs, temperature=2.0), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_inputs_are_not_rounded_before_the_softmax(dtype):
+    inputs = make(dtype=dtype)
+    options = dict(temperature=2.0, mlm_weight=0.5)
+    got = run_kdfast(inputs, **options)
+    ref = f64.loss_and_grads(**inputs, **options)  # float64 on the same 16-bit-rounded inputs
+    errors = [f64.rel_err(g.float(), r) for g, r in zip(got[:1], ref[:1])]
+    assert all(e <= 1e-3 for e in errors), errors
+    # Gradients are returned in the input dtype, so compare them after the same final rounding.
+    rounded = [r.to(dtype) for r in ref[1:]]
+    assert all(f64.rel_err(g, r) <= 1e-3 for g, r in zip(got[1:], rounded))
+
+
+def test_all_rows_ignored_gives_zero_and_zero_grads():
+    inputs = make()
+    inputs["labels"][:] = -100
+    out = kdfast.fused_linear_kd(**inputs, mlm_weight=1.0, backend=BACKEND)
+    grads = torch.autograd.grad(out.loss, [inputs["student_hidden"], inputs["student_weight"], inputs["student_bias"]])
+    assert out.loss.item() == 0.0 and out.kd.item() == 0.0 and out.mlm.item() == 0.0
+    assert all(bool((g == 0).all()) for g in grads)
+
+
+@pytest.mark.parametrize("coef_kd, coef_mlm", [(2.0, 0.5), (5.0, 2.0), (0.0, 1.0), (1.0, 0.0)])
+def test_parts_can_be_reweighted(coef_kd, coef_mlm):
+    """Back-propagating coef_kd*kd + coef_mlm*mlm (as strategies do) gives that combination's gradients."""
+    inputs = make()
+    options = dict(mlm_weight=0.5, kd_weight=2.0, temperature=2.0)
+    out = kdfast.fused_linear_kd(**inputs, **options, backend=BACKEND)
+    tensors = [inputs["student_hidden"], inputs["student_weight"], inputs["student_bias"]]
+    got = torch.autograd.grad(out.kd * coef_kd + out.mlm * coef_mlm, tensors)
+    ref = f64.loss_and_grads(**inputs, **dict(options, kd_weight=coef_kd, mlm_weight=coef_mlm))
+    assert_close((out.kd * coef_kd + out.mlm * coef_mlm, *got), ref, 1e-5)
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor any op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_rows_by_vocab_allocation(monkeypatch):
+    monkeypatch.setenv("KDFAST_VOCAB_CHUNK_ROWS", "8")
+    inputs = make(n=64, v=1000)
+    with _LargestAllocation() as spy:
+        run_kdfast(inputs, temperature=2.0, mlm_weight=1.0, teacher_topk=10)
+    # 8-row logit chunks and weight-sized tensors (12 x V) only; never 64 x V.
+    assert spy.largest <= 12 * 1000, spy.largest
+
+
+@pytest.mark.parametrize("kind", ["kl", "soft_ce"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_kd_kl_matches_float64(kind, reduction, masked, temperature):
+    s = (torch.randn(21, 777) * 3).requires_grad_(True)
+    t = torch.randn(21, 777) * 3
+    mask = torch.rand(21) < 0.6 if masked else None
+    options = dict(temperature=temperature, mask=mask, kind=kind, reduction=reduction)
+    got = kdfast.kd_kl(s, t, **options, backend=BACKEND)
+    (grad,) = torch.autograd.grad(got * 1.5, [s])
+    s64 = s.detach().double().requires_grad_(True)
+    ref = f64.kd_kl(s64, t.double(), **options)
+    (ref_grad,) = torch.autograd.grad(ref * 1.5, [s64])
+    assert f64.rel_err(got, ref) <= 1e-5 and f64.rel_err(grad, ref_grad) <= 1e-5
+
+
+def test_kd_kl_bf16():
+    s = (torch.randn(9, 600) * 3).bfloat16().requires_grad_(True)
+    t = (torch.randn(9, 600) * 3).bfloat16()
+    got = kdfast.kd_kl(s, t, temperature=2.0, backend=BACKEND)
+    (grad,) = torch.autograd.grad(got, [s])
+    s64 = s.detach().double().requires_grad_(True)
+    ref = f64.kd_kl(s64, t.double(), temperature=2.0)
+    (ref_grad,) = torch.autograd.grad(ref, [s64])
+    assert grad.dtype == torch.bfloat16
+    assert f64.rel_err(got, ref) <= 1e-3 and f64.rel_err(grad, ref_grad.bfloat16()) <= 1e-3
+
+
+def test_float64_is_declined_to_the_reference():
+    inputs = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in make().items()}
+    with pytest.raises(ValueError, match="float64"):
+        kdfast.fused_linear_kd(**inputs, backend=BACKEND)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda x: x.update(labels=torch.full((N,), V)), r"labels: expected values in \[0, 1100\)"),
+    (lambda x: x.update(temperature=0.0), "temperature: expected a finite number > 0"),
+    (lambda x: x.update(temperature=-1.0), "temperature: expected a finite number > 0"),
+    (lambda x: x["student_hidden"].data.__setitem__((0, 0), float("nan")), "student_hidden: expected finite values"),
+    (lambda x: x.update(teacher_hidden=x["teacher_hidden"].to("meta")), "teacher_hidden: expected the device"),
+    (lambda x: x.update(teacher_weight=torch.randn(V + 1, HT)), "teacher_weight: expected shape"),
+    (lambda x: x.update(teacher_hidden=torch.randn(N + 2, HT)), "teacher_hidden: expected shape"),
+    (lambda x: x.update(student_weight=torch.randn(V, HS + 1)), "student_weight: expected shape"),
+], ids=["label_range", "temperature0", "temperature_neg", "nan_hidden", "devices", "vocab", "rows", "width"])
+def test_bad_inputs_raise_clear_errors(change, message):
+    inputs = make()
+    inputs["temperature"] = 1.0
+    change(inputs)
+    with pytest.raises(ValueError, match=message):
+        kdfast.fused_linear_kd(**inputs, mlm_weight=1.0, backend=BACKEND)

@@ -1,0 +1,69 @@
+"""CUDA backend of the vocabulary KD: the kernel compiles for sm_80 and sm_90 without register spills
+(needs nvcc), and on a GPU matches the float64 formulas. Its arithmetic (csrc/vocab_kd_math.h) is the
+CPU kernel's, which tests/test_vocab_kd_cpu.py checks everywhere."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdfast
+from kdfast import _ext
+import vocab_kd_float64 as f64
+from test_vocab_kd_cpu import assert_close, make
+
+REPO = Path(__file__).resolve().parents[1]
+NVCC = shutil.which("nvcc") or (str(Path("/usr/local/cuda/bin/nvcc")) if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_kernel_compiles_without_spills(arch, tmp_path):
+    cmd = [NVCC, "-c", "kernels/vocab_kd.cu", "-o", str(tmp_path / "vocab_kd.o"), "-O3", "-std=c++17", "-Icsrc",
+           "-Ikernels", "--use_fast_math", "-Xcompiler", "-fPIC", "-Xptxas", "-v", f"-arch=sm_{arch}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert spills and all(stores == "0" and loads == "0" for stores, loads in spills), log
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or _ext.CUDA is None,
+                         reason="needs a CUDA device and the kdfast._cuda extension")
+
+
+def _to_cuda(inputs: dict) -> dict:
+    return {k: (v.detach().cuda().requires_grad_(v.requires_grad) if torch.is_tensor(v) else v)
+            for k, v in inputs.items()}
+
+
+@gpu
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("kind", ["kl", "soft_ce"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean"])
+def test_cuda_matches_float64(temperature, kind, reduction):
+    inputs = make()
+    options = dict(temperature=temperature, kind=kind, reduction=reduction, mlm_weight=0.7, teacher_topk=None)
+    gpu_inputs = _to_cuda(inputs)
+    out = kdfast.fused_linear_kd(**gpu_inputs, **options, backend="cuda")
+    names = ["student_hidden", "student_weight", "student_bias"]
+    grads = torch.autograd.grad(out.loss, [gpu_inputs[n] for n in names])
+    got = tuple(x.cpu() for x in (out.loss.detach(), *grads))
+    assert_close(got, f64.loss_and_grads(**inputs, **options), 1e-5)
+
+
+@gpu
+def test_cuda_bf16_topk_and_kd_kl():
+    inputs = make(dtype=torch.bfloat16)
+    options = dict(temperature=2.0, mlm_weight=0.5, teacher_topk=9)
+    gpu_inputs = _to_cuda(inputs)
+    out = kdfast.fused_linear_kd(**gpu_inputs, **options, backend="cuda")
+    assert f64.rel_err(out.loss.cpu(), f64.loss_and_grads(**inputs, **options)[0]) <= 1e-3
+    s = (torch.randn(13, 999) * 3).requires_grad_(True)
+    t = torch.randn(13, 999) * 3
+    got = kdfast.kd_kl(s.detach().cuda(), t.cuda(), temperature=2.0, backend="cuda")
+    assert f64.rel_err(got.cpu(), f64.kd_kl(s.double(), t.double(), temperature=2.0)) <= 1e-5
