@@ -91,3 +91,22 @@ def test_overrides_coerce_numbers_and_every_preset_loads():
     assert "tiny" in presets
     for name in presets:
         parse_budget(str(config.load(preset=name)["train"]["budget"]))
+
+
+def test_flop_cost_per_token_grows_with_the_teacher_and_tiny_budgets_are_refused():
+    from transformers import BertConfig, BertForMaskedLM
+
+    from kdfast.train.pretrain import check_affordable, flop_per_token
+
+    def bert(hidden, layers):
+        return BertForMaskedLM(BertConfig(vocab_size=500, hidden_size=hidden, num_hidden_layers=layers,
+                                          num_attention_heads=2, intermediate_size=2 * hidden))
+
+    teacher, student = bert(64, 2), bert(32, 1)
+    scratch, vanilla = (flop_per_token(s, teacher, student, 8, 32) for s in ("no-kd", "vanilla"))
+    assert vanilla > 2 * scratch > 0                             # the KD step also runs the teacher
+    with pytest.raises(ValueError, match=r"budget: expected at least one step's cost, .* FLOPs \(256 tokens"):
+        check_affordable(parse_budget("1e3flop"), 256, vanilla, None)
+    with pytest.raises(ValueError, match="already charged to the teacher"):
+        check_affordable(parse_budget("10s"), 256, None, 1.0, offset=9.5)
+    check_affordable(parse_budget("10s"), 256, None, None)        # time without calibration: checked by the clock
