@@ -52,11 +52,11 @@ def test_glue_path_on_shared_tasks_gives_sane_metrics(shared_data, tmp_path):
                                        num_attention_heads=2, intermediate_size=128))
     model.save_pretrained(str(tmp_path / "model"))
     results = glue.evaluate_model(str(tmp_path / "model"), glue_tasks.parse_tasks("cola,sst2,stsb"), str(glue_dir),
-                                  seeds=[0], lrs=[1e-3], batch_sizes=[32], epochs=2, seq_len=64,
+                                  seeds=[0], lrs=[1e-3], batch_sizes=[16], epochs=3, seq_len=64,
                                   device=torch.device("cpu"), max_train_examples=1000, max_eval_examples=300)
     assert set(results) == {"cola", "sst2", "stsb"}
     assert -1.0 <= results["cola"]["metrics"]["mcc"] <= 1.0
-    assert results["sst2"]["metrics"]["accuracy"] > 0.55          # above chance after 2 short epochs
+    assert results["sst2"]["metrics"]["accuracy"] > 0.55          # above chance after 3 short epochs
     assert 0.0 < results["stsb"]["metrics"]["pearson"] <= 1.0
     assert -1.0 <= results["stsb"]["metrics"]["spearman"] <= 1.0
     assert all(r["spread"] >= 0 and len(r["grid"][0]["runs"]) == 1 for r in results.values())
