@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--impl", action="append", default=None,
                         help="only these impls (repeatable; 'floor' is always timed)")
+    parser.add_argument("--shape", action="append", default=None, metavar="KEY=VALUE",
+                        help="only the shapes with this value (repeatable, e.g. --shape rows=2048 --shape Hs=384)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls (default 2, quick 1)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results here")
@@ -65,8 +67,15 @@ def _max_rel_err(outputs: tuple, reference: tuple) -> float:
     return max(measure.rel_err(out, ref) for out, ref in zip(outputs, reference))
 
 
+def _shape_filter(pairs: Optional[list]) -> Callable[[dict], bool]:
+    """``["rows=2048", "Hs=384"]`` -> a predicate keeping shapes whose values match (as strings)."""
+    wanted = dict(pair.split("=", 1) for pair in (pairs or []))
+    return lambda shape: all(str(shape.get(key)) == value for key, value in wanted.items())
+
+
 def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick: bool, only: Optional[list],
-             warmup: int, repeats: int, log: Callable[[str], None] = print) -> list[dict]:
+             warmup: int, repeats: int, log: Callable[[str], None] = print,
+             keep: Callable[[dict], bool] = lambda shape: True) -> list[dict]:
     """Time every impl of ``op`` on each of its shapes; one result dict per (shape, impl)."""
     module = importlib.import_module(f"kdfast.bench.ops.{op}")
     dtype = dtype or getattr(module, "DEFAULT_DTYPES", DEFAULT_DTYPES)[device.type]
@@ -74,17 +83,17 @@ def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick:
     if only:
         impls = {k: f for k, f in impls.items() if k == FLOOR or _split(k)[0] in only or k in only}
     results = []
-    for shape in module.shapes(quick, device):
+    for shape in filter(keep, module.shapes(quick, device)):
         torch.manual_seed(SEED)
         inputs = module.inputs(shape, dtype, device)
         reference = module.reference(inputs)
         for key, fn in impls.items():
             name, backend = _split(key)
             log(f"  {op} {shape} {name}{'[' + backend + ']' if backend else ''} ...")
-            outputs = fn(inputs)  # first call outside timing also catches errors early
+            outputs = fn(inputs)  # the first warm-up call (compiles, if the impl does): checked, not timed
             err = None if key == FLOOR else _max_rel_err(outputs, reference)
             del outputs
-            ms = measure.median_ms(lambda: fn(inputs), device, warmup=warmup, repeats=repeats)
+            ms = measure.median_ms(lambda: fn(inputs), device, warmup=max(warmup - 1, 0), repeats=repeats)
             peak = measure.peak_mb(lambda: fn(inputs), device)
             results.append({"op": op, "impl": name, "backend": backend, "shape": dict(shape),
                             "dtype": str(dtype).replace("torch.", ""), "median_ms": round(ms, 3),
@@ -124,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"kdfast bench kernels: no benchmark module for {op} yet (kdfast/bench/ops/{op}.py)", file=sys.stderr)
             continue
         results += bench_op(op, device, dtype, args.quick, args.impl, warmup, repeats,
-                            log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                            log=lambda msg: print(msg, file=sys.stderr, flush=True), keep=_shape_filter(args.shape))
     print(format_table(results))
     if args.json:
         path = Path(args.json)

@@ -10,6 +10,7 @@ configs (analytic) and from FlopCounterMode (measured). See docs/budget.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -266,8 +267,10 @@ def arm_report(arm: Arm, options: Options, shapes: tuple, peak: float, teacher_c
     teacher_shape, student_shape = shapes
     ms = statistics.median(arm.ms)
     tokens = options.batch * options.seq
+    mlm_weight = getattr(arm.strategy, "mlm_weight", None)  # attention strategies: MLM only when > 0
     analytic = analytic_step_flops(arm.name, teacher_shape, student_shape, options.batch, options.seq,
-                                   MLM_PROBABILITY, getattr(arm.strategy, "num_relation_heads", 12))
+                                   MLM_PROBABILITY, getattr(arm.strategy, "num_relation_heads", 12),
+                                   student_mlm=None if mlm_weight is None else mlm_weight > 0)
     measured = measure_flops(arm.step)
     calibration = Calibration(ms, tokens, analytic["total"], options.world_size)
     charge = teacher_charge if arm.strategy.teacher is not None else 0.0
@@ -310,13 +313,19 @@ def add_ratios(arms: list) -> None:
         a["tokens_vs_nokd_flops"] = base["flops_per_step_analytic"] / a["flops_per_step_analytic"]
 
 
-def selftest(device: torch.device):
-    """``kdfast.selftest.check(device)`` when that module exists (None otherwise)."""
+def selftest(device: torch.device) -> Optional[dict]:
+    """``kdfast.selftest.check(device)`` when that module exists: a summary, or ValueError when a
+    backend disagrees with the reference (timing a wrong kernel would be pointless)."""
     if importlib.util.find_spec("kdfast.selftest") is None:
         return None
     from kdfast import selftest as module
-    check = getattr(module, "check", None)
-    return None if check is None else check(device)
+    results = module.check(device)
+    failed = [f"{r.op}/{r.backend}/{r.dtype}: {r.detail or 'error above tolerance'}" for r in results if r.failed]
+    if failed:
+        raise ValueError(f"selftest: expected every kdfast backend to match the reference on {device}, got "
+                         f"{len(failed)} failure(s): " + "; ".join(failed) + " (run `kdfast selftest`)")
+    return {"ok": sum(r.status == "ok" for r in results), "skipped": sum(r.status == "skipped" for r in results),
+            "results": [dataclasses.asdict(r) for r in results]}
 
 
 def calibrate(options: Options) -> dict:
@@ -353,7 +362,7 @@ def _calibrate(options: Options) -> dict:
     add_ratios(per_arm)
     return {
         "environment": devices.environment(options.device),
-        "selftest": checked if checked is None or isinstance(checked, (bool, dict, list, str)) else str(checked),
+        "selftest": checked,
         "dtype": "bf16 autocast, teacher bf16" if options.device.type == "cuda" else "fp32",
         "shapes": {"batch": options.batch, "seq": options.seq, "mlm_probability": MLM_PROBABILITY,
                    "teacher": options.teacher, "teacher_config": vars(teacher_shape),

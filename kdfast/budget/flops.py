@@ -5,8 +5,9 @@ matmuls; elementwise work is counted only inside kdfast losses, at the per-eleme
 (FlopCounterMode counts no elementwise aten op either).
 
 Analytic, per step of ``batch`` sequences of ``seq`` tokens with ``mlm_rows`` masked positions:
-- student: 3 x (encoder forward + MLM head on the masked positions); encoder forward per token and
-  layer = 2 x (4H^2 + 2HI) for the projections and MLP plus 4 x seq x H for QK^T and AV;
+- student: 3 x (encoder forward [+ MLM head on the masked positions when it trains MLM]);
+  encoder forward per token and layer = 2 x (4H^2 + 2HI) for the projections and MLP plus
+  4 x seq x H for QK^T and AV;
 - teacher: 1 x (encoder forward [+ MLM head on the KD rows for vocabulary KD]);
 - kd_loss: the strategy's loss terms (paper set-ups; see ``kd_loss_flops``).
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch.utils import flop_counter
@@ -33,6 +34,7 @@ CE_FWD, CE_BWD = 5, 2      # per logit: one softmax and the label term / softmax
 MSE_FWD, MSE_BWD = 3, 2    # per element: difference, square, sum / 2 x difference
 KD_STRATEGIES = ("no-kd", "vanilla", "distilbert", "tinybert", "minilm", "minilm_v2")
 VOCAB_KD = ("vanilla", "distilbert")
+MLM_BY_DEFAULT = ("no-kd", "vanilla", "distilbert")  # the others train without the MLM head unless asked
 
 
 # --- formulas on shapes, shared by the analytic count and the kdfast op formulas -------------------
@@ -231,12 +233,16 @@ def kd_loss_flops(strategy: str, teacher: EncoderShape, student: EncoderShape, b
 
 
 def analytic_step_flops(strategy: str, teacher: EncoderShape, student: EncoderShape, batch: int, seq: int,
-                        mlm_probability: float = 0.15, relation_heads: int = 12) -> dict:
+                        mlm_probability: float = 0.15, relation_heads: int = 12,
+                        student_mlm: Optional[bool] = None) -> dict:
     """FLOPs of one step of ``batch`` x ``seq`` tokens: ``{"student", "teacher_forward", "kd_loss",
-    "total"}``."""
+    "total"}``. ``student_mlm``: whether the student trains its MLM head (default: no-kd, vanilla and
+    distilbert do; tinybert, minilm and minilm_v2 do not)."""
     tokens, mlm_rows = batch * seq, mlm_probability * batch * seq
     kd_loss = kd_loss_flops(strategy, teacher, student, batch, seq, mlm_rows, relation_heads)  # validates the name
-    student_flops = 3 * (student.encoder_forward(tokens, seq) + student.head_forward(mlm_rows))
+    if student_mlm is None:
+        student_mlm = strategy in MLM_BY_DEFAULT
+    student_flops = 3 * (student.encoder_forward(tokens, seq) + (student.head_forward(mlm_rows) if student_mlm else 0))
     teacher_flops = 0.0
     if strategy != "no-kd":
         teacher_flops = teacher.encoder_forward(tokens, seq)

@@ -1,0 +1,7 @@
+"""Attention KL benchmark: same as ``kdfast bench kernels --op attention_kl [args]`` (see benchmarks/README.md)."""
+import sys
+
+from kdfast.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", "kernels", "--op", "attention_kl", *sys.argv[1:]]))

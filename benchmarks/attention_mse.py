@@ -1,0 +1,7 @@
+"""attention mse benchmark: same as ``kdfast bench kernels --op attention_mse [args]`` (see benchmarks/README.md)."""
+import sys
+
+from kdfast.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", "kernels", "--op", "attention_mse", *sys.argv[1:]]))

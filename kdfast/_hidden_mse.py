@@ -1,0 +1,61 @@
+"""The kernel-backend driver of ``hidden_mse``, shared by the ``cpu``, ``triton`` and ``cuda``
+backends: they differ only in the row kernel they pass in.
+
+The projection y = h_s W^T + b runs as one matmul; the row kernel then reads each projected row
+once, turning it into d loss / d y in place while summing the squared error and the bias
+gradient; d h_s = g W and d W = g^T h_s are two more matmuls. Nothing re-reads y.
+
+Row kernel contract: ``rows(y, t, row_mask, grad_scale, grad, column_sum) -> loss_sum`` with
+``y`` fp32 [N, W] (row stride free, unit column stride), ``t`` [N, W] any float dtype,
+``row_mask`` bool [N] or None, ``grad`` fp32 [N, W] (may be ``y``), ``column_sum`` fp32 [W] or None;
+writes ``grad = grad_scale * (y - t)`` (0 on masked rows) and the column sums of ``grad``;
+returns the float64 0-dim sum of ``(y - t)^2`` over kept rows.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from kdfast._buffers import new_output
+from kdfast._grad_in_forward import GradInForward
+
+RowKernel = Callable[..., torch.Tensor]
+
+
+def decline(h_s: Optional[torch.Tensor], h_t: Optional[torch.Tensor], backend: str) -> Optional[str]:
+    """Why a kernel backend cannot take these inputs (float64); None without inputs."""
+    if h_s is None or h_t is None:
+        return None
+    if torch.float64 in (h_s.dtype, h_t.dtype):
+        return f"{backend} kernels take fp32/bf16/fp16 inputs, got float64"
+    return None
+
+
+def hidden_mse_with(rows: RowKernel, h_s: torch.Tensor, h_t: torch.Tensor, weight: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean over kept tokens x Ht of (proj(h_s) - h_t)^2 through the row kernel ``rows``; fp32 scalar."""
+    row_mask = None if mask is None else mask.reshape(-1)
+    kept = h_s.shape[0] * h_s.shape[1] if mask is None else int(mask.sum())
+    count = max(kept * h_t.shape[2], 1)
+
+    def compute(needs, h_s, h_t, weight, bias):
+        x = h_s.reshape(-1, h_s.shape[2]).float()
+        t = h_t.reshape(-1, h_t.shape[2])
+        if weight is None:
+            grad = new_output(x.shape, torch.float32, x.device)
+            loss_sum = rows(x, t, row_mask, 2.0 / count, grad, None)
+            d_h_s, d_weight, d_bias = grad, None, None
+        else:
+            w = weight.float()
+            y = torch.nn.functional.linear(x, w, None if bias is None else bias.float())
+            d_bias = new_output((t.shape[1],), torch.float32, x.device) if needs[3] else None
+            loss_sum = rows(y, t, row_mask, 2.0 / count, y, d_bias)  # y becomes d loss / d y
+            d_h_s = y @ w if needs[0] else None
+            d_weight = y.t() @ x if needs[2] else None
+        grads = (d_h_s.reshape(h_s.shape).to(h_s.dtype) if needs[0] else None, None,
+                 d_weight.to(weight.dtype) if d_weight is not None else None,
+                 d_bias.to(bias.dtype) if d_bias is not None else None)
+        return (loss_sum / count).to(torch.float32), grads
+
+    return GradInForward.apply(compute, h_s, h_t.detach(), weight, bias)

@@ -1,0 +1,93 @@
+"""Benchmark op ``attention_mse``: TinyBERT attention-score MSE from Q/K [B, h, L, d], fwd+bwd,
+returning (loss, d q_s, d k_s).
+
+Impls: ``kdfast:<backend>`` per kernel backend available (float64 Gram algebra, no L x L tensor),
+``eager`` (the published style: matmul scores for both sides, TinyBERT's mask-to-zero, ``F.mse_loss``),
+``compile`` (torch.compile of eager), ``floor`` (the bare score matmuls of both sides).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import kdfast
+from kdfast import _backends
+from kdfast.reference.attention_score_mse import attention_score_mse as reference_loss
+
+FULL_LENGTHS = (128, 512, 2048)
+KERNEL_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
+
+
+def shapes(quick: bool, device: torch.device) -> list[dict]:
+    if quick:
+        return [{"B": 2, "h": 12, "L": 128, "d": 64}]
+    return [{"B": 8, "h": 12, "L": length, "d": 64} for length in FULL_LENGTHS]
+
+
+def inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
+    size = (shape["B"], shape["h"], shape["L"], shape["d"])
+    student = {name: torch.randn(size, device=device).to(dtype).requires_grad_() for name in ("q_s", "k_s")}
+    teacher = {name: torch.randn(size, device=device).to(dtype) for name in ("q_t", "k_t")}
+    key_mask = torch.ones(shape["B"], shape["L"], dtype=torch.bool, device=device)
+    key_mask[:, shape["L"] * 7 // 8:] = False  # the last eighth is padding
+    return {**student, **teacher, "key_mask": key_mask}
+
+
+def eager_loss(q_s, k_s, q_t, k_t, key_mask) -> torch.Tensor:
+    """TinyBERT's code: both [B, h, L, L] score tensors with the -10000 additive mask, entries <= -100
+    set to 0, then ``F.mse_loss``."""
+    additive = (~key_mask[:, None, None, :]).to(q_s.dtype) * -10000.0
+    scores_s = torch.matmul(q_s, k_s.transpose(-1, -2)) / q_s.shape[-1] ** 0.5 + additive
+    with torch.no_grad():
+        scores_t = torch.matmul(q_t, k_t.transpose(-1, -2)) / q_t.shape[-1] ** 0.5 + additive
+    scores_s = torch.where(scores_s <= -1e2, torch.zeros_like(scores_s), scores_s)
+    scores_t = torch.where(scores_t <= -1e2, torch.zeros_like(scores_t), scores_t)
+    return F.mse_loss(scores_s.float(), scores_t.float())
+
+
+def _grads(loss: torch.Tensor, x: dict) -> tuple:
+    return (loss.detach(), *torch.autograd.grad(loss, (x["q_s"], x["k_s"])))
+
+
+def _eager(x: dict) -> tuple:
+    return _grads(eager_loss(**x), x)
+
+
+_compiled = {}
+
+
+def _compile(x: dict) -> tuple:
+    fn = _compiled.setdefault("eager", torch.compile(eager_loss, dynamic=False))
+    return _grads(fn(**x), x)
+
+
+def _kdfast(backend: str) -> Callable[[dict], tuple]:
+    return lambda x: _grads(kdfast.attention_score_mse(x["q_s"], x["k_s"], x["q_t"], x["k_t"], x["key_mask"],
+                                                       backend=backend), x)
+
+
+def _floor(x: dict) -> tuple:
+    with torch.no_grad():
+        return (torch.matmul(x["q_s"], x["k_s"].transpose(-1, -2)), torch.matmul(x["q_t"], x["k_t"].transpose(-1, -2)))
+
+
+def impls(device: torch.device) -> dict[str, Callable[[dict], tuple]]:
+    found = {f"kdfast:{b}": _kdfast(b) for b in KERNEL_BACKENDS.get(device.type, ())
+             if _backends.backend_ready(b, device) is None and _backends.implemented("attention_score_mse", b)}
+    return {**found, "eager": _eager, "compile": _compile, "floor": _floor}
+
+
+def reference(x: dict) -> tuple:
+    """float64, one batch row at a time (a float64 [h, L, L] at most), rescaled to the full mean."""
+    batch = x["q_s"].shape[0]
+    loss, grads = 0.0, ([], [])
+    for b in range(batch):
+        leaves = [x[n][b:b + 1].detach().double().requires_grad_() for n in ("q_s", "k_s")]
+        part = reference_loss(*leaves, x["q_t"][b:b + 1].double(), x["k_t"][b:b + 1].double(),
+                              x["key_mask"][b:b + 1]) / batch
+        for store, grad in zip(grads, torch.autograd.grad(part, leaves)):
+            store.append(grad)
+        loss += part.item()
+    return (torch.tensor(loss, dtype=torch.float64), *(torch.cat(g) for g in grads))

@@ -1,0 +1,19 @@
+"""Op ``attention_kl`` on the ``cuda`` backend: the CUDA kernels in ``kdfast._cuda``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from kdfast import _ext
+from kdfast import attention_kl_function as native
+
+KERNELS = native.Kernels(_ext.require_cuda, lambda device: (torch.cuda.current_stream(device).cuda_stream,))
+
+
+def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
+                 key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return native.attention_kl(KERNELS, q_s, k_s, q_t, k_t, key_mask)
+
+
+unsupported_reason = native.attention_kl_unsupported
