@@ -13,11 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
-from kdfast import _backends
+from kdfast.bench.ops._common import per_row_reference, standard_impls
 from kdfast.reference.attention_score_mse import attention_score_mse as reference_loss
 
 FULL_LENGTHS = (128, 512, 2048)
-KERNEL_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 
 
 def shapes(quick: bool, device: torch.device) -> list[dict]:
@@ -51,18 +50,6 @@ def _grads(loss: torch.Tensor, x: dict) -> tuple:
     return (loss.detach(), *torch.autograd.grad(loss, (x["q_s"], x["k_s"])))
 
 
-def _eager(x: dict) -> tuple:
-    return _grads(eager_loss(**x), x)
-
-
-_compiled = {}
-
-
-def _compile(x: dict) -> tuple:
-    fn = _compiled.setdefault("eager", torch.compile(eager_loss, dynamic=False))
-    return _grads(fn(**x), x)
-
-
 def _kdfast(backend: str) -> Callable[[dict], tuple]:
     return lambda x: _grads(kdfast.attention_score_mse(x["q_s"], x["k_s"], x["q_t"], x["k_t"], x["key_mask"],
                                                        backend=backend), x)
@@ -74,20 +61,10 @@ def _floor(x: dict) -> tuple:
 
 
 def impls(device: torch.device) -> dict[str, Callable[[dict], tuple]]:
-    found = {f"kdfast:{b}": _kdfast(b) for b in KERNEL_BACKENDS.get(device.type, ())
-             if _backends.backend_ready(b, device) is None and _backends.implemented("attention_score_mse", b)}
-    return {**found, "eager": _eager, "compile": _compile, "floor": _floor}
+    return standard_impls("attention_score_mse", device, _kdfast, eager_loss, _grads, _floor)
 
 
 def reference(x: dict) -> tuple:
     """float64, one batch row at a time (a float64 [h, L, L] at most), rescaled to the full mean."""
-    batch = x["q_s"].shape[0]
-    loss, grads = 0.0, ([], [])
-    for b in range(batch):
-        leaves = [x[n][b:b + 1].detach().double().requires_grad_() for n in ("q_s", "k_s")]
-        part = reference_loss(*leaves, x["q_t"][b:b + 1].double(), x["k_t"][b:b + 1].double(),
-                              x["key_mask"][b:b + 1]) / batch
-        for store, grad in zip(grads, torch.autograd.grad(part, leaves)):
-            store.append(grad)
-        loss += part.item()
-    return (torch.tensor(loss, dtype=torch.float64), *(torch.cat(g) for g in grads))
+    return per_row_reference(x, ("q_s", "k_s"),
+                             lambda r: reference_loss(r["q_s"], r["k_s"], r["q_t"], r["k_t"], r["key_mask"]))

@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
-from kdfast import _backends
+from kdfast.bench.ops._common import standard_impls
 from kdfast.reference.hidden_mse import hidden_mse as reference_loss
 
 FULL_LENGTHS = (128, 512, 2048)
-KERNEL_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 
 
 def shapes(quick: bool, device: torch.device) -> list[dict]:
@@ -32,7 +31,8 @@ def inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
     mask = torch.ones(shape["B"], shape["L"], dtype=torch.bool, device=device)
     mask[:, shape["L"] * 7 // 8:] = False
     return {"h_s": torch.randn(shape["B"], shape["L"], shape["Hs"], device=device).to(dtype).requires_grad_(),
-            "h_t": torch.randn(shape["B"], shape["L"], shape["Ht"], device=device).to(dtype), "proj": proj, "mask": mask}
+            "h_t": torch.randn(shape["B"], shape["L"], shape["Ht"], device=device).to(dtype),
+            "proj": proj, "mask": mask}
 
 
 def eager_loss(h_s, h_t, proj, mask) -> torch.Tensor:
@@ -42,18 +42,6 @@ def eager_loss(h_s, h_t, proj, mask) -> torch.Tensor:
 
 def _grads(loss: torch.Tensor, x: dict) -> tuple:
     return (loss.detach(), *torch.autograd.grad(loss, (x["h_s"], x["proj"].weight, x["proj"].bias)))
-
-
-def _eager(x: dict) -> tuple:
-    return _grads(eager_loss(**x), x)
-
-
-_compiled = {}
-
-
-def _compile(x: dict) -> tuple:
-    fn = _compiled.setdefault("eager", torch.compile(eager_loss, dynamic=False))
-    return _grads(fn(**x), x)
 
 
 def _kdfast(backend: str) -> Callable[[dict], tuple]:
@@ -68,9 +56,7 @@ def _floor(x: dict) -> tuple:
 
 
 def impls(device: torch.device) -> dict[str, Callable[[dict], tuple]]:
-    found = {f"kdfast:{b}": _kdfast(b) for b in KERNEL_BACKENDS.get(device.type, ())
-             if _backends.backend_ready(b, device) is None and _backends.implemented("hidden_mse", b)}
-    return {**found, "eager": _eager, "compile": _compile, "floor": _floor}
+    return standard_impls("hidden_mse", device, _kdfast, eager_loss, _grads, _floor)
 
 
 def reference(x: dict) -> tuple:

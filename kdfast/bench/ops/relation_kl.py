@@ -7,6 +7,7 @@ and the float64 reference would need tens of GB.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 
 import kdfast
 from kdfast.bench import measure
-from kdfast.bench.ops.attention_kl import available_kernel_backends, full_lengths
+from kdfast.bench.ops._common import available_kernel_backends, per_row_reference, standard_impls
+from kdfast.bench.ops.attention_kl import full_lengths
 from kdfast.reference.relation_kl import relation_kl as reference_loss
 
 LONG_LENGTH = 8192
@@ -51,18 +53,6 @@ def _grads(loss: torch.Tensor, x: dict) -> tuple:
     return (loss.detach(), *torch.autograd.grad(loss, (x["x_s"],)))
 
 
-def _eager(x: dict) -> tuple:
-    return _grads(eager_loss(**x), x)
-
-
-_compiled = {}
-
-
-def _compile(x: dict) -> tuple:
-    fn = _compiled.setdefault("eager", torch.compile(eager_loss, dynamic=False))
-    return _grads(fn(**x), x)
-
-
 def _kdfast(backend: str) -> Callable[[dict], tuple]:
     return lambda x: _grads(kdfast.relation_kl(x["x_s"], x["x_t"], x["heads"], backend=backend), x)
 
@@ -74,20 +64,12 @@ def _floor(x: dict) -> tuple:
 
 
 def impls(device: torch.device) -> dict[str, Callable[[dict], tuple]]:
-    found = {f"kdfast:{b}": _kdfast(b) for b in available_kernel_backends("relation_kl", device)}
-    return {**found, "eager": _eager, "compile": _compile, "floor": _floor}
+    return standard_impls("relation_kl", device, _kdfast, eager_loss, _grads, _floor)
 
 
 def reference(x: dict) -> tuple:
     """float64, one batch row at a time, rescaled to the full mean."""
-    batch = x["x_s"].shape[0]
-    loss, grads = 0.0, []
-    for b in range(batch):
-        leaf = x["x_s"][b:b + 1].detach().double().requires_grad_()
-        part = reference_loss(leaf, x["x_t"][b:b + 1].double(), x["heads"]) / batch
-        grads.append(torch.autograd.grad(part, leaf)[0])
-        loss += part.item()
-    return torch.tensor(loss, dtype=torch.float64), torch.cat(grads)
+    return per_row_reference(x, ("x_s",), lambda r: reference_loss(r["x_s"], r["x_t"], r["heads"]))
 
 
 def long_context(device: torch.device, dtype: torch.dtype, batch: int = 8) -> list[dict]:
@@ -98,5 +80,5 @@ def long_context(device: torch.device, dtype: torch.dtype, batch: int = 8) -> li
     x = inputs(shape, dtype, device)
     return [{"op": "relation_kl", "impl": "kdfast", "backend": backend, "shape": shape,
              "dtype": str(dtype).replace("torch.", ""), "median_ms": None,
-             "peak_mb": round(measure.peak_mb(lambda: _kdfast(backend)(x), device), 2), "max_rel_err": None}
+             "peak_mb": round(measure.peak_mb(partial(_kdfast(backend), x), device), 2), "max_rel_err": None}
             for backend in available_kernel_backends("relation_kl", device)]
