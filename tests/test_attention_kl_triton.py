@@ -4,11 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from alloc_spy import ShapeSpy
+from conftest import needs_triton_interpreter
 
 from kdfast.losses import attention_kl, relation_kl
-from conftest import needs_triton_interpreter
 
 pytestmark = needs_triton_interpreter
 
@@ -136,34 +135,17 @@ def test_two_backward_passes_are_bitwise_equal():
     assert torch.equal(first, second)
 
 
-class AllocationSpy(TorchDispatchMode):
-    """Records the shape of every tensor an aten op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.shapes += [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        return out
-
-
-def square_shapes(spy, length):
-    return [s for s in spy.shapes if len(s) >= 2 and s[-2:] == (length, length)]
-
-
 @pytest.mark.parametrize("backend, allocates_scores", [("triton", False), ("torch", True)])
 def test_no_length_by_length_tensor_is_allocated(backend, allocates_scores):
     b, length, width = 2, 37, 24
     x_s = torch.randn(b, length, width, requires_grad=True)
     x_t = torch.randn(b, length, 40)
     mask = make_mask(b, length)
-    with AllocationSpy() as spy:
+    with ShapeSpy() as spy:
         loss = relation_kl(x_s, x_t, 4, mask, backend=backend)
         loss.backward()
     assert (b, length, width) in spy.shapes  # the spy saw the backward's dx
-    assert bool(square_shapes(spy, length)) == allocates_scores
+    assert bool(spy.square(length)) == allocates_scores
 
 
 def test_teacher_gets_no_gradient():

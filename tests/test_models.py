@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from alloc_spy import ShapeSpy
 from transformers import BertConfig, BertForMaskedLM
 
 from kdfast import _backends, models, strategies
@@ -178,21 +178,6 @@ def test_strategy_loss_from_taps_equals_hf_eager(name, formulation):
 
 
 # ---- no [L, L] tensor in a step ---------------------------------------------------------------
-class SquareSpy(TorchDispatchMode):
-    """Records every op output whose two trailing dimensions are both ``length``."""
-
-    def __init__(self, length):
-        super().__init__()
-        self.length, self.hits = length, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for value in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[-2:] == (self.length,) * 2:
-                self.hits.append((str(func), tuple(value.shape)))
-        return out
-
-
 @pytest.mark.parametrize("name,ops", [("tinybert", ("attention_score_mse", "hidden_mse")),
                                       ("minilm", ("attention_kl", "relation_kl")),
                                       ("minilm_v2", ("relation_kl",))])
@@ -205,10 +190,9 @@ def test_step_allocates_no_square_tensor(name, ops):
     student = models.build_student(config(layers=2, hidden=24), teacher=teacher)
     strategy = strategies.build(name, teacher, student).train()
     batch = make_batch(length=length)
-    spy = SquareSpy(length)
-    with spy:
+    with ShapeSpy() as spy:
         strategy(batch).loss.backward()
-    assert spy.hits == []
+    assert spy.square(length) == []
 
 
 # ---- checkpoints and real encoders -------------------------------------------------------------

@@ -20,9 +20,10 @@ def _kernel(q_s, k_s, q_t, k_t, key_mask, alpha_s, alpha_t, grad_scale_q, grad_s
     energy = new_output((batch * heads,), torch.float64, q_s.device)
     dq_s = new_output(q_s.shape, torch.float32, q_s.device) if with_grad else None
     dk_s = new_output(q_s.shape, torch.float32, q_s.device) if with_grad else None
+    mask_ptr, mask_stride = (0, (0, 0)) if key_mask is None else (key_mask.data_ptr(), key_mask.stride())
     _ext.require_cpu().attention_mse_forward(
         q_s.data_ptr(), q_s.stride(), k_s.data_ptr(), k_s.stride(), q_t.data_ptr(), q_t.stride(),
-        k_t.data_ptr(), k_t.stride(), 0 if key_mask is None else key_mask.data_ptr(), (0, 0) if key_mask is None else key_mask.stride(),
+        k_t.data_ptr(), k_t.stride(), mask_ptr, mask_stride,
         (batch, heads, length, d_s, q_t.shape[-1]), alpha_s, alpha_t, grad_scale_q, grad_scale_k,
         energy.data_ptr(), 0 if dq_s is None else dq_s.data_ptr(), 0 if dk_s is None else dk_s.data_ptr())
     return energy, dq_s, dk_s

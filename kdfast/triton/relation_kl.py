@@ -12,8 +12,14 @@ from typing import Optional
 import torch
 
 from kdfast._buffers import new_output
-from kdfast.triton.attention_kl import (backward_grads, forward_rows, grad_scale, head_size_reason,
-                                        mean_over_valid_rows, unit_last_stride)
+from kdfast.triton.attention_kl import (
+    backward_grads,
+    forward_rows,
+    grad_scale,
+    head_size_reason,
+    mean_over_valid_rows,
+    unit_last_stride,
+)
 
 
 def relation_heads(x: torch.Tensor, num_relation_heads: int) -> torch.Tensor:
