@@ -15,6 +15,19 @@ Impl = Callable[[dict], tuple]
 _compiled: dict[Callable, Callable] = {}
 
 
+def loss_and_grads(*leaves: str) -> Callable[[torch.Tensor, dict], tuple]:
+    """``grads(loss, x) -> (loss.detach(), *d loss / d x[leaf] for each leaf)``."""
+    def grads(loss: torch.Tensor, x: dict) -> tuple:
+        return (loss.detach(), *torch.autograd.grad(loss, tuple(x[name] for name in leaves)))
+    return grads
+
+
+def qk_score_floor(x: dict) -> tuple:
+    """The floor of the Q/K score ops: the student and teacher [B, h, L, L] score matmuls, no grad."""
+    with torch.no_grad():
+        return (torch.matmul(x["q_s"], x["k_s"].transpose(-1, -2)), torch.matmul(x["q_t"], x["k_t"].transpose(-1, -2)))
+
+
 def available_kernel_backends(op: str, device: torch.device) -> list[str]:
     """The kernel backends of ``op`` that can run on ``device`` here."""
     return [b for b in KERNEL_BACKENDS.get(device.type, ())

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
-from kdfast.bench.ops._common import per_row_reference, standard_impls
+from kdfast.bench.ops._common import loss_and_grads, per_row_reference, qk_score_floor, standard_impls
 from kdfast.reference.attention_kl import attention_kl as reference_loss
 
 FULL_LENGTHS = (128, 512, 2048)
@@ -48,21 +48,15 @@ def eager_loss(q_s, k_s, q_t, k_t) -> torch.Tensor:
     return F.kl_div(F.log_softmax(scores_s, dim=-1), F.softmax(scores_t, dim=-1), reduction="sum") / (b * h * length)
 
 
-def _grads(loss: torch.Tensor, x: dict) -> tuple:
-    return (loss.detach(), *torch.autograd.grad(loss, (x["q_s"], x["k_s"])))
+_grads = loss_and_grads("q_s", "k_s")
 
 
 def _kdfast(backend: str) -> Callable[[dict], tuple]:
     return lambda x: _grads(kdfast.attention_kl(x["q_s"], x["k_s"], x["q_t"], x["k_t"], backend=backend), x)
 
 
-def _floor(x: dict) -> tuple:
-    with torch.no_grad():
-        return (torch.matmul(x["q_s"], x["k_s"].transpose(-1, -2)), torch.matmul(x["q_t"], x["k_t"].transpose(-1, -2)))
-
-
 def impls(device: torch.device) -> dict[str, Callable[[dict], tuple]]:
-    return standard_impls("attention_kl", device, _kdfast, eager_loss, _grads, _floor)
+    return standard_impls("attention_kl", device, _kdfast, eager_loss, _grads, qk_score_floor)
 
 
 def reference(x: dict) -> tuple:

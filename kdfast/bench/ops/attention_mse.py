@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
-from kdfast.bench.ops._common import per_row_reference, standard_impls
+from kdfast.bench.ops._common import loss_and_grads, per_row_reference, qk_score_floor, standard_impls
 from kdfast.reference.attention_score_mse import attention_score_mse as reference_loss
 
 FULL_LENGTHS = (128, 512, 2048)
@@ -46,8 +46,7 @@ def eager_loss(q_s, k_s, q_t, k_t, key_mask) -> torch.Tensor:
     return F.mse_loss(scores_s.float(), scores_t.float())
 
 
-def _grads(loss: torch.Tensor, x: dict) -> tuple:
-    return (loss.detach(), *torch.autograd.grad(loss, (x["q_s"], x["k_s"])))
+_grads = loss_and_grads("q_s", "k_s")
 
 
 def _kdfast(backend: str) -> Callable[[dict], tuple]:
@@ -55,13 +54,8 @@ def _kdfast(backend: str) -> Callable[[dict], tuple]:
                                                        backend=backend), x)
 
 
-def _floor(x: dict) -> tuple:
-    with torch.no_grad():
-        return (torch.matmul(x["q_s"], x["k_s"].transpose(-1, -2)), torch.matmul(x["q_t"], x["k_t"].transpose(-1, -2)))
-
-
 def impls(device: torch.device) -> dict[str, Callable[[dict], tuple]]:
-    return standard_impls("attention_score_mse", device, _kdfast, eager_loss, _grads, _floor)
+    return standard_impls("attention_score_mse", device, _kdfast, eager_loss, _grads, qk_score_floor)
 
 
 def reference(x: dict) -> tuple:

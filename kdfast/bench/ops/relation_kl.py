@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import kdfast
 from kdfast.bench import measure
-from kdfast.bench.ops._common import available_kernel_backends, per_row_reference, standard_impls
+from kdfast.bench.ops._common import available_kernel_backends, loss_and_grads, per_row_reference, standard_impls
 from kdfast.bench.ops.attention_kl import full_lengths
 from kdfast.reference.relation_kl import relation_kl as reference_loss
 
@@ -49,8 +49,7 @@ def eager_loss(x_s, x_t, heads: int) -> torch.Tensor:
     return F.kl_div(F.log_softmax(rel_s, dim=-1), F.softmax(rel_t, dim=-1), reduction="sum") / (b * heads * length)
 
 
-def _grads(loss: torch.Tensor, x: dict) -> tuple:
-    return (loss.detach(), *torch.autograd.grad(loss, (x["x_s"],)))
+_grads = loss_and_grads("x_s")
 
 
 def _kdfast(backend: str) -> Callable[[dict], tuple]:
