@@ -1,0 +1,116 @@
+"""Text sources for pretraining, each yielding documents (str).
+
+A source is one of:
+- a local text file or a directory of ``*.txt`` files (UTF-8; empty or binary files are refused);
+- ``hf:NAME[/CONFIG][:SPLIT]``, an HF ``datasets`` corpus, streamed (column ``text``);
+- ``builtin:python-docs``, the Python reference documentation that ships with every CPython
+  (``pydoc_data.topics``): real English text that is present on any machine, with no network.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, List, Sequence
+
+BUILTIN_PYTHON_DOCS = "builtin:python-docs"
+_SNIFF_BYTES = 1 << 16
+
+
+def check_text_file(path: Path) -> None:
+    """Refuse a missing, empty, binary or non-UTF-8 file with a message naming it."""
+    if not path.is_file():
+        raise ValueError(f"data: expected an existing text file or directory, got {str(path)!r} (not found)")
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    if not head.strip():
+        raise ValueError(f"data: expected a non-empty text corpus, got {str(path)!r} (empty)")
+    if b"\x00" in head:
+        raise ValueError(f"data: expected a UTF-8 text corpus, got {str(path)!r} (binary: contains NUL bytes)")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 4:  # not merely a multi-byte character cut by the sniff window
+            raise ValueError(f"data: expected a UTF-8 text corpus, got {str(path)!r} "
+                             f"(undecodable byte at offset {err.start})") from None
+
+
+def resolve_files(source: str) -> List[Path]:
+    """The text files behind a local source (a file, or the sorted ``*.txt`` files of a directory)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise ValueError(f"data: expected a directory holding *.txt files, got {source!r} (none found)")
+    else:
+        files = [path]
+    for file in files:
+        check_text_file(file)
+    return files
+
+
+def check_sources(sources: Sequence[str]) -> None:
+    """Validate every source before training starts (local files are read; HF names only parsed)."""
+    if not sources:
+        raise ValueError("data: expected at least one text source, got none")
+    for source in sources:
+        if source == BUILTIN_PYTHON_DOCS:
+            _python_docs()
+        elif source.startswith("hf:"):
+            _parse_hf(source)
+        else:
+            resolve_files(source)
+
+
+def documents(sources: Sequence[str]) -> Iterator[str]:
+    """Documents of every source in order: blank-line separated blocks of local files,
+    HF rows, or the topics of the built-in Python documentation."""
+    for source in sources:
+        if source == BUILTIN_PYTHON_DOCS:
+            yield from _python_docs()
+        elif source.startswith("hf:"):
+            yield from _hf_documents(source)
+        else:
+            for file in resolve_files(source):
+                yield from _file_documents(file)
+
+
+def _file_documents(path: Path) -> Iterator[str]:
+    block: List[str] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                block.append(line.strip())
+            elif block:
+                yield " ".join(block)
+                block = []
+    if block:
+        yield " ".join(block)
+
+
+def _python_docs() -> List[str]:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip pydoc_data
+        raise ValueError(f"data: {BUILTIN_PYTHON_DOCS} needs the standard library's pydoc_data, which this "
+                         "Python lacks; pass --data FILES_OR_DIR instead") from None
+    return [" ".join(topics[name].split()) for name in sorted(topics)]
+
+
+def _parse_hf(source: str) -> tuple:
+    spec, _, split = source[3:].partition(":")
+    name, _, config = spec.partition("/")
+    if not name:
+        raise ValueError(f"data: expected hf:NAME[/CONFIG][:SPLIT], got {source!r}")
+    return name, config or None, split or "train"
+
+
+def _hf_documents(source: str) -> Iterator[str]:
+    import datasets
+
+    name, config, split = _parse_hf(source)
+    rows = datasets.load_dataset(name, config, split=split, streaming=True)
+    for row in rows:
+        text = row.get("text")
+        if text is None:
+            raise ValueError(f"data: expected a 'text' column in {source!r}, got columns {sorted(row)}")
+        if text.strip():
+            yield text.strip()

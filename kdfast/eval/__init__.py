@@ -1,0 +1,1 @@
+"""Evaluation: GLUE fine-tuning and metrics, and the comparison report."""

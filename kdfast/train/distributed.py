@@ -1,0 +1,80 @@
+"""torchrun support: process-group setup (NCCL on GPU, gloo on CPU) and the few collectives the trainer
+needs. Without torchrun everything is a single process and no group is created."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Context:
+    """Where this process runs: ``rank`` of ``world`` processes, on ``device``."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def pick_device(preference: str) -> torch.device:
+    """``auto`` takes CUDA when present; ``cuda`` without a GPU is refused."""
+    if preference not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda', got {preference!r}")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: expected a visible CUDA GPU for device='cuda', got none; use device=cpu")
+    if preference == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init(preference: str = "auto") -> Context:
+    """Join the torchrun group when WORLD_SIZE > 1 (idempotent)."""
+    device = pick_device(preference)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return Context(device=device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Context(dist.get_rank(), dist.get_world_size(), device)
+
+
+def max_across(value: float, context: Context) -> float:
+    """The largest ``value`` over all ranks (the value itself in one process)."""
+    if not context.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=context.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
+def average_gradients(parameters, context: Context) -> None:
+    """Mean of every gradient over ranks, flattened into one all-reduce (data parallelism)."""
+    if not context.distributed:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= context.world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def barrier(context: Context) -> None:
+    if context.distributed:
+        dist.barrier()

@@ -1,0 +1,84 @@
+"""`kdfast compare`: bad input is refused before any training, and a miniature run writes the report."""
+import json
+import os
+
+import pytest
+
+from kdfast.cli import main
+
+from trainer_fixtures import TINY_MODEL, write_corpus
+
+
+def _compare(tmp_path, *extra):
+    """The tiny preset on a miniature model; KEY=VALUE overrides go together after the options."""
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    options = [e for e in extra if e not in overrides]
+    return main(["compare", "--preset", "tiny", "--data", str(write_corpus(tmp_path)), "--out", str(tmp_path / "out"),
+                 "--budget", "1024tok", *options, *TINY_MODEL, "teacher.budget=2048tok", "glue.tasks=[]", *overrides])
+
+
+def _no_training_happened(tmp_path):
+    out = tmp_path / "out"
+    assert not (out / "teacher" / "checkpoints").exists() and not (out / "arms").exists()
+    return json.loads((out / "crash.json").read_text())
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["train.budjet=4h"], "config: unknown key 'train.budjet'; did you mean train.budget"),
+    (["--budget", "100tok"], "budget: expected at least one step's cost"),
+    (["--budget", "4 parsecs"], "budget: expected 24h"),
+    (["strategies=[no-kd, tinybret]"], "strategy: expected one of"),
+    (["--charge-teacher", "half"], "charge_teacher: expected none, full or amortized:N"),
+])
+def test_bad_input_fails_before_training(tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        _compare(tmp_path, *extra)
+    if extra[0] != "train.budjet=4h":                         # config errors come before the run folder exists
+        assert message.split(":")[0] in _no_training_happened(tmp_path)["message"]
+
+
+def test_empty_corpus_and_glue_dir_without_split_fail_before_training(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="data: expected a non-empty text corpus"):
+        main(["compare", "--preset", "tiny", "--data", str(empty), "--out", str(tmp_path / "out"), *TINY_MODEL])
+    _no_training_happened(tmp_path)
+    (tmp_path / "glue" / "sst2").mkdir(parents=True)
+    (tmp_path / "glue" / "sst2" / "train.jsonl").write_text('{"sentence": "good", "label": 1}\n')
+    with pytest.raises(ValueError, match="glue_dir: expected sst2/validation.jsonl"):
+        _compare(tmp_path, "--glue-dir", str(tmp_path / "glue"), "glue.tasks=[sst2]")
+    _no_training_happened(tmp_path)
+
+
+def test_tokenizer_that_does_not_match_the_teacher_is_refused(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    from kdfast.data.tokenizer import build_wordpiece
+
+    teacher_dir, other_dir = tmp_path / "teacher", tmp_path / "other"
+    tok = build_wordpiece(["the cat sat on the mat again and again"] * 40, 300, teacher_dir)
+    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(str(teacher_dir))
+    build_wordpiece(["a completely different vocabulary of words here"] * 40, 300, other_dir)
+    with pytest.raises(ValueError, match="tokenizer: expected"):
+        _compare(tmp_path, "--teacher", str(teacher_dir), f"teacher.tokenizer={other_dir}")
+    _no_training_happened(tmp_path)
+
+
+@pytest.mark.slow
+def test_miniature_comparison_writes_the_report_with_equal_budgets(tmp_path, shared_data):
+    os.chdir(tmp_path)
+    assert _compare(tmp_path, "--glue-dir", str(shared_data / "glue"), "glue.tasks=[sst2]",
+                    "glue.max_train_examples=64", "glue.max_eval_examples=64", "glue.epochs=1",
+                    "glue.evaluate_teacher=false") == 0
+    out = tmp_path / "out"
+    report = json.loads((out / "results.json").read_text())
+    assert [a["strategy"] for a in report["arms"]] == ["no-kd", "vanilla", "tinybert", "minilm"]
+    assert {a["budget_used"] for a in report["arms"]} == {1024.0}
+    assert all(a["steps"] == 4 and a["tokens"] == 1024 and "sst2" in a["glue"] for a in report["arms"])
+    assert report["teacher"]["tokens"] == 2048 and report["teacher"]["final_mlm_loss"] > 0
+    table = (out / "results.md").read_text()
+    assert "| no-kd 1L/32 | no-kd | 1L/32 |" in table and "held-out MLM loss" in table
+    assert (out / "mlm_loss.png").stat().st_size > 1000 and (out / "glue.png").stat().st_size > 1000
+    # a second run resumes from the finished arms and the cached teacher without retraining
+    assert _compare(tmp_path, "--resume", "glue.tasks=[]") == 0
