@@ -16,6 +16,7 @@ Run (CPU, the acceptance shape):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -46,7 +47,7 @@ def kdfast_step(strategy):
     def step(batch):
         out = strategy(batch)
         out.loss.backward()
-        return float(out.loss)
+        return float(out.loss.detach())
     return step
 
 
@@ -74,7 +75,7 @@ def eager_step(teacher, student, proj):
         loss = tinybert(sq, sk, tq, tk, sh, th, attention_mask=batch["attention_mask"].bool(), proj=proj,
                         backend="torch").loss
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -108,8 +109,9 @@ def main(argv=None) -> dict:
     results = {}
     for name, step in arms.items():
         strategy.zero_grad(set_to_none=True)
-        mb = peak_mb(lambda: step(batch), device)
-        ms = median_ms(lambda: step(batch), device, warmup=1, repeats=args.repeats)
+        run = functools.partial(step, batch)
+        mb = peak_mb(run, device)
+        ms = median_ms(run, device, warmup=1, repeats=args.repeats)
         strategy.zero_grad(set_to_none=True)
         results[name] = {"peak_mb": round(mb, 1), "median_ms": round(ms, 1)}
         print(f"{name:9s} peak {mb:9.1f} MiB   step {ms:9.1f} ms", flush=True)

@@ -141,7 +141,7 @@ void attention_mse_forward(std::uintptr_t q_s, std::vector<index_t> q_s_stride, 
 #pragma omp parallel
   {
     Panels w(p.length, p.d_s + p.d_t);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)  // heads are independent: balance busy cores
     for (index_t bh = 0; bh < p.batch * p.heads; ++bh) one_head(p, bh, w);
   }
 }

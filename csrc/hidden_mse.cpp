@@ -30,7 +30,7 @@ double hidden_mse_rows(std::uintptr_t y_ptr, index_t y_ld, std::uintptr_t t_ptr,
   std::vector<double> column_part(column_sum ? chunks * width : 0, 0.0);
   {
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 1)  // chunks are independent: balance busy cores
     for (index_t chunk = 0; chunk < chunks; ++chunk) {
       double loss = 0.0;
       double* columns = column_sum ? column_part.data() + chunk * width : nullptr;

@@ -78,7 +78,8 @@ def _decline(op: str, backend: str, device: torch.device, kwargs: dict) -> Optio
     if module is None:
         return f"op {op!r} has no {backend!r} implementation"
     check = getattr(module, "unsupported_reason", None)
-    return check(**kwargs) if check is not None else None
+    # With no arguments (``kdfast info``) this asks only whether the backend can serve the op at all.
+    return check(**kwargs) if check is not None and kwargs else None
 
 
 _warned: set = set()

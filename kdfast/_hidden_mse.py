@@ -35,13 +35,13 @@ def decline(h_s: Optional[torch.Tensor], h_t: Optional[torch.Tensor], backend: s
 def hidden_mse_with(rows: RowKernel, h_s: torch.Tensor, h_t: torch.Tensor, weight: Optional[torch.Tensor],
                     bias: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Mean over kept tokens x Ht of (proj(h_s) - h_t)^2 through the row kernel ``rows``; fp32 scalar."""
-    row_mask = None if mask is None else mask.reshape(-1)
+    row_mask = None if mask is None else mask.reshape(-1).contiguous()
     kept = h_s.shape[0] * h_s.shape[1] if mask is None else int(mask.sum())
     count = max(kept * h_t.shape[2], 1)
 
     def compute(needs, h_s, h_t, weight, bias):
-        x = h_s.reshape(-1, h_s.shape[2]).float()
-        t = h_t.reshape(-1, h_t.shape[2])
+        x = h_s.reshape(-1, h_s.shape[2]).float().contiguous()
+        t = h_t.reshape(-1, h_t.shape[2]).contiguous()
         if weight is None:
             grad = new_output(x.shape, torch.float32, x.device)
             loss_sum = rows(x, t, row_mask, 2.0 / count, grad, None)

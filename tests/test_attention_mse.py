@@ -84,6 +84,16 @@ def test_matches_float64(backend, shape, masked):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_views(backend):
+    """Q/K as models hold them: [B, L, h, d] buffers seen as [B, h, L, d]; a strided key mask."""
+    q_s, k_s, q_t, k_t = (torch.randn(2, 9, 3, d).transpose(1, 2) for d in (16, 16, 24, 24))
+    q_s.requires_grad_()
+    k_s.requires_grad_()
+    key_mask = (torch.rand(9, 2) > 0.3).t()
+    check(backend, (q_s, k_s, q_t, k_t), key_mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_include_masked_keys(backend):
     inputs = make(2, 2, 19, 16, 32)
     key_mask = torch.rand(2, 19) > 0.5

@@ -81,6 +81,14 @@ def test_matches_float64(backend, projection, masked, length):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_views(backend):
+    h_s = torch.randn(24, 2, 5).permute(1, 2, 0).requires_grad_()  # [B, L, Hs] with unit stride on B
+    h_t = torch.randn(40, 2, 5).permute(1, 2, 0)
+    proj, mask = nn.Linear(24, 40), (torch.rand(5, 2) > 0.3).t()
+    assert_close(*run(backend, h_s, h_t, proj, mask), expected(h_s, h_t, proj, mask), 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_student_close_to_teacher(backend):
     """The loss keeps 1e-5 at a 1e-3 difference; the gradients, being (y - t) of an fp32 projection y,
     carry its rounding (~6e-8 |y| / |y - t|), so they are checked at a 2e-2 difference."""

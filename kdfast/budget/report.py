@@ -79,7 +79,7 @@ def chart(report: dict, path: Path) -> None:
         bottom = [b + v for b, v in zip(bottom, values)]
     right.set_title("time per step")
     right.set_ylabel("ms")
-    right.legend(fontsize="small")
+    right.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     for axis in (left, right):
         axis.tick_params(axis="x", labelrotation=20)
     fig.suptitle(f"{report['environment']['device']}, batch {report['shapes']['batch']} x seq "

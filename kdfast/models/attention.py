@@ -46,18 +46,17 @@ def _flash_attn(q, k, v, key_mask, dropout_p):
     return full.reshape(b, length, h, d).transpose(1, 2)
 
 
-_warned_cpu_dropout = False
+_warned: set = set()
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
            dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v for [B, h, L, d] inputs; ``key_mask`` [B, L] bool (True =
     real token) or None. Returns [B, h, L, d]."""
-    global _warned_cpu_dropout
     if _use_flash_attn(q):
         return _flash_attn(q, k, v, key_mask, dropout_p)
-    if dropout_p > 0 and q.device.type == "cpu" and not _warned_cpu_dropout:
-        _warned_cpu_dropout = True
+    if dropout_p > 0 and q.device.type == "cpu" and "cpu-dropout" not in _warned:
+        _warned.add("cpu-dropout")
         warnings.warn("kdfast: attention dropout on CPU runs SDPA's math kernel, which materialises [L, L] "
                       "probabilities; set attention_probs_dropout_prob=0 in the model config to avoid it",
                       stacklevel=2)

@@ -60,11 +60,13 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def tapped_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                    token_type_ids: Optional[torch.Tensor] = None,
-                   plan: ModelPlan = ModelPlan()) -> ModelTaps:
-    """Run ``model`` on [B, L] inputs and keep what ``plan`` names (see :class:`ModelTaps`).
+                   plan: Optional[ModelPlan] = None) -> ModelTaps:
+    """Run ``model`` on [B, L] inputs and keep what ``plan`` names (see :class:`ModelTaps`; None
+    keeps nothing).
 
     Dropout follows ``model.training``; autograd follows the caller's grad mode.
     """
+    plan = ModelPlan() if plan is None else plan
     base = base_model(model)
     config = base.config
     heads = config.num_attention_heads

@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForMaskedLM, BertConfig, BertForMaskedLM, PretrainedConfig
+from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, PretrainedConfig
 
 from kdfast.models.checks import check_tokenizer, check_vocab
 from kdfast.models.forward import base_model

@@ -13,8 +13,15 @@ from typing import Optional
 from torch import nn
 
 from kdfast import _checks as check
-from kdfast.losses.strategies import (FORMULATIONS, StrategyLoss, minilm, minilm_v2, minilm_v2_defaults, tinybert,
-                                      tinybert_layer_map)
+from kdfast.losses.strategies import (
+    FORMULATIONS,
+    StrategyLoss,
+    minilm,
+    minilm_v2,
+    minilm_v2_defaults,
+    tinybert,
+    tinybert_layer_map,
+)
 from kdfast.models import ModelPlan, ModelTaps, Plan, base_model
 from kdfast.strategies.base import Strategy, StrategyOutput, mlm_cross_entropy
 
