@@ -1,5 +1,6 @@
 """``kdfast bench kernels``: time every implementation of the fused losses, fwd+bwd, with the same
-timing and memory measurement (kdfast/bench/measure.py), print a table and write JSON.
+timing and memory measurement (kdfast/bench/measure.py), print a table and write JSON. The repeats of
+all implementations of a shape run in rotation, so drifting machine load biases none of them.
 
 JSON: ``{"device", "device_name", "torch", "triton", "git_commit", "seed", "threads", "quick",
 "results": [{"op", "impl", "backend", "shape", "dtype", "median_ms", "peak_mb", "max_rel_err",
@@ -87,17 +88,20 @@ def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick:
         torch.manual_seed(SEED)
         inputs = module.inputs(shape, dtype, device)
         reference = module.reference(inputs)
+        errors, peaks = {}, {}
         for key, fn in impls.items():
-            name, backend = _split(key)
-            log(f"  {op} {shape} {name}{'[' + backend + ']' if backend else ''} ...")
+            log(f"  {op} {shape} {key} ...")
             outputs = fn(inputs)  # the first warm-up call (compiles, if the impl does): checked, not timed
-            err = None if key == FLOOR else _max_rel_err(outputs, reference)
+            errors[key] = None if key == FLOOR else _max_rel_err(outputs, reference)
             del outputs
-            ms = measure.median_ms(lambda: fn(inputs), device, warmup=max(warmup - 1, 0), repeats=repeats)
-            peak = measure.peak_mb(lambda: fn(inputs), device)
+            peaks[key] = measure.peak_mb(lambda: fn(inputs), device)
+        bound = {key: (lambda fn=fn: fn(inputs)) for key, fn in impls.items()}
+        times = measure.interleaved_median_ms(bound, device, warmup=max(warmup - 1, 0), repeats=repeats)
+        for key in impls:
+            name, backend = _split(key)
             results.append({"op": op, "impl": name, "backend": backend, "shape": dict(shape),
-                            "dtype": str(dtype).replace("torch.", ""), "median_ms": round(ms, 3),
-                            "peak_mb": round(peak, 2), "max_rel_err": err})
+                            "dtype": str(dtype).replace("torch.", ""), "median_ms": round(times[key], 3),
+                            "peak_mb": round(peaks[key], 2), "max_rel_err": errors[key]})
         floor = next((r["median_ms"] for r in results if r["impl"] == FLOOR and r["shape"] == shape), None)
         for r in results:
             if r["shape"] == shape and floor:

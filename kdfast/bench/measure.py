@@ -20,25 +20,37 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one ``fn()`` in milliseconds (CUDA events on GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
     """Median wall time of ``fn()`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
+    return interleaved_median_ms({"fn": fn}, device, warmup, repeats)["fn"]
+
+
+def interleaved_median_ms(fns: dict, device: torch.device, warmup: int = 2, repeats: int = 5) -> dict:
+    """Median milliseconds of each ``fns[name]()``, timed in rotation (one call of each per round), so
+    a change in machine load during the run hits every implementation alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     synchronize(device)
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(time_ms(fn, device))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def peak_mb(fn: Callable[[], object], device: torch.device) -> float:
