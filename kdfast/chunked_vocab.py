@@ -141,7 +141,10 @@ def _select(rows: int, vocab: int, device: torch.device, labels: Optional[torch.
         kd_scale = kd_scale * pick(row_weights).double()
     mlm_div = mlm_divisor(reduction, n_mlm)
     sel_mlm = pick(mlm_rows)
-    sel_labels = torch.where(sel_mlm, pick(labels), -1) if labels is not None else torch.full_like(sel_mlm, -1, dtype=torch.long)
+    if labels is not None:
+        sel_labels = torch.where(sel_mlm, pick(labels), -1)
+    else:
+        sel_labels = torch.full_like(sel_mlm, -1, dtype=torch.long)
     return _Selection(index=index, labels=sel_labels.long().contiguous(),
                       kd_coef=(kd_scale * (kd_weight / temperature)).float().contiguous(),
                       mlm_coef=(sel_mlm.double() * (mlm_weight / mlm_div)).float().contiguous(),

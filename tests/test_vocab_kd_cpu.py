@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import vocab_kd_float64 as f64
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdfast
 from kdfast import _ext
-import vocab_kd_float64 as f64
 
 pytestmark = pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")
 

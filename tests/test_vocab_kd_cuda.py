@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import kdfast
-from kdfast import _ext
 import vocab_kd_float64 as f64
 from test_vocab_kd_cpu import assert_close, make
 
+import kdfast
+from kdfast import _ext
+
 REPO = Path(__file__).resolve().parents[1]
-NVCC = shutil.which("nvcc") or (str(Path("/usr/local/cuda/bin/nvcc")) if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+_CUDA_NVCC = Path("/usr/local/cuda/bin/nvcc")
+NVCC = shutil.which("nvcc") or (str(_CUDA_NVCC) if _CUDA_NVCC.exists() else None)
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")

@@ -9,6 +9,7 @@ JSON: ``{"device", "device_name", "torch", "triton", "git_commit", "seed", "thre
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import json
@@ -94,8 +95,8 @@ def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick:
             outputs = fn(inputs)  # the first warm-up call (compiles, if the impl does): checked, not timed
             errors[key] = None if key == FLOOR else _max_rel_err(outputs, reference)
             del outputs
-            peaks[key] = measure.peak_mb(lambda: fn(inputs), device)
-        bound = {key: (lambda fn=fn: fn(inputs)) for key, fn in impls.items()}
+            peaks[key] = measure.peak_mb(functools.partial(fn, inputs), device)
+        bound = {key: functools.partial(fn, inputs) for key, fn in impls.items()}
         times = measure.interleaved_median_ms(bound, device, warmup=max(warmup - 1, 0), repeats=repeats)
         for key in impls:
             name, backend = _split(key)
@@ -111,7 +112,8 @@ def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick:
 
 
 def format_table(results: list[dict]) -> str:
-    head = f"{'op':<14}{'impl':<10}{'backend':<9}{'shape':<44}{'dtype':<10}{'ms':>10}{'x floor':>9}{'peak MB':>10}{'rel err':>10}"
+    head = (f"{'op':<14}{'impl':<10}{'backend':<9}{'shape':<44}{'dtype':<10}"
+            f"{'ms':>10}{'x floor':>9}{'peak MB':>10}{'rel err':>10}")
     lines = [head, "-" * len(head)]
     for r in results:
         shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
