@@ -151,7 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local {task}/{train,validation}.jsonl (HF column names); default: HF `glue`")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
     parser.add_argument("--preset", default=None,
-                        help="take the grid from configs/glue-NAME.yaml; study: lr {1e-5,3e-5,5e-5,8e-5} x "
+                        help="take the grid from kdfast/configs/glue-NAME.yaml; study: lr {1e-5,3e-5,5e-5,8e-5} x "
                              "batch {16,32}, 5 epochs, seq 128, median of seeds 0-4")
     parser.add_argument("--lrs", default="1e-4", help="comma-separated learning rates")
     parser.add_argument("--batch-sizes", default="32", help="comma-separated batch sizes")

@@ -1,4 +1,4 @@
-"""Run configuration: defaults, YAML presets in ``configs/``, and ``key.sub=value`` overrides.
+"""Run configuration: defaults, YAML presets in ``kdfast/configs/``, and ``key.sub=value`` overrides.
 
 Every key a user gives must exist in ``DEFAULTS``; an unknown one is refused with its near matches.
 """
@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped as package data
 
 DEFAULTS: Dict[str, Any] = {
     "name": "compare",

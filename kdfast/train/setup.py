@@ -18,8 +18,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides such as train.budget=4h student.preset=6L-768")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--config", default=None, help="YAML config (keys as in configs/tiny.yaml)")
-    source.add_argument("--preset", default=None, help="a config in configs/: tiny, study-base, study-large")
+    source.add_argument("--config", default=None, help="YAML config (keys as in kdfast/configs/tiny.yaml)")
+    source.add_argument("--preset", default=None, help="a config in kdfast/configs/: tiny, study-base, study-large")
     parser.add_argument("--data", nargs="+", default=None, metavar="FILES_OR_DIR",
                         help="training text: files, directories of *.txt, hf:NAME[/CONFIG][:SPLIT]")
     parser.add_argument("--heldout", nargs="+", default=None, help="held-out text for the MLM loss curve")
