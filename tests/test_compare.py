@@ -3,10 +3,9 @@ import json
 import os
 
 import pytest
+from trainer_fixtures import TINY_MODEL, write_corpus
 
 from kdfast.cli import main
-
-from trainer_fixtures import TINY_MODEL, write_corpus
 
 
 def _compare(tmp_path, *extra):

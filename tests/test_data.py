@@ -3,12 +3,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_fixtures import write_corpus
 
-from kdfast.data import corpus, dataset, packing, tokenizer as tokenizers
+from kdfast.data import corpus, dataset, packing
+from kdfast.data import tokenizer as tokenizers
 from kdfast.data.masking import IGNORE, mask_tokens, seeded
 from kdfast.data.stream import BatchStream, MaskingConfig
-
-from trainer_fixtures import write_corpus
 
 
 @pytest.fixture(scope="module")

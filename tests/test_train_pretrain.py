@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from trainer_fixtures import TINY_MODEL, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]

@@ -87,9 +87,9 @@ def teacher_model(config: dict, context: Context, data, tokenizer, out: Path, re
     else:
         teacher_config = {**config, "train": {**config["train"], "budget": config["teacher"]["budget"],
                                               "lr": config["teacher"]["lr"]}}
+        resume_teacher = resume and (run_dir / "checkpoints").is_dir()
         summary = pretrain.train_arm(teacher_config, "no-kd", run_dir, context, data, tokenizer, None,
-                                     model_section=config["teacher"], resume=resume and (run_dir / "checkpoints").is_dir(),
-                                     label="teacher (no-kd)")
+                                     model_section=config["teacher"], resume=resume_teacher, label="teacher (no-kd)")
         summary["recipe"] = recipe
         if context.is_main:
             pretrain.write_json(cached, summary)

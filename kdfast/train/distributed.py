@@ -34,13 +34,13 @@ def pick_device(preference: str) -> torch.device:
         raise ValueError("device: expected a visible CUDA GPU for device='cuda', got none; use device=cpu")
     if preference == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def init(preference: str = "auto") -> Context:
     """Join the torchrun group when WORLD_SIZE > 1 (idempotent)."""
     device = pick_device(preference)
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Context(device=device)
     if device.type == "cuda":

@@ -24,7 +24,8 @@ from kdfast.train import checkpoint, distributed
 from kdfast.train.checkpoint import atomic_open
 from kdfast.train.clock import BudgetClock, lr_factor
 from kdfast.train.distributed import Context
-from kdfast.train.optim import build as build_optimizer, set_lr
+from kdfast.train.optim import build as build_optimizer
+from kdfast.train.optim import set_lr
 from kdfast.train.runlog import RunLog
 from kdfast.train.step import TrainStep, to_device
 

@@ -7,7 +7,8 @@ import argparse
 from pathlib import Path
 from typing import List, Optional
 
-from kdfast.data import corpus, dataset, tokenizer as tokenizers
+from kdfast.data import corpus, dataset
+from kdfast.data import tokenizer as tokenizers
 from kdfast.train import config as config_lib
 
 AUTO = "auto"
