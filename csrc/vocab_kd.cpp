@@ -1,5 +1,9 @@
-// CPU row kernel of the chunked vocabulary KD (kdfast/chunked_vocab.py): OpenMP over rows, two
-// vectorised passes over V per row (see vocab_kd_math.h for the arithmetic).
+// CPU row kernels of the chunked vocabulary KD (kdfast/chunked_vocab.py), OpenMP over rows, with the
+// arithmetic of vocab_kd_math.h. Two layouts of the [C, V] logits:
+//   row-major (element (r, v) at r*ld + v): two vectorised passes over V per row (kd_row);
+//   vocab-major (element (r, v) at r + v*ld): kLanes neighbouring rows at a time, one SIMD lane per row,
+//   each pass a walk over V (kd_lanes). The chunked driver asks for this layout on CPU because the
+//   head products W [V, H] @ x^T [H, C] that fill it run faster in MKL than x @ W^T.
 #include <algorithm>
 #include <cstdint>
 
@@ -12,7 +16,8 @@ namespace {
 using vocab_kd::OnlineSum;
 using vocab_kd::RowStats;
 
-constexpr index_t kBlock = 512;  // elements per online step (2 KiB of each row, in L1)
+constexpr index_t kBlock = 512;  // row-major: elements per online step (2 KiB of each row, in L1)
+constexpr index_t kLanes = 16;   // vocab-major: rows per group (one AVX-512 vector of fp32)
 
 // Maximum of a block of n elements.
 inline float block_max(const float* x, index_t n) {
@@ -35,10 +40,10 @@ struct RowResult {
   float mlm;
 };
 
-// One row: s [V] (overwritten with the gradient), t [V]. Pass 1 walks the row a block at a time:
-// the block's maxima, its exp sums relative to them, then one online merge per softmax. Pass 2 writes
-// the gradient and sums the KD terms. target_clones keeps the wheel portable while the hot loops get
-// AVX-512/AVX2 code where the CPU has it.
+// One row-major row: s [V] (overwritten with the gradient), t [V]. Pass 1 walks the row a block at a
+// time: the block's maxima, its exp sums relative to them, then one online merge per softmax. Pass 2
+// writes the gradient and sums the KD terms. target_clones keeps the wheel portable while the hot loops
+// get AVX-512/AVX2 code where the CPU has it.
 __attribute__((target_clones("avx512f", "avx2", "default")))
 RowResult kd_row(float* s, const float* t, index_t vocab, int64_t label, float kd_coef, float mlm_coef,
                  float temperature, bool soft_ce) {
@@ -53,17 +58,7 @@ RowResult kd_row(float* s, const float* t, index_t vocab, int64_t label, float k
     b = vocab_kd::online_merge(b, {t_max, block_exp_sum(t + start, n, t_max, inv_t)}, inv_t);
     if (raw_softmax) raw = vocab_kd::online_merge(raw, {s_max, block_exp_sum(s + start, n, s_max, 1.0f)}, 1.0f);
   }
-  RowStats st;
-  st.inv_t = inv_t;
-  st.s_max = a.max;
-  st.t_max = b.max;
-  st.log_sum_a = logf(a.sum);
-  st.log_sum_b = logf(b.sum);
-  st.log_sum_s = raw_softmax ? logf(raw.sum) : st.log_sum_a;
-  st.kd_coef = kd_coef;
-  st.mlm_coef = has_label ? mlm_coef : 0.0f;
-  st.raw_softmax = raw_softmax;
-  st.soft_ce = soft_ce;
+  const RowStats st = vocab_kd::row_stats(a, b, raw, temperature, has_label, kd_coef, mlm_coef, soft_ce);
   const float mlm = has_label ? vocab_kd::mlm_loss(st, s[label]) : 0.0f;
 
   float kd = 0.0f;
@@ -77,42 +72,152 @@ RowResult kd_row(float* s, const float* t, index_t vocab, int64_t label, float k
   return {kd, mlm};
 }
 
-// Raw pointers from torch (fp32 / int64, rows `ld` elements apart); see the row kernel contract in
-// kdfast/chunked_vocab.py.
-void rows(std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels, std::uintptr_t kd_coef,
-          std::uintptr_t mlm_coef, std::uintptr_t kd_row_out, std::uintptr_t mlm_row_out, index_t n_rows,
-          index_t vocab, index_t ld, float temperature, bool soft_ce) {
-  auto* s_ptr = reinterpret_cast<float*>(s);
-  const auto* t_ptr = reinterpret_cast<const float*>(t);
-  const auto* label_ptr = reinterpret_cast<const int64_t*>(labels);
-  const auto* kd_ptr = reinterpret_cast<const float*>(kd_coef);
-  const auto* mlm_ptr = reinterpret_cast<const float*>(mlm_coef);
-  auto* kd_out = reinterpret_cast<float*>(kd_row_out);
-  auto* mlm_out = reinterpret_cast<float*>(mlm_row_out);
+// Online (max, sum) states of kLanes rows, one array per field so a loop over the lanes vectorises.
+struct LaneSums {
+  float max[kLanes];
+  float sum[kLanes];
+
+  LaneSums() {
+    for (index_t l = 0; l < kLanes; ++l) max[l] = -FLT_MAX, sum[l] = 0.0f;
+  }
+  OnlineSum at(index_t l) const { return {max[l], sum[l]}; }
+  // Add x[l] to lane l for the first n lanes.
+  void add(const float* x, index_t n, float scale) {
+#pragma omp simd
+    for (index_t l = 0; l < n; ++l) {
+      const OnlineSum out = vocab_kd::online_add({max[l], sum[l]}, x[l], scale);
+      max[l] = out.max;
+      sum[l] = out.sum;
+    }
+  }
+};
+
+// Per-row statistics of kLanes rows (RowStats fields that differ between rows), one array per field.
+// raw_softmax is one flag for all lanes (T != 1 and some lane has a label): a lane without a label has
+// mlm_coef 0, so its softmax(s) term vanishes whichever way it is computed.
+struct LaneStats {
+  float s_max[kLanes], t_max[kLanes], log_sum_a[kLanes], log_sum_b[kLanes], log_sum_s[kLanes];
+  float kd_coef[kLanes], mlm_coef[kLanes];
+  float inv_t;
+  bool raw_softmax, soft_ce;
+
+  void set(index_t l, const RowStats& st) {
+    s_max[l] = st.s_max, t_max[l] = st.t_max, log_sum_a[l] = st.log_sum_a, log_sum_b[l] = st.log_sum_b;
+    log_sum_s[l] = st.log_sum_s, kd_coef[l] = st.kd_coef, mlm_coef[l] = st.mlm_coef;
+    inv_t = st.inv_t, soft_ce = st.soft_ce;
+  }
+  RowStats at(index_t l) const {
+    return {inv_t, s_max[l], t_max[l], log_sum_a[l], log_sum_b[l], log_sum_s[l], kd_coef[l], mlm_coef[l],
+            raw_softmax, soft_ce};
+  }
+};
+
+// n <= kLanes vocab-major rows: element (l, v) of s and t at l + v*ld. Every per-row quantity lives in a
+// lane array, so each step over v is one vector operation across the rows. The arithmetic per element is
+// the row-major kernel's (online_add instead of block merges: the same sums up to rounding).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void kd_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, const int64_t* label,
+              const float* kd_coef, const float* mlm_coef, float temperature, bool soft_ce, float* kd_out,
+              float* mlm_out) {
+  const float inv_t = 1.0f / temperature;
+  bool raw_softmax = false;
+  for (index_t l = 0; l < n; ++l) raw_softmax |= label[l] >= 0 && temperature != 1.0f;
+  LaneSums a, b, raw;
+  for (index_t v = 0; v < vocab; ++v) {
+    a.add(s + v * ld, n, inv_t);
+    b.add(t + v * ld, n, inv_t);
+    if (raw_softmax) raw.add(s + v * ld, n, 1.0f);
+  }
+  LaneStats st;
+  st.raw_softmax = raw_softmax;
+  float kd[kLanes];
+  for (index_t l = 0; l < n; ++l) {
+    const bool has_label = label[l] >= 0;
+    st.set(l, vocab_kd::row_stats(a.at(l), b.at(l), raw.at(l), temperature, has_label, kd_coef[l], mlm_coef[l],
+                                  soft_ce));
+    mlm_out[l] = has_label ? vocab_kd::mlm_loss(st.at(l), s[l + label[l] * ld]) : 0.0f;
+    kd[l] = 0.0f;
+  }
+  for (index_t v = 0; v < vocab; ++v) {
+    float* sv = s + v * ld;
+    const float* tv = t + v * ld;
+#pragma omp simd
+    for (index_t l = 0; l < n; ++l) {
+      const vocab_kd::ElementOut out = vocab_kd::element_grad(sv[l], tv[l], st.at(l));
+      sv[l] = out.grad;
+      kd[l] += out.kd_term;
+    }
+  }
+  for (index_t l = 0; l < n; ++l) {
+    if (label[l] >= 0) s[l + label[l] * ld] -= st.mlm_coef[l];
+    kd_out[l] = kd[l];
+  }
+}
+
+struct RowArgs {
+  float* s;
+  const float* t;
+  const int64_t* labels;
+  const float* kd_coef;
+  const float* mlm_coef;
+  float* kd_out;
+  float* mlm_out;
+};
+
+RowArgs row_args(std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels, std::uintptr_t kd_coef,
+                 std::uintptr_t mlm_coef, std::uintptr_t kd_row_out, std::uintptr_t mlm_row_out) {
+  return {reinterpret_cast<float*>(s),          reinterpret_cast<const float*>(t),
+          reinterpret_cast<const int64_t*>(labels), reinterpret_cast<const float*>(kd_coef),
+          reinterpret_cast<const float*>(mlm_coef), reinterpret_cast<float*>(kd_row_out),
+          reinterpret_cast<float*>(mlm_row_out)};
+}
+
+// Row-major: rows `ld` elements apart, unit stride along V.
+void rows(const RowArgs& x, index_t n_rows, index_t vocab, index_t ld, float temperature, bool soft_ce) {
 #pragma omp parallel for schedule(static)
   for (index_t r = 0; r < n_rows; ++r) {
-    const RowResult res = kd_row(s_ptr + r * ld, t_ptr + r * ld, vocab, label_ptr[r], kd_ptr[r], mlm_ptr[r],
+    const RowResult res = kd_row(x.s + r * ld, x.t + r * ld, vocab, x.labels[r], x.kd_coef[r], x.mlm_coef[r],
                                  temperature, soft_ce);
-    kd_out[r] = res.kd;
-    mlm_out[r] = res.mlm;
+    x.kd_out[r] = res.kd;
+    x.mlm_out[r] = res.mlm;
+  }
+}
+
+// Vocab-major: unit stride along rows, consecutive vocabulary entries `ld` elements apart.
+void rows_vocab_major(const RowArgs& x, index_t n_rows, index_t vocab, index_t ld, float temperature,
+                      bool soft_ce) {
+  const index_t groups = (n_rows + kLanes - 1) / kLanes;
+#pragma omp parallel for schedule(static)
+  for (index_t g = 0; g < groups; ++g) {
+    const index_t r = g * kLanes;
+    kd_lanes(x.s + r, x.t + r, std::min(kLanes, n_rows - r), vocab, ld, x.labels + r, x.kd_coef + r,
+             x.mlm_coef + r, temperature, soft_ce, x.kd_out + r, x.mlm_out + r);
   }
 }
 
 }  // namespace
 
 void register_vocab_kd(pybind11::module_& m) {
-  m.def(
-      "vocab_kd_rows",
-      [](std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels, std::uintptr_t kd_coef, std::uintptr_t mlm_coef,
-         std::uintptr_t kd_row, std::uintptr_t mlm_row, index_t n_rows, index_t vocab, index_t ld, float temperature,
-         bool soft_ce) {
-        pybind11::gil_scoped_release release;
-        rows(s, t, labels, kd_coef, mlm_coef, kd_row, mlm_row, n_rows, vocab, ld, temperature, soft_ce);
-      },
-      "Vocabulary-KD row kernel, in place on fp32 student logits (see kdfast/chunked_vocab.py)",
-      pybind11::arg("s"), pybind11::arg("t"), pybind11::arg("labels"), pybind11::arg("kd_coef"),
-      pybind11::arg("mlm_coef"), pybind11::arg("kd_row"), pybind11::arg("mlm_row"), pybind11::arg("rows"),
-      pybind11::arg("vocab"), pybind11::arg("ld"), pybind11::arg("temperature"), pybind11::arg("soft_ce"));
+  // Raw pointers from torch (fp32 / int64); see the row kernel contract in kdfast/chunked_vocab.py.
+  using Layout = void (*)(const RowArgs&, index_t, index_t, index_t, float, bool);
+  const auto bind = [&m](const char* name, Layout layout, const char* doc) {
+    m.def(
+        name,
+        [layout](std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels, std::uintptr_t kd_coef,
+                 std::uintptr_t mlm_coef, std::uintptr_t kd_row, std::uintptr_t mlm_row, index_t n_rows,
+                 index_t vocab, index_t ld, float temperature, bool soft_ce) {
+          pybind11::gil_scoped_release release;
+          layout(row_args(s, t, labels, kd_coef, mlm_coef, kd_row, mlm_row), n_rows, vocab, ld, temperature,
+                 soft_ce);
+        },
+        doc, pybind11::arg("s"), pybind11::arg("t"), pybind11::arg("labels"), pybind11::arg("kd_coef"),
+        pybind11::arg("mlm_coef"), pybind11::arg("kd_row"), pybind11::arg("mlm_row"), pybind11::arg("rows"),
+        pybind11::arg("vocab"), pybind11::arg("ld"), pybind11::arg("temperature"), pybind11::arg("soft_ce"));
+  };
+  bind("vocab_kd_rows", rows,
+       "Vocabulary-KD row kernel, in place on row-major fp32 student logits (rows ld apart)");
+  bind("vocab_kd_rows_vocab_major", rows_vocab_major,
+       "Vocabulary-KD row kernel, in place on vocab-major fp32 student logits (vocabulary entries ld apart)");
 }
 
 }  // namespace kdfast

@@ -65,10 +65,11 @@ struct OnlineSum {
 
 KDFAST_HD OnlineSum online_empty() { return {-FLT_MAX, 0.0f}; }
 
-// Add one element.
+// Add one element. Branch-free (one exp either way), so a loop over independent states vectorises.
 KDFAST_HD OnlineSum online_add(OnlineSum acc, float x, float scale) {
-  if (x > acc.max) return {x, acc.sum * vocab_exp((acc.max - x) * scale) + 1.0f};
-  return {acc.max, acc.sum + vocab_exp((x - acc.max) * scale)};
+  const bool up = x > acc.max;
+  const float e = vocab_exp((up ? acc.max - x : x - acc.max) * scale);
+  return {up ? x : acc.max, up ? acc.sum * e + 1.0f : acc.sum + e};
 }
 
 // Combine two partial states (threads, warps, or a CPU block into its row).
@@ -90,6 +91,24 @@ struct RowStats {
   bool raw_softmax;  // softmax(s) differs from q (T != 1) and the row has an MLM term
   bool soft_ce;
 };
+
+// The row's statistics from its pass-1 states: a over s/T, b over t/T, raw over s (read only when
+// raw_softmax: T != 1 and the row has a label).
+KDFAST_HD RowStats row_stats(OnlineSum a, OnlineSum b, OnlineSum raw, float temperature, bool has_label,
+                             float kd_coef, float mlm_coef, bool soft_ce) {
+  RowStats st;
+  st.inv_t = 1.0f / temperature;
+  st.s_max = a.max;
+  st.t_max = b.max;
+  st.log_sum_a = logf(a.sum);
+  st.log_sum_b = logf(b.sum);
+  st.raw_softmax = has_label && temperature != 1.0f;
+  st.log_sum_s = st.raw_softmax ? logf(raw.sum) : st.log_sum_a;
+  st.kd_coef = kd_coef;
+  st.mlm_coef = has_label ? mlm_coef : 0.0f;
+  st.soft_ce = soft_ce;
+  return st;
+}
 
 struct ElementOut {
   float grad;     // d loss / d s, without the -mlm_coef at the label

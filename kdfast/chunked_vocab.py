@@ -13,13 +13,18 @@ Row kernel contract (one function per backend, e.g. ``kdfast.cpu.fused_linear_kd
 
     rows(s, t, labels, kd_coef, mlm_coef, temperature, soft_ce) -> (kd_row, mlm_row)
 
-- ``s`` [C, V] fp32 contiguous student logits, overwritten with
+- ``s`` [C, V] fp32 student logits, overwritten with
   ``kd_coef[r] * (q - p) + mlm_coef[r] * (softmax(s) - onehot(labels[r]))``, where
   ``q = softmax(s / T)`` and ``p = softmax(t / T)``;
-- ``t`` [C, V] fp32 contiguous teacher logits (read only; -inf entries have p = 0: top-k);
+- ``t`` [C, V] fp32 teacher logits with the strides of ``s`` (read only; -inf entries have p = 0: top-k);
 - ``labels`` [C] int64, -1 means no MLM term for the row; ``kd_coef``, ``mlm_coef`` [C] fp32;
 - returns ``kd_row`` [C] fp32, KL(p || q) (or the soft CE -sum p log q when ``soft_ce``), unscaled,
   and ``mlm_row`` [C] fp32, ``lse(s) - s[label]`` (0 for rows without a label).
+
+Every kernel takes row-major ``s``, ``t`` (unit stride along V). A kernel with ``vocab_major = True``
+also takes vocab-major ones (unit stride along C: ``s.t()`` is a contiguous [V, C]) and the fused
+driver then fills its chunks that way, as ``W [V, H] @ x^T``: MKL computes that product faster than
+``x @ W^T`` on CPU, and the gradient products read the transposed chunk as fast.
 """
 from __future__ import annotations
 
@@ -84,15 +89,23 @@ class _Head:
         self.bias = None if bias is None else bias.float()
 
     def logits_into(self, out: torch.Tensor, x: torch.Tensor) -> None:
-        """out [C, V] fp32 = x [C, H] @ weight^T + bias."""
+        """out [C, V] fp32 = x [C, H] @ weight^T + bias; ``out`` is row-major, or vocab-major
+        (``out.t()`` contiguous), which is filled as out^T = weight @ x^T + bias[:, None]."""
         if self.native16:
             torch.mm(x.to(self.weight.dtype), self.weight.t(), out_dtype=torch.float32, out=out)
             if self.bias is not None:
                 out.add_(self.bias)
-        elif self.bias is None:
-            torch.mm(x.float(), self.weight.t(), out=out)
+            return
+        x = x.float()
+        if out.is_contiguous():
+            left, right, target, bias = x, self.weight.t(), out, self.bias
         else:
-            torch.addmm(self.bias, x.float(), self.weight.t(), out=out)
+            left, right, target = self.weight, x.t(), out.t()
+            bias = None if self.bias is None else self.bias.unsqueeze(1)
+        if bias is None:
+            torch.mm(left, right, out=target)
+        else:
+            torch.addmm(bias, left, right, out=target)
 
     def fp32_weight(self) -> torch.Tensor:
         if self.weight32 is None:
@@ -151,6 +164,13 @@ def _select(rows: int, vocab: int, device: torch.device, labels: Optional[torch.
                       kd_scale=kd_scale, mlm_divisor=mlm_div)
 
 
+def _chunk_view(buf: torch.Tensor, rows: int, vocab: int, vocab_major: bool) -> torch.Tensor:
+    """A [rows, V] view of the front of the flat buffer ``buf``: row-major, or vocab-major (its
+    transpose contiguous)."""
+    front = buf[: rows * vocab]
+    return front.view(vocab, rows).t() if vocab_major else front.view(rows, vocab)
+
+
 def _keep_topk(t: torch.Tensor, k: int) -> None:
     """Set every teacher logit below the row's k-th largest to -inf (in place): p = 0 there."""
     if k < t.shape[1]:
@@ -180,14 +200,15 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
         student = _Head(student_weight, student_bias)
         teacher = _Head(teacher_weight, teacher_bias) if with_teacher else None
         size = opts["chunk_rows"] or chunk_rows(sel.count, vocab, device)
-        s_buf = torch.empty((size, vocab), dtype=torch.float32, device=device)
-        t_buf = torch.empty((size, vocab), dtype=torch.float32, device=device)
+        vocab_major = getattr(row_kernel, "vocab_major", False) and not student.native16
+        s_buf = torch.empty(size * vocab, dtype=torch.float32, device=device)
+        t_buf = torch.empty(size * vocab, dtype=torch.float32, device=device)
         for start in range(0, sel.count, size):
             stop = min(start + size, sel.count)
             part = slice(start, stop)
             ids = None if sel.index is None else sel.index[part]
             x_s = student_hidden[part] if ids is None else student_hidden.index_select(0, ids)
-            s, t = s_buf[: stop - start], t_buf[: stop - start]
+            s, t = (_chunk_view(buf, stop - start, vocab, vocab_major) for buf in (s_buf, t_buf))
             student.logits_into(s, x_s)
             if with_teacher:
                 x_t = teacher_hidden[part] if ids is None else teacher_hidden.index_select(0, ids)
@@ -351,36 +372,44 @@ def kd_kl_unsupported_reason(**kwargs) -> Optional[str]:
     return unsupported_reason(kwargs.get("student_logits"), kwargs.get("teacher_logits"))
 
 
-def pointer_row_kernel(launch: Callable[..., None], with_stream: bool) -> RowKernel:
+def pointer_row_kernel(launch: Callable[..., None], with_stream: bool,
+                       launch_vocab_major: Optional[Callable[..., None]] = None) -> RowKernel:
     """A row kernel from a native entry point taking raw pointers:
     ``launch(s, t, labels, kd_coef, mlm_coef, kd_row, mlm_row, rows, vocab, ld, temperature, soft_ce[, stream])``
-    (``stream``: the current CUDA stream's handle when ``with_stream``)."""
+    for row-major ``s``, ``t`` (rows ``ld`` elements apart); ``stream``: the current CUDA stream's handle
+    when ``with_stream``. ``launch_vocab_major``, with the same arguments, takes vocab-major ones
+    (vocabulary entries ``ld`` elements apart) and makes the kernel ``vocab_major``."""
 
     def rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.Tensor, mlm_coef: torch.Tensor,
              temperature: float, soft_ce: bool) -> "tuple[torch.Tensor, torch.Tensor]":
-        kd_row, mlm_row = row_kernel_outputs(s, t, labels, kd_coef, mlm_coef)
+        row_major = s.stride(1) == 1
+        kd_row, mlm_row = row_kernel_outputs(s, t, labels, kd_coef, mlm_coef, vocab_major=rows.vocab_major)
         args = [s.data_ptr(), t.data_ptr(), labels.data_ptr(), kd_coef.data_ptr(), mlm_coef.data_ptr(),
-                kd_row.data_ptr(), mlm_row.data_ptr(), s.shape[0], s.shape[1], s.stride(0), float(temperature),
-                bool(soft_ce)]
+                kd_row.data_ptr(), mlm_row.data_ptr(), s.shape[0], s.shape[1], s.stride(0 if row_major else 1),
+                float(temperature), bool(soft_ce)]
         if with_stream:
             args.append(torch.cuda.current_stream(s.device).cuda_stream)
-        launch(*args)
+        (launch if row_major else launch_vocab_major)(*args)
         return kd_row, mlm_row
 
+    rows.vocab_major = launch_vocab_major is not None
     return rows
 
 
 def row_kernel_outputs(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.Tensor,
-                       mlm_coef: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+                       mlm_coef: torch.Tensor, vocab_major: bool = False) -> "tuple[torch.Tensor, torch.Tensor]":
     """Check a row kernel's arguments against the contract (they go to native code as raw pointers)
-    and allocate its outputs ``kd_row``, ``mlm_row`` [C] fp32."""
+    and allocate its outputs ``kd_row``, ``mlm_row`` [C] fp32. ``vocab_major``: the kernel also takes
+    ``s``, ``t`` with unit stride along C."""
     rows = s.shape[0]
     if s.dtype != torch.float32 or t.dtype != torch.float32 or s.shape != t.shape or s.dim() != 2:
         raise ValueError(f"row kernel: expected fp32 s, t of one shape [C, V], got {s.dtype} {tuple(s.shape)} "
                          f"and {t.dtype} {tuple(t.shape)}")
-    if s.stride(1) != 1 or t.stride() != s.stride():
-        raise ValueError(f"row kernel: expected s, t with unit column stride and equal strides, got "
-                         f"{s.stride()} and {t.stride()}")
+    unit = s.stride(1) == 1 or (vocab_major and s.stride(0) == 1)
+    if not unit or t.stride() != s.stride():
+        expected = "unit stride along V or C" if vocab_major else "unit column stride"
+        raise ValueError(f"row kernel: expected s, t with {expected} and equal strides, got {s.stride()} and "
+                         f"{t.stride()}")
     for name, value, dtype in (("labels", labels, torch.int64), ("kd_coef", kd_coef, torch.float32),
                                ("mlm_coef", mlm_coef, torch.float32)):
         if value.dtype != dtype or value.shape != (rows,) or not value.is_contiguous() or value.device != s.device:

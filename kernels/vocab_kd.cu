@@ -73,17 +73,7 @@ vocab_kd_rows_kernel(float* __restrict__ s_all, const float* __restrict__ t_all,
   b = block_merge(b, inv_t, scratch);
   if (raw_softmax) raw = block_merge(raw, 1.0f, scratch);
 
-  RowStats st;
-  st.inv_t = inv_t;
-  st.s_max = a.max;
-  st.t_max = b.max;
-  st.log_sum_a = logf(a.sum);
-  st.log_sum_b = logf(b.sum);
-  st.log_sum_s = raw_softmax ? logf(raw.sum) : st.log_sum_a;
-  st.kd_coef = kd_coef[row];
-  st.mlm_coef = has_label ? mlm_coef[row] : 0.0f;
-  st.raw_softmax = raw_softmax;
-  st.soft_ce = soft_ce;
+  const RowStats st = vocab_kd::row_stats(a, b, raw, temperature, has_label, kd_coef[row], mlm_coef[row], soft_ce);
   const float s_label = has_label ? s[label] : 0.0f;  // read before pass 2 overwrites it
   __syncthreads();
 

@@ -52,6 +52,19 @@ def test_kd_kl_non_finite():
     raises(ValueError, r"student_logits: expected finite values", kdfast.kd_kl, s, torch.randn(4, 6))
 
 
+def test_finite_check_sees_every_bad_entry_and_no_overflow():
+    """The check screens with a sum: huge finite values whose sum overflows must pass, and NaN, +inf
+    and -inf (also +inf next to -inf) must fail."""
+    huge = torch.full((4, 6), 3e38)
+    assert not torch.isfinite(huge.sum())
+    kdfast.kd_kl(huge, huge.clone())  # no error
+    for bad in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        t = torch.randn(4, 6)
+        t.view(-1)[: len(bad)] = torch.tensor(bad)
+        raises(ValueError, rf"teacher_logits: expected finite values \(no NaN/inf\), got {len(bad)} non-finite",
+               kdfast.kd_kl, torch.randn(4, 6), t)
+
+
 def test_kd_kl_options():
     s, t = logits()
     raises(ValueError, r"temperature: expected a finite number > 0, got 0", kdfast.kd_kl, s, t, temperature=0)
@@ -106,6 +119,11 @@ def test_fused_linear_kd_values_and_dtypes():
     bad = hs.clone()
     bad[0, 0] = float("nan")
     raises(ValueError, r"student_hidden: expected finite values", kdfast.fused_linear_kd, bad, ws, ht, wt)
+    for name, position in (("student_weight", 1), ("teacher_weight", 3)):
+        args = [hs, ws, ht, wt]
+        args[position] = args[position].clone()
+        args[position][2, 1] = float("inf")
+        raises(ValueError, rf"{name}: expected finite values", kdfast.fused_linear_kd, *args)
     raises(ValueError, r"temperature: expected a finite number > 0, got 0.0", kdfast.fused_linear_kd, hs, ws, ht, wt,
            temperature=0.0)
     raises(TypeError, r"student_weight: expected the same dtype as student_hidden", kdfast.fused_linear_kd,

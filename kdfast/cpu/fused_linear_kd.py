@@ -7,7 +7,9 @@ from kdfast.chunked_vocab import chunked_fused_linear_kd, fused_unsupported_reas
 from kdfast.losses.types import KDOutput
 
 # Row kernel (contract in kdfast/chunked_vocab.py): s [C, V] becomes d loss / d s; returns kd_row, mlm_row [C].
-rows = pointer_row_kernel(lambda *args: _ext.require_cpu().vocab_kd_rows(*args), with_stream=False)
+# It takes both layouts; the fused driver fills vocab-major chunks (faster head products in MKL).
+rows = pointer_row_kernel(lambda *args: _ext.require_cpu().vocab_kd_rows(*args), with_stream=False,
+                          launch_vocab_major=lambda *args: _ext.require_cpu().vocab_kd_rows_vocab_major(*args))
 
 
 def fused_linear_kd(**kwargs) -> KDOutput:
