@@ -58,3 +58,14 @@ def test_quick_shapes_and_full_grid():
     full = vocab_kd.shapes(False, torch.device("cpu"))
     assert {(s["rows"], s["Hs"], s["Ht"]) for s in full} == {(n, hs, ht) for n in (2048, 8192)
                                                             for hs, ht in ((384, 768), (768, 1024))}
+
+
+def test_both_floors_compute_the_same_products():
+    torch.manual_seed(0)
+    x = vocab_kd.inputs(TINY, torch.float32, torch.device("cpu"))
+    impls = vocab_kd.impls(torch.device("cpu"))
+    t, d_hidden, d_weight = impls["floor"](x)
+    t_vocab_major, d_hidden_vm, d_weight_vm = impls["floor_vocab_major"](x)
+    assert t_vocab_major.shape == (TINY["V"], TINY["rows"])
+    for a, b in ((t, t_vocab_major.t()), (d_hidden, d_hidden_vm), (d_weight, d_weight_vm)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
