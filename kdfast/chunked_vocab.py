@@ -76,23 +76,35 @@ def _mm_out_dtype_works(device: torch.device) -> bool:
         return False
 
 
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a @ b of two 16-bit matrices, accumulated and returned in fp32: ``mm(out_dtype=float32)`` on
+    CUDA; elsewhere the same products in fp32 (exact: a product of two 16-bit floats fits fp32)."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)
+
+
 class _Head:
     """One LM head (weight [V, H], bias [V]) for fp32 products of a chunk.
 
     16-bit weights are used as they are where torch can multiply them with an fp32 output (CUDA),
-    else upcast once; every product accumulates and returns fp32, so logits are never rounded."""
+    else upcast once; every product accumulates and returns fp32, so logits are never rounded.
+    For a bf16 head the gradient products take d loss / d logits split in two bf16 parts (hi + lo,
+    ~2^-17 relative), two tensor-core products in place of one slow fp32 one."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         self.native16 = weight.dtype != torch.float32 and _mm_out_dtype_works(weight.device)
         self.weight = weight if self.native16 or weight.dtype == torch.float32 else weight.float()
         self.weight32 = weight if weight.dtype == torch.float32 else None  # for fp32 gradient products
         self.bias = None if bias is None else bias.float()
+        # fp16 keeps fp32 gradient products: its exponent range would flush the small gradients to 0.
+        self.split_grads = self.native16 and weight.dtype == torch.bfloat16
 
     def logits_into(self, out: torch.Tensor, x: torch.Tensor) -> None:
         """out [C, V] fp32 = x [C, H] @ weight^T + bias; ``out`` is row-major, or vocab-major
         (``out.t()`` contiguous), which is filled as out^T = weight @ x^T + bias[:, None]."""
         if self.native16:
-            torch.mm(x.to(self.weight.dtype), self.weight.t(), out_dtype=torch.float32, out=out)
+            _mm_fp32(x.to(self.weight.dtype), self.weight.t(), out=out)
             if self.bias is not None:
                 out.add_(self.bias)
             return
@@ -111,6 +123,33 @@ class _Head:
         if self.weight32 is None:
             self.weight32 = self.weight.float()
         return self.weight32
+
+    def grad_operands(self, g: torch.Tensor, scratch: torch.Tensor) -> "list[torch.Tensor]":
+        """d loss / d logits g [C, V] fp32 as the operands of the gradient products: ``[g]``, or for a
+        bf16 head ``[hi, lo]`` in bf16 with hi + lo = g to ~2^-17 relative. The split is written into
+        ``scratch`` (a spent fp32 [C, V] chunk, exactly the bytes of two bf16 ones) and consumes g."""
+        if not self.split_grads:
+            return [g]
+        halves = scratch.view(-1).view(torch.bfloat16)
+        hi, lo = halves[: g.numel()].view(g.shape), halves[g.numel():].view(g.shape)
+        hi.copy_(g)
+        lo.copy_(g.sub_(hi))  # g - hi is exact in fp32
+        return [hi, lo]
+
+    def times_weight(self, operands: "list[torch.Tensor]", out: torch.Tensor) -> torch.Tensor:
+        """out [C, H] fp32 = (sum of operands) [C, V] @ weight."""
+        if not self.split_grads:
+            return torch.mm(operands[0], self.fp32_weight(), out=out)
+        _mm_fp32(operands[0], self.weight, out=out)
+        return out.add_(_mm_fp32(operands[1], self.weight))
+
+    def add_weight_grad_(self, d_weight: torch.Tensor, operands: "list[torch.Tensor]", x: torch.Tensor) -> None:
+        """d_weight [V, H] fp32 += (sum of operands)^T @ x [C, H]."""
+        if not self.split_grads:
+            d_weight.addmm_(operands[0].t(), x.float())
+            return
+        for operand in operands:
+            d_weight.add_(_mm_fp32(operand.t(), x.to(self.weight.dtype)))
 
 
 # --------------------------------------------------------------------------- row selection
@@ -221,16 +260,18 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
                                          opts["temperature"], opts["kind"] == "soft_ce")
             kd_sum += (kd_row.double() * sel.kd_scale[part]).sum()
             mlm_sum += mlm_row.double().sum()
-            # s now holds d loss / d student logits for this chunk.
-            if need_dh:
-                if ids is None:
-                    torch.mm(s, student.fp32_weight(), out=d_hidden[part])
-                else:
-                    d_hidden.index_copy_(0, ids, torch.mm(s, student.fp32_weight()))
-            if need_dw:
-                d_weight.addmm_(s.t(), x_s.float())
+            # s now holds d loss / d student logits for this chunk; t is spent.
             if need_db:
                 d_bias += s.sum(0)
+            operands = student.grad_operands(s, scratch=t) if need_dh or need_dw else []
+            if need_dh:
+                if ids is None:
+                    student.times_weight(operands, out=d_hidden[part])
+                else:
+                    rows_grad = student.times_weight(operands, out=x_s.new_empty(x_s.shape, dtype=torch.float32))
+                    d_hidden.index_copy_(0, ids, rows_grad)
+            if need_dw:
+                student.add_weight_grad_(d_weight, operands, x_s)
     return kd_sum, mlm_sum / sel.mlm_divisor, d_hidden, d_weight, d_bias
 
 

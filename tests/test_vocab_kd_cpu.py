@@ -237,3 +237,30 @@ def test_row_kernel_layouts_agree(temperature, soft_ce):
     for got, ref in zip(out["vocab"], out["row"]):
         assert f64.rel_err(got, ref) < 1e-5
     assert torch.isfinite(out["vocab"][0]).all() and (out["vocab"][2][labels < 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_native_16bit_head_path(monkeypatch, dtype, masked):
+    """The path CUDA takes for 16-bit heads (16-bit products with fp32 output, emulated exactly on CPU):
+    logits from the 16-bit weights, and for bf16 the gradient products on a hi + lo bf16 split of
+    d loss / d logits. Its fp32 gradients, before the final rounding to the input dtype, stay within
+    1e-5 of float64 on the same 16-bit inputs (one bf16 part alone would be ~1e-3 off)."""
+    from kdfast import chunked_vocab
+    from kdfast.cpu.fused_linear_kd import rows as row_kernel
+
+    monkeypatch.setattr(chunked_vocab, "_mm_out_dtype_works", lambda device: True)
+    if dtype == torch.bfloat16:  # the split path never builds an fp32 copy of the weight
+        monkeypatch.setattr(chunked_vocab._Head, "fp32_weight", lambda self: pytest.fail("fp32 weight used"))
+    inputs = make(dtype=dtype)
+    mask = torch.rand(N) < 0.6 if masked else None
+    options = dict(temperature=2.0, mlm_weight=0.5, kd_weight=1.0, mask=mask)
+    opts = dict(row_kernel=row_kernel, labels=inputs["labels"], ignore_index=-100, kind="kl", reduction="batchmean",
+                t2_scale=True, row_weights=None, teacher_topk=None, chunk_rows=7, **options)
+    names = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias")
+    kd, mlm, d_hidden, d_weight, d_bias = chunked_vocab._fused_pass(
+        *(inputs[n].detach() for n in names), opts, (True, True, True), 1.0, 0.5)
+    ref = f64.loss_and_grads(**inputs, **options)
+    got = ((kd + 0.5 * mlm).float(), d_hidden, d_weight, d_bias)
+    assert all(g.dtype == torch.float32 for g in got[1:])
+    assert_close(got, ref, 1e-5)
