@@ -46,17 +46,32 @@ CPU_CHUNK_BYTES = 128 * 2**20
 CUDA_CHUNK_BYTES = 1024 * 2**20
 
 
+def _free_bytes(device: torch.device) -> Optional[int]:
+    """Free memory of ``device`` in bytes (CUDA: the driver's count; CPU: Linux's MemAvailable), or
+    None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def chunk_rows(rows: int, vocab: int, device: torch.device) -> int:
-    """Rows per chunk so the teacher and student fp32 logit chunks [C, V] fit the memory budget:
-    ``CPU_CHUNK_BYTES`` on CPU, on CUDA the smaller of ``CUDA_CHUNK_BYTES`` and a quarter of free memory.
+    """Rows per chunk so the teacher and student fp32 logit chunks [C, V] fit the memory budget: the
+    smaller of ``CPU_CHUNK_BYTES`` (CPU) or ``CUDA_CHUNK_BYTES`` (CUDA) and a quarter of free memory.
     ``KDFAST_VOCAB_CHUNK_ROWS`` overrides it (for experiments)."""
     forced = os.environ.get("KDFAST_VOCAB_CHUNK_ROWS")
     if forced:
         return max(1, min(rows, int(forced)))
-    budget = CPU_CHUNK_BYTES
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(CUDA_CHUNK_BYTES, free // 4)
+    budget = CUDA_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
+    free = _free_bytes(device)
+    if free is not None:
+        budget = min(budget, free // 4)
     per_row = 2 * vocab * 4
     chunk = max(16, (budget // per_row) // 16 * 16)
     return max(1, min(rows, chunk))

@@ -264,3 +264,19 @@ def test_native_16bit_head_path(monkeypatch, dtype, masked):
     got = ((kd + 0.5 * mlm).float(), d_hidden, d_weight, d_bias)
     assert all(g.dtype == torch.float32 for g in got[1:])
     assert_close(got, ref, 1e-5)
+
+
+def test_chunk_rows_follow_free_memory(monkeypatch):
+    from kdfast import chunked_vocab
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("KDFAST_VOCAB_CHUNK_ROWS", raising=False)
+    monkeypatch.setattr(chunked_vocab, "_free_bytes", lambda device: None)
+    assert chunked_vocab.chunk_rows(4096, 30522, cpu) == 544  # CPU_CHUNK_BYTES: two 544-row fp32 chunks
+    assert chunked_vocab.chunk_rows(100, 30522, cpu) == 100
+    monkeypatch.setattr(chunked_vocab, "_free_bytes", lambda device: 64 * 2**20)  # a quarter: 16 MiB
+    assert chunked_vocab.chunk_rows(4096, 30522, cpu) == 64
+    monkeypatch.setattr(chunked_vocab, "_free_bytes", lambda device: 0)
+    assert chunked_vocab.chunk_rows(4096, 30522, cpu) == 16  # never below 16 rows
+    monkeypatch.setenv("KDFAST_VOCAB_CHUNK_ROWS", "5")
+    assert chunked_vocab.chunk_rows(4096, 30522, cpu) == 5
