@@ -17,7 +17,7 @@ using vocab_kd::OnlineSum;
 using vocab_kd::RowStats;
 
 constexpr index_t kBlock = 512;  // row-major: elements per online step (2 KiB of each row, in L1)
-constexpr index_t kLanes = 16;   // vocab-major: rows per group (one AVX-512 vector of fp32)
+constexpr index_t kLanes = 32;   // vocab-major: rows per group (128 contiguous bytes per step over V)
 
 // Maximum of a block of n elements.
 inline float block_max(const float* x, index_t n) {

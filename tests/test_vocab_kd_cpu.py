@@ -217,11 +217,11 @@ def test_bad_inputs_raise_clear_errors(change, message):
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("soft_ce", [False, True])
 def test_row_kernel_layouts_agree(temperature, soft_ce):
-    """The C++ kernel on row-major and on vocab-major logits (37 rows: two full 16-row lane groups and a
+    """The C++ kernel on row-major and on vocab-major logits (71 rows: two full 32-row lane groups and a
     partial one; labelled and unlabelled rows; teacher entries dropped to -inf as top-k does)."""
     from kdfast.cpu.fused_linear_kd import rows as row_kernel
 
-    c, v = 37, 1100
+    c, v = 71, 1100
     s, t = torch.randn(c, v) * 3, torch.randn(c, v) * 3
     t[::4, ::7] = float("-inf")
     labels = torch.randint(0, v, (c,))
