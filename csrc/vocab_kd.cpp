@@ -92,7 +92,8 @@ struct LaneSums {
   }
 };
 
-// Per-row statistics of kLanes rows (RowStats fields that differ between rows), one array per field.
+// Per-row statistics of kLanes rows (RowStats fields that differ between rows), one array per field,
+// and the fields shared by all lanes.
 // raw_softmax is one flag for all lanes (T != 1 and some lane has a label): a lane without a label has
 // mlm_coef 0, so its softmax(s) term vanishes whichever way it is computed.
 struct LaneStats {
@@ -104,7 +105,6 @@ struct LaneStats {
   void set(index_t l, const RowStats& st) {
     s_max[l] = st.s_max, t_max[l] = st.t_max, log_sum_a[l] = st.log_sum_a, log_sum_b[l] = st.log_sum_b;
     log_sum_s[l] = st.log_sum_s, kd_coef[l] = st.kd_coef, mlm_coef[l] = st.mlm_coef;
-    inv_t = st.inv_t, soft_ce = st.soft_ce;
   }
   RowStats at(index_t l) const {
     return {inv_t, s_max[l], t_max[l], log_sum_a[l], log_sum_b[l], log_sum_s[l], kd_coef[l], mlm_coef[l],
@@ -129,7 +129,7 @@ void kd_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, co
     if (raw_softmax) raw.add(s + v * ld, n, 1.0f);
   }
   LaneStats st;
-  st.raw_softmax = raw_softmax;
+  st.inv_t = inv_t, st.raw_softmax = raw_softmax, st.soft_ce = soft_ce;
   float kd[kLanes];
   for (index_t l = 0; l < n; ++l) {
     const bool has_label = label[l] >= 0;

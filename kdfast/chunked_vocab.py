@@ -254,7 +254,9 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
         student = _Head(student_weight, student_bias)
         teacher = _Head(teacher_weight, teacher_bias) if with_teacher else None
         size = opts["chunk_rows"] or chunk_rows(sel.count, vocab, device)
-        vocab_major = getattr(row_kernel, "vocab_major", False) and not student.native16
+        # Vocab-major chunks only for fp32 products (16-bit ones run on CUDA, where kernels are row-major).
+        vocab_major = getattr(row_kernel, "vocab_major", False) and not student.native16 and not (
+            with_teacher and teacher.native16)
         s_buf = torch.empty(size * vocab, dtype=torch.float32, device=device)
         t_buf = torch.empty(size * vocab, dtype=torch.float32, device=device)
         for start in range(0, sel.count, size):
