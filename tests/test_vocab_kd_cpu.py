@@ -246,19 +246,19 @@ def test_native_16bit_head_path(monkeypatch, dtype, masked):
     logits from the 16-bit weights, and for bf16 the gradient products on a hi + lo bf16 split of
     d loss / d logits. Its fp32 gradients, before the final rounding to the input dtype, stay within
     1e-5 of float64 on the same 16-bit inputs (one bf16 part alone would be ~1e-3 off)."""
-    from kdfast import chunked_vocab
     from kdfast.cpu.fused_linear_kd import rows as row_kernel
+    from kdfast.functions import vocab_kd
 
-    monkeypatch.setattr(chunked_vocab, "_mm_out_dtype_works", lambda device: True)
+    monkeypatch.setattr(vocab_kd, "_mm_out_dtype_works", lambda device: True)
     if dtype == torch.bfloat16:  # the split path never builds an fp32 copy of the weight
-        monkeypatch.setattr(chunked_vocab._Head, "fp32_weight", lambda self: pytest.fail("fp32 weight used"))
+        monkeypatch.setattr(vocab_kd._Head, "fp32_weight", lambda self: pytest.fail("fp32 weight used"))
     inputs = make(dtype=dtype)
     mask = torch.rand(N) < 0.6 if masked else None
     options = dict(temperature=2.0, mlm_weight=0.5, kd_weight=1.0, mask=mask)
     opts = dict(row_kernel=row_kernel, labels=inputs["labels"], ignore_index=-100, kind="kl", reduction="batchmean",
                 t2_scale=True, row_weights=None, teacher_topk=None, chunk_rows=7, **options)
     names = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias")
-    kd, mlm, d_hidden, d_weight, d_bias = chunked_vocab._fused_pass(
+    kd, mlm, d_hidden, d_weight, d_bias = vocab_kd._fused_pass(
         *(inputs[n].detach() for n in names), opts, (True, True, True), 1.0, 0.5)
     ref = f64.loss_and_grads(**inputs, **options)
     got = ((kd + 0.5 * mlm).float(), d_hidden, d_weight, d_bias)
@@ -267,16 +267,16 @@ def test_native_16bit_head_path(monkeypatch, dtype, masked):
 
 
 def test_chunk_rows_follow_free_memory(monkeypatch):
-    from kdfast import chunked_vocab
+    from kdfast.functions import vocab_kd
 
     cpu = torch.device("cpu")
     monkeypatch.delenv("KDFAST_VOCAB_CHUNK_ROWS", raising=False)
-    monkeypatch.setattr(chunked_vocab, "_free_bytes", lambda device: None)
-    assert chunked_vocab.chunk_rows(4096, 30522, cpu) == 544  # CPU_CHUNK_BYTES: two 544-row fp32 chunks
-    assert chunked_vocab.chunk_rows(100, 30522, cpu) == 100
-    monkeypatch.setattr(chunked_vocab, "_free_bytes", lambda device: 64 * 2**20)  # a quarter: 16 MiB
-    assert chunked_vocab.chunk_rows(4096, 30522, cpu) == 64
-    monkeypatch.setattr(chunked_vocab, "_free_bytes", lambda device: 0)
-    assert chunked_vocab.chunk_rows(4096, 30522, cpu) == 16  # never below 16 rows
+    monkeypatch.setattr(vocab_kd, "_free_bytes", lambda device: None)
+    assert vocab_kd.chunk_rows(4096, 30522, cpu) == 544  # CPU_CHUNK_BYTES: two 544-row fp32 chunks
+    assert vocab_kd.chunk_rows(100, 30522, cpu) == 100
+    monkeypatch.setattr(vocab_kd, "_free_bytes", lambda device: 64 * 2**20)  # a quarter: 16 MiB
+    assert vocab_kd.chunk_rows(4096, 30522, cpu) == 64
+    monkeypatch.setattr(vocab_kd, "_free_bytes", lambda device: 0)
+    assert vocab_kd.chunk_rows(4096, 30522, cpu) == 16  # never below 16 rows
     monkeypatch.setenv("KDFAST_VOCAB_CHUNK_ROWS", "5")
-    assert chunked_vocab.chunk_rows(4096, 30522, cpu) == 5
+    assert vocab_kd.chunk_rows(4096, 30522, cpu) == 5

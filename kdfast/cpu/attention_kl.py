@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from kdfast import _ext
-from kdfast import attention_kl_function as native
+from kdfast.functions import attention_kl as native
 
 KERNELS = native.Kernels(_ext.require_cpu)
 

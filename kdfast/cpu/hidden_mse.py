@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from kdfast import _ext
-from kdfast._hidden_mse import decline, hidden_mse_with
+from kdfast.functions.hidden_mse import decline, hidden_mse_with
 
 
 def unsupported_reason(h_s=None, h_t=None, **_) -> Optional[str]:

@@ -6,8 +6,8 @@ from typing import Optional
 import torch
 
 from kdfast import _ext
-from kdfast._attention_score_mse import attention_score_mse_with, decline
 from kdfast._buffers import new_output
+from kdfast.functions.attention_score_mse import attention_score_mse_with, decline
 
 MAX_HEAD_DIM = 128
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.chunked_vocab import chunked_kd_kl, kd_kl_unsupported_reason
 from kdfast.cuda.fused_linear_kd import rows
+from kdfast.functions.vocab_kd import chunked_kd_kl, kd_kl_unsupported_reason
 
 
 def kd_kl(**kwargs) -> torch.Tensor:

@@ -5,8 +5,8 @@ from typing import Optional
 
 import torch
 
-from kdfast import attention_kl_function as native
 from kdfast.cuda.attention_kl import KERNELS
+from kdfast.functions import attention_kl as native
 
 
 def relation_kl(x_s: torch.Tensor, x_t: torch.Tensor, num_relation_heads: int,

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kdfast._attention_score_mse import attention_score_mse_with, decline
 from kdfast._buffers import new_output
+from kdfast.functions.attention_score_mse import attention_score_mse_with, decline
 from kdfast.triton.static import KernelSpec
 
 MAX_HEAD_DIM = 128

@@ -1,4 +1,4 @@
-"""``fused_linear_kd`` on the Triton backend: the shared chunked driver (``kdfast/chunked_vocab.py``:
+"""``fused_linear_kd`` on the Triton backend: the shared chunked driver (``kdfast/functions/vocab_kd.py``:
 fp32 torch matmuls per chunk of selected rows, gradients accumulated in fp32) with the Triton row
 kernel of ``kdfast.triton.vocab_kd`` for the softmaxes, the KL/soft-CE, the MLM CE and d loss/d logits.
 float64 inputs are declined (backend ``torch`` serves them)."""
@@ -6,16 +6,16 @@ from __future__ import annotations
 
 from typing import Optional
 
-from kdfast import chunked_vocab
+from kdfast.functions import vocab_kd
 from kdfast.losses.types import KDOutput
 from kdfast.triton.vocab_kd import rows
 
 
 def fused_linear_kd(**kwargs) -> KDOutput:
     """``kdfast.fused_linear_kd`` with its validated keyword arguments (minus ``backend``)."""
-    return chunked_vocab.chunked_fused_linear_kd(rows, **kwargs)
+    return vocab_kd.chunked_fused_linear_kd(rows, **kwargs)
 
 
 def unsupported_reason(**kwargs) -> Optional[str]:
-    return chunked_vocab.unsupported_reason(kwargs["student_hidden"], kwargs["student_weight"],
+    return vocab_kd.unsupported_reason(kwargs["student_hidden"], kwargs["student_weight"],
                                             kwargs["teacher_hidden"], kwargs["teacher_weight"])

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kdfast._buffers import new_output
-from kdfast._hidden_mse import decline, hidden_mse_with
+from kdfast.functions.hidden_mse import decline, hidden_mse_with
 from kdfast.triton.static import KernelSpec
 
 CHUNK_ROWS = 256  # rows per program (and per deterministic partial)

@@ -1,4 +1,4 @@
-"""``kd_kl`` on the Triton backend: the shared chunked driver (``kdfast/chunked_vocab.py``) on given
+"""``kd_kl`` on the Triton backend: the shared chunked driver (``kdfast/functions/vocab_kd.py``) on given
 [N, V] logits, with the Triton row kernel of ``kdfast.triton.vocab_kd`` writing d loss/d logits.
 float64 inputs are declined (backend ``torch`` serves them)."""
 from __future__ import annotations
@@ -7,14 +7,14 @@ from typing import Optional
 
 import torch
 
-from kdfast import chunked_vocab
+from kdfast.functions import vocab_kd
 from kdfast.triton.vocab_kd import rows
 
 
 def kd_kl(**kwargs) -> torch.Tensor:
     """``kdfast.kd_kl`` with its validated keyword arguments (minus ``backend``): a 0-dim loss."""
-    return chunked_vocab.chunked_kd_kl(rows, **kwargs)
+    return vocab_kd.chunked_kd_kl(rows, **kwargs)
 
 
 def unsupported_reason(**kwargs) -> Optional[str]:
-    return chunked_vocab.unsupported_reason(kwargs["student_logits"], kwargs["teacher_logits"])
+    return vocab_kd.unsupported_reason(kwargs["student_logits"], kwargs["teacher_logits"])

@@ -10,7 +10,7 @@ One program per row walks the vocabulary in ``BLOCK_V`` chunks twice (see ``../s
 
 Teacher entries equal to -inf have p = 0 (top-k targets). All math is fp32: loads are cast to fp32
 (the interpreter also needs this for bf16 reductions). :func:`rows` is this backend's row kernel
-for the chunked driver (``kdfast/chunked_vocab.py``); it takes fp32 contiguous [C, V] logits.
+for the chunked driver (``kdfast/functions/vocab_kd.py``); it takes fp32 contiguous [C, V] logits.
 No autotuning: the block size follows V, so importing never touches a GPU driver.
 """
 from __future__ import annotations

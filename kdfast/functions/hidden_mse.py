@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from kdfast._buffers import new_output
-from kdfast._grad_in_forward import GradInForward
+from kdfast.functions.grad_in_forward import GradInForward
 
 RowKernel = Callable[..., torch.Tensor]
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from kdfast._grad_in_forward import GradInForward
+from kdfast.functions.grad_in_forward import GradInForward
 
 Kernel = Callable[..., tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]
 
