@@ -84,9 +84,10 @@ class RecordingTrainer(DistillationTrainer):
     """Keeps every training loss compute_loss returns (Trainer's logs round to 4 digits)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self.losses.append(float(loss.detach()))
-        return loss
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training:
+            self.losses.append(result.item())
+        return result
 
 
 def make_trainer(tmp_path, student, teacher, data, steps: int, batch: int, accumulation: int = 1,
@@ -123,9 +124,10 @@ def test_trainer_step0_matches_eager_reference_and_loss_decreases(tmp_path, name
     expected = reference_loss(copy.deepcopy(student), teacher, stack(data), temperature, kind, causal,
                               kd_weight=0.7, ce_weight=0.3)
     trainer = run_trainer(tmp_path, student, teacher, data, steps=6, batch=6, temperature=temperature, kind=kind,
-                          kd_weight=0.7, ce_weight=0.3)
+                          kd_weight=0.7, ce_weight=0.3, eval_dataset=data)
     assert trainer.losses[0] == pytest.approx(expected.item(), rel=1e-5)
     assert trainer.losses[-1] < trainer.losses[0] - 1e-3
+    assert trainer.evaluate()["eval_loss"] < trainer.losses[0]
 
 
 def test_head_gradients_reach_tied_and_untied_weights():

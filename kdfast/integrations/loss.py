@@ -97,8 +97,8 @@ def _common_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 def teacher_rows(teacher: nn.Module, head: LMHead, inputs: dict, positions: torch.Tensor, causal: bool,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Teacher (hidden [N, Ht], weight [V, Ht], bias) at ``positions``, computed without autograd on
-    the teacher's device and moved to ``device``, in the teacher's own dtype."""
-    teacher_device = head.weight.device
+    the teacher's device (that of its input embeddings) and moved to ``device``, in the teacher's dtype."""
+    teacher_device = teacher.get_input_embeddings().weight.device
     moved = {k: v.to(teacher_device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     teacher.eval()
     with torch.no_grad():

@@ -87,7 +87,7 @@ class DistillationTrainer(Trainer):
         loss = out.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # num_items_in_batch counts every process's tokens
-        return (loss, out._asdict()) if return_outputs else loss
+        return (loss, {"loss": loss, "kd": out.kd, "ce": out.ce}) if return_outputs else loss
 
     def _strategy_loss(self, inputs: dict, num_items_in_batch) -> DistillationOutput:
         """The strategy's loss (a mean over this micro-batch) weighted by its share of the label
