@@ -227,3 +227,17 @@ def test_bad_input_fails_before_any_work(tmp_path):
         DistillationTrainer(student, args, teacher=tiny_bert(24, vocab=50))
     with pytest.raises(ValueError, match=r"strategy: expected None or one of"):
         DistillationTrainer(student, args, teacher=teacher, strategy="tinybart")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_under_bf16_autocast_within_bf16_tolerance(causal):
+    """Mixed precision as Trainer(bf16=True) runs it: the student head computes in bf16."""
+    student, teacher = (tiny_llama(16, tied=False), tiny_llama(24, tied=True)) if causal else (tiny_bert(16),
+                                                                                                tiny_bert(24))
+    inputs = stack(examples(4, causal))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = distillation_loss(student, teacher, inputs, temperature=2.0)
+    out.loss.backward()
+    expected = reference_loss(student, teacher, inputs, 2.0, "kl", causal)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=2e-2)
+    assert student.get_output_embeddings().weight.grad.dtype == torch.float32

@@ -122,7 +122,8 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, inputs: dict, temp
     (``causal`` None = detect) predict ``labels[:, 1:]`` from positions ``:-1``. Padded targets are
     excluded. Each term is a sum over tokens divided by ``num_items_in_batch`` (HF's count over all
     accumulated micro-batches: the gradient equals that of one large batch), else by this batch's
-    labelled tokens (a mean). The teacher runs under ``torch.no_grad`` on its own device and dtype.
+    labelled tokens (a mean). The teacher runs in eval mode under ``torch.no_grad`` on its own device
+    and dtype; its states and head move to the student's device.
     """
     check_options(temperature, kd_weight, ce_weight, kind, backend)
     student_head, teacher_head = check_models(student, teacher)

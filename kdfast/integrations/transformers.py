@@ -32,7 +32,8 @@ class DistillationTrainer(Trainer):
     ``kind``, ``beta``, ``teacher_topk``, ``backend``), or ``strategy`` (a name of
     :data:`kdfast.strategies.NAMES`) with ``strategy_options`` for :func:`kdfast.strategies.build`.
     The teacher is never trained nor moved; it may sit on another device or dtype (the default path;
-    strategies need it on the student's device). Single process only for now (no DDP/FSDP).
+    strategies need it on the student's device). One process on one device for now (no DDP, FSDP,
+    DataParallel).
     """
 
     def __init__(self, model: nn.Module, args=None, *, teacher: nn.Module, temperature: float = 1.0,
@@ -45,6 +46,10 @@ class DistillationTrainer(Trainer):
             raise ValueError(f"strategy: expected None or one of {', '.join(map(repr, strategies.NAMES))}, "
                              f"got {strategy!r}")
         super().__init__(model, args, **trainer_kwargs)
+        if self.args.world_size > 1 or self.args.n_gpu > 1:
+            raise ValueError(f"args: expected one process on one device, got world_size={self.args.world_size}, "
+                             f"n_gpu={self.args.n_gpu}; the loss calls the student's base model and LM head "
+                             f"directly, which would bypass DDP/DataParallel (use distillation_loss in your loop)")
         # The loss is normalised by num_items_in_batch: ask Trainer to count it and not to rescale.
         self.model_accepts_loss_kwargs = True
         self.teacher = teacher
@@ -74,20 +79,13 @@ class DistillationTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            raise NotImplementedError("model: expected a single-process model, got DistributedDataParallel; "
-                                      "DistillationTrainer runs the student's base model and head directly, which "
-                                      "bypasses DDP's gradient synchronisation")
         student = self.accelerator.unwrap_model(model)
         if self.strategy is None:
             out = distillation_loss(student, self.teacher, inputs, num_items_in_batch=num_items_in_batch,
                                     **self.loss_options)
         else:
             out = self._strategy_loss(inputs, num_items_in_batch)
-        loss = out.loss
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # num_items_in_batch counts every process's tokens
-        return (loss, {"loss": loss, "kd": out.kd, "ce": out.ce}) if return_outputs else loss
+        return (out.loss, {"loss": out.loss, "kd": out.kd, "ce": out.ce}) if return_outputs else out.loss
 
     def _strategy_loss(self, inputs: dict, num_items_in_batch) -> DistillationOutput:
         """The strategy's loss (a mean over this micro-batch) weighted by its share of the label
