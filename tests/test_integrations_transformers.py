@@ -11,8 +11,12 @@ from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForMaskedLM,
     TrainingArguments,
 )
 
@@ -143,6 +147,30 @@ def test_head_gradients_reach_tied_and_untied_weights():
                           (student.model.embed_tokens.weight, twin.model.embed_tokens.weight)):
             assert mine.grad is not None
             assert (mine.grad - ref.grad).norm() <= 1e-5 * ref.grad.norm()
+
+
+def tiny_roberta(width: int) -> RobertaForMaskedLM:
+    return RobertaForMaskedLM(RobertaConfig(vocab_size=VOCAB, hidden_size=width, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=2 * width,
+                                            max_position_embeddings=LENGTH + 2, hidden_dropout_prob=0.0,
+                                            attention_probs_dropout_prob=0.0, initializer_range=0.3))
+
+
+def tiny_gpt2(width: int) -> GPT2LMHeadModel:
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=width, n_layer=1, n_head=2, n_positions=LENGTH,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.3,
+                                      bos_token_id=1, eos_token_id=1))
+
+
+@pytest.mark.parametrize("build,causal", [(tiny_roberta, False), (tiny_gpt2, True)])
+def test_helper_matches_reference_on_roberta_and_gpt2(build, causal):
+    """RoBERTa's lm_head (dense, GELU, LayerNorm, decoder with bias) and GPT-2's tied head (a causal
+    LM recognised by class, as its loss_type is unset)."""
+    student, teacher = build(16), build(24)
+    inputs = stack(examples(3, causal))
+    got = distillation_loss(student, teacher, inputs, temperature=1.5).loss
+    expected = reference_loss(student, teacher, inputs, 1.5, "kl", causal)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_bf16_teacher_with_fp32_student_within_bf16_tolerance():
