@@ -248,6 +248,8 @@ def test_bad_input_fails_before_any_work(tmp_path):
         distillation_loss(student, meta_teacher, inputs)
     with pytest.raises(TypeError, match=r"teacher: expected a transformers PreTrainedModel.*got str"):
         distillation_loss(student, "bert-base-uncased", inputs)
+    with pytest.raises(TypeError, match=r"inputs: expected a dict.*got Tensor"):
+        distillation_loss(student, teacher, inputs["input_ids"])
     with pytest.raises(ValueError, match=r"kind: expected one of"):
         distillation_loss(student, teacher, inputs, kind="tv")
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)

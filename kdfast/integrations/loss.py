@@ -5,6 +5,7 @@ The student's and teacher's pre-decoder states of the labelled positions go with
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -70,6 +71,9 @@ def check_num_items(num_items_in_batch: Union[int, torch.Tensor, None]) -> Optio
 def target_labels(inputs: dict, causal: bool) -> torch.Tensor:
     """Per-position targets [B, L'] aligned with the states that predict them (-100 = none):
     causal LMs predict labels[:, 1:] from positions :-1; padded targets (attention_mask 0) are dropped."""
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"inputs: expected a dict of the models' keyword inputs with labels, got "
+                        f"{type(inputs).__name__}")
     labels = inputs.get("labels")
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
         raise ValueError(f"inputs['labels']: expected a [B, L] tensor of token ids (-100 = not a target), got "
