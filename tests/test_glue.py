@@ -1,7 +1,6 @@
 """Task folders and custom task specs (refused before training), and the fine-tuning path on shared data."""
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -87,10 +86,13 @@ def test_custom_task_from_a_spec_file_runs_end_to_end(tmp_path):
                                intermediate_size=64)).save_pretrained(str(tmp_path / "model"))
     out = tmp_path / "results.json"
     assert main(["glue", "--model", str(tmp_path / "model"), "--tasks", "mood", "--task-spec",
-                 str(tmp_path / "spec.yaml"), "--data-dir", str(tmp_path / "data"), "--seeds", "0,1", "--lrs", "3e-3",
-                 "--epochs", "3", "--json", str(out)]) == 0
+                 str(tmp_path / "spec.yaml"), "--data-dir", str(tmp_path / "data"), "--seeds", "0,1", "--lrs", "3e-3,1e-4",
+                 "--select", "dev", "--epochs", "3", "--json", str(out)]) == 0
     mood = json.loads(out.read_text())["mood"]
     assert set(mood["metrics"]) == {"accuracy", "mcc"} and mood["metrics"]["accuracy"]["seeds"] == 2
+    assert [g["lr"] for g in mood["grid"]] == [3e-3, 1e-4] and all(g["on"].startswith("dev (8 held out")
+                                                                   for g in mood["grid"])
+    assert mood["lr"] == max(mood["grid"], key=lambda g: g["mean"]["accuracy"])["lr"]
     with pytest.raises(ValueError, match=r"level: expected an interval level in \(0, 1\)"):
         main(["glue", "--model", str(tmp_path / "model"), "--tasks", "mood", "--task-spec", str(tmp_path / "spec.yaml"),
               "--data-dir", str(tmp_path / "data"), "--level", "95"])

@@ -58,7 +58,8 @@ def test_planted_signal_is_detected_and_identical_encoders_tie(docs):
     a, b = stats.estimate(with_signal), stats.estimate(without)
     assert b["low"] < 0.56  # near chance: a bag of words cannot see a swap
     assert stats.separated(a, b) and a["mean"] > b["mean"] + 0.1
-    calls = stats.verdicts([stats.paired_comparison(with_signal, without), stats.paired_comparison(twin, without)], [True, True])
+    calls = stats.verdicts([stats.paired_comparison(with_signal, without), stats.paired_comparison(twin, without)],
+                           [True, True])
     assert [c["verdict"] for c in calls] == ["better", "no detectable difference"]
 
 

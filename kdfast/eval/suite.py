@@ -74,8 +74,16 @@ class Suite:
         if self.glue:
             out["glue"] = {"tasks": [t.name for t in self.glue], "seeds": glue["seeds"], "lrs": glue["lrs"],
                            "batch_sizes": glue["batch_sizes"], "epochs": glue["epochs"], "seq_len": glue["seq_len"],
-                           "selection": "grid point with the best mean main metric over seeds on validation"}
+                           "selection": glue_selection(glue["select"], glue["select_examples"])}
         return out
+
+
+def glue_selection(select: str, examples: Optional[int]) -> str:
+    if select == "validation":
+        return "grid point with the best mean main metric over seeds on validation (the study's protocol)"
+    return (f"grid point with the best main metric on a dev split held out of train (first seed, at most "
+            f"{examples or 'all'} training rows per point), then every seed at that point on the whole train "
+            "split")
 
 
 def build(config: dict, data, tokenizer) -> Suite:
@@ -187,5 +195,6 @@ def _glue(suite: Suite, model_path: str, device: torch.device, label: str):
                                section["batch_sizes"], section["epochs"], section["seq_len"], device,
                                warmup=section["warmup"], weight_decay=section["weight_decay"],
                                max_train_examples=section["max_train_examples"],
-                               max_eval_examples=section["max_eval_examples"],
+                               max_eval_examples=section["max_eval_examples"], select=section["select"],
+                               select_examples=section["select_examples"],
                                progress=lambda message: print(f"  glue {label}: {message}", file=sys.stderr))
