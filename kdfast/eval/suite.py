@@ -117,6 +117,16 @@ def build(config: dict, data, tokenizer) -> Suite:
                  glue, notes)
 
 
+def _model_key(model_path: str, recipe: str) -> str:
+    """The suite's recipe and the model's identity (path, and its weight files' sizes and times)."""
+    where = Path(model_path).resolve() if Path(model_path).exists() else model_path
+    digest = hashlib.sha256(f"{recipe}|{where}".encode())
+    for weights in sorted(Path(model_path).glob("*.safetensors")) + sorted(Path(model_path).glob("*.bin")):
+        info = weights.stat()
+        digest.update(f"{weights.name}:{info.st_size}:{info.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class Evaluation:
     """One model's ``scores`` per metric name, and ``info`` (GLUE grid points kept, phase seconds)."""
@@ -147,8 +157,9 @@ def _save_cache(path: Path, evaluation: Evaluation) -> None:
 
 
 def evaluate(suite: Suite, model_path: str, device: torch.device, cache_dir: Path, label: str = "") -> Evaluation:
-    """Every metric of the model at ``model_path``; cached in ``cache_dir`` under the suite's recipe."""
-    cache = Path(cache_dir) / CACHE.format(suite.recipe())
+    """Every metric of the model at ``model_path``; cached in ``cache_dir`` under the suite's recipe and
+    the model's identity (a retrained model at the same path is evaluated again)."""
+    cache = Path(cache_dir) / CACHE.format(_model_key(model_path, suite.recipe()))
     cached = _load_cache(cache)
     if cached is not None:
         return cached
