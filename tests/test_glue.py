@@ -86,8 +86,8 @@ def test_custom_task_from_a_spec_file_runs_end_to_end(tmp_path):
                                intermediate_size=64)).save_pretrained(str(tmp_path / "model"))
     out = tmp_path / "results.json"
     assert main(["glue", "--model", str(tmp_path / "model"), "--tasks", "mood", "--task-spec",
-                 str(tmp_path / "spec.yaml"), "--data-dir", str(tmp_path / "data"), "--seeds", "0,1", "--lrs", "3e-3,1e-4",
-                 "--select", "dev", "--epochs", "3", "--json", str(out)]) == 0
+                 str(tmp_path / "spec.yaml"), "--data-dir", str(tmp_path / "data"), "--seeds", "0,1",
+                 "--lrs", "3e-3,1e-4",                 "--select", "dev", "--epochs", "3", "--json", str(out)]) == 0
     mood = json.loads(out.read_text())["mood"]
     assert set(mood["metrics"]) == {"accuracy", "mcc"} and mood["metrics"]["accuracy"]["seeds"] == 2
     assert [g["lr"] for g in mood["grid"]] == [3e-3, 1e-4] and all(g["on"].startswith("dev (8 held out")
