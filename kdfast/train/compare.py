@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -115,7 +116,7 @@ def glue_scores(config: dict, model_path: str, context: Context) -> dict:
 
 
 def compare(config: dict, context: Context, resume: bool = False) -> dict:
-    from kdfast.eval import glue, report
+    from kdfast.eval import fingerprint, glue, report
 
     out = Path(config["out"])
     validate(config)
@@ -150,6 +151,7 @@ def compare(config: dict, context: Context, resume: bool = False) -> dict:
                      f"({config['teacher']['charge']}).")
     result = {"name": config["name"], "budget": str(parse_budget(str(config["train"]["budget"]))),
               "corpus": ", ".join(config["data"]["train"]), "unique_tokens": data.unique_tokens,
+              "fingerprint": fingerprint.of(tokenizer, data, teacher, config["data"]["train"], teacher_row),
               "tasks": list(tasks), "glue_seeds": config["glue"]["seeds"], "teacher": teacher_row, "arms": rows,
               "notes": notes, "config": config}
     if context.is_main:
@@ -165,12 +167,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategies", default=None, help="comma-separated arms (default: the config's)")
 
 
-def run(args: argparse.Namespace) -> int:
-    extra = [f"{key}={value}" for key, value in (("glue.data_dir", args.glue_dir),
-                                                 ("teacher.charge", args.charge_teacher)) if value is not None]
+def load_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> dict:
+    """The config of a compare-style command line (``add_arguments``), plus ``extra`` overrides."""
+    extra = [*extra, *(f"{key}={value}" for key, value in (("glue.data_dir", args.glue_dir),
+                                                          ("teacher.charge", args.charge_teacher))
+                       if value is not None)]
     if args.strategies:
         extra.append(f"strategies={[s.strip() for s in args.strategies.split(',') if s.strip()]!r}")
-    config = setup.resolve_auto(setup.load_config(args, extra))
+    return setup.resolve_auto(setup.load_config(args, extra))
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args)
     context = distributed.init(config["device"])
     out = Path(config["out"])
     try:

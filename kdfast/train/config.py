@@ -65,6 +65,12 @@ DEFAULTS: Dict[str, Any] = {
         "tensorboard": False,
         "progress": True,
         "calibration": None,              # JSON of `kdfast bench budget`, to convert budgets up front
+        "snapshots": [],                  # smaller budgets at which the model is saved too (sweep --snapshots)
+    },
+    "sweep": {
+        "budgets": None,                  # "15s,45s,135s", a list, or {start: 15s, factor: 3, count: 3}
+        "snapshots": False,               # approximation: evaluate checkpoints of one run at the largest budget
+        "draws": 1000,                    # bootstrap draws per crossover interval
     },
     "glue": {
         "tasks": ["cola", "sst2", "stsb"],

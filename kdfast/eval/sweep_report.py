@@ -1,0 +1,217 @@
+"""The sweep report: ``sweep.json``, ``sweep.md`` and one PNG per metric (metric against budget, log x).
+
+Input: a sweep result with ``cells`` (one row per (budget, strategy): ``cell`` tag, ``cell_amount`` in
+``budget_unit``, steps, tokens, epochs and ``metrics[name] = {mean, low, high, se, level,
+higher_is_better, method, ...}``), the ``teacher`` row, ``teacher_charge`` (``amount`` in the budget's
+unit) and ``baseline`` (no-kd). Added: ``trends`` (per metric and strategy, the fit of
+``kdfast.eval.trends``) and ``crossovers`` (each KD strategy against the baseline, without and, when a
+charge is set, with the teacher's cost added to the KD cells' budget).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import List, Optional
+
+from kdfast.budget.units import Budget
+from kdfast.eval import trends
+from kdfast.train.checkpoint import atomic_open
+
+
+def metric_names(cells: List[dict]) -> List[str]:
+    """Every metric any cell has, in order of first appearance."""
+    names = []
+    for cell in cells:
+        names += [m for m in cell.get("metrics") or {} if m not in names]
+    return names
+
+
+def _se(entry: dict) -> float:
+    """The cell's standard error, or its interval's half-width over the normal quantile of its level."""
+    if entry.get("se") is not None:
+        return float(entry["se"])
+    from scipy.stats import norm
+
+    return (entry["high"] - entry["low"]) / (2 * norm.ppf(0.5 + entry.get("level", 0.95) / 2))
+
+
+def series(cells: List[dict], strategy: str, metric: str, shift: float = 0.0) -> Optional[trends.Series]:
+    """The strategy's cells that have ``metric``, budgets shifted by ``shift``; None below 2 budgets."""
+    rows = [c for c in cells if c["strategy"] == strategy and (c.get("metrics") or {}).get(metric)]
+    if len(rows) < 2:
+        return None
+    rows.sort(key=lambda c: c["cell_amount"])
+    entries = [c["metrics"][metric] for c in rows]
+    return trends.Series.of([c["cell_amount"] + shift for c in rows], [e["mean"] for e in entries],
+                            [_se(e) for e in entries])
+
+
+def higher_is_better(cells: List[dict], metric: str) -> bool:
+    return next(c["metrics"][metric].get("higher_is_better", True) for c in cells if metric in (c.get("metrics") or {}))
+
+
+def _reading(found: dict, strategy: str, baseline: str, better_high: bool, unit: str) -> str:
+    """``found`` in words: who is ahead below and above the crossing."""
+    if found["other_minus_base"] is None:
+        return found["verdict"]
+    ahead_low = (found["other_minus_base"][0] > 0) == better_high
+    first, second = (strategy, baseline) if ahead_low else (baseline, strategy)
+    if found["verdict"] != "crossover":
+        ahead = (found["other_minus_base"][1] > 0) == better_high
+        return f"{strategy if ahead else baseline} ahead across the range (fitted)"
+    return (f"{first} ahead below ≈{Budget(found['estimate'], unit)}, {second} above "
+            f"(95% interval {Budget(found['low'], unit)} – {Budget(found['high'], unit)})")
+
+
+def analyse(result: dict) -> None:
+    """Fill ``result['trends']`` and ``result['crossovers']``."""
+    cells, baseline, unit = result["cells"], result["baseline"], result["budget_unit"]
+    charge = result["teacher_charge"]["amount"]
+    result["trends"], result["crossovers"] = {}, []
+    strategies = result["strategies"]
+    for metric in metric_names(cells):
+        fits = {}
+        for name in strategies:
+            cell_series = series(cells, name, metric)
+            if cell_series is not None:
+                fitted = trends.fit(cell_series, trends.form_for(len(cell_series.x)))
+                fits[name] = {"form": fitted.form, "params": fitted.params, "x0": fitted.x0,
+                              "describe": fitted.describe()}
+        result["trends"][metric] = fits
+        base = series(cells, baseline, metric)
+        if base is None:
+            continue
+        for name in strategies:
+            for shift in ([0.0, charge] if charge else [0.0]):
+                other = series(cells, name, metric, shift)
+                if name == baseline or other is None:
+                    continue
+                found = trends.crossover(base, other, draws=result.get("draws", 1000))
+                result["crossovers"].append({"metric": metric, "strategy": name, "baseline": baseline,
+                                             "teacher_charge": shift, **found,
+                                             "reading": _reading(found, name, baseline,
+                                                                 higher_is_better(cells, metric), unit)})
+
+
+def _interval(entry: Optional[dict]) -> str:
+    if not entry:
+        return "–"
+    return f"{entry['mean']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+
+
+def _budget(value: Optional[float], unit: str) -> str:
+    return "–" if value is None else str(Budget(value, unit))
+
+
+def markdown(result: dict) -> str:
+    unit, metrics = result["budget_unit"], metric_names(result["cells"])
+    charge = result["teacher_charge"]
+    lines = [f"# {result['name']}: comparison across budgets", ""]
+    if result.get("approximation"):
+        lines += [f"> **Approximation.** {result['approximation']}", ""]
+    fp = result.get("fingerprint") or {}
+    lines += [f"Budgets: {', '.join(result['budgets'])} per cell. Corpus: {result['corpus']}. "
+              f"Teacher: {result['teacher'].get('description', '?')}.",
+              "Fingerprint: " + ", ".join(f"{k} {v['sha256']}" for k, v in fp.items()) + ".", ""]
+    head = ["budget", "strategy", "layers/width", "steps", "tokens", "epochs", f"budget used ({unit})", *metrics]
+    lines += ["## Cells", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in [*sorted(result["cells"], key=lambda c: (c["cell_amount"], result["strategies"].index(c["strategy"]))),
+                result["teacher"]]:
+        used = row.get("budget_used")
+        cells = [row.get("cell", "teacher"), row["strategy"], row.get("shape", "?"), str(row.get("steps", "–")),
+                 f"{row['tokens']:,}" if row.get("tokens") is not None else "–",
+                 "–" if row.get("epochs") is None else f"{row['epochs']:.2f}",
+                 "–" if used is None else f"{used:.4g}",
+                 *(_interval((row.get("metrics") or {}).get(m)) for m in metrics)]
+        lines.append("| " + " | ".join(cells) + " |")
+    methods = {m: next(c["metrics"][m] for c in result["cells"] if m in (c.get("metrics") or {})) for m in metrics}
+    lines += [""] + [f"- {m}: mean [low, high], {100 * e.get('level', 0.95):g}% interval, {e.get('method', '?')}"
+                     for m, e in methods.items()]
+    lines += ["", "## Trends", ""]
+    for metric, fits in result["trends"].items():
+        lines += [f"- {metric}: " + "; ".join(f"{name}: {fit['describe']}" for name, fit in fits.items())]
+    lines += ["", "Fitted by weighted least squares (weights 1/cell SE), x = budget in " + unit + "; "
+              f"the saturating power law from {trends.POWER_FROM} budgets, log-linear below.", ""]
+    if result["crossovers"]:
+        lines += [f"## Crossovers with {result['baseline']}", "",
+                  "| metric | strategy | teacher charge | verdict | estimate | 95% interval | draws crossing "
+                  "| reading |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in result["crossovers"]:
+            charged = f"{charge['policy']} (+{_budget(c['teacher_charge'], unit)})" if c["teacher_charge"] else "none"
+            interval = f"{_budget(c['low'], unit)} – {_budget(c['high'], unit)}" if c["low"] is not None else "–"
+            lines.append(f"| {c['metric']} | {c['strategy']} | {charged} | {c['verdict']} | "
+                         f"{_budget(c['estimate'], unit)} | {interval} | {100 * c['crossing_fraction']:.0f}% | "
+                         f"{c['reading']} |")
+        first = result["crossovers"][0]
+        lines += ["", f"Crossing: {first['method']}. Searched within the budgets both series cover; "
+                  "'no crossover in range': fewer than half the draws change sign there."]
+    notes = list(result.get("notes") or [])
+    if result.get("unique_tokens"):
+        notes.append(f"Limited data: {result['unique_tokens']:,} unique training tokens, repeated (epochs per cell "
+                     "in the table).")
+    if charge["amount"]:
+        notes.append(f"Teacher charge {charge['policy']}: {charge['amount']:.4g} {unit} added to each KD cell's budget "
+                     "in the charged crossovers and the shifted curves (training is the same).")
+    return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
+
+
+def plots(result: dict, out_dir: Path) -> List[str]:
+    """``sweep_<metric>.png`` per metric: cell means with their interval bands, fitted trends (dashed) and,
+    with a teacher charge, the KD cells shifted right by it (dotted); returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cells, unit, charge = result["cells"], result["budget_unit"], result["teacher_charge"]
+    paths = []
+    for metric in metric_names(cells):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for index, name in enumerate(result["strategies"]):
+            rows = sorted((c for c in cells if c["strategy"] == name and metric in (c.get("metrics") or {})),
+                          key=lambda c: c["cell_amount"])
+            if not rows:
+                continue
+            color = f"C{index}"
+            shifts = [0.0, charge["amount"]] if charge["amount"] and name != result["baseline"] else [0.0]
+            for shift in shifts:
+                x = np.array([c["cell_amount"] + shift for c in rows])
+                entries = [c["metrics"][metric] for c in rows]
+                style = ":" if shift else "-"
+                label = f"{name} + teacher ({charge['policy']})" if shift else name
+                ax.fill_between(x, [e["low"] for e in entries], [e["high"] for e in entries], color=color,
+                                alpha=0.1 if shift else 0.2, linewidth=0)
+                ax.plot(x, [e["mean"] for e in entries], style, marker="o", color=color, label=label)
+            fit = result["trends"].get(metric, {}).get(name)
+            if fit:
+                grid = np.geomspace(rows[0]["cell_amount"], rows[-1]["cell_amount"], 64)
+                ax.plot(grid, trends.Fit(fit["form"], fit["params"], fit["x0"])(grid), "--", color=color,
+                        linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel({"s": "budget (device-seconds)", "tok": "budget (tokens)", "flop": "budget (FLOPs)"}[unit])
+        ax.set_ylabel(metric)
+        title = f"{metric} vs budget (bands: cell intervals; dashed: fitted trend)"
+        ax.set_title(title + ("\nAPPROXIMATION: snapshots of one long run" if result.get("approximation") else ""),
+                     fontsize="medium")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        paths.append(str(Path(out_dir) / f"sweep_{re.sub(r'[^A-Za-z0-9_.-]+', '_', metric)}.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def write(result: dict, out_dir: Path) -> dict:
+    """Analyse ``result``, draw the plots and write ``sweep.json`` and ``sweep.md`` in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    analyse(result)
+    result["plots"] = plots(result, out_dir)
+    with atomic_open(out_dir / "sweep.json") as f:
+        f.write(json.dumps(result, indent=1).encode())
+    with atomic_open(out_dir / "sweep.md") as f:
+        f.write(markdown(result).encode())
+    return result
