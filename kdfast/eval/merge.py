@@ -31,6 +31,7 @@ def load(folder: Path) -> dict:
         cells.append({**arm, "cell": Budget(spent, arm["budget_unit"]).tag, "cell_amount": spent})
     return {"kind": "compare", "name": result["name"], "budget_unit": cells[0]["budget_unit"], "cells": cells,
             "strategies": [c["strategy"] for c in cells], "corpus": result["corpus"],
+            "limited_data": result["config"]["data"]["unique_tokens"] is not None,
             "unique_tokens": result.get("unique_tokens"), "fingerprint": result.get("fingerprint"),
             "teacher": result["teacher"], "approximation": None}
 
@@ -71,7 +72,8 @@ def merge(named: List[Tuple[str, dict]], charge: str = "none", draws: int = 1000
             "strategies": strategies, "baseline": "no-kd",
             "approximation": (f"cells from {', '.join(approximated)} are snapshots of one long run (their LR "
                               "schedule is the long run's)") if approximated else None,
-            "corpus": first["corpus"], "unique_tokens": first.get("unique_tokens"), "fingerprint": first["fingerprint"],
+            "corpus": first["corpus"], "limited_data": first.get("limited_data"),
+            "unique_tokens": first.get("unique_tokens"), "fingerprint": first["fingerprint"],
             "teacher": teacher, "cells": cells, "draws": draws,
             "teacher_charge": {"policy": charge, "fraction": fraction, "amount": fraction * (spent or 0.0),
                                "unit": first["budget_unit"], "teacher_budget_used": spent},

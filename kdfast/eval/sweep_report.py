@@ -75,7 +75,7 @@ def analyse(result: dict) -> None:
         for name in strategies:
             cell_series = series(cells, name, metric)
             if cell_series is not None:
-                fitted = trends.fit(cell_series, trends.form_for(len(cell_series.x)))
+                fitted = trends.choose(cell_series)
                 fits[name] = {"form": fitted.form, "params": fitted.params, "x0": fitted.x0,
                               "describe": fitted.describe()}
         result["trends"][metric] = fits
@@ -131,8 +131,8 @@ def markdown(result: dict) -> str:
     lines += ["", "## Trends", ""]
     for metric, fits in result["trends"].items():
         lines += [f"- {metric}: " + "; ".join(f"{name}: {fit['describe']}" for name, fit in fits.items())]
-    lines += ["", "Fitted by weighted least squares (weights 1/cell SE), x = budget in " + unit + "; "
-              f"the saturating power law from {trends.POWER_FROM} budgets, log-linear below.", ""]
+    lines += ["", f"Fitted by weighted least squares (weights 1/cell SE), x = budget in {unit}: log-linear, or the "
+              f"saturating power law where there are {trends.POWER_FROM}+ budgets and it has the lower AIC.", ""]
     if result["crossovers"]:
         lines += [f"## Crossovers with {result['baseline']}", "",
                   "| metric | strategy | teacher charge | verdict | estimate | 95% interval | draws crossing "
@@ -148,7 +148,7 @@ def markdown(result: dict) -> str:
         lines += ["", f"Crossing: {first['method']}. Searched within the budgets both series cover; "
                   "'no crossover in range': fewer than half the draws change sign there."]
     notes = list(result.get("notes") or [])
-    if result.get("unique_tokens"):
+    if result.get("limited_data"):
         notes.append(f"Limited data: {result['unique_tokens']:,} unique training tokens, repeated (epochs per cell "
                      "in the table).")
     if charge["amount"]:

@@ -7,7 +7,8 @@ A series is one strategy's cells for one metric: budgets ``x`` (> 0, in the budg
 - ``log-linear``: ``y = a + b·ln(x / x0)`` (two parameters; any number of budgets >= 2);
 - ``power``: ``y = c + a·(x / x0)^(-alpha)``, ``alpha`` in (0, 4] (saturating; used from 4 budgets).
 
-``x0`` is the geometric mean of the series' budgets (conditioning only). The crossing of two series is
+``x0`` is the geometric mean of the series' budgets (conditioning only). Each series takes the power law
+only when it lowers the AIC (chi-square + 2 x parameters) below the log-linear fit's. The crossing of two series is
 the first sign change of the difference of their fits, on 256 points of ``ln x`` over the budgets both
 series cover, refined by ``scipy.optimize.brentq``. Its interval is a parametric bootstrap: every cell is
 redrawn from ``N(mean, se)``, both series are refitted and the crossing is found again; the percentiles of
@@ -23,7 +24,7 @@ from scipy.linalg import lstsq
 from scipy.optimize import brentq, minimize_scalar
 
 FORMS = {"log-linear": "y = a + b·ln(x/x0)", "power": "y = c + a·(x/x0)^(-alpha), 0 < alpha <= 4"}
-POWER_FROM = 4                  # budgets needed before the saturating form is fitted
+POWER_FROM = 4                  # budgets needed before the saturating form is tried
 GRID = 256
 ALPHA = (1e-3, 4.0)             # the power law's exponent range
 
@@ -55,11 +56,12 @@ class Series:
 
 @dataclass(frozen=True)
 class Fit:
-    """A fitted trend: ``form`` (a key of FORMS), ``params`` by name, ``x0``."""
+    """A fitted trend: ``form`` (a key of FORMS), ``params`` by name, ``x0``, weighted ``chi2``."""
 
     form: str
     params: dict
     x0: float
+    chi2: float = 0.0
 
     def __call__(self, x) -> np.ndarray:
         u = np.asarray(x, float) / self.x0
@@ -73,9 +75,13 @@ class Fit:
         return f"{FORMS[self.form]} with {values}, x0={self.x0:.4g}"
 
 
-def form_for(count: int) -> str:
-    """``power`` from POWER_FROM budgets on, ``log-linear`` below."""
-    return "power" if count >= POWER_FROM else "log-linear"
+def choose(series: Series) -> Fit:
+    """The log-linear fit, or the power law when there are POWER_FROM budgets and its AIC is lower."""
+    linear = fit(series, "log-linear")
+    if len(series.x) < POWER_FROM:
+        return linear
+    power = fit(series, "power")
+    return power if power.chi2 + 2 * len(power.params) < linear.chi2 + 2 * len(linear.params) else linear
 
 
 def _weighted_lstsq(columns: list, series: Series) -> tuple:
@@ -95,12 +101,12 @@ def fit(series: Series, form: str) -> Fit:
     u = series.x / x0
     ones = np.ones_like(u)
     if form == "log-linear":
-        (a, b), _ = _weighted_lstsq([ones, np.log(u)], series)
-        return Fit(form, {"a": float(a), "b": float(b)}, x0)
+        (a, b), chi2 = _weighted_lstsq([ones, np.log(u)], series)
+        return Fit(form, {"a": float(a), "b": float(b)}, x0, chi2)
     alpha = minimize_scalar(lambda p: _weighted_lstsq([ones, u ** -p], series)[1], bounds=ALPHA,
                             method="bounded").x
-    (c, a), _ = _weighted_lstsq([ones, u ** -alpha], series)
-    return Fit(form, {"c": float(c), "a": float(a), "alpha": float(alpha)}, x0)
+    (c, a), chi2 = _weighted_lstsq([ones, u ** -alpha], series)
+    return Fit(form, {"c": float(c), "a": float(a), "alpha": float(alpha)}, x0, chi2)
 
 
 def crossing(first: Callable, second: Callable, low: float, high: float) -> Optional[float]:
@@ -118,29 +124,32 @@ def crossing(first: Callable, second: Callable, low: float, high: float) -> Opti
     return float(np.exp(root))
 
 
-def crossover(base: Series, other: Series, form: Optional[str] = None, draws: int = 1000, level: float = 0.95,
-              seed: int = 0) -> dict:
-    """Where ``other``'s trend crosses ``base``'s within the budgets both cover.
+def crossover(base: Series, other: Series, forms: Optional[tuple] = None, draws: int = 1000,
+              level: float = 0.95, seed: int = 0) -> dict:
+    """Where ``other``'s trend crosses ``base``'s within the budgets both cover; ``forms`` (base's,
+    other's) default to ``choose`` on the means and stay fixed over the bootstrap draws.
 
-    Returns ``range`` [low, high], ``form``, ``estimate`` (from the fits to the means; None without a sign
-    change), ``low``/``high`` (``level`` percentile interval over the bootstrap draws that cross),
-    ``crossing_fraction`` (draws that cross in range), ``draws``, ``verdict`` ("crossover" or
+    Returns ``range`` [low, high], ``forms``, ``estimate`` (from the fits to the means; without a sign
+    change there, the draws' median when most draws cross), ``low``/``high`` (``level`` percentile interval
+    over the draws that cross), ``crossing_fraction``, ``draws``, ``verdict`` ("crossover" or
     "no crossover in range"), and ``other_minus_base`` at both ends of the range (fitted)."""
-    form = form or form_for(min(len(base.x), len(other.x)))
+    forms = forms or (choose(base).form, choose(other).form)
     low, high = max(base.x.min(), other.x.min()), min(base.x.max(), other.x.max())
-    result = {"range": [float(low), float(high)], "form": form, "method": FORMS[form] + ", weighted least squares "
+    result = {"range": [float(low), float(high)], "forms": list(forms),
+              "method": f"fits {FORMS[forms[1]]} (strategy) and {FORMS[forms[0]]} (baseline), weighted least squares "
               f"(weights 1/cell SE); crossing interval: parametric bootstrap of the cells, {draws} draws, "
               f"{100 * level:g}% percentile", "draws": draws, "estimate": None, "low": None, "high": None,
               "crossing_fraction": 0.0, "verdict": "no crossover in range", "other_minus_base": None}
     if low >= high:
         result["verdict"] = "no crossover in range (the series share no budget range)"
         return result
-    base_fit, other_fit = fit(base, form), fit(other, form)
+    base_fit, other_fit = fit(base, forms[0]), fit(other, forms[1])
     ends = other_fit(np.array([low, high])) - base_fit(np.array([low, high]))
     result["other_minus_base"] = [float(ends[0]), float(ends[1])]
     result["estimate"] = crossing(other_fit, base_fit, low, high)
     rng = np.random.default_rng(seed)
-    found = [crossing(fit(other.redrawn(rng), form), fit(base.redrawn(rng), form), low, high) for _ in range(draws)]
+    found = [crossing(fit(other.redrawn(rng), forms[1]), fit(base.redrawn(rng), forms[0]), low, high)
+             for _ in range(draws)]
     found = np.array([x for x in found if x is not None])
     result["crossing_fraction"] = len(found) / draws
     if result["crossing_fraction"] >= 0.5:
