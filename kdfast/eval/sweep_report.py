@@ -58,10 +58,10 @@ def _reading(found: dict, strategy: str, baseline: str, better_high: bool, unit:
     ahead_low = (found["other_minus_base"][0] > 0) == better_high
     first, second = (strategy, baseline) if ahead_low else (baseline, strategy)
     if found["verdict"] != "crossover":
-        ahead = (found["other_minus_base"][1] > 0) == better_high
-        return f"{strategy if ahead else baseline} ahead across the range (fitted)"
-    return (f"{first} ahead below ≈{Budget(found['estimate'], unit)}, {second} above "
-            f"(95% interval {Budget(found['low'], unit)} – {Budget(found['high'], unit)})")
+        if found["estimate"] is not None:
+            return "the fitted trends cross, but fewer than half the bootstrap draws do: not resolved"
+        return f"{first} ahead across the range (fitted)"
+    return f"{first} ahead below ≈{_budget(found['estimate'], unit)}, {second} above"
 
 
 def analyse(result: dict) -> None:
@@ -101,7 +101,8 @@ def _interval(entry: Optional[dict]) -> str:
 
 
 def _budget(value: Optional[float], unit: str) -> str:
-    return "–" if value is None else str(Budget(value, unit))
+    """A budget to 3 significant digits: '412s', '1.2h', '3.07e+06tok'."""
+    return "–" if value is None else str(Budget(float(f"{value:.3g}"), unit))
 
 
 def markdown(result: dict) -> str:
@@ -144,9 +145,10 @@ def markdown(result: dict) -> str:
             lines.append(f"| {c['metric']} | {c['strategy']} | {charged} | {c['verdict']} | "
                          f"{_budget(c['estimate'], unit)} | {interval} | {100 * c['crossing_fraction']:.0f}% | "
                          f"{c['reading']} |")
-        first = result["crossovers"][0]
-        lines += ["", f"Crossing: {first['method']}. Searched within the budgets both series cover; "
-                  "'no crossover in range': fewer than half the draws change sign there."]
+        lines += ["", f"Crossing: the first sign change of the difference of the two fitted trends, within the "
+                  f"budgets both cover; interval: parametric bootstrap (each cell redrawn from N(mean, SE), both "
+                  f"refitted), {result.get('draws', 1000)} draws, 2.5/97.5 percentiles of the crossings; 'no "
+                  f"crossover in range': fewer than half the draws change sign there."]
     notes = list(result.get("notes") or [])
     if result.get("limited_data"):
         notes.append(f"Limited data: {result['unique_tokens']:,} unique training tokens, repeated (epochs per cell "
@@ -184,7 +186,8 @@ def plots(result: dict, out_dir: Path) -> List[str]:
                 label = f"{name} + teacher ({charge['policy']})" if shift else name
                 ax.fill_between(x, [e["low"] for e in entries], [e["high"] for e in entries], color=color,
                                 alpha=0.1 if shift else 0.2, linewidth=0)
-                ax.plot(x, [e["mean"] for e in entries], style, marker="o", color=color, label=label)
+                ax.plot(x, [e["mean"] for e in entries], style, marker="s" if shift else "o", color=color,
+                        markerfacecolor="none" if shift else color, label=label)
             fit = result["trends"].get(metric, {}).get(name)
             if fit:
                 grid = np.geomspace(rows[0]["cell_amount"], rows[-1]["cell_amount"], 64)
