@@ -1,8 +1,10 @@
-"""``kdfast glue``: fine-tune a pretrained model on GLUE tasks and report the median over seeds.
+"""``kdfast glue``: fine-tune a pretrained model on GLUE-style tasks, several seeds, with intervals.
 
-For each task, every (learning rate, batch size) of the grid is fine-tuned once per seed; the setting
-with the best median main metric on validation is reported with its median metrics and its seed spread
-(max - min of the main metric), which the report uses to call ties.
+For each task, every (learning rate, batch size) of the grid is fine-tuned once per seed; the grid
+point with the best mean main metric over seeds on validation is kept (as GLUE papers pick it),
+and its validation predictions [seeds, n] become ``Scores``: the mean over seeds with a bootstrap
+interval over seeds and validation examples (``kdfast.eval.stats``). Training batches are drawn
+from length-sorted windows of the shuffled data (less padding), in shuffled order.
 """
 from __future__ import annotations
 
@@ -11,18 +13,38 @@ import itertools
 import json
 import math
 import random
-import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from kdfast.eval import glue_tasks, metrics
+from kdfast.eval import glue_tasks, stats
 from kdfast.eval.glue_tasks import Task
 
 GRID_KEYS = ("lrs", "batch_sizes", "epochs", "seq_len", "seeds")
+_SORT_WINDOW = 50  # batches per length-sorted window
+
+
+@dataclass
+class TaskResult:
+    """The kept grid point of one task: ``scores`` per metric ([seeds, n] validation predictions)."""
+
+    task: Task
+    scores: Dict[str, stats.Scores]
+    lr: float
+    batch_size: int
+    grid: List[dict]
+    train_examples: int
+
+    def summary(self, level: float = 0.95) -> dict:
+        """JSON-ready: each metric's estimate with its interval, and the grid."""
+        return {"main_metric": self.task.main_metric, "lr": self.lr, "batch_size": self.batch_size,
+                "train_examples": self.train_examples,
+                "validation_examples": self.scores[self.task.main_metric].examples,
+                "metrics": {m: stats.estimate(s, level) for m, s in self.scores.items()}, "grid": self.grid}
 
 
 def encode(tokenizer, task: Task, rows: List[dict], seq_len: int) -> List[dict]:
@@ -46,10 +68,23 @@ def collate(examples: List[dict], pad_id: int, device: torch.device) -> Dict[str
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def batches(train: List[dict], batch_size: int, order: random.Random) -> List[List[int]]:
+    """One epoch's batches of indices: shuffled, sorted by length within windows, batch order shuffled."""
+    indices = list(range(len(train)))
+    order.shuffle(indices)
+    window = batch_size * _SORT_WINDOW
+    out = []
+    for start in range(0, len(indices), window):
+        chunk = sorted(indices[start:start + window], key=lambda i: len(train[i]["input_ids"]))
+        out += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    order.shuffle(out)
+    return out
+
+
 def finetune(model_path: str, tokenizer, task: Task, train: List[dict], validation: List[dict], lr: float,
              batch_size: int, epochs: int, seed: int, device: torch.device, warmup: float = 0.1,
-             weight_decay: float = 0.01) -> Dict[str, float]:
-    """Fine-tune a fresh copy of ``model_path`` on encoded ``train`` rows; metrics on ``validation``."""
+             weight_decay: float = 0.01) -> np.ndarray:
+    """Fine-tune a fresh copy of ``model_path`` on encoded ``train`` rows; validation predictions [n]."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -60,14 +95,13 @@ def finetune(model_path: str, tokenizer, task: Task, train: List[dict], validati
         model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=task.num_labels)
     finally:
         hf_logging.set_verbosity(verbosity)
-    model.to(device).train()
+    model.to(device=device, dtype=torch.float32).train()
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr,
                                   fused=device.type == "cuda")
-    steps_per_epoch = math.ceil(len(train) / batch_size)
-    total = steps_per_epoch * epochs
+    total = math.ceil(len(train) / batch_size) * epochs
     warm = max(1, int(total * warmup))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(total - warm, 1)))
@@ -75,10 +109,8 @@ def finetune(model_path: str, tokenizer, task: Task, train: List[dict], validati
     bf16 = device.type == "cuda"
     pad_id = tokenizer.pad_token_id
     for _ in range(epochs):
-        indices = list(range(len(train)))
-        order.shuffle(indices)
-        for start in range(0, len(indices), batch_size):
-            batch = collate([train[i] for i in indices[start:start + batch_size]], pad_id, device)
+        for chosen in batches(train, batch_size, order):
+            batch = collate([train[i] for i in chosen], pad_id, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = model(**batch).loss
             loss.backward()
@@ -86,32 +118,35 @@ def finetune(model_path: str, tokenizer, task: Task, train: List[dict], validati
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-    return evaluate(model, task, validation, pad_id, device)
+    return predict(model, task, validation, pad_id, device)
 
 
-@torch.no_grad()
-def evaluate(model, task: Task, rows: List[dict], pad_id: int, device: torch.device,
-             batch_size: int = 128) -> Dict[str, float]:
+@torch.inference_mode()
+def predict(model, task: Task, rows: List[dict], pad_id: int, device: torch.device,
+            batch_size: int = 128) -> np.ndarray:
+    """Predicted classes (or regression scores) [n] of ``rows`` in their order."""
     model.eval()
-    outputs = []
-    for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start:start + batch_size], pad_id, device)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    out = np.empty(len(rows), dtype=np.float64 if task.num_labels == 1 else np.int64)
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        batch = collate([rows[i] for i in chosen], pad_id, device)
         batch.pop("labels")
         logits = model(**batch).logits.float()
-        outputs.append(logits[:, 0] if task.num_labels == 1 else logits.argmax(-1))
-    pred = torch.cat(outputs).cpu().numpy()
-    gold = np.array([r["label"] for r in rows])
-    return metrics.score(task.name, pred, gold)
+        out[chosen] = (logits[:, 0] if task.num_labels == 1 else logits.argmax(-1)).cpu().numpy()
+    return out
 
 
 def evaluate_model(model_path: str, tasks: Sequence[Task], data_dir: Optional[str], seeds: Sequence[int],
                    lrs: Sequence[float], batch_sizes: Sequence[int], epochs: int, seq_len: int,
                    device: torch.device, tokenizer_path: Optional[str] = None, warmup: float = 0.1,
                    weight_decay: float = 0.01, max_train_examples: Optional[int] = None,
-                   max_eval_examples: Optional[int] = None, progress=None) -> dict:
-    """Per task: the best grid point by median main metric, its median metrics and seed spread."""
+                   max_eval_examples: Optional[int] = None, progress=None) -> Dict[str, TaskResult]:
+    """Per task: the grid point with the best mean main metric over seeds, with its predictions."""
     from kdfast.data.tokenizer import load as load_tokenizer
 
+    if len(seeds) < 1:
+        raise ValueError(f"seeds: expected at least one fine-tuning seed, got {list(seeds)!r}")
     tokenizer = load_tokenizer(tokenizer_path or model_path)
     results = {}
     for task in tasks:
@@ -120,44 +155,40 @@ def evaluate_model(model_path: str, tasks: Sequence[Task], data_dir: Optional[st
         train = encode(tokenizer, task, train_rows[:max_train_examples], seq_len)
         validation = encode(tokenizer, task, glue_tasks.load_rows(task, "validation", data_dir, max_eval_examples),
                             seq_len)
-        _, main = metrics.metric_names(task.name)
-        grid = []
+        gold = np.array([r["label"] for r in validation])
+        grid, best = [], None
         for lr, batch_size in itertools.product(lrs, batch_sizes):
-            runs = [finetune(model_path, tokenizer, task, train, validation, lr, batch_size, epochs, seed, device,
-                             warmup, weight_decay) for seed in seeds]
-            grid.append({"lr": lr, "batch_size": batch_size, "runs": runs,
-                         "median": {m: statistics.median(r[m] for r in runs) for m in runs[0]}})
+            predictions = np.stack([finetune(model_path, tokenizer, task, train, validation, lr, batch_size, epochs,
+                                             seed, device, warmup, weight_decay) for seed in seeds])
+            scores = {m: stats.Scores(predictions, gold, m) for m in task.metrics}
+            means = {m: float(s.value()) for m, s in scores.items()}
+            grid.append({"lr": lr, "batch_size": batch_size, "mean": means})
+            if best is None or means[task.main_metric] > best[0][task.main_metric]:
+                best = (means, scores, lr, batch_size)
             if progress:
                 progress(f"{task.name} lr={lr:g} batch={batch_size}: " +
-                         ", ".join(f"{m}={v:.4f}" for m, v in grid[-1]["median"].items()))
-        best = max(grid, key=lambda g: g["median"][main])
-        main_values = [r[main] for r in best["runs"]]
-        results[task.name] = {"main_metric": main, "metrics": best["median"], "lr": best["lr"],
-                              "batch_size": best["batch_size"], "seeds": list(seeds),
-                              "spread": max(main_values) - min(main_values), "grid": grid,
-                              "train_examples": len(train), "validation_examples": len(validation)}
+                         ", ".join(f"{m}={v:.4f}" for m, v in means.items()) + f" (mean of {len(seeds)} seeds)")
+        results[task.name] = TaskResult(task, best[1], best[2], best[3], grid, len(train))
     return results
-
-
-def average(results: dict) -> float:
-    """Mean over tasks of each task's main metric."""
-    return statistics.mean(r["metrics"][r["main_metric"]] for r in results.values())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="directory of a pretrained (MLM) model saved with its tokenizer")
-    parser.add_argument("--tasks", default="cola,sst2,stsb", help="comma-separated GLUE task names")
+    parser.add_argument("--tasks", default="cola,sst2,stsb", help="comma-separated task names (GLUE or --task-spec)")
+    parser.add_argument("--task-spec", default=None,
+                        help="YAML/JSON of custom tasks: {name: {columns: [a, b], num_labels: N, metrics: [..]}}")
     parser.add_argument("--data-dir", default=None,
-                        help="local {task}/{train,validation}.jsonl (HF column names); default: HF `glue`")
+                        help="local {task}/{train,validation}.jsonl folder (default: the HF glue dataset)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
     parser.add_argument("--preset", default=None,
                         help="take the grid from kdfast/configs/glue-NAME.yaml; study: lr {1e-5,3e-5,5e-5,8e-5} x "
-                             "batch {16,32}, 5 epochs, seq 128, median of seeds 0-4")
+                             "batch {16,32}, 5 epochs, seq 128, seeds 0-4")
     parser.add_argument("--lrs", default="1e-4", help="comma-separated learning rates")
     parser.add_argument("--batch-sizes", default="32", help="comma-separated batch sizes")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds (the median is reported)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated fine-tuning seeds")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--level", type=float, default=0.95, help="interval level in (0, 1)")
     parser.add_argument("--max-train-examples", type=int, default=None)
     parser.add_argument("--max-eval-examples", type=int, default=None)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -174,7 +205,8 @@ def _numbers(text: str, kind=float) -> List:
 def run(args: argparse.Namespace) -> int:
     from kdfast.train.distributed import pick_device
 
-    tasks = glue_tasks.parse_tasks(args.tasks)
+    stats.check_level(args.level)
+    tasks = glue_tasks.parse_tasks(args.tasks, glue_tasks.read_spec_file(args.task_spec))
     if args.data_dir is not None:
         glue_tasks.check_dir(args.data_dir, tasks)
     if not Path(args.model).is_dir():
@@ -191,11 +223,12 @@ def run(args: argparse.Namespace) -> int:
                              tokenizer_path=args.tokenizer, max_train_examples=args.max_train_examples,
                              max_eval_examples=args.max_eval_examples, progress=lambda m: print(m, file=sys.stderr),
                              **grid)
-    for name, result in results.items():
-        shown = ", ".join(f"{m}={v:.4f}" for m, v in result["metrics"].items())
-        print(f"{name:<6} {shown}  (lr={result['lr']:g}, batch={result['batch_size']}, "
-              f"seed spread {result['spread']:.4f})")
-    print(f"average {average(results):.4f}")
+    summaries = {name: result.summary(args.level) for name, result in results.items()}
+    for name, summary in summaries.items():
+        shown = ", ".join(f"{m}={e['mean']:.4f} [{e['low']:.4f}, {e['high']:.4f}]"
+                          for m, e in summary["metrics"].items())
+        print(f"{name:<6} {shown}  (lr={summary['lr']:g}, batch={summary['batch_size']}, "
+              f"{len(grid['seeds'])} seeds; {round(100 * args.level)}% bootstrap over seeds and examples)")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps(summaries, indent=1))
     return 0

@@ -15,6 +15,7 @@ from typing import List, Tuple
 
 from kdfast.budget.units import Budget
 from kdfast.eval import fingerprint, sweep_report
+from kdfast.eval.report import CEILING, FLOOR
 
 
 def load(folder: Path) -> dict:
@@ -25,15 +26,18 @@ def load(folder: Path) -> dict:
     if not (folder / "results.json").is_file():
         raise ValueError(f"report: expected sweep.json or results.json in {str(folder)!r}, got neither")
     result = json.loads((folder / "results.json").read_text())
+    references = [r for r in result["rows"] if r["strategy"] in (CEILING, FLOOR)]
     cells = []
-    for arm in result["arms"]:
+    for arm in (r for r in result["rows"] if r not in references):
         spent = arm["budget_amount"] - arm.get("teacher_charge", 0.0)  # what the student itself was given
         cells.append({**arm, "cell": Budget(spent, arm["budget_unit"]).tag, "cell_amount": spent})
     return {"kind": "compare", "name": result["name"], "budget_unit": cells[0]["budget_unit"], "cells": cells,
             "strategies": [c["strategy"] for c in cells], "corpus": result["corpus"],
             "limited_data": result["config"]["data"]["unique_tokens"] is not None,
             "unique_tokens": result.get("unique_tokens"), "fingerprint": result.get("fingerprint"),
-            "teacher": result["teacher"], "approximation": None}
+            "teacher": result["teacher"], "references": references, "approximation": None,
+            "metrics": result["analysis"]["metrics"], "verdicts": {cells[0]["cell"]: result["analysis"]["verdicts"]},
+            "evaluation": result.get("evaluation")}
 
 
 def merge(named: List[Tuple[str, dict]], charge: str = "none", draws: int = 1000) -> dict:
@@ -57,9 +61,11 @@ def merge(named: List[Tuple[str, dict]], charge: str = "none", draws: int = 1000
                                  f"{cell['shape']}")
             seen[key] = name
             cells.append({**cell, "source": name})
-    strategies = []
+    strategies, metrics, verdicts = [], [], {}
     for _, result in named:
         strategies += [s for s in result["strategies"] if s not in strategies]
+        metrics += [m for m in result.get("metrics") or [] if m not in metrics]
+        verdicts.update(result.get("verdicts") or {})
     approximated = [name for name, result in named if result.get("approximation")]
     teacher = first["teacher"]
     spent = teacher.get("budget_used") if teacher.get("budget_unit", first["budget_unit"]) == first["budget_unit"] \
@@ -74,7 +80,8 @@ def merge(named: List[Tuple[str, dict]], charge: str = "none", draws: int = 1000
                               "schedule is the long run's)") if approximated else None,
             "corpus": first["corpus"], "limited_data": first.get("limited_data"),
             "unique_tokens": first.get("unique_tokens"), "fingerprint": first["fingerprint"],
-            "teacher": teacher, "cells": cells, "draws": draws,
+            "teacher": teacher, "references": first.get("references", [teacher]), "cells": cells, "draws": draws,
+            "metrics": metrics, "verdicts": verdicts, "evaluation": first.get("evaluation"),
             "teacher_charge": {"policy": charge, "fraction": fraction, "amount": fraction * (spent or 0.0),
                                "unit": first["budget_unit"], "teacher_budget_used": spent},
             "notes": [f"Merged from {len(named)} folders: {', '.join(name for name, _ in named)}."]}

@@ -2,8 +2,10 @@
 
 Input: a sweep result with ``cells`` (one row per (budget, strategy): ``cell`` tag, ``cell_amount`` in
 ``budget_unit``, steps, tokens, epochs and ``metrics[name] = {mean, low, high, se, level,
-higher_is_better, method, ...}``), the ``teacher`` row, ``teacher_charge`` (``amount`` in the budget's
-unit) and ``baseline`` (no-kd). Added: ``trends`` (per metric and strategy, the fit of
+higher_is_better, method, ...}``), ``metrics`` (the names to report), ``references`` (teacher and
+random-init rows, drawn as horizontal lines), ``verdicts`` (per budget tag, the paired tests of
+``kdfast.eval.report.analyse``), ``teacher_charge`` (``amount`` in the budget's unit) and ``baseline``
+(no-kd). Added: ``trends`` (per metric and strategy, the fit of
 ``kdfast.eval.trends``) and ``crossovers`` (each KD strategy against the baseline, without and, when a
 charge is set, with the teacher's cost added to the KD cells' budget).
 """
@@ -19,10 +21,10 @@ from kdfast.eval import trends
 from kdfast.train.checkpoint import atomic_open
 
 
-def metric_names(cells: List[dict]) -> List[str]:
-    """Every metric any cell has, in order of first appearance."""
-    names = []
-    for cell in cells:
+def metric_names(result: dict) -> List[str]:
+    """The metrics to report: ``result['metrics']``, else every metric a cell has (first seen first)."""
+    names = list(result.get("metrics") or [])
+    for cell in [] if names else result["cells"]:
         names += [m for m in cell.get("metrics") or {} if m not in names]
     return names
 
@@ -70,7 +72,7 @@ def analyse(result: dict) -> None:
     charge = result["teacher_charge"]["amount"]
     result["trends"], result["crossovers"] = {}, []
     strategies = result["strategies"]
-    for metric in metric_names(cells):
+    for metric in metric_names(result):
         fits = {}
         for name in strategies:
             cell_series = series(cells, name, metric)
@@ -106,7 +108,7 @@ def _budget(value: Optional[float], unit: str) -> str:
 
 
 def markdown(result: dict) -> str:
-    unit, metrics = result["budget_unit"], metric_names(result["cells"])
+    unit, metrics = result["budget_unit"], metric_names(result)
     charge = result["teacher_charge"]
     lines = [f"# {result['name']}: comparison across budgets", ""]
     if result.get("approximation"):
@@ -118,17 +120,17 @@ def markdown(result: dict) -> str:
     head = ["budget", "strategy", "layers/width", "steps", "tokens", "epochs", f"budget used ({unit})", *metrics]
     lines += ["## Cells", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in [*sorted(result["cells"], key=lambda c: (c["cell_amount"], result["strategies"].index(c["strategy"]))),
-                result["teacher"]]:
+                *result.get("references", [])]:
         used = row.get("budget_used")
-        cells = [row.get("cell", "teacher"), row["strategy"], row.get("shape", "?"), str(row.get("steps", "–")),
+        cells = [row.get("cell", "–"), row["strategy"], row.get("shape", "?"), str(row.get("steps", "–")),
                  f"{row['tokens']:,}" if row.get("tokens") is not None else "–",
                  "–" if row.get("epochs") is None else f"{row['epochs']:.2f}",
                  "–" if used is None else f"{used:.4g}",
                  *(_interval((row.get("metrics") or {}).get(m)) for m in metrics)]
         lines.append("| " + " | ".join(cells) + " |")
-    methods = {m: next(c["metrics"][m] for c in result["cells"] if m in (c.get("metrics") or {})) for m in metrics}
-    lines += [""] + [f"- {m}: mean [low, high], {100 * e.get('level', 0.95):g}% interval, {e.get('method', '?')}"
-                     for m, e in methods.items()]
+    level = round(100 * (result.get("evaluation") or {}).get("level", 0.95))
+    lines += ["", f"Each metric: mean [{level}% interval] (kdfast.eval.stats; method in sweep.json "
+              "`evaluation`). Rows without a budget are references: the teacher and a random-init student."]
     lines += ["", "## Trends", ""]
     for metric, fits in result["trends"].items():
         lines += [f"- {metric}: " + "; ".join(f"{name}: {fit['describe']}" for name, fit in fits.items())]
@@ -149,6 +151,17 @@ def markdown(result: dict) -> str:
                   f"budgets both cover; interval: parametric bootstrap (each cell redrawn from N(mean, SE), both "
                   f"refitted), {result.get('draws', 1000)} draws, 2.5/97.5 percentiles of the crossings; 'no "
                   f"crossover in range': fewer than half the draws change sign there."]
+    verdicts = [(tag, v) for tag, found in (result.get("verdicts") or {}).items() for v in found]
+    if verdicts:
+        lines += ["", f"## Verdicts at each budget against {result['baseline']} ({verdicts[0][1]['test']})", "",
+                  f"| budget | arm | metric | difference [{level}% interval] | p (BH) | verdict "
+                  "| smallest detectable |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {tag} | {v['arm']} | {v['metric']} | {v['difference']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]"
+                  f" | {v['p_adjusted']:.3f} | {v['verdict']} | {v['min_detectable']:.3f} |" for tag, v in verdicts]
+    if result.get("timings"):
+        lines += ["", "## Time per phase (wall seconds)", ""]
+        lines += [f"- {k}: {v:.0f}" for k, v in result["timings"].items()]
     notes = list(result.get("notes") or [])
     if result.get("limited_data"):
         notes.append(f"Limited data: {result['unique_tokens']:,} unique training tokens, repeated (epochs per cell "
@@ -170,8 +183,12 @@ def plots(result: dict, out_dir: Path) -> List[str]:
 
     cells, unit, charge = result["cells"], result["budget_unit"], result["teacher_charge"]
     paths = []
-    for metric in metric_names(cells):
+    for metric in metric_names(result):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for row, style in zip(result.get("references", []), ("--", ":")):
+            entry = (row.get("metrics") or {}).get(metric)
+            if entry:
+                ax.axhline(entry["mean"], color="grey", linestyle=style, linewidth=1, label=row["strategy"])
         for index, name in enumerate(result["strategies"]):
             rows = sorted((c for c in cells if c["strategy"] == name and metric in (c.get("metrics") or {})),
                           key=lambda c: c["cell_amount"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import List
 
@@ -166,12 +167,22 @@ def sweep(config: dict, context: Context, resume: bool = False) -> dict:
     check(config, budgets, context.world)
     check_recipe(out, config, context)
     prepared = compare.prepare(cell_config(config, budgets[0]), context, resume)
+    start = time.perf_counter()
     cells = snapshot_cells if config["sweep"]["snapshots"] else train_cells
     rows = cells(config, budgets, prepared, context, resume)
-    compare.evaluate_rows(config, prepared, [*rows, prepared.teacher_row], context)
+    timings = {**prepared.timings, "cells (pretraining, budget-clocked; reused cells cost nothing)":
+               time.perf_counter() - start}
+    start = time.perf_counter()
+    references = compare.reference_rows(config, prepared, context)
+    analyses = {budget.tag: compare.evaluate_rows(config, prepared, [*(r for r in rows if r["cell"] == budget.tag),
+                                                                     *references], context)
+                for budget in budgets}   # paired tests against No-KD at each budget; references are cached
+    timings["evaluation (cached rows cost nothing)"] = time.perf_counter() - start
+    for analysis in analyses.values():
+        timings.update({f"  evaluation of {arm}": s for arm, s in analysis.pop("seconds").items()})
     unit = budgets[0].unit
     charge = teacher_charge(config, prepared.teacher_row, unit)
-    notes = []
+    notes = list(prepared.suite.notes)
     if charge["policy"] != "none" and not charge["amount"]:
         notes.append(f"--charge-teacher {charge['policy']}: no teacher pretraining cost in {unit} is known "
                      f"(a given teacher, or another unit); nothing was charged.")
@@ -182,7 +193,10 @@ def sweep(config: dict, context: Context, resume: bool = False) -> dict:
               "unique_tokens": prepared.data.unique_tokens,
               "fingerprint": fingerprint.of(prepared.tokenizer, prepared.data, prepared.teacher,
                                             config["data"]["train"], prepared.teacher_row),
-              "teacher": prepared.teacher_row, "teacher_charge": charge, "cells": rows, "notes": notes,
+              "teacher": prepared.teacher_row, "references": references, "teacher_charge": charge, "cells": rows,
+              "metrics": next((a["metrics"] for a in analyses.values() if a.get("metrics")), []),
+              "verdicts": {tag: a.get("verdicts", []) for tag, a in analyses.items()},
+              "evaluation": prepared.suite.describe(), "timings": timings, "notes": notes,
               "draws": config["sweep"]["draws"], "config": config}
     if context.is_main:
         sweep_report.write(result, out)
