@@ -24,11 +24,12 @@ def _arm(strategy, budget):
 
 def _compare_folder(path, budget, fingerprint=FINGERPRINT):
     path.mkdir()
-    arms = [_arm(s, budget) for s in ("no-kd", "vanilla")]
+    teacher = {"arm": "teacher", "strategy": "teacher", "shape": "4L/256", "budget_used": 330.0, "budget_unit": "s",
+               "description": "4L/256", "metrics": _metrics(0.9)}
+    rows = [_arm(s, budget) for s in ("no-kd", "vanilla")] + [teacher]
     (path / "results.json").write_text(json.dumps({
-        "name": "tiny", "budget": f"{budget:g}s", "corpus": "wiki", "unique_tokens": 10**6, "arms": arms,
-        "teacher": {"strategy": "teacher", "shape": "4L/256", "budget_used": 330.0, "budget_unit": "s",
-                    "description": "4L/256"},
+        "name": "tiny", "budget": f"{budget:g}s", "corpus": "wiki", "unique_tokens": 10**6, "rows": rows,
+        "teacher": teacher, "analysis": {"metrics": ["probe/bshift"], "verdicts": []},
         "fingerprint": fingerprint, "config": {"data": {"unique_tokens": None}}}))
     return str(path)
 

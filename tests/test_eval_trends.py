@@ -33,6 +33,12 @@ def test_parallel_curves_have_no_crossover_in_range():
     assert result["estimate"] is None and result["low"] is None
 
 
+def test_curves_within_their_noise_do_not_make_a_crossover():
+    kd = _series(0.5 + 0.05 * np.log(BUDGETS) + np.array([0.004, -0.003, 0.002, -0.004, 0.003]), se=0.02)
+    result = trends.crossover(_series(0.5 + 0.05 * np.log(BUDGETS), se=0.02), kd, draws=300)
+    assert result["verdict"] != "crossover" and result["ends_low"][0] < 0 < result["ends_high"][0]
+
+
 def test_teacher_charge_shift_moves_the_crossing_right():
     base = _series(0.60 + 0.10 * np.log(BUDGETS / 400))
     kd = _series(0.60 + 0.04 * np.log(BUDGETS / 400))

@@ -13,10 +13,15 @@ from kdfast.train.clock import lr_factor
 STEP_TOKENS = 8 * 32                                           # TINY_MODEL: batch 8 x seq 32
 
 
-def _sweep(tmp_path, budgets, *extra):
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))        # seconds: written once for these tests
+
+
+def _sweep(tmp_path, corpus, budgets, *extra):
     overrides = [e for e in extra if "=" in e and not e.startswith("-")]
     options = [e for e in extra if e not in overrides]
-    return main(["sweep", "--preset", "tiny", "--data", str(write_corpus(tmp_path)), "--out", str(tmp_path / "out"),
+    return main(["sweep", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "out"),
                  "--budgets", budgets, *options, *TINY_MODEL, "teacher.budget=2048tok", "glue.tasks=[]",
                  "strategies=[no-kd, vanilla]", "sweep.draws=50", *overrides])
 
@@ -43,10 +48,10 @@ def test_bad_budgets_are_refused(spec, message):
         sweep.parse_budgets(spec)
 
 
-def test_budget_that_cannot_buy_a_step_is_refused_before_any_training(tmp_path):
+def test_budget_that_cannot_buy_a_step_is_refused_before_any_training(tmp_path, corpus):
     with pytest.raises(ValueError, match=r"budget of cell 100tok/no-kd: expected at least one step's cost, 256 "
                                          r"tokens .* got 100 tokens, which buys 0.391 steps"):
-        _sweep(tmp_path, "100tok,1024tok")
+        _sweep(tmp_path, corpus, "100tok,1024tok")
     out = tmp_path / "out"
     assert not (out / "teacher").exists() and not (out / "cells").exists()
     assert "100tok/no-kd" in json.loads((out / "crash.json").read_text())["message"]
@@ -57,8 +62,8 @@ def _lrs(cell_dir):
     return [r["lr"] for r in rows if r["event"] == "train"]
 
 
-def test_each_cell_has_its_own_schedule_and_a_rerun_reuses_finished_cells(tmp_path, monkeypatch):
-    assert _sweep(tmp_path, "1024tok,2048tok") == 0
+def test_each_cell_has_its_own_schedule_and_a_rerun_reuses_finished_cells(tmp_path, corpus, monkeypatch):
+    assert _sweep(tmp_path, corpus, "1024tok,2048tok") == 0
     out = tmp_path / "out"
     report = json.loads((out / "sweep.json").read_text())
     assert [(c["cell"], c["strategy"], c["steps"]) for c in report["cells"]] == [
@@ -76,17 +81,17 @@ def test_each_cell_has_its_own_schedule_and_a_rerun_reuses_finished_cells(tmp_pa
     real = compare.train_arms
     monkeypatch.setattr(compare, "train_arms", lambda config, *a: trained.append(a[2].name) or real(config, *a))
     start = time.perf_counter()
-    assert _sweep(tmp_path, "1024tok,2048tok") == 0             # every cell finished: nothing is trained
+    assert _sweep(tmp_path, corpus, "1024tok,2048tok") == 0             # every cell finished: nothing is trained
     assert trained == [] and time.perf_counter() - start < 60
-    assert _sweep(tmp_path, "1024tok,2048tok,4096tok") == 0     # one more budget: only its cells are trained
+    assert _sweep(tmp_path, corpus, "1024tok,2048tok,4096tok") == 0     # one more budget: only its cells are trained
     assert trained == ["4096tok"]
     with pytest.raises(ValueError, match="out: expected the recipe of the cells already in .* got train.lr = 0.002 "
                                          "where they have 0.001"):
-        _sweep(tmp_path, "1024tok,2048tok", "train.lr=2e-3")
+        _sweep(tmp_path, corpus, "1024tok,2048tok", "train.lr=2e-3")
 
 
-def test_snapshots_are_labelled_as_an_approximation(tmp_path):
-    assert _sweep(tmp_path, "1024tok,2048tok", "--snapshots", "strategies=[no-kd]") == 0
+def test_snapshots_are_labelled_as_an_approximation(tmp_path, corpus):
+    assert _sweep(tmp_path, corpus, "1024tok,2048tok", "--snapshots", "strategies=[no-kd]") == 0
     out = tmp_path / "out"
     report = json.loads((out / "sweep.json").read_text())
     assert "approximation" in report["approximation"] and all(c["approximation"] == "snapshot" for c in report["cells"])

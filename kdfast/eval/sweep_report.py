@@ -59,10 +59,13 @@ def _reading(found: dict, strategy: str, baseline: str, better_high: bool, unit:
         return found["verdict"]
     ahead_low = (found["other_minus_base"][0] > 0) == better_high
     first, second = (strategy, baseline) if ahead_low else (baseline, strategy)
+    if found["verdict"] == "crossover not resolved":
+        return "the curves are within their noise at an end of the range: no resolved crossing"
     if found["verdict"] != "crossover":
         if found["estimate"] is not None:
             return "the fitted trends cross, but fewer than half the bootstrap draws do: not resolved"
-        return f"{first} ahead across the range (fitted)"
+        resolved = all(a * b > 0 for a, b in zip(found["ends_low"], found["ends_high"]))
+        return f"{first} ahead across the range" + ("" if resolved else " (fitted; within the noise at an end)")
     return f"{first} ahead below ≈{_budget(found['estimate'], unit)}, {second} above"
 
 
@@ -149,7 +152,8 @@ def markdown(result: dict) -> str:
                          f"{c['reading']} |")
         lines += ["", f"Crossing: the first sign change of the difference of the two fitted trends, within the "
                   f"budgets both cover; interval: parametric bootstrap (each cell redrawn from N(mean, SE), both "
-                  f"refitted), {result.get('draws', 1000)} draws, 2.5/97.5 percentiles of the crossings; 'no "
+                  f"refitted), {result.get('draws', 1000)} draws, 2.5/97.5 percentiles of the crossings; 'crossover' "
+                  f"also needs the difference resolved from zero, with opposite signs, at both ends of the range; 'no "
                   f"crossover in range': fewer than half the draws change sign there."]
     verdicts = [(tag, v) for tag, found in (result.get("verdicts") or {}).items() for v in found]
     if verdicts:

@@ -131,8 +131,11 @@ def crossover(base: Series, other: Series, forms: Optional[tuple] = None, draws:
 
     Returns ``range`` [low, high], ``forms``, ``estimate`` (from the fits to the means; without a sign
     change there, the draws' median when most draws cross), ``low``/``high`` (``level`` percentile interval
-    over the draws that cross), ``crossing_fraction``, ``draws``, ``verdict`` ("crossover" or
-    "no crossover in range"), and ``other_minus_base`` at both ends of the range (fitted)."""
+    over the draws that cross), ``crossing_fraction``, ``draws``, ``other_minus_base`` at both ends of the
+    range (fitted to the means) with ``ends_low``/``ends_high`` (its percentile interval over the draws),
+    and ``verdict``: "crossover" (most draws cross, and the difference is resolved from zero with opposite
+    signs at the two ends), "crossover not resolved" (most draws cross, but an end's interval holds zero:
+    the curves are within their noise) or "no crossover in range"."""
     forms = forms or (choose(base).form, choose(other).form)
     low, high = max(base.x.min(), other.x.min()), min(base.x.max(), other.x.max())
     result = {"range": [float(low), float(high)], "forms": list(forms),
@@ -143,19 +146,25 @@ def crossover(base: Series, other: Series, forms: Optional[tuple] = None, draws:
     if low >= high:
         result["verdict"] = "no crossover in range (the series share no budget range)"
         return result
+    ends = np.array([low, high])
     base_fit, other_fit = fit(base, forms[0]), fit(other, forms[1])
-    ends = other_fit(np.array([low, high])) - base_fit(np.array([low, high]))
-    result["other_minus_base"] = [float(ends[0]), float(ends[1])]
+    result["other_minus_base"] = [float(v) for v in other_fit(ends) - base_fit(ends)]
     result["estimate"] = crossing(other_fit, base_fit, low, high)
     rng = np.random.default_rng(seed)
-    found = [crossing(fit(other.redrawn(rng), forms[1]), fit(base.redrawn(rng), forms[0]), low, high)
-             for _ in range(draws)]
+    found, differences = [], []
+    for _ in range(draws):
+        base_draw, other_draw = fit(base.redrawn(rng), forms[0]), fit(other.redrawn(rng), forms[1])
+        found.append(crossing(other_draw, base_draw, low, high))
+        differences.append(other_draw(ends) - base_draw(ends))
     found = np.array([x for x in found if x is not None])
+    tail = 100 * (1 - level) / 2
+    bounds = np.percentile(np.array(differences), [tail, 100 - tail], axis=0)        # [2 (low/high), 2 (ends)]
+    result["ends_low"], result["ends_high"] = bounds[0].tolist(), bounds[1].tolist()
     result["crossing_fraction"] = len(found) / draws
     if result["crossing_fraction"] >= 0.5:
-        tail = 100 * (1 - level) / 2
         result["low"], result["high"] = (float(v) for v in np.percentile(found, [tail, 100 - tail]))
-        result["verdict"] = "crossover"
+        resolved = bool(np.all(bounds[0] * bounds[1] > 0) and bounds[0][0] * bounds[0][1] < 0)
+        result["verdict"] = "crossover" if resolved else "crossover not resolved"
         if result["estimate"] is None:  # the means' fits just miss; most redrawn fits cross
             result["estimate"] = float(np.median(found))
     return result
