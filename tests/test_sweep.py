@@ -99,3 +99,11 @@ def test_snapshots_are_labelled_as_an_approximation(tmp_path, corpus):
     assert small["cell"] == "1024tok" and small["steps"] == 4 and "snapshots" in small["model"]
     assert not (out / "cells").exists() and "**Approximation.**" in (out / "sweep.md").read_text()
     assert Budget(1024, "tok").tag == "1024tok"
+
+
+def test_tiny_sweep_preset_extends_tiny():
+    from kdfast.train import config as config_lib
+
+    tiny, preset = config_lib.load(preset="tiny"), config_lib.load(preset="tiny-sweep")
+    assert preset["student"] == tiny["student"] and preset["teacher"] == tiny["teacher"]
+    assert [b.tag for b in sweep.parse_budgets(preset["sweep"]["budgets"])] == ["10s", "30s", "90s"]

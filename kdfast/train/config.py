@@ -180,13 +180,18 @@ def read_yaml(path: Path) -> Dict[str, Any]:
     return tree
 
 
+def layers(tree: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """A config tree after the layers it builds on: ``extends: NAME`` (a preset) comes first, recursively."""
+    base = tree.pop("extends", None)
+    return [*layers(read_yaml(preset_path(base))), tree] if base else [tree]
+
+
 def load(path: Optional[str] = None, preset: Optional[str] = None, overrides: Iterable[str] = ()) -> Dict[str, Any]:
-    """DEFAULTS, then the preset or YAML file, then each override in order."""
+    """DEFAULTS, then the preset or YAML file (after what it ``extends``), then each override in order."""
     config = copy.deepcopy(DEFAULTS)
-    if preset:
-        config = merge(config, read_yaml(preset_path(preset)))
-    if path:
-        config = merge(config, read_yaml(Path(path)))
+    for tree in [*(layers(read_yaml(preset_path(preset))) if preset else []),
+                 *(layers(read_yaml(Path(path))) if path else [])]:
+        config = merge(config, tree)
     for text in overrides:
         config = merge(config, parse_override(text))
     return config
