@@ -23,7 +23,7 @@ def _sweep(tmp_path, corpus, budgets, *extra):
     options = [e for e in extra if e not in overrides]
     return main(["sweep", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "out"),
                  "--budgets", budgets, *options, *TINY_MODEL, "teacher.budget=2048tok", "glue.tasks=[]",
-                 "strategies=[no-kd, vanilla]", "sweep.draws=50", *overrides])
+                 "strategies=[no-kd, vanilla]", "sweep.draws=50", "train.checkpoint_steps=4", *overrides])
 
 
 @pytest.mark.parametrize("spec, expected", [
@@ -88,6 +88,19 @@ def test_each_cell_has_its_own_schedule_and_a_rerun_reuses_finished_cells(tmp_pa
     with pytest.raises(ValueError, match="out: expected the recipe of the cells already in .* got train.lr = 0.002 "
                                          "where they have 0.001"):
         _sweep(tmp_path, corpus, "1024tok,2048tok", "train.lr=2e-3")
+
+    cell = out / "cells" / "2048tok" / "vanilla"                # as if killed after its step-4 checkpoint
+    (cell / "summary.json").unlink()
+    for late in sorted((cell / "checkpoints").iterdir())[1:]:
+        late.unlink()
+    assert sorted(p.name for p in (cell / "checkpoints").iterdir()) == ["step-000000004.pt"]
+    with pytest.raises(ValueError, match="expected a fresh run folder or --resume"):
+        _sweep(tmp_path, corpus, "1024tok,2048tok")
+    trained.clear()
+    assert _sweep(tmp_path, corpus, "1024tok,2048tok", "--resume") == 0
+    steps = [json.loads(line)["step"] for line in (cell / "log.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train"]
+    assert trained == ["2048tok"] and steps == list(range(1, 9))   # continued from step 4, every step once
 
 
 def test_snapshots_are_labelled_as_an_approximation(tmp_path, corpus):

@@ -106,12 +106,13 @@ def check_recipe(out: Path, config: dict, context: Context) -> None:
     from kdfast.eval.fingerprint import differences
 
     path, now = out / RECIPE, json.loads(json.dumps(recipe(config)))
-    changed = differences(json.loads(path.read_text()), now) if path.is_file() else []
+    trained = any((out / folder).is_dir() for folder in ("cells", "long"))
+    changed = differences(json.loads(path.read_text()), now) if path.is_file() and trained else []
     if changed:
         key, old, new = changed[0]
         raise ValueError(f"out: expected the recipe of the cells already in {str(out)!r}, got {key} = {new!r} "
                          f"where they have {old!r}; use another --out")
-    if not path.is_file() and context.is_main:
+    if context.is_main:
         pretrain.write_json(path, now)
 
 
