@@ -11,14 +11,12 @@ charge is set, with the teacher's cost added to the KD cells' budget).
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import List, Optional
 
 from kdfast.budget.units import Budget
-from kdfast.eval import trends
-from kdfast.train.checkpoint import atomic_open
+from kdfast.eval import report, trends
 
 
 def metric_names(result: dict) -> List[str]:
@@ -234,8 +232,5 @@ def write(result: dict, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     analyse(result)
     result["plots"] = plots(result, out_dir)
-    with atomic_open(out_dir / "sweep.json") as f:
-        f.write(json.dumps(result, indent=1).encode())
-    with atomic_open(out_dir / "sweep.md") as f:
-        f.write(markdown(result).encode())
+    report.write_files(out_dir, "sweep", result, markdown(result))
     return result

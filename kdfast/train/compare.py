@@ -17,7 +17,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
@@ -264,17 +264,22 @@ def load_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> dict:
     return setup.resolve_auto(setup.load_config(args, extra))
 
 
-def run(args: argparse.Namespace) -> int:
-    config = load_config(args)
+def run_reported(config: dict, command: Callable[[dict, Context, bool], dict], resume: bool, stem: str) -> int:
+    """Run ``command`` (``compare`` or ``sweep``); a crash writes ``OUT/crash.json``, success prints
+    ``OUT/<stem>.md`` and the files written."""
     context = distributed.init(config["device"])
     out = Path(config["out"])
     try:
-        result = compare(config, context, args.resume)
+        result = command(config, context, resume)
     except Exception as error:
         if context.is_main:
             checkpoint.write_crash(out, error)
         raise
     if context.is_main:
-        print((out / "results.md").read_text())
-        print(f"report: {out / 'results.md'}, {out / 'results.json'}, " + ", ".join(result["plots"]))
+        print((out / f"{stem}.md").read_text())
+        print(f"report: {out / f'{stem}.md'}, {out / f'{stem}.json'}, " + ", ".join(result["plots"]))
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_reported(load_config(args), compare, args.resume, "results")

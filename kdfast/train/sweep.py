@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import List
 
 from kdfast.budget.units import Budget, parse_budget
-from kdfast.train import checkpoint, compare, distributed, pretrain
+from kdfast.train import compare, distributed, pretrain
 from kdfast.train.distributed import Context
 
 RECIPE = "recipe.json"
@@ -218,17 +218,4 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--budget: expected --budgets for kdfast sweep, got --budget {args.budget}")
     extra = [f"sweep.budgets={args.budgets}"] if args.budgets else []
     extra += ["sweep.snapshots=true"] if args.snapshots else []
-    config = compare.load_config(args, extra)
-    context = distributed.init(config["device"])
-    out = Path(config["out"])
-    try:
-        result = sweep(config, context, args.resume)
-    except Exception as error:
-        if context.is_main:
-            checkpoint.write_crash(out, error)
-        raise
-    if context.is_main:
-        print((out / "sweep.md").read_text())
-        print(f"report: {out / 'sweep.md'}, {out / 'sweep.json'}, " + ", ".join(result["plots"]))
-    return 0
-
+    return compare.run_reported(compare.load_config(args, extra), sweep, args.resume, "sweep")
