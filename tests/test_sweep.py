@@ -48,13 +48,18 @@ def test_bad_budgets_are_refused(spec, message):
         sweep.parse_budgets(spec)
 
 
-def test_budget_that_cannot_buy_a_step_is_refused_before_any_training(tmp_path, corpus):
-    with pytest.raises(ValueError, match=r"budget of cell 100tok/no-kd: expected at least one step's cost, 256 "
-                                         r"tokens .* got 100 tokens, which buys 0.391 steps"):
-        _sweep(tmp_path, corpus, "100tok,1024tok")
+@pytest.mark.parametrize("budgets, message", [
+    ("100tok,1024tok", r"budget of cell 100tok/no-kd: expected at least one step's cost, 256 tokens .* got 100 "
+                       r"tokens, which buys 0.391 steps"),
+    ("1e6flop,1e12flop", r"budget of cell 1e\+06flop/no-kd: expected at least one step's cost, .* FLOPs .* got "
+                         r"1e\+06 FLOPs, which buys 0.0\d+ steps"),
+])
+def test_budget_that_cannot_buy_a_step_is_refused_before_any_training(tmp_path, corpus, budgets, message):
+    with pytest.raises(ValueError, match=message):
+        _sweep(tmp_path, corpus, budgets)
     out = tmp_path / "out"
     assert not (out / "teacher").exists() and not (out / "cells").exists()
-    assert "100tok/no-kd" in json.loads((out / "crash.json").read_text())["message"]
+    assert "/no-kd: expected at least one step" in json.loads((out / "crash.json").read_text())["message"]
 
 
 def _lrs(cell_dir):
@@ -120,3 +125,19 @@ def test_tiny_sweep_preset_extends_tiny():
     tiny, preset = config_lib.load(preset="tiny"), config_lib.load(preset="tiny-sweep")
     assert preset["student"] == tiny["student"] and preset["teacher"] == tiny["teacher"]
     assert [b.tag for b in sweep.parse_budgets(preset["sweep"]["budgets"])] == ["10s", "30s", "90s"]
+
+
+def test_a_compare_folder_and_a_sweep_folder_with_the_same_teacher_merge(tmp_path, corpus):
+    import shutil
+
+    assert main(["compare", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "a"), "--budget",
+                 "4096tok", *TINY_MODEL, "teacher.budget=2048tok", "glue.tasks=[]", "strategies=[no-kd, vanilla]"]) == 0
+    (tmp_path / "out").mkdir()
+    for cached in ("teacher", "tokenizer"):                      # the same teacher, reused from its cache
+        shutil.copytree(tmp_path / "a" / cached, tmp_path / "out" / cached)
+    assert _sweep(tmp_path, corpus, "1024tok,2048tok") == 0
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "out"), "--out", str(tmp_path / "merged"),
+                 "--draws", "50"]) == 0
+    merged = json.loads((tmp_path / "merged" / "sweep.json").read_text())
+    assert merged["budgets"] == ["1024tok", "2048tok", "4096tok"] and len(merged["cells"]) == 6
+    assert len(merged["crossovers"]) == len(merged["metrics"]) > 0
