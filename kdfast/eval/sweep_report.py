@@ -148,11 +148,12 @@ def markdown(result: dict) -> str:
             lines.append(f"| {c['metric']} | {c['strategy']} | {charged} | {c['verdict']} | "
                          f"{_budget(c['estimate'], unit)} | {interval} | {100 * c['crossing_fraction']:.0f}% | "
                          f"{c['reading']} |")
-        lines += ["", f"Crossing: the first sign change of the difference of the two fitted trends, within the "
-                  f"budgets both cover; interval: parametric bootstrap (each cell redrawn from N(mean, SE), both "
-                  f"refitted), {result.get('draws', 1000)} draws, 2.5/97.5 percentiles of the crossings; 'crossover' "
-                  f"also needs the difference resolved from zero, with opposite signs, at both ends of the range; 'no "
-                  f"crossover in range': fewer than half the draws change sign there."]
+        lines += ["", "Crossing: the first sign change of the difference of the two fitted trends, within the budgets "
+                  "both cover; interval: parametric bootstrap (each cell redrawn from N(mean, SE), both refitted), "
+                  f"{result.get('draws', 1000)} draws, 2.5/97.5 percentiles of the crossings. Cells are redrawn "
+                  "independently although every cell is scored on the same evaluation examples (conservative for "
+                  "differences). 'crossover' also needs the difference resolved from zero, with opposite signs, at "
+                  "both ends of the range; 'no crossover in range': fewer than half the draws change sign there."]
     verdicts = [(tag, v) for tag, found in (result.get("verdicts") or {}).items() for v in found]
     if verdicts:
         lines += ["", f"## Verdicts at each budget against {result['baseline']} ({verdicts[0][1]['test']})", "",
