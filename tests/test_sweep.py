@@ -127,17 +127,13 @@ def test_tiny_sweep_preset_extends_tiny():
     assert [b.tag for b in sweep.parse_budgets(preset["sweep"]["budgets"])] == ["10s", "30s", "90s"]
 
 
-def test_a_compare_folder_and_a_sweep_folder_with_the_same_teacher_merge(tmp_path, corpus):
-    import shutil
-
-    assert main(["compare", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "a"), "--budget",
+def test_a_sweep_in_a_compare_folder_reuses_its_teacher_and_reports_with_it(tmp_path, corpus):
+    assert main(["compare", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "out"), "--budget",
                  "4096tok", *TINY_MODEL, "teacher.budget=2048tok", "glue.tasks=[]", "strategies=[no-kd, vanilla]"]) == 0
-    (tmp_path / "out").mkdir()
-    for cached in ("teacher", "tokenizer"):                      # the same teacher, reused from its cache
-        shutil.copytree(tmp_path / "a" / cached, tmp_path / "out" / cached)
+    teacher = (tmp_path / "out" / "teacher" / "summary.json").stat().st_mtime
     assert _sweep(tmp_path, corpus, "1024tok,2048tok") == 0
-    assert main(["report", str(tmp_path / "a"), str(tmp_path / "out"), "--out", str(tmp_path / "merged"),
-                 "--draws", "50"]) == 0
-    merged = json.loads((tmp_path / "merged" / "sweep.json").read_text())
+    assert (tmp_path / "out" / "teacher" / "summary.json").stat().st_mtime == teacher      # not retrained
+    assert main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "merged"), "--draws", "50"]) == 0
+    merged = json.loads((tmp_path / "merged" / "sweep.json").read_text())    # fingerprints of both files agree
     assert merged["budgets"] == ["1024tok", "2048tok", "4096tok"] and len(merged["cells"]) == 6
     assert len(merged["crossovers"]) == len(merged["metrics"]) > 0

@@ -1,6 +1,6 @@
 """``kdfast report DIR [DIR ...]``: one report across budgets from existing output folders.
 
-Each folder holds ``sweep.json`` (``kdfast sweep``) or ``results.json`` (``kdfast compare``, one budget);
+Each folder holds ``sweep.json`` (``kdfast sweep``) and/or ``results.json`` (``kdfast compare``, one budget);
 their cells are pooled and reported as a sweep (``kdfast.eval.sweep_report``) in ``--out``. Refused, with
 the field and both values: folders whose corpus, tokenizer or teacher differ (their fingerprints), another
 budget unit, another student shape for a strategy, or the same (budget, strategy) cell twice.
@@ -18,14 +18,24 @@ from kdfast.eval import fingerprint, sweep_report
 from kdfast.eval.report import CEILING, FLOOR
 
 
-def load(folder: Path) -> dict:
-    """A folder's result in the sweep form (``cells`` with ``cell``/``cell_amount``)."""
-    folder = Path(folder)
-    if (folder / "sweep.json").is_file():
-        return json.loads((folder / "sweep.json").read_text())
-    if not (folder / "results.json").is_file():
+def load(folder: Path) -> List[Tuple[str, dict]]:
+    """(file, result in the sweep form) for each of the folder's ``sweep.json`` and ``results.json`` (a
+    sweep run with ``out`` = a compare folder holds both)."""
+    found = [(str(Path(folder) / name), reader(Path(folder) / name))
+             for name, reader in (("sweep.json", _sweep_json), ("results.json", _compare_json))
+             if (Path(folder) / name).is_file()]
+    if not found:
         raise ValueError(f"report: expected sweep.json or results.json in {str(folder)!r}, got neither")
-    result = json.loads((folder / "results.json").read_text())
+    return found
+
+
+def _sweep_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _compare_json(path: Path) -> dict:
+    """A compare result as one budget's cells (``cells`` with ``cell``/``cell_amount``)."""
+    result = json.loads(path.read_text())
     references = [r for r in result["rows"] if r["strategy"] in (CEILING, FLOOR)]
     cells = []
     for arm in (r for r in result["rows"] if r not in references):
@@ -84,7 +94,21 @@ def merge(named: List[Tuple[str, dict]], charge: str = "none", draws: int = 1000
             "metrics": metrics, "verdicts": verdicts, "evaluation": first.get("evaluation"),
             "teacher_charge": {"policy": charge, "fraction": fraction, "amount": fraction * (spent or 0.0),
                                "unit": first["budget_unit"], "teacher_budget_used": spent},
-            "notes": [f"Merged from {len(named)} folders: {', '.join(name for name, _ in named)}."]}
+            "notes": [f"Merged from {len(named)} results: {', '.join(name for name, _ in named)}.",
+                      *_evaluation_notes(named)]}
+
+
+def _evaluation_notes(named: List[Tuple[str, dict]]) -> List[str]:
+    """A note per result evaluated with other settings than the first (the means stay comparable; the
+    intervals reflect each result's own seeds and sample sizes)."""
+    first_name, first = named[0]
+    notes = []
+    for name, result in named[1:]:
+        changed = fingerprint.differences(first.get("evaluation") or {}, result.get("evaluation") or {})
+        if changed:
+            notes.append(f"{name} was evaluated with other settings than {first_name}: " + "; ".join(
+                f"{key} {old!r} there, {new!r} here" for key, old, new in changed[:4]))
+    return notes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    merged = merge([(d, load(Path(d))) for d in args.dirs], args.charge_teacher, args.draws)
+    merged = merge([found for d in args.dirs for found in load(Path(d))], args.charge_teacher, args.draws)
     sweep_report.write(merged, Path(args.out))
     print((Path(args.out) / "sweep.md").read_text())
     print(f"report: {Path(args.out) / 'sweep.md'}, {Path(args.out) / 'sweep.json'}, " + ", ".join(merged["plots"]))
