@@ -87,7 +87,8 @@ def teacher_model(config: dict, context: Context, data, tokenizer, out: Path, re
                          "final_mlm_loss": loss, "model": config["teacher"]["path"],
                          "description": f"{config['teacher']['path']} (given)"}
     run_dir = out / TEACHER_ARM
-    recipe = {"teacher": config["teacher"], "data": config["data"], "seed": config["seed"]}
+    # the charge policy does not change the teacher (kept as "none" so caches written before still match)
+    recipe = {"teacher": {**config["teacher"], "charge": "none"}, "data": config["data"], "seed": config["seed"]}
     cached = run_dir / pretrain.SUMMARY
     if cached.is_file() and json.loads(cached.read_text()).get("recipe") == recipe:
         summary = json.loads(cached.read_text())
