@@ -108,71 +108,91 @@ def _budget(value: Optional[float], unit: str) -> str:
     return "–" if value is None else str(Budget(float(f"{value:.3g}"), unit))
 
 
-def markdown(result: dict) -> str:
-    unit, metrics = result["budget_unit"], metric_names(result)
-    charge = result["teacher_charge"]
-    lines = [f"# {result['name']}: comparison across budgets", ""]
-    if result.get("approximation"):
-        lines += [f"> **Approximation.** {result['approximation']}", ""]
-    fp = result.get("fingerprint") or {}
-    lines += [f"Budgets: {', '.join(result['budgets'])} per cell. Corpus: {result['corpus']}. "
-              f"Teacher: {result['teacher'].get('description', '?')}.",
-              "Fingerprint: " + ", ".join(f"{k} {v['sha256']}" for k, v in fp.items()) + ".", ""]
-    head = ["budget", "strategy", "layers/width", "steps", "tokens", "epochs", f"budget used ({unit})", *metrics]
-    lines += ["## Cells", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in [*sorted(result["cells"], key=lambda c: (c["cell_amount"], result["strategies"].index(c["strategy"]))),
+def _table(head: List[str], rows: List[List[str]]) -> List[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _cells_section(result: dict, metrics: List[str], level: int) -> List[str]:
+    """Every cell (budgets ascending), then the reference rows, each metric as mean [low, high]."""
+    unit, order = result["budget_unit"], result["strategies"]
+    rows = []
+    for row in [*sorted(result["cells"], key=lambda c: (c["cell_amount"], order.index(c["strategy"]))),
                 *result.get("references", [])]:
         used = row.get("budget_used")
-        cells = [row.get("cell", "–"), row["strategy"], row.get("shape", "?"), str(row.get("steps", "–")),
-                 f"{row['tokens']:,}" if row.get("tokens") is not None else "–",
-                 "–" if row.get("epochs") is None else f"{row['epochs']:.2f}",
-                 "–" if used is None else f"{used:.4g}",
-                 *(_interval((row.get("metrics") or {}).get(m)) for m in metrics)]
-        lines.append("| " + " | ".join(cells) + " |")
-    level = round(100 * (result.get("evaluation") or {}).get("level", 0.95))
-    lines += ["", f"Each metric: mean [{level}% interval] (kdfast.eval.stats; method in sweep.json "
-              "`evaluation`). Rows without a budget are references: the teacher and a random-init student."]
-    lines += ["", "## Trends", ""]
+        rows.append([row.get("cell", "–"), row["strategy"], row.get("shape", "?"), str(row.get("steps", "–")),
+                     f"{row['tokens']:,}" if row.get("tokens") is not None else "–",
+                     "–" if row.get("epochs") is None else f"{row['epochs']:.2f}",
+                     "–" if used is None else f"{used:.4g}",
+                     *(_interval((row.get("metrics") or {}).get(m)) for m in metrics)])
+    head = ["budget", "strategy", "layers/width", "steps", "tokens", "epochs", f"budget used ({unit})", *metrics]
+    return ["## Cells", "", *_table(head, rows), "",
+            f"Each metric: mean [{level}% interval] (kdfast.eval.stats; method in sweep.json `evaluation`). Rows "
+            "without a budget are references: the teacher and a random-init student."]
+
+
+def _trends_section(result: dict) -> List[str]:
+    lines = ["## Trends", ""]
     for metric, fits in result["trends"].items():
-        lines += [f"- {metric}: " + "; ".join(f"{name}: {fit['describe']}" for name, fit in fits.items())]
-    lines += ["", f"Fitted by weighted least squares (weights 1/cell SE), x = budget in {unit}: log-linear, or the "
-              f"saturating power law where there are {trends.POWER_FROM}+ budgets and it has the lower AIC.", ""]
-    if result["crossovers"]:
-        lines += [f"## Crossovers with {result['baseline']}", "",
-                  "| metric | strategy | teacher charge | verdict | estimate | 95% interval | draws crossing "
-                  "| reading |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for c in result["crossovers"]:
-            charged = f"{charge['policy']} (+{_budget(c['teacher_charge'], unit)})" if c["teacher_charge"] else "none"
-            interval = f"{_budget(c['low'], unit)} – {_budget(c['high'], unit)}" if c["low"] is not None else "–"
-            lines.append(f"| {c['metric']} | {c['strategy']} | {charged} | {c['verdict']} | "
-                         f"{_budget(c['estimate'], unit)} | {interval} | {100 * c['crossing_fraction']:.0f}% | "
-                         f"{c['reading']} |")
-        lines += ["", "Crossing: the first sign change of the difference of the two fitted trends, within the budgets "
-                  "both cover; interval: parametric bootstrap (each cell redrawn from N(mean, SE), both refitted), "
-                  f"{result.get('draws', 1000)} draws, 2.5/97.5 percentiles of the crossings. Cells are redrawn "
-                  "independently although every cell is scored on the same evaluation examples (conservative for "
-                  "differences). 'crossover' also needs the difference resolved from zero, with opposite signs, at "
-                  "both ends of the range; 'no crossover in range': fewer than half the draws change sign there."]
-    verdicts = [(tag, v) for tag, found in (result.get("verdicts") or {}).items() for v in found]
-    if verdicts:
-        lines += ["", f"## Verdicts at each budget against {result['baseline']} ({verdicts[0][1]['test']})", "",
-                  f"| budget | arm | metric | difference [{level}% interval] | p (BH) | verdict "
-                  "| smallest detectable |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {tag} | {v['arm']} | {v['metric']} | {v['difference']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]"
-                  f" | {v['p_adjusted']:.3f} | {v['verdict']} | {v['min_detectable']:.3f} |" for tag, v in verdicts]
-    if result.get("timings"):
-        lines += ["", "## Time per phase (wall seconds)", ""]
-        lines += [f"- {k}: {v:.0f}" for k, v in result["timings"].items()]
-    notes = list(result.get("notes") or [])
+        lines.append(f"- {metric}: " + "; ".join(f"{name}: {fit['describe']}" for name, fit in fits.items()))
+    return lines + ["", f"Fitted by weighted least squares (weights 1/cell SE), x = budget in {result['budget_unit']}: "
+                    f"log-linear, or the saturating power law where there are {trends.POWER_FROM}+ budgets and it "
+                    "has the lower AIC."]
+
+
+def _crossovers_section(result: dict) -> List[str]:
+    unit, policy = result["budget_unit"], result["teacher_charge"]["policy"]
+    rows = []
+    for c in result["crossovers"]:
+        charged = f"{policy} (+{_budget(c['teacher_charge'], unit)})" if c["teacher_charge"] else "none"
+        interval = f"{_budget(c['low'], unit)} – {_budget(c['high'], unit)}" if c["low"] is not None else "–"
+        rows.append([c["metric"], c["strategy"], charged, c["verdict"], _budget(c["estimate"], unit), interval,
+                     f"{100 * c['crossing_fraction']:.0f}%", c["reading"]])
+    head = ["metric", "strategy", "teacher charge", "verdict", "estimate", "95% interval", "draws crossing", "reading"]
+    return [f"## Crossovers with {result['baseline']}", "", *_table(head, rows), "",
+            "Crossing: the first sign change of the difference of the two fitted trends, within the budgets both "
+            "cover; interval: parametric bootstrap (each cell redrawn from N(mean, SE), both refitted), "
+            f"{result.get('draws', 1000)} draws, 2.5/97.5 percentiles of the crossings. Cells are redrawn "
+            "independently although every cell is scored on the same evaluation examples (conservative for "
+            "differences). 'crossover' also needs the difference resolved from zero, with opposite signs, at both "
+            "ends of the range; 'no crossover in range': fewer than half the draws change sign there."]
+
+
+def _verdicts_section(result: dict, level: int) -> List[str]:
+    """The paired tests against the baseline at each budget (``kdfast.eval.report.analyse``)."""
+    found = [(tag, v) for tag, verdicts in (result.get("verdicts") or {}).items() for v in verdicts]
+    if not found:
+        return []
+    rows = [[tag, v["arm"], v["metric"], f"{v['difference']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]",
+             f"{v['p_adjusted']:.3f}", v["verdict"], f"{v['min_detectable']:.3f}"] for tag, v in found]
+    head = ["budget", "arm", "metric", f"difference [{level}% interval]", "p (BH)", "verdict", "smallest detectable"]
+    return [f"## Verdicts at each budget against {result['baseline']} ({found[0][1]['test']})", "",
+            *_table(head, rows)]
+
+
+def _notes(result: dict) -> List[str]:
+    notes, charge = list(result.get("notes") or []), result["teacher_charge"]
     if result.get("limited_data"):
         notes.append(f"Limited data: {result['unique_tokens']:,} unique training tokens, repeated (epochs per cell "
                      "in the table).")
     if charge["amount"]:
-        notes.append(f"Teacher charge {charge['policy']}: {charge['amount']:.4g} {unit} added to each KD cell's budget "
-                     "in the charged crossovers and the shifted curves (training is the same).")
-    return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
+        notes.append(f"Teacher charge {charge['policy']}: {charge['amount']:.4g} {result['budget_unit']} added to "
+                     "each KD cell's budget in the charged crossovers and the shifted curves (training is the same).")
+    return ["## Notes", ""] + [f"- {n}" for n in notes] if notes else []
+
+
+def markdown(result: dict) -> str:
+    level = round(100 * (result.get("evaluation") or {}).get("level", 0.95))
+    fp = result.get("fingerprint") or {}
+    sections = [[f"# {result['name']}: comparison across budgets"],
+                [f"> **Approximation.** {result['approximation']}"] if result.get("approximation") else [],
+                [f"Budgets: {', '.join(result['budgets'])} per cell. Corpus: {result['corpus']}. "
+                 f"Teacher: {result['teacher'].get('description', '?')}.",
+                 "Fingerprint: " + ", ".join(f"{k} {v['sha256']}" for k, v in fp.items()) + "."],
+                _cells_section(result, metric_names(result), level), _trends_section(result),
+                _crossovers_section(result) if result["crossovers"] else [], _verdicts_section(result, level),
+                ["## Time per phase (wall seconds)", ""] + [f"- {k}: {v:.0f}" for k, v in result["timings"].items()]
+                if result.get("timings") else [], _notes(result)]
+    return "\n\n".join("\n".join(section) for section in sections if section) + "\n"
 
 
 def plots(result: dict, out_dir: Path) -> List[str]:
