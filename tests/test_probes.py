@@ -58,7 +58,8 @@ def test_planted_signal_is_detected_and_identical_encoders_tie(docs):
     a, b = stats.estimate(with_signal), stats.estimate(without)
     assert b["low"] < 0.56  # near chance: a bag of words cannot see a swap
     assert stats.separated(a, b) and a["mean"] > b["mean"] + 0.1
-    calls = stats.verdicts([stats.paired_comparison(with_signal, without), stats.paired_comparison(twin, without)], [True, True])
+    calls = stats.verdicts([stats.paired_comparison(with_signal, without), stats.paired_comparison(twin, without)],
+                           [True, True])
     assert [c["verdict"] for c in calls] == ["better", "no detectable difference"]
 
 
@@ -75,3 +76,31 @@ def test_frozen_encoder_probe_runs_on_a_saved_model(tmp_path, docs):
     assert set(scores) == {"sentlen", "adjacent"}
     assert all(s.predictions.shape == (2, 200) for s in scores.values())
     assert stats.estimate(scores["sentlen"])["mean"] > tasks[0].chance + 0.1  # length is visible even untrained
+
+
+def test_suite_caches_predictions_per_model_and_reevaluates_a_retrained_one(tmp_path, docs, monkeypatch):
+    import os
+
+    from transformers import BertConfig, BertForMaskedLM
+
+    from kdfast.data.tokenizer import build_wordpiece
+    from kdfast.eval import suite
+
+    model_dir = tmp_path / "model"
+    tokenizer = build_wordpiece(docs[:300], 400, model_dir)
+    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32)).save_pretrained(str(model_dir))
+    tasks = probe_tasks.build(docs, ["sentlen"], test_size=200, pool_size=200)
+    config = {"eval": {"level": 0.9, "probe_seeds": [0, 1], "probe_max_length": 32}, "glue": None}
+    evaluation_suite = suite.Suite(config, tasks, "held-out docs", None, None, 0, (), [])
+    first = suite.evaluate(evaluation_suite, str(model_dir), torch.device("cpu"), tmp_path / "cache")
+    calls = []
+    monkeypatch.setattr(probes, "evaluate", lambda *a, **k: calls.append(1) or {})
+    again = suite.evaluate(evaluation_suite, str(model_dir), torch.device("cpu"), tmp_path / "cache")
+    assert not calls and np.array_equal(again.scores["probe/sentlen"].predictions,
+                                        first.scores["probe/sentlen"].predictions)
+    weights = next(model_dir.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # "retrained"
+    monkeypatch.setattr(probes, "evaluate", lambda *a, **k: calls.append(1) or {})
+    suite.evaluate(evaluation_suite, str(model_dir), torch.device("cpu"), tmp_path / "cache")
+    assert calls == [1]

@@ -1,10 +1,15 @@
 """``kdfast glue``: fine-tune a pretrained model on GLUE-style tasks, several seeds, with intervals.
 
-For each task, every (learning rate, batch size) of the grid is fine-tuned once per seed; the grid
-point with the best mean main metric over seeds on validation is kept (as GLUE papers pick it),
-and its validation predictions [seeds, n] become ``Scores``: the mean over seeds with a bootstrap
-interval over seeds and validation examples (``kdfast.eval.stats``). Training batches are drawn
-from length-sorted windows of the shuffled data (less padding), in shuffled order.
+A grid point (learning rate, batch size) is chosen per task, in one of two ways:
+- ``select="validation"`` (the study's, and GLUE papers'): every grid point is fine-tuned once per
+  seed and the best mean main metric over seeds on validation is kept (optimistic for all rows alike);
+- ``select="dev"``: a dev split (10% of train, at most 1000 rows) is held out of train, each grid
+  point is fine-tuned once (first seed) on at most ``select_examples`` of the rest, the best on dev
+  is kept, then every seed is fine-tuned at that point on the whole train split. Validation is never
+  seen by the choice, and a grid costs little more than one point.
+The kept point's validation predictions [seeds, n] become ``Scores``: the mean over seeds with a
+bootstrap interval over seeds and validation examples (``kdfast.eval.stats``). Training batches are
+drawn from length-sorted windows of the shuffled data (less padding), in shuffled order.
 """
 from __future__ import annotations
 
@@ -24,7 +29,9 @@ import torch
 from kdfast.eval import glue_tasks, stats
 from kdfast.eval.glue_tasks import Task
 
-GRID_KEYS = ("lrs", "batch_sizes", "epochs", "seq_len", "seeds")
+GRID_KEYS = ("lrs", "batch_sizes", "epochs", "seq_len", "seeds", "select")
+SELECT = ("validation", "dev")
+DEV_FRACTION, DEV_MAX = 0.1, 1000
 _SORT_WINDOW = 50  # batches per length-sorted window
 
 
@@ -137,17 +144,39 @@ def predict(model, task: Task, rows: List[dict], pad_id: int, device: torch.devi
     return out
 
 
+def _finetune_seeds(model_path: str, tokenizer, task: Task, rows: List[dict], held: List[dict], lr: float,
+                    batch_size: int, epochs: int, seeds: Sequence[int], device: torch.device, warmup: float,
+                    weight_decay: float) -> Dict[str, stats.Scores]:
+    """Scores per metric of ``seeds`` fine-tunes on ``rows``, predicting ``held`` ([seeds, n])."""
+    predictions = np.stack([finetune(model_path, tokenizer, task, rows, held, lr, batch_size, epochs, seed, device,
+                                     warmup, weight_decay) for seed in seeds])
+    truth = np.array([r["label"] for r in held])
+    return {m: stats.Scores(predictions, truth, m) for m in task.metrics}
+
+
+def _grid_entry(task: Task, lr: float, batch_size: int, on: str, scores: Dict[str, stats.Scores], progress) -> dict:
+    means = {m: float(s.value()) for m, s in scores.items()}
+    if progress:
+        progress(f"{task.name} lr={lr:g} batch={batch_size} on {on}: " +
+                 ", ".join(f"{m}={v:.4f}" for m, v in means.items()))
+    return {"lr": lr, "batch_size": batch_size, "on": on, "mean": means}
+
+
 def evaluate_model(model_path: str, tasks: Sequence[Task], data_dir: Optional[str], seeds: Sequence[int],
                    lrs: Sequence[float], batch_sizes: Sequence[int], epochs: int, seq_len: int,
                    device: torch.device, tokenizer_path: Optional[str] = None, warmup: float = 0.1,
                    weight_decay: float = 0.01, max_train_examples: Optional[int] = None,
-                   max_eval_examples: Optional[int] = None, progress=None) -> Dict[str, TaskResult]:
-    """Per task: the grid point with the best mean main metric over seeds, with its predictions."""
+                   max_eval_examples: Optional[int] = None, select: str = "validation",
+                   select_examples: Optional[int] = None, progress=None) -> Dict[str, TaskResult]:
+    """Per task: the grid point chosen by ``select`` (see the module doc), with every seed's predictions."""
     from kdfast.data.tokenizer import load as load_tokenizer
 
     if len(seeds) < 1:
         raise ValueError(f"seeds: expected at least one fine-tuning seed, got {list(seeds)!r}")
+    if select not in SELECT:
+        raise ValueError(f"select: expected one of {', '.join(SELECT)}, got {select!r}")
     tokenizer = load_tokenizer(tokenizer_path or model_path)
+    grid_points = list(itertools.product(lrs, batch_sizes))
     results = {}
     for task in tasks:
         train_rows = glue_tasks.load_rows(task, "train", data_dir)
@@ -156,19 +185,35 @@ def evaluate_model(model_path: str, tasks: Sequence[Task], data_dir: Optional[st
         validation = encode(tokenizer, task, glue_tasks.load_rows(task, "validation", data_dir, max_eval_examples),
                             seq_len)
         gold = np.array([r["label"] for r in validation])
-        grid, best = [], None
-        for lr, batch_size in itertools.product(lrs, batch_sizes):
-            predictions = np.stack([finetune(model_path, tokenizer, task, train, validation, lr, batch_size, epochs,
-                                             seed, device, warmup, weight_decay) for seed in seeds])
-            scores = {m: stats.Scores(predictions, gold, m) for m in task.metrics}
-            means = {m: float(s.value()) for m, s in scores.items()}
-            grid.append({"lr": lr, "batch_size": batch_size, "mean": means})
-            if best is None or means[task.main_metric] > best[0][task.main_metric]:
-                best = (means, scores, lr, batch_size)
-            if progress:
-                progress(f"{task.name} lr={lr:g} batch={batch_size}: " +
-                         ", ".join(f"{m}={v:.4f}" for m, v in means.items()) + f" (mean of {len(seeds)} seeds)")
-        results[task.name] = TaskResult(task, best[1], best[2], best[3], grid, len(train))
+
+        def finetune_seeds(lr, batch_size, rows, held, chosen_seeds, task=task):
+            return _finetune_seeds(model_path, tokenizer, task, rows, held, lr, batch_size, epochs, chosen_seeds,
+                                   device, warmup, weight_decay)
+
+        def report(lr, batch_size, on, scores, task=task):
+            return _grid_entry(task, lr, batch_size, on, scores, progress)
+
+        grid = []
+        if select == "dev" and len(grid_points) > 1:
+            cut = min(DEV_MAX, max(1, int(len(train) * DEV_FRACTION)))
+            dev, rest = train[:cut], train[cut:][:select_examples]
+            for lr, batch_size in grid_points:
+                grid.append(report(lr, batch_size, f"dev ({len(dev)} held out of train, seed {seeds[0]})",
+                                   finetune_seeds(lr, batch_size, rest, dev, seeds[:1])))
+            best = max(grid, key=lambda g: g["mean"][task.main_metric])
+            lr, batch_size = best["lr"], best["batch_size"]
+            scores = finetune_seeds(lr, batch_size, train, validation, seeds)
+            report(lr, batch_size, "validation", scores)
+        else:
+            kept = None
+            for lr, batch_size in grid_points:
+                scores = finetune_seeds(lr, batch_size, train, validation, seeds)
+                grid.append(report(lr, batch_size, "validation", scores))
+                if kept is None or grid[-1]["mean"][task.main_metric] > kept[0]:
+                    kept = (grid[-1]["mean"][task.main_metric], scores, lr, batch_size)
+            _, scores, lr, batch_size = kept
+        assert all(np.array_equal(s.gold, gold) for s in scores.values())
+        results[task.name] = TaskResult(task, scores, lr, batch_size, grid, len(train))
     return results
 
 
@@ -189,6 +234,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--level", type=float, default=0.95, help="interval level in (0, 1)")
+    parser.add_argument("--select", default="validation", choices=SELECT,
+                        help="grid point choice: best mean on validation (the study's) or on a dev split of train")
+    parser.add_argument("--select-examples", type=int, default=None, help="select=dev: train rows per grid point")
     parser.add_argument("--max-train-examples", type=int, default=None)
     parser.add_argument("--max-eval-examples", type=int, default=None)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -218,9 +266,10 @@ def run(args: argparse.Namespace) -> int:
         grid = {key: section[key] for key in GRID_KEYS}
     else:
         grid = {"lrs": _numbers(args.lrs), "batch_sizes": _numbers(args.batch_sizes, int), "epochs": args.epochs,
-                "seq_len": args.seq_len, "seeds": _numbers(args.seeds, int)}
+                "seq_len": args.seq_len, "seeds": _numbers(args.seeds, int), "select": args.select}
     results = evaluate_model(args.model, tasks, args.data_dir, device=pick_device(args.device),
                              tokenizer_path=args.tokenizer, max_train_examples=args.max_train_examples,
+                             select_examples=args.select_examples,
                              max_eval_examples=args.max_eval_examples, progress=lambda m: print(m, file=sys.stderr),
                              **grid)
     summaries = {name: result.summary(args.level) for name, result in results.items()}

@@ -74,8 +74,16 @@ class Suite:
         if self.glue:
             out["glue"] = {"tasks": [t.name for t in self.glue], "seeds": glue["seeds"], "lrs": glue["lrs"],
                            "batch_sizes": glue["batch_sizes"], "epochs": glue["epochs"], "seq_len": glue["seq_len"],
-                           "selection": "grid point with the best mean main metric over seeds on validation"}
+                           "selection": glue_selection(glue["select"], glue["select_examples"])}
         return out
+
+
+def glue_selection(select: str, examples: Optional[int]) -> str:
+    if select == "validation":
+        return "grid point with the best mean main metric over seeds on validation (the study's protocol)"
+    return (f"grid point with the best main metric on a dev split held out of train (first seed, at most "
+            f"{examples or 'all'} training rows per point), then every seed at that point on the whole train "
+            "split")
 
 
 def build(config: dict, data, tokenizer) -> Suite:
@@ -109,6 +117,16 @@ def build(config: dict, data, tokenizer) -> Suite:
                  glue, notes)
 
 
+def _model_key(model_path: str, recipe: str) -> str:
+    """The suite's recipe and the model's identity (path, and its weight files' sizes and times)."""
+    where = Path(model_path).resolve() if Path(model_path).exists() else model_path
+    digest = hashlib.sha256(f"{recipe}|{where}".encode())
+    for weights in sorted(Path(model_path).glob("*.safetensors")) + sorted(Path(model_path).glob("*.bin")):
+        info = weights.stat()
+        digest.update(f"{weights.name}:{info.st_size}:{info.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class Evaluation:
     """One model's ``scores`` per metric name, and ``info`` (GLUE grid points kept, phase seconds)."""
@@ -139,8 +157,9 @@ def _save_cache(path: Path, evaluation: Evaluation) -> None:
 
 
 def evaluate(suite: Suite, model_path: str, device: torch.device, cache_dir: Path, label: str = "") -> Evaluation:
-    """Every metric of the model at ``model_path``; cached in ``cache_dir`` under the suite's recipe."""
-    cache = Path(cache_dir) / CACHE.format(suite.recipe())
+    """Every metric of the model at ``model_path``; cached in ``cache_dir`` under the suite's recipe and
+    the model's identity (a retrained model at the same path is evaluated again)."""
+    cache = Path(cache_dir) / CACHE.format(_model_key(model_path, suite.recipe()))
     cached = _load_cache(cache)
     if cached is not None:
         return cached
@@ -187,5 +206,6 @@ def _glue(suite: Suite, model_path: str, device: torch.device, label: str):
                                section["batch_sizes"], section["epochs"], section["seq_len"], device,
                                warmup=section["warmup"], weight_decay=section["weight_decay"],
                                max_train_examples=section["max_train_examples"],
-                               max_eval_examples=section["max_eval_examples"],
+                               max_eval_examples=section["max_eval_examples"], select=section["select"],
+                               select_examples=section["select_examples"],
                                progress=lambda message: print(f"  glue {label}: {message}", file=sys.stderr))

@@ -85,6 +85,8 @@ DEFAULTS: Dict[str, Any] = {
         "max_train_examples": None,
         "max_eval_examples": None,
         "evaluate_teacher": True,
+        "select": "validation",           # validation (the study's) | dev (a split of train picks the grid point)
+        "select_examples": None,          # select=dev: training rows per grid point
         "custom": {},                     # custom tasks: {name: {columns: [a, b], num_labels: N, metrics: [..]}}
     },
     "eval": {
