@@ -52,7 +52,8 @@ def test_compare_folders_at_several_budgets_merge_into_a_sweep_report(tmp_path):
 def test_folders_with_another_corpus_tokenizer_or_teacher_are_refused(tmp_path, field):
     other = {**FINGERPRINT, field: {"sha256": "ff", "describe": "something else"}}
     first, second = _compare_folder(tmp_path / "a", 50), _compare_folder(tmp_path / "b", 150, other)
-    with pytest.raises(ValueError, match=f"b/results.json: expected the {field} of .*a/results.json, .* \\(sha256 {FINGERPRINT[field]['sha256']}"
+    with pytest.raises(ValueError, match=f"b/results.json: expected the {field} of .*a/results.json, .* "
+                                         f"\\(sha256 {FINGERPRINT[field]['sha256']}"
                                          f"\\), got something else \\(sha256 ff\\)"):
         main(["report", first, second, "--out", str(tmp_path / "report")])
     assert not (tmp_path / "report").exists()
@@ -60,7 +61,8 @@ def test_folders_with_another_corpus_tokenizer_or_teacher_are_refused(tmp_path, 
 
 def test_the_same_cell_twice_or_a_folder_without_results_is_refused(tmp_path):
     first, second = _compare_folder(tmp_path / "a", 50), _compare_folder(tmp_path / "b", 50)
-    with pytest.raises(ValueError, match="b/results.json: expected cells not already in .*a/results.json, got 50s/no-kd in both"):
+    with pytest.raises(ValueError, match="b/results.json: expected cells not already in .*a/results.json, got "
+                                         "50s/no-kd in both"):
         main(["report", first, second])
     with pytest.raises(ValueError, match="report: expected sweep.json or results.json in"):
         main(["report", first, str(tmp_path)])
