@@ -35,38 +35,72 @@ inline float block_exp_sum(const float* x, index_t n, float max, float scale) {
   return sum;
 }
 
+// Index of the first element of a block equal to its maximum m.
+inline index_t first_index_of(const float* x, index_t n, float m) {
+  index_t i = 0;
+  while (i + 1 < n && x[i] != m) ++i;
+  return i;
+}
+
 struct RowResult {
   float kd;
   float mlm;
 };
 
+using DivElementFn = vocab_kd::DivElement (*)(float, float, const RowStats&);
+
+// Reverse KL / JSD passes 2 and 3 of one row-major row; returns the row's KD term.
+template <DivElementFn Element>
+inline float div_passes(float* s, const float* t, index_t vocab, RowStats& st) {
+  float sum_q_delta = 0.0f, sum_p_term = 0.0f;
+#pragma omp simd reduction(+ : sum_q_delta, sum_p_term)
+  for (index_t v = 0; v < vocab; ++v) {
+    const vocab_kd::DivElement e = Element(s[v], t[v], st);
+    sum_q_delta += e.q * e.delta;
+    sum_p_term += e.p_term;
+  }
+  const float kd = vocab_kd::div_finish(st, sum_q_delta, sum_p_term);
+#pragma omp simd
+  for (index_t v = 0; v < vocab; ++v) s[v] = vocab_kd::div_grad(s[v], Element(s[v], t[v], st), st);
+  return kd;
+}
+
 // One row-major row: s [V] (overwritten with the gradient), t [V]. Pass 1 walks the row a block at a
 // time: the block's maxima, its exp sums relative to them, then one online merge per softmax. Pass 2
-// writes the gradient and sums the KD terms. target_clones keeps the wheel portable while the hot loops
-// get AVX-512/AVX2 code where the CPU has it.
+// writes the gradient and sums the KD terms (reverse KL / JSD: div_passes). target_clones keeps the wheel
+// portable while the hot loops get AVX-512/AVX2 code where the CPU has it.
 __attribute__((target_clones("avx512f", "avx2", "default")))
 RowResult kd_row(float* s, const float* t, index_t vocab, int64_t label, float kd_coef, float mlm_coef,
-                 float temperature, bool soft_ce) {
+                 float temperature, int kind, float beta) {
   const float inv_t = 1.0f / temperature;
   const bool has_label = label >= 0;
   const bool raw_softmax = has_label && temperature != 1.0f;
+  const bool divergence = kind >= vocab_kd::kReverseKL;
   OnlineSum a = vocab_kd::online_empty(), b = vocab_kd::online_empty(), raw = vocab_kd::online_empty();
+  float t_ref = 0.0f;
   for (index_t start = 0; start < vocab; start += kBlock) {
     const index_t n = std::min(kBlock, vocab - start);
     const float s_max = block_max(s + start, n), t_max = block_max(t + start, n);
+    if (divergence && s_max > a.max) t_ref = t[start + first_index_of(s + start, n, s_max)];
     a = vocab_kd::online_merge(a, {s_max, block_exp_sum(s + start, n, s_max, inv_t)}, inv_t);
     b = vocab_kd::online_merge(b, {t_max, block_exp_sum(t + start, n, t_max, inv_t)}, inv_t);
     if (raw_softmax) raw = vocab_kd::online_merge(raw, {s_max, block_exp_sum(s + start, n, s_max, 1.0f)}, 1.0f);
   }
-  const RowStats st = vocab_kd::row_stats(a, b, raw, temperature, has_label, kd_coef, mlm_coef, soft_ce);
+  RowStats st = vocab_kd::row_stats(a, b, raw, temperature, has_label, kd_coef, mlm_coef, kind, beta, t_ref);
   const float mlm = has_label ? vocab_kd::mlm_loss(st, s[label]) : 0.0f;
 
   float kd = 0.0f;
+  if (kind == vocab_kd::kReverseKL) {
+    kd = div_passes<vocab_kd::reverse_kl_element>(s, t, vocab, st);
+  } else if (kind == vocab_kd::kJSD) {
+    kd = div_passes<vocab_kd::jsd_element>(s, t, vocab, st);
+  } else {
 #pragma omp simd reduction(+ : kd)
-  for (index_t v = 0; v < vocab; ++v) {
-    const vocab_kd::ElementOut out = vocab_kd::element_grad(s[v], t[v], st);
-    s[v] = out.grad;
-    kd += out.kd_term;
+    for (index_t v = 0; v < vocab; ++v) {
+      const vocab_kd::ElementOut out = vocab_kd::element_grad(s[v], t[v], st);
+      s[v] = out.grad;
+      kd += out.kd_term;
+    }
   }
   if (has_label) s[label] -= st.mlm_coef;
   return {kd, mlm};
@@ -98,54 +132,100 @@ struct LaneSums {
 // mlm_coef 0, so its softmax(s) term vanishes whichever way it is computed.
 struct LaneStats {
   float s_max[kLanes], t_max[kLanes], log_sum_a[kLanes], log_sum_b[kLanes], log_sum_s[kLanes];
-  float kd_coef[kLanes], mlm_coef[kLanes];
-  float inv_t;
-  bool raw_softmax, soft_ce;
+  float kd_coef[kLanes], mlm_coef[kLanes], t_ref[kLanes], k[kLanes];
+  RowStats shared;  // inv_t, raw_softmax, kind, beta and its logs, div_w
 
   void set(index_t l, const RowStats& st) {
     s_max[l] = st.s_max, t_max[l] = st.t_max, log_sum_a[l] = st.log_sum_a, log_sum_b[l] = st.log_sum_b;
     log_sum_s[l] = st.log_sum_s, kd_coef[l] = st.kd_coef, mlm_coef[l] = st.mlm_coef;
+    t_ref[l] = st.t_ref, k[l] = st.k;
   }
   RowStats at(index_t l) const {
-    return {inv_t, s_max[l], t_max[l], log_sum_a[l], log_sum_b[l], log_sum_s[l], kd_coef[l], mlm_coef[l],
-            raw_softmax, soft_ce};
+    RowStats st = shared;
+    st.s_max = s_max[l], st.t_max = t_max[l], st.log_sum_a = log_sum_a[l], st.log_sum_b = log_sum_b[l];
+    st.log_sum_s = log_sum_s[l], st.kd_coef = kd_coef[l], st.mlm_coef = mlm_coef[l];
+    st.t_ref = t_ref[l], st.k = k[l];
+    return st;
   }
 };
 
-// n <= kLanes vocab-major rows: element (l, v) of s and t at l + v*ld. Every per-row quantity lives in a
-// lane array, so each step over v is one vector operation across the rows. The arithmetic per element is
-// the row-major kernel's (online_add instead of block merges: the same sums up to rounding).
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void kd_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, const int64_t* label,
-              const float* kd_coef, const float* mlm_coef, float temperature, bool soft_ce, float* kd_out,
-              float* mlm_out) {
-  const float inv_t = 1.0f / temperature;
-  bool raw_softmax = false;
-  for (index_t l = 0; l < n; ++l) raw_softmax |= label[l] >= 0 && temperature != 1.0f;
-  LaneSums a, b, raw;
+// Reverse KL / JSD passes 2 and 3 of n <= kLanes vocab-major rows; writes the rows' KD terms to kd.
+template <DivElementFn Element>
+inline void div_lane_passes(float* s, const float* t, index_t n, index_t vocab, index_t ld, LaneStats& st,
+                            float* kd) {
+  float sum_q_delta[kLanes] = {}, sum_p_term[kLanes] = {};
   for (index_t v = 0; v < vocab; ++v) {
-    a.add(s + v * ld, n, inv_t);
-    b.add(t + v * ld, n, inv_t);
-    if (raw_softmax) raw.add(s + v * ld, n, 1.0f);
+#pragma omp simd
+    for (index_t l = 0; l < n; ++l) {
+      const vocab_kd::DivElement e = Element(s[l + v * ld], t[l + v * ld], st.at(l));
+      sum_q_delta[l] += e.q * e.delta;
+      sum_p_term[l] += e.p_term;
+    }
   }
-  LaneStats st;
-  st.inv_t = inv_t, st.raw_softmax = raw_softmax, st.soft_ce = soft_ce;
-  float kd[kLanes];
   for (index_t l = 0; l < n; ++l) {
-    const bool has_label = label[l] >= 0;
-    st.set(l, vocab_kd::row_stats(a.at(l), b.at(l), raw.at(l), temperature, has_label, kd_coef[l], mlm_coef[l],
-                                  soft_ce));
-    mlm_out[l] = has_label ? vocab_kd::mlm_loss(st.at(l), s[l + label[l] * ld]) : 0.0f;
-    kd[l] = 0.0f;
+    RowStats row = st.at(l);
+    kd[l] = vocab_kd::div_finish(row, sum_q_delta[l], sum_p_term[l]);
+    st.set(l, row);
   }
   for (index_t v = 0; v < vocab; ++v) {
     float* sv = s + v * ld;
     const float* tv = t + v * ld;
 #pragma omp simd
     for (index_t l = 0; l < n; ++l) {
-      const vocab_kd::ElementOut out = vocab_kd::element_grad(sv[l], tv[l], st.at(l));
-      sv[l] = out.grad;
-      kd[l] += out.kd_term;
+      const RowStats row = st.at(l);
+      sv[l] = vocab_kd::div_grad(sv[l], Element(sv[l], tv[l], row), row);
+    }
+  }
+}
+
+// n <= kLanes vocab-major rows: element (l, v) of s and t at l + v*ld. Every per-row quantity lives in a
+// lane array, so each step over v is one vector operation across the rows. The arithmetic per element is
+// the row-major kernel's (online_add instead of block merges: the same sums up to rounding).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void kd_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, const int64_t* label,
+              const float* kd_coef, const float* mlm_coef, float temperature, int kind, float beta, float* kd_out,
+              float* mlm_out) {
+  const float inv_t = 1.0f / temperature;
+  const bool divergence = kind >= vocab_kd::kReverseKL;
+  bool raw_softmax = false;
+  for (index_t l = 0; l < n; ++l) raw_softmax |= label[l] >= 0 && temperature != 1.0f;
+  LaneSums a, b, raw;
+  float t_ref[kLanes] = {};
+  for (index_t v = 0; v < vocab; ++v) {
+    if (divergence) {
+#pragma omp simd
+      for (index_t l = 0; l < n; ++l) t_ref[l] = s[l + v * ld] > a.max[l] ? t[l + v * ld] : t_ref[l];
+    }
+    a.add(s + v * ld, n, inv_t);
+    b.add(t + v * ld, n, inv_t);
+    if (raw_softmax) raw.add(s + v * ld, n, 1.0f);
+  }
+  LaneStats st;
+  float kd[kLanes];
+  for (index_t l = 0; l < n; ++l) {
+    const bool has_label = label[l] >= 0;
+    RowStats row = vocab_kd::row_stats(a.at(l), b.at(l), raw.at(l), temperature, has_label, kd_coef[l], mlm_coef[l],
+                                       kind, beta, t_ref[l]);
+    row.raw_softmax = raw_softmax;
+    if (l == 0) st.shared = row;
+    st.set(l, row);
+    mlm_out[l] = has_label ? vocab_kd::mlm_loss(row, s[l + label[l] * ld]) : 0.0f;
+    kd[l] = 0.0f;
+  }
+  if (kind == vocab_kd::kReverseKL) {
+    div_lane_passes<vocab_kd::reverse_kl_element>(s, t, n, vocab, ld, st, kd);
+  } else if (kind == vocab_kd::kJSD) {
+    div_lane_passes<vocab_kd::jsd_element>(s, t, n, vocab, ld, st, kd);
+  } else {
+    for (index_t v = 0; v < vocab; ++v) {
+      float* sv = s + v * ld;
+      const float* tv = t + v * ld;
+#pragma omp simd
+      for (index_t l = 0; l < n; ++l) {
+        const vocab_kd::ElementOut out = vocab_kd::element_grad(sv[l], tv[l], st.at(l));
+        sv[l] = out.grad;
+        kd[l] += out.kd_term;
+      }
     }
   }
   for (index_t l = 0; l < n; ++l) {
@@ -173,11 +253,11 @@ RowArgs row_args(std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels, std:
 }
 
 // Row-major: rows `ld` elements apart, unit stride along V.
-void rows(const RowArgs& x, index_t n_rows, index_t vocab, index_t ld, float temperature, bool soft_ce) {
+void rows(const RowArgs& x, index_t n_rows, index_t vocab, index_t ld, float temperature, int kind, float beta) {
 #pragma omp parallel for schedule(static)
   for (index_t r = 0; r < n_rows; ++r) {
     const RowResult res = kd_row(x.s + r * ld, x.t + r * ld, vocab, x.labels[r], x.kd_coef[r], x.mlm_coef[r],
-                                 temperature, soft_ce);
+                                 temperature, kind, beta);
     x.kd_out[r] = res.kd;
     x.mlm_out[r] = res.mlm;
   }
@@ -185,13 +265,13 @@ void rows(const RowArgs& x, index_t n_rows, index_t vocab, index_t ld, float tem
 
 // Vocab-major: unit stride along rows, consecutive vocabulary entries `ld` elements apart.
 void rows_vocab_major(const RowArgs& x, index_t n_rows, index_t vocab, index_t ld, float temperature,
-                      bool soft_ce) {
+                      int kind, float beta) {
   const index_t groups = (n_rows + kLanes - 1) / kLanes;
 #pragma omp parallel for schedule(static)
   for (index_t g = 0; g < groups; ++g) {
     const index_t r = g * kLanes;
     kd_lanes(x.s + r, x.t + r, std::min(kLanes, n_rows - r), vocab, ld, x.labels + r, x.kd_coef + r,
-             x.mlm_coef + r, temperature, soft_ce, x.kd_out + r, x.mlm_out + r);
+             x.mlm_coef + r, temperature, kind, beta, x.kd_out + r, x.mlm_out + r);
   }
 }
 
@@ -199,20 +279,21 @@ void rows_vocab_major(const RowArgs& x, index_t n_rows, index_t vocab, index_t l
 
 void register_vocab_kd(pybind11::module_& m) {
   // Raw pointers from torch (fp32 / int64); see the row kernel contract in kdfast/chunked_vocab.py.
-  using Layout = void (*)(const RowArgs&, index_t, index_t, index_t, float, bool);
+  using Layout = void (*)(const RowArgs&, index_t, index_t, index_t, float, int, float);
   const auto bind = [&m](const char* name, Layout layout, const char* doc) {
     m.def(
         name,
         [layout](std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels, std::uintptr_t kd_coef,
                  std::uintptr_t mlm_coef, std::uintptr_t kd_row, std::uintptr_t mlm_row, index_t n_rows,
-                 index_t vocab, index_t ld, float temperature, bool soft_ce) {
+                 index_t vocab, index_t ld, float temperature, int kind, float beta) {
           pybind11::gil_scoped_release release;
-          layout(row_args(s, t, labels, kd_coef, mlm_coef, kd_row, mlm_row), n_rows, vocab, ld, temperature,
-                 soft_ce);
+          layout(row_args(s, t, labels, kd_coef, mlm_coef, kd_row, mlm_row), n_rows, vocab, ld, temperature, kind,
+                 beta);
         },
         doc, pybind11::arg("s"), pybind11::arg("t"), pybind11::arg("labels"), pybind11::arg("kd_coef"),
         pybind11::arg("mlm_coef"), pybind11::arg("kd_row"), pybind11::arg("mlm_row"), pybind11::arg("rows"),
-        pybind11::arg("vocab"), pybind11::arg("ld"), pybind11::arg("temperature"), pybind11::arg("soft_ce"));
+        pybind11::arg("vocab"), pybind11::arg("ld"), pybind11::arg("temperature"), pybind11::arg("kind"),
+        pybind11::arg("beta"));
   };
   bind("vocab_kd_rows", rows,
        "Vocabulary-KD row kernel, in place on row-major fp32 student logits (rows ld apart)");

@@ -3,9 +3,22 @@
 //
 // For a row: s student logits, t teacher logits, T temperature, a = s/T, b = t/T,
 // q = softmax(a), p = softmax(b), optional label y.
+// Forward KL / soft CE (two passes):
 //   pass 1: online (max, sum) of exp for a, b and (when T != 1 and the row has a label) s;
 //   pass 2: per element, grad = kd_coef*(q - p) + mlm_coef*(softmax(s) - onehot(y)) and the KD term
 //           p*(log p - log q) (KL) or -p*log q (soft CE), summed into the row's loss.
+// Reverse KL and generalised JSD (three passes; pass 1 also keeps t_ref, the teacher logit at the
+// student's argmax r):
+//   pass 2: sums of q*delta (and of p*(log p - log m) for JSD), see div_element;
+//   pass 3: grad = kd_coef*w*q*(delta - k) + mlm_coef*(softmax(s) - onehot(y)), see div_grad.
+// Both gradients have the form w*q*(D - sum q D) with D = log q - log p (reverse KL, w = 1) or
+// D = log q - log m (JSD_beta = beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q, w = 1-beta).
+// delta = D - D_r is taken relative to the student's argmax r, k = sum q*delta: a near one-hot student
+// then keeps its small gradient q_r*(delta_r - k) = -q_r*k (no difference of two large numbers).
+// Reverse KL R = D_r + k. For JSD, with z = log p - log q + log(beta/(1-beta)) and sp = softplus:
+// D = -log(1-beta) - sp(z) and log p - log m = -log(beta) - sp(-z), so delta = sp(z_r) - sp(z) stays
+// accurate (to its own size) where p << q, and JSD = beta sum p (-log beta - sp(-z)) + (1-beta) (D_r + k).
+// JSD needs 0 < beta < 1 (at 0 and 1 it is 0: the driver does not call the kernel for it).
 #pragma once
 #include <cfloat>
 #include <cmath>
@@ -14,6 +27,9 @@
 #include "common.h"
 
 namespace kdfast::vocab_kd {
+
+// The KD term of a row (kdfast._reduction.KINDS in this order).
+enum Kind : int { kForwardKL = 0, kSoftCE = 1, kReverseKL = 2, kJSD = 3 };
 
 // Below this exp() is subnormal in fp32; vocab_exp returns 0 there (also for -inf: top-k).
 constexpr float kExpFloor = -87.0f;
@@ -86,16 +102,40 @@ struct RowStats {
   float log_sum_a;   // log sum exp((s - s_max)/T)
   float log_sum_b;   // log sum exp((t - t_max)/T)
   float log_sum_s;   // log sum exp(s - s_max) (= log_sum_a when T == 1); read when raw_softmax
-  float kd_coef;     // gradient coefficient of q - p
+  float kd_coef;     // gradient coefficient of d kd_row / d a
   float mlm_coef;    // gradient coefficient of softmax(s) - onehot(y)
   bool raw_softmax;  // softmax(s) differs from q (T != 1) and the row has an MLM term
-  bool soft_ce;
+  int kind;          // Kind
+  // Reverse KL / JSD only:
+  float t_ref;       // teacher logit at the student's argmax r
+  float beta;        // JSD mixture weight of p, 0 < beta < 1
+  float log_beta;    // log beta
+  float log_1m_beta; // log(1 - beta)
+  float div_w;       // w: 1 (reverse KL) or 1 - beta (JSD)
+  float sp_ref;      // JSD: sp(z_r)
+  float k;           // sum q*delta, after pass 2
 };
+
+// log(1 + x) for 0 <= x <= 1, accurate for tiny x (Goldberg: log(u) * x / (u - 1), u = 1 + x rounded).
+KDFAST_HD float vocab_log1p(float x) {
+  const float u = 1.0f + x;
+  return u == 1.0f ? x : logf(u) * (x / (u - 1.0f));
+}
+
+// softplus(z) = log(1 + exp(z)); 0 at z = -inf.
+KDFAST_HD float softplus(float z) {
+  return (z > 0.0f ? z : 0.0f) + vocab_log1p(vocab_exp(z > 0.0f ? -z : z));
+}
+
+// JSD: z = log p - log q + log(beta / (1 - beta)) (-inf where p = 0).
+KDFAST_HD float jsd_z(float log_p, float log_q, const RowStats& st) {
+  return (log_p - log_q) + (st.log_beta - st.log_1m_beta);
+}
 
 // The row's statistics from its pass-1 states: a over s/T, b over t/T, raw over s (read only when
 // raw_softmax: T != 1 and the row has a label).
 KDFAST_HD RowStats row_stats(OnlineSum a, OnlineSum b, OnlineSum raw, float temperature, bool has_label,
-                             float kd_coef, float mlm_coef, bool soft_ce) {
+                             float kd_coef, float mlm_coef, int kind, float beta, float t_ref) {
   RowStats st;
   st.inv_t = 1.0f / temperature;
   st.s_max = a.max;
@@ -106,7 +146,15 @@ KDFAST_HD RowStats row_stats(OnlineSum a, OnlineSum b, OnlineSum raw, float temp
   st.log_sum_s = st.raw_softmax ? logf(raw.sum) : st.log_sum_a;
   st.kd_coef = kd_coef;
   st.mlm_coef = has_label ? mlm_coef : 0.0f;
-  st.soft_ce = soft_ce;
+  st.kind = kind;
+  st.t_ref = t_ref;
+  st.beta = beta;
+  st.log_beta = logf(beta);
+  st.log_1m_beta = logf(1.0f - beta);
+  st.div_w = kind == kReverseKL ? 1.0f : 1.0f - beta;
+  // The student's argmax: log q_r = -log_sum_a, log p_r from t_ref.
+  st.sp_ref = kind == kJSD ? softplus(jsd_z((t_ref - st.t_max) * st.inv_t - st.log_sum_b, -st.log_sum_a, st)) : 0.0f;
+  st.k = 0.0f;
   return st;
 }
 
@@ -121,8 +169,49 @@ KDFAST_HD ElementOut element_grad(float s, float t, const RowStats& st) {
   const float q = vocab_exp(log_q);
   const float p = vocab_exp(log_p);
   const float softmax_s = st.raw_softmax ? vocab_exp((s - st.s_max) - st.log_sum_s) : q;
-  const float kd_term = p > 0.0f ? p * (st.soft_ce ? -log_q : log_p - log_q) : 0.0f;
+  const float kd_term = p > 0.0f ? p * (st.kind == kSoftCE ? -log_q : log_p - log_q) : 0.0f;
   return {st.kd_coef * (q - p) + st.mlm_coef * softmax_s, kd_term};
+}
+
+// Reverse KL / JSD: what passes 2 and 3 need of one element.
+struct DivElement {
+  float q;       // softmax(s/T)
+  float delta;   // see the header comment
+  float p_term;  // JSD: p*(log p - log m) (0 where p = 0); reverse KL: 0
+};
+
+KDFAST_HD DivElement reverse_kl_element(float s, float t, const RowStats& st) {
+  const float a = (s - st.s_max) * st.inv_t;  // log q + log_sum_a
+  return {vocab_exp(a - st.log_sum_a), a - (t - st.t_ref) * st.inv_t, 0.0f};
+}
+
+KDFAST_HD DivElement jsd_element(float s, float t, const RowStats& st) {
+  const float log_q = (s - st.s_max) * st.inv_t - st.log_sum_a;
+  const float log_p = (t - st.t_max) * st.inv_t - st.log_sum_b;  // -inf for a teacher logit dropped by top-k
+  const float p = vocab_exp(log_p);
+  const float z = jsd_z(log_p, log_q, st);
+  return {vocab_exp(log_q), st.sp_ref - softplus(z), p > 0.0f ? p * (-st.log_beta - softplus(-z)) : 0.0f};
+}
+
+KDFAST_HD DivElement div_element(float s, float t, const RowStats& st) {
+  return st.kind == kReverseKL ? reverse_kl_element(s, t, st) : jsd_element(s, t, st);
+}
+
+// After pass 2: sets st.k from the row's sums of q*delta and p_term, returns the row's KD term.
+KDFAST_HD float div_finish(RowStats& st, float sum_q_delta, float sum_p_term) {
+  if (st.kind == kReverseKL) {
+    st.k = sum_q_delta;
+    // R = D_r + k with D_r = log q_r - log p_r = -log_sum_a - ((t_ref - t_max)/T - log_sum_b).
+    return sum_q_delta - st.log_sum_a - (st.t_ref - st.t_max) * st.inv_t + st.log_sum_b;
+  }
+  st.k = sum_q_delta;
+  return st.beta * sum_p_term + st.div_w * ((-st.log_1m_beta - st.sp_ref) + sum_q_delta);
+}
+
+// Pass 3: d loss / d s of one element (without the -mlm_coef at the label).
+KDFAST_HD float div_grad(float s, const DivElement& e, const RowStats& st) {
+  const float softmax_s = st.raw_softmax ? vocab_exp((s - st.s_max) - st.log_sum_s) : e.q;
+  return st.kd_coef * st.div_w * e.q * (e.delta - st.k) + st.mlm_coef * softmax_s;
 }
 
 // MLM cross-entropy of the row: logsumexp(s) - s[y] = log_sum_s - (s[y] - s_max).

@@ -11,15 +11,19 @@ the input.
 
 Row kernel contract (one function per backend, e.g. ``kdfast.cpu.fused_linear_kd.rows``)::
 
-    rows(s, t, labels, kd_coef, mlm_coef, temperature, soft_ce) -> (kd_row, mlm_row)
+    rows(s, t, labels, kd_coef, mlm_coef, temperature, kind, beta) -> (kd_row, mlm_row)
 
 - ``s`` [C, V] fp32 student logits, overwritten with
-  ``kd_coef[r] * (q - p) + mlm_coef[r] * (softmax(s) - onehot(labels[r]))``, where
-  ``q = softmax(s / T)`` and ``p = softmax(t / T)``;
-- ``t`` [C, V] fp32 teacher logits with the strides of ``s`` (read only; -inf entries have p = 0: top-k);
+  ``kd_coef[r] * d kd_row / d a + mlm_coef[r] * (softmax(s) - onehot(labels[r]))``, a = s / T, where
+  with ``q = softmax(a)``, ``p = softmax(t / T)`` and ``m = beta p + (1 - beta) q``:
+  ``kl``, ``soft_ce``: ``d/da = q - p``; ``reverse_kl`` (KL(q || p)): ``q * ((log q - log p) - KL(q || p))``;
+  ``jsd`` (beta KL(p || m) + (1 - beta) KL(q || m)): ``(1 - beta) * q * ((log q - log m) - KL(q || m))``;
+- ``t`` [C, V] fp32 teacher logits with the strides of ``s`` (read only; -inf entries have p = 0: top-k,
+  never with ``reverse_kl``);
 - ``labels`` [C] int64, -1 means no MLM term for the row; ``kd_coef``, ``mlm_coef`` [C] fp32;
-- returns ``kd_row`` [C] fp32, KL(p || q) (or the soft CE -sum p log q when ``soft_ce``), unscaled,
-  and ``mlm_row`` [C] fp32, ``lse(s) - s[label]`` (0 for rows without a label).
+  ``kind`` one of ``kdfast._reduction.KINDS``; ``beta`` read by ``jsd``;
+- returns ``kd_row`` [C] fp32, the row's divergence (``kind``), unscaled, and ``mlm_row`` [C] fp32,
+  ``lse(s) - s[label]`` (0 for rows without a label).
 
 Every kernel takes row-major ``s``, ``t`` (unit stride along V). A kernel with ``vocab_major = True``
 also takes vocab-major ones (unit stride along C: ``s.t()`` is a contiguous [V, C]) and the fused
@@ -35,7 +39,7 @@ from typing import Callable, Optional
 import torch
 
 from kdfast._buffers import new_output
-from kdfast._reduction import kd_divisor, kd_factor, mlm_divisor
+from kdfast._reduction import KINDS, kd_divisor, kd_factor, mlm_divisor
 from kdfast.losses.types import KDOutput
 
 RowKernel = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
@@ -232,6 +236,11 @@ def _keep_topk(t: torch.Tensor, k: int) -> None:
         t.masked_fill_(t < kth, float("-inf"))
 
 
+def _kd_vanishes(opts: dict) -> bool:
+    """JSD at beta = 0 (m = q) or beta = 1 (m = p) is 0 with 0 gradient; row kernels are not asked for it."""
+    return opts["kind"] == "jsd" and opts["beta"] in (0.0, 1.0)
+
+
 def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 opts: dict, need: "tuple[bool, bool, bool]", kd_weight: float, mlm_weight: float):
     """Loss sums and fp32 gradients of ``kd_weight * kd + mlm_weight * mlm``, chunk by chunk.
@@ -250,7 +259,7 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
     kd_sum = torch.zeros((), dtype=torch.float64, device=device)
     mlm_sum = torch.zeros((), dtype=torch.float64, device=device)
     if sel.count:
-        with_teacher = kd_weight != 0
+        with_teacher = kd_weight != 0 and not _kd_vanishes(opts)
         student = _Head(student_weight, student_bias)
         teacher = _Head(teacher_weight, teacher_bias) if with_teacher else None
         size = opts["chunk_rows"] or chunk_rows(sel.count, vocab, device)
@@ -274,7 +283,7 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
             else:
                 t.copy_(s)  # KL(q || q) = 0: the KD term vanishes, only the MLM gradient remains
             kd_row, mlm_row = row_kernel(s, t, sel.labels[part], sel.kd_coef[part], sel.mlm_coef[part],
-                                         opts["temperature"], opts["kind"] == "soft_ce")
+                                         opts["temperature"], opts["kind"] if with_teacher else "kl", opts["beta"])
             kd_sum += (kd_row.double() * sel.kd_scale[part]).sum()
             mlm_sum += mlm_row.double().sum()
             # s now holds d loss / d student logits for this chunk; t is spent.
@@ -344,14 +353,14 @@ class _FusedLinearKD(torch.autograd.Function):
 def chunked_fused_linear_kd(row_kernel: RowKernel, *, student_hidden, student_weight, teacher_hidden,
                             teacher_weight, student_bias=None, teacher_bias=None, labels=None, ignore_index=-100,
                             temperature=1.0, kd_weight=1.0, mlm_weight=0.0, kind="kl", reduction="batchmean",
-                            t2_scale=True, mask=None, row_weights=None, teacher_topk=None,
+                            t2_scale=True, mask=None, row_weights=None, teacher_topk=None, beta=0.5,
                             chunk_rows: Optional[int] = None) -> KDOutput:
     """``kdfast.fused_linear_kd`` (validated keyword arguments) on ``row_kernel``; ``chunk_rows``
     forces the rows per chunk (default: from the shapes and free memory)."""
     opts = dict(row_kernel=row_kernel, labels=labels, ignore_index=ignore_index, temperature=float(temperature),
                 kd_weight=float(kd_weight), mlm_weight=float(mlm_weight), kind=kind, reduction=reduction,
                 t2_scale=bool(t2_scale), mask=mask, row_weights=row_weights, teacher_topk=teacher_topk,
-                chunk_rows=chunk_rows)
+                beta=float(beta), chunk_rows=chunk_rows)
     teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()
     loss, kd, mlm = _FusedLinearKD.apply(student_hidden, student_weight, student_bias, teacher_hidden,
@@ -377,6 +386,7 @@ class _KDKL(torch.autograd.Function):
             size = opts["chunk_rows"] or chunk_rows(sel.count, vocab, device)
             # fp32 without a mask: the kernel works directly in the gradient buffer.
             in_place = grad is not None and sel.index is None and grad.dtype == torch.float32
+            vanishes = _kd_vanishes(opts)
             s_buf = None if in_place else torch.empty((size, vocab), dtype=torch.float32, device=device)
             t_buf = torch.empty((size, vocab), dtype=torch.float32, device=device)
             for start in range(0, sel.count, size):
@@ -386,9 +396,12 @@ class _KDKL(torch.autograd.Function):
                 s = grad[part] if in_place else s_buf[: stop - start]
                 t = t_buf[: stop - start]
                 s.copy_(student_logits[part] if ids is None else student_logits.index_select(0, ids))
-                t.copy_(teacher_logits[part] if ids is None else teacher_logits.index_select(0, ids))
+                if vanishes:
+                    t.copy_(s)  # KL(q || q) = 0, the value and gradient of the vanishing JSD
+                else:
+                    t.copy_(teacher_logits[part] if ids is None else teacher_logits.index_select(0, ids))
                 kd_row, _ = row_kernel(s, t, sel.labels[part], sel.kd_coef[part], sel.mlm_coef[part],
-                                       opts["temperature"], opts["kind"] == "soft_ce")
+                                       opts["temperature"], "kl" if vanishes else opts["kind"], opts["beta"])
                 kd_sum += (kd_row.double() * sel.kd_scale[part]).sum()
                 if grad is not None and not in_place:
                     if ids is None:
@@ -405,10 +418,10 @@ class _KDKL(torch.autograd.Function):
 
 
 def chunked_kd_kl(row_kernel: RowKernel, *, student_logits, teacher_logits, temperature=1.0, mask=None, kind="kl",
-                  reduction="batchmean", t2_scale=True, chunk_rows: Optional[int] = None) -> torch.Tensor:
+                  reduction="batchmean", t2_scale=True, beta=0.5, chunk_rows: Optional[int] = None) -> torch.Tensor:
     """``kdfast.kd_kl`` (validated keyword arguments) on ``row_kernel``: a 0-dim fp32 loss."""
     opts = dict(row_kernel=row_kernel, temperature=float(temperature), mask=mask, kind=kind, reduction=reduction,
-                t2_scale=bool(t2_scale), chunk_rows=chunk_rows)
+                t2_scale=bool(t2_scale), beta=float(beta), chunk_rows=chunk_rows)
     return _KDKL.apply(student_logits, teacher_logits.detach(), opts)
 
 
@@ -433,18 +446,19 @@ def kd_kl_unsupported_reason(**kwargs) -> Optional[str]:
 def pointer_row_kernel(launch: Callable[..., None], with_stream: bool,
                        launch_vocab_major: Optional[Callable[..., None]] = None) -> RowKernel:
     """A row kernel from a native entry point taking raw pointers:
-    ``launch(s, t, labels, kd_coef, mlm_coef, kd_row, mlm_row, rows, vocab, ld, temperature, soft_ce[, stream])``
+    ``launch(s, t, labels, kd_coef, mlm_coef, kd_row, mlm_row, rows, vocab, ld, temperature, kind, beta[, stream])``
+    (``kind`` as its index in ``KINDS``)
     for row-major ``s``, ``t`` (rows ``ld`` elements apart); ``stream``: the current CUDA stream's handle
     when ``with_stream``. ``launch_vocab_major``, with the same arguments, takes vocab-major ones
     (vocabulary entries ``ld`` elements apart) and makes the kernel ``vocab_major``."""
 
     def rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.Tensor, mlm_coef: torch.Tensor,
-             temperature: float, soft_ce: bool) -> "tuple[torch.Tensor, torch.Tensor]":
+             temperature: float, kind: str, beta: float = 0.5) -> "tuple[torch.Tensor, torch.Tensor]":
         row_major = s.stride(1) == 1
         kd_row, mlm_row = row_kernel_outputs(s, t, labels, kd_coef, mlm_coef, vocab_major=rows.vocab_major)
         args = [s.data_ptr(), t.data_ptr(), labels.data_ptr(), kd_coef.data_ptr(), mlm_coef.data_ptr(),
                 kd_row.data_ptr(), mlm_row.data_ptr(), s.shape[0], s.shape[1], s.stride(0 if row_major else 1),
-                float(temperature), bool(soft_ce)]
+                float(temperature), KINDS.index(kind), float(beta)]
         if with_stream:
             args.append(torch.cuda.current_stream(s.device).cuda_stream)
         (launch if row_major else launch_vocab_major)(*args)
