@@ -50,17 +50,18 @@ def _softplus(z):
 
 
 @triton.jit
-def _divergence_terms(s, t, in_row, inv_temperature, m_a, log_l_a, b_ref, lse_b, sp_ref, log_beta, log_odds,
+def _divergence_terms(s, t, in_row, inv_temperature, m_a, log_l_a, m_b, log_l_b, b_ref, sp_ref, log_beta, log_odds,
                       KIND: tl.constexpr):
-    """Reverse KL (KIND 2) / JSD (3) per element: (q, delta, p_term), 0 past V."""
-    a_shift = s * inv_temperature - m_a
+    """Reverse KL (KIND 2) / JSD (3) per element: (q, delta, p_term), 0 past V. Log-softmaxes are taken
+    as (x - max) - log(sum), which keeps them exact next to logits of 1e4."""
+    a_shift = tl.where(in_row, s * inv_temperature - m_a, float("-inf"))
     b = t * inv_temperature
-    q = tl.where(in_row, tl.exp(a_shift - log_l_a), 0.0)
+    q = tl.exp(a_shift - log_l_a)
     if KIND == 2:
         delta = a_shift - (b - b_ref)
         p_term = tl.zeros_like(q)
     else:
-        log_p = b - lse_b
+        log_p = (b - m_b) - log_l_b
         p = tl.exp(log_p)
         z = (log_p - (a_shift - log_l_a)) + log_odds
         delta = sp_ref - _softplus(z)
@@ -125,7 +126,7 @@ def vocab_kd_row_kernel(
     sp_ref = 0.0
     k = 0.0
     if KIND == 3:  # z at the student's argmax: log p_r - log q_r + log(beta / (1 - beta)), log q_r = -log l_a
-        sp_ref = _softplus((b_ref - lse_b) + tl.log(l_a) + log_odds)
+        sp_ref = _softplus(((b_ref - m_b) - tl.log(l_b)) + tl.log(l_a) + log_odds)
     if KIND >= 2:
         # Pass 2: k = sum q·delta (and JSD's sum of p terms).
         sum_p = 0.0
@@ -134,12 +135,12 @@ def vocab_kd_row_kernel(
             in_row = cols < V
             s = tl.load(s_row + cols, mask=in_row, other=0.0).to(tl.float32)
             t = tl.load(t_row + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-            q, delta, p_term = _divergence_terms(s, t, in_row, inv_temperature, m_a, tl.log(l_a), b_ref, lse_b,
-                                                 sp_ref, log_beta, log_odds, KIND)
+            q, delta, p_term = _divergence_terms(s, t, in_row, inv_temperature, m_a, tl.log(l_a), m_b, tl.log(l_b),
+                                                 b_ref, sp_ref, log_beta, log_odds, KIND)
             k += tl.sum(q * delta, axis=0)
             sum_p += tl.sum(p_term, axis=0)
         if KIND == 2:  # R = D_r + k, D_r = log q_r - log p_r
-            kd_row = k - tl.log(l_a) - (b_ref - lse_b)
+            kd_row = k - tl.log(l_a) - ((b_ref - m_b) - tl.log(l_b))
         else:
             kd_row = beta * sum_p + (1.0 - beta) * ((-log_1m_beta - sp_ref) + k)
     elif KIND == 1:
@@ -163,8 +164,8 @@ def vocab_kd_row_kernel(
         s = tl.load(s_row + cols, mask=in_row, other=0.0).to(tl.float32)
         t = tl.load(t_row + cols, mask=in_row, other=float("-inf")).to(tl.float32)
         if KIND >= 2:
-            q, delta, _ = _divergence_terms(s, t, in_row, inv_temperature, m_a, tl.log(l_a), b_ref, lse_b, sp_ref,
-                                            log_beta, log_odds, KIND)
+            q, delta, _ = _divergence_terms(s, t, in_row, inv_temperature, m_a, tl.log(l_a), m_b, tl.log(l_b), b_ref,
+                                            sp_ref, log_beta, log_odds, KIND)
             d_kd = div_w * q * (delta - k)
         else:
             q = tl.exp(s * inv_temperature - lse_a)
