@@ -32,6 +32,7 @@ driver then fills its chunks that way, as ``W [V, H] @ x^T``: MKL computes that 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -76,9 +77,32 @@ def chunk_rows(rows: int, vocab: int, device: torch.device) -> int:
     free = _free_bytes(device)
     if free is not None:
         budget = min(budget, free // 4)
-    per_row = 2 * vocab * 4
-    chunk = max(16, (budget // per_row) // 16 * 16)
+    return rows_within(rows, vocab, budget)
+
+
+def rows_within(rows: int, vocab: int, budget: int) -> int:
+    """Rows per chunk (a multiple of 16, at least 16, at most ``rows``) whose two fp32 [C, V] logit
+    chunks fit ``budget`` bytes: fewer rows for a larger vocabulary, the same bytes."""
+    chunk = max(16, (budget // (2 * vocab * 4)) // 16 * 16)
     return max(1, min(rows, chunk))
+
+
+# --------------------------------------------------------------------------- phase hook (benchmarks)
+
+_PHASE_HOOK: "list[Optional[Callable[[str], None]]]" = [None]  # the hook in force, set by phase_hook
+
+
+@contextlib.contextmanager
+def phase_hook(hook: Callable[[str], None]):
+    """Within the block, the fused driver calls ``hook(phase)`` as each phase of each chunk ends:
+    ``"start"`` (chunk begins), ``"student_logits"``, ``"teacher_logits"`` (with top-k), ``"row_kernel"``,
+    ``"d_hidden"`` (with the bf16 split of the gradient), ``"d_weight"``. Off (the default) it costs one
+    check per phase."""
+    previous, _PHASE_HOOK[0] = _PHASE_HOOK[0], hook
+    try:
+        yield
+    finally:
+        _PHASE_HOOK[0] = previous
 
 
 # --------------------------------------------------------------------------- fp32 products
@@ -268,13 +292,18 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
             with_teacher and teacher.native16)
         s_buf = torch.empty(size * vocab, dtype=torch.float32, device=device)
         t_buf = torch.empty(size * vocab, dtype=torch.float32, device=device)
+        mark = _PHASE_HOOK[0]
         for start in range(0, sel.count, size):
+            if mark:
+                mark("start")
             stop = min(start + size, sel.count)
             part = slice(start, stop)
             ids = None if sel.index is None else sel.index[part]
             x_s = student_hidden[part] if ids is None else student_hidden.index_select(0, ids)
             s, t = (_chunk_view(buf, stop - start, vocab, vocab_major) for buf in (s_buf, t_buf))
             student.logits_into(s, x_s)
+            if mark:
+                mark("student_logits")
             if with_teacher:
                 x_t = teacher_hidden[part] if ids is None else teacher_hidden.index_select(0, ids)
                 teacher.logits_into(t, x_t)
@@ -282,10 +311,14 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
                     _keep_topk(t, opts["teacher_topk"])
             else:
                 t.copy_(s)  # KL(q || q) = 0: the KD term vanishes, only the MLM gradient remains
+            if mark:
+                mark("teacher_logits")
             kd_row, mlm_row = row_kernel(s, t, sel.labels[part], sel.kd_coef[part], sel.mlm_coef[part],
                                          opts["temperature"], opts["kind"] if with_teacher else "kl", opts["beta"])
             kd_sum += (kd_row.double() * sel.kd_scale[part]).sum()
             mlm_sum += mlm_row.double().sum()
+            if mark:
+                mark("row_kernel")
             # s now holds d loss / d student logits for this chunk; t is spent.
             if need_db:
                 d_bias += s.sum(0)
@@ -296,8 +329,12 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
                 else:
                     rows_grad = student.times_weight(operands, out=x_s.new_empty(x_s.shape, dtype=torch.float32))
                     d_hidden.index_copy_(0, ids, rows_grad)
+            if mark:
+                mark("d_hidden")
             if need_dw:
                 student.add_weight_grad_(d_weight, operands, x_s)
+            if mark:
+                mark("d_weight")
     return kd_sum, mlm_sum / sel.mlm_divisor, d_hidden, d_weight, d_bias
 
 
