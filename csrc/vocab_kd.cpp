@@ -18,6 +18,8 @@ using vocab_kd::RowStats;
 
 constexpr index_t kBlock = 512;  // row-major: elements per online step (2 KiB of each row, in L1)
 constexpr index_t kLanes = 32;   // vocab-major: rows per group (128 contiguous bytes per step over V)
+// Sums over V are two-level, in partial sums of kBlock elements: a fp32 sum of V = 262144 terms in one
+// accumulator drifts ~sqrt(V) ulps (3e-5 relative), a bias every q of the row would share.
 
 // Maximum of a block of n elements.
 inline float block_max(const float* x, index_t n) {
@@ -51,18 +53,34 @@ using DivElementFn = vocab_kd::DivElement (*)(float, float, const RowStats&);
 
 // Reverse KL / JSD passes 2 and 3 of one row-major row; returns the row's KD term.
 template <DivElementFn Element>
-inline float div_passes(float* s, const float* t, index_t vocab, RowStats& st) {
+inline float div_passes(float* s, const float* t, index_t vocab, RowStats st) {
   float sum_q_delta = 0.0f, sum_p_term = 0.0f;
-#pragma omp simd reduction(+ : sum_q_delta, sum_p_term)
-  for (index_t v = 0; v < vocab; ++v) {
-    const vocab_kd::DivElement e = Element(s[v], t[v], st);
-    sum_q_delta += e.q * e.delta;
-    sum_p_term += e.p_term;
+  for (index_t start = 0; start < vocab; start += kBlock) {
+    float q_delta = 0.0f, p_term = 0.0f;
+#pragma omp simd reduction(+ : q_delta, p_term)
+    for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+      const vocab_kd::DivElement e = Element(s[v], t[v], st);
+      q_delta += e.q * e.delta;
+      p_term += e.p_term;
+    }
+    sum_q_delta += q_delta, sum_p_term += p_term;
   }
   const float kd = vocab_kd::div_finish(st, sum_q_delta, sum_p_term);
 #pragma omp simd
   for (index_t v = 0; v < vocab; ++v) s[v] = vocab_kd::div_grad(s[v], Element(s[v], t[v], st), st);
   return kd;
+}
+
+// Out of line (and cloned per instruction set), so kd_row stays small enough for GCC to inline and
+// vectorise its element math.
+__attribute__((target_clones("avx512f", "avx2", "default"), noinline))
+float reverse_kl_passes(float* s, const float* t, index_t vocab, const RowStats& st) {
+  return div_passes<vocab_kd::reverse_kl_element>(s, t, vocab, st);
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"), noinline))
+float jsd_passes(float* s, const float* t, index_t vocab, const RowStats& st) {
+  return div_passes<vocab_kd::jsd_element>(s, t, vocab, st);
 }
 
 // One row-major row: s [V] (overwritten with the gradient), t [V]. Pass 1 walks the row a block at a
@@ -86,20 +104,24 @@ RowResult kd_row(float* s, const float* t, index_t vocab, int64_t label, float k
     b = vocab_kd::online_merge(b, {t_max, block_exp_sum(t + start, n, t_max, inv_t)}, inv_t);
     if (raw_softmax) raw = vocab_kd::online_merge(raw, {s_max, block_exp_sum(s + start, n, s_max, 1.0f)}, 1.0f);
   }
-  RowStats st = vocab_kd::row_stats(a, b, raw, temperature, has_label, kd_coef, mlm_coef, kind, beta, t_ref);
+  const RowStats st = vocab_kd::row_stats(a, b, raw, temperature, has_label, kd_coef, mlm_coef, kind, beta, t_ref);
   const float mlm = has_label ? vocab_kd::mlm_loss(st, s[label]) : 0.0f;
 
   float kd = 0.0f;
   if (kind == vocab_kd::kReverseKL) {
-    kd = div_passes<vocab_kd::reverse_kl_element>(s, t, vocab, st);
+    kd = reverse_kl_passes(s, t, vocab, st);
   } else if (kind == vocab_kd::kJSD) {
-    kd = div_passes<vocab_kd::jsd_element>(s, t, vocab, st);
+    kd = jsd_passes(s, t, vocab, st);
   } else {
-#pragma omp simd reduction(+ : kd)
-    for (index_t v = 0; v < vocab; ++v) {
-      const vocab_kd::ElementOut out = vocab_kd::element_grad(s[v], t[v], st);
-      s[v] = out.grad;
-      kd += out.kd_term;
+    for (index_t start = 0; start < vocab; start += kBlock) {
+      float kd_block = 0.0f;
+#pragma omp simd reduction(+ : kd_block)
+      for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+        const vocab_kd::ElementOut out = vocab_kd::element_grad(s[v], t[v], st);
+        s[v] = out.grad;
+        kd_block += out.kd_term;
+      }
+      kd += kd_block;
     }
   }
   if (has_label) s[label] -= st.mlm_coef;
@@ -124,6 +146,15 @@ struct LaneSums {
       sum[l] = out.sum;
     }
   }
+  // Merge the partial states of o into the first n lanes.
+  void merge(const LaneSums& o, index_t n, float scale) {
+#pragma omp simd
+    for (index_t l = 0; l < n; ++l) {
+      const OnlineSum out = vocab_kd::online_merge({max[l], sum[l]}, o.at(l), scale);
+      max[l] = out.max;
+      sum[l] = out.sum;
+    }
+  }
 };
 
 // Per-row statistics of kLanes rows (RowStats fields that differ between rows), one array per field,
@@ -132,20 +163,22 @@ struct LaneSums {
 // mlm_coef 0, so its softmax(s) term vanishes whichever way it is computed.
 struct LaneStats {
   float s_max[kLanes], t_max[kLanes], log_sum_a[kLanes], log_sum_b[kLanes], log_sum_s[kLanes];
-  float kd_coef[kLanes], mlm_coef[kLanes], t_ref[kLanes], k[kLanes];
-  RowStats shared;  // inv_t, raw_softmax, kind, beta and its logs, div_w
+  float kd_coef[kLanes], mlm_coef[kLanes], t_ref[kLanes], sp_ref[kLanes], k[kLanes];
+  float inv_t, beta, log_beta, log_1m_beta, div_w;
+  bool raw_softmax;
+  int kind;
 
   void set(index_t l, const RowStats& st) {
     s_max[l] = st.s_max, t_max[l] = st.t_max, log_sum_a[l] = st.log_sum_a, log_sum_b[l] = st.log_sum_b;
     log_sum_s[l] = st.log_sum_s, kd_coef[l] = st.kd_coef, mlm_coef[l] = st.mlm_coef;
-    t_ref[l] = st.t_ref, k[l] = st.k;
+    t_ref[l] = st.t_ref, sp_ref[l] = st.sp_ref, k[l] = st.k;
+    inv_t = st.inv_t, beta = st.beta, log_beta = st.log_beta, log_1m_beta = st.log_1m_beta, div_w = st.div_w;
+    kind = st.kind;
   }
+  // Built field by field (not copied from a RowStats), which keeps the lane loops vectorised.
   RowStats at(index_t l) const {
-    RowStats st = shared;
-    st.s_max = s_max[l], st.t_max = t_max[l], st.log_sum_a = log_sum_a[l], st.log_sum_b = log_sum_b[l];
-    st.log_sum_s = log_sum_s[l], st.kd_coef = kd_coef[l], st.mlm_coef = mlm_coef[l];
-    st.t_ref = t_ref[l], st.k = k[l];
-    return st;
+    return {inv_t,    s_max[l], t_max[l],  log_sum_a[l], log_sum_b[l], log_sum_s[l], kd_coef[l], mlm_coef[l],
+            raw_softmax, kind,  t_ref[l],  beta,         log_beta,     log_1m_beta,  div_w,      sp_ref[l], k[l]};
   }
 };
 
@@ -154,13 +187,17 @@ template <DivElementFn Element>
 inline void div_lane_passes(float* s, const float* t, index_t n, index_t vocab, index_t ld, LaneStats& st,
                             float* kd) {
   float sum_q_delta[kLanes] = {}, sum_p_term[kLanes] = {};
-  for (index_t v = 0; v < vocab; ++v) {
+  for (index_t start = 0; start < vocab; start += kBlock) {
+    float q_delta[kLanes] = {}, p_term[kLanes] = {};
+    for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
 #pragma omp simd
-    for (index_t l = 0; l < n; ++l) {
-      const vocab_kd::DivElement e = Element(s[l + v * ld], t[l + v * ld], st.at(l));
-      sum_q_delta[l] += e.q * e.delta;
-      sum_p_term[l] += e.p_term;
+      for (index_t l = 0; l < n; ++l) {
+        const vocab_kd::DivElement e = Element(s[l + v * ld], t[l + v * ld], st.at(l));
+        q_delta[l] += e.q * e.delta;
+        p_term[l] += e.p_term;
+      }
     }
+    for (index_t l = 0; l < n; ++l) sum_q_delta[l] += q_delta[l], sum_p_term[l] += p_term[l];
   }
   for (index_t l = 0; l < n; ++l) {
     RowStats row = st.at(l);
@@ -178,6 +215,16 @@ inline void div_lane_passes(float* s, const float* t, index_t n, index_t vocab, 
   }
 }
 
+__attribute__((target_clones("avx512f", "avx2", "default"), noinline))
+void reverse_kl_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, LaneStats& st, float* kd) {
+  div_lane_passes<vocab_kd::reverse_kl_element>(s, t, n, vocab, ld, st, kd);
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"), noinline))
+void jsd_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, LaneStats& st, float* kd) {
+  div_lane_passes<vocab_kd::jsd_element>(s, t, n, vocab, ld, st, kd);
+}
+
 // n <= kLanes vocab-major rows: element (l, v) of s and t at l + v*ld. Every per-row quantity lives in a
 // lane array, so each step over v is one vector operation across the rows. The arithmetic per element is
 // the row-major kernel's (online_add instead of block merges: the same sums up to rounding).
@@ -191,41 +238,54 @@ void kd_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, co
   for (index_t l = 0; l < n; ++l) raw_softmax |= label[l] >= 0 && temperature != 1.0f;
   LaneSums a, b, raw;
   float t_ref[kLanes] = {};
-  for (index_t v = 0; v < vocab; ++v) {
-    if (divergence) {
+  for (index_t start = 0; start < vocab; start += kBlock) {
+    LaneSums pa, pb, praw;  // this block's partial states
+    float t_ref_block[kLanes] = {};
+    for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+      if (divergence) {
 #pragma omp simd
-      for (index_t l = 0; l < n; ++l) t_ref[l] = s[l + v * ld] > a.max[l] ? t[l + v * ld] : t_ref[l];
+        for (index_t l = 0; l < n; ++l) t_ref_block[l] = s[l + v * ld] > pa.max[l] ? t[l + v * ld] : t_ref_block[l];
+      }
+      pa.add(s + v * ld, n, inv_t);
+      pb.add(t + v * ld, n, inv_t);
+      if (raw_softmax) praw.add(s + v * ld, n, 1.0f);
     }
-    a.add(s + v * ld, n, inv_t);
-    b.add(t + v * ld, n, inv_t);
-    if (raw_softmax) raw.add(s + v * ld, n, 1.0f);
+    if (divergence) {
+      for (index_t l = 0; l < n; ++l) t_ref[l] = pa.max[l] > a.max[l] ? t_ref_block[l] : t_ref[l];
+    }
+    a.merge(pa, n, inv_t);
+    b.merge(pb, n, inv_t);
+    if (raw_softmax) raw.merge(praw, n, 1.0f);
   }
   LaneStats st;
+  st.raw_softmax = raw_softmax;
   float kd[kLanes];
   for (index_t l = 0; l < n; ++l) {
     const bool has_label = label[l] >= 0;
     RowStats row = vocab_kd::row_stats(a.at(l), b.at(l), raw.at(l), temperature, has_label, kd_coef[l], mlm_coef[l],
                                        kind, beta, t_ref[l]);
-    row.raw_softmax = raw_softmax;
-    if (l == 0) st.shared = row;
     st.set(l, row);
     mlm_out[l] = has_label ? vocab_kd::mlm_loss(row, s[l + label[l] * ld]) : 0.0f;
     kd[l] = 0.0f;
   }
   if (kind == vocab_kd::kReverseKL) {
-    div_lane_passes<vocab_kd::reverse_kl_element>(s, t, n, vocab, ld, st, kd);
+    reverse_kl_lanes(s, t, n, vocab, ld, st, kd);
   } else if (kind == vocab_kd::kJSD) {
-    div_lane_passes<vocab_kd::jsd_element>(s, t, n, vocab, ld, st, kd);
+    jsd_lanes(s, t, n, vocab, ld, st, kd);
   } else {
-    for (index_t v = 0; v < vocab; ++v) {
-      float* sv = s + v * ld;
-      const float* tv = t + v * ld;
+    for (index_t start = 0; start < vocab; start += kBlock) {
+      float kd_block[kLanes] = {};
+      for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+        float* sv = s + v * ld;
+        const float* tv = t + v * ld;
 #pragma omp simd
-      for (index_t l = 0; l < n; ++l) {
-        const vocab_kd::ElementOut out = vocab_kd::element_grad(sv[l], tv[l], st.at(l));
-        sv[l] = out.grad;
-        kd[l] += out.kd_term;
+        for (index_t l = 0; l < n; ++l) {
+          const vocab_kd::ElementOut out = vocab_kd::element_grad(sv[l], tv[l], st.at(l));
+          sv[l] = out.grad;
+          kd_block[l] += out.kd_term;
+        }
       }
+      for (index_t l = 0; l < n; ++l) kd[l] += kd_block[l];
     }
   }
   for (index_t l = 0; l < n; ++l) {

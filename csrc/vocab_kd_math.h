@@ -26,6 +26,14 @@
 
 #include "common.h"
 
+// KDFAST_HD, and on the host always inlined: with many call sites GCC may keep these out of line, and the
+// row loops that call them would no longer vectorise (5x slower).
+#if defined(__CUDACC__)
+#define VOCAB_KD_HD KDFAST_HD
+#else
+#define VOCAB_KD_HD KDFAST_HD __attribute__((always_inline))
+#endif
+
 namespace kdfast::vocab_kd {
 
 // The KD term of a row (kdfast._reduction.KINDS in this order).
@@ -34,7 +42,7 @@ enum Kind : int { kForwardKL = 0, kSoftCE = 1, kReverseKL = 2, kJSD = 3 };
 // Below this exp() is subnormal in fp32; vocab_exp returns 0 there (also for -inf: top-k).
 constexpr float kExpFloor = -87.0f;
 
-KDFAST_HD float round_to_int(float x) {
+VOCAB_KD_HD float round_to_int(float x) {
 #if defined(__CUDA_ARCH__)
   return rintf(x);
 #else
@@ -45,7 +53,7 @@ KDFAST_HD float round_to_int(float x) {
 #endif
 }
 
-KDFAST_HD float bits_to_float(int32_t bits) {
+VOCAB_KD_HD float bits_to_float(int32_t bits) {
 #if defined(__CUDA_ARCH__)
   return __int_as_float(bits);
 #else
@@ -57,7 +65,7 @@ KDFAST_HD float bits_to_float(int32_t bits) {
 
 // exp(x) for x <= 0, about 1 ulp (Cephes expf): x = n*ln2 + r, |r| <= ln2/2, a degree-6
 // polynomial for exp(r), 2^n from the exponent bits. Branch-free, so loops over it vectorise.
-KDFAST_HD float vocab_exp(float x) {
+VOCAB_KD_HD float vocab_exp(float x) {
   const float xc = x < kExpFloor ? kExpFloor : x;
   const float n = round_to_int(xc * 1.44269504088896341f);
   const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
@@ -79,17 +87,17 @@ struct OnlineSum {
   float sum;
 };
 
-KDFAST_HD OnlineSum online_empty() { return {-FLT_MAX, 0.0f}; }
+VOCAB_KD_HD OnlineSum online_empty() { return {-FLT_MAX, 0.0f}; }
 
 // Add one element. Branch-free (one exp either way), so a loop over independent states vectorises.
-KDFAST_HD OnlineSum online_add(OnlineSum acc, float x, float scale) {
+VOCAB_KD_HD OnlineSum online_add(OnlineSum acc, float x, float scale) {
   const bool up = x > acc.max;
   const float e = vocab_exp((up ? acc.max - x : x - acc.max) * scale);
   return {up ? x : acc.max, up ? acc.sum * e + 1.0f : acc.sum + e};
 }
 
 // Combine two partial states (threads, warps, or a CPU block into its row).
-KDFAST_HD OnlineSum online_merge(OnlineSum a, OnlineSum b, float scale) {
+VOCAB_KD_HD OnlineSum online_merge(OnlineSum a, OnlineSum b, float scale) {
   const float m = a.max > b.max ? a.max : b.max;
   return {m, a.sum * vocab_exp((a.max - m) * scale) + b.sum * vocab_exp((b.max - m) * scale)};
 }
@@ -117,24 +125,24 @@ struct RowStats {
 };
 
 // log(1 + x) for 0 <= x <= 1, accurate for tiny x (Goldberg: log(u) * x / (u - 1), u = 1 + x rounded).
-KDFAST_HD float vocab_log1p(float x) {
+VOCAB_KD_HD float vocab_log1p(float x) {
   const float u = 1.0f + x;
   return u == 1.0f ? x : logf(u) * (x / (u - 1.0f));
 }
 
 // softplus(z) = log(1 + exp(z)); 0 at z = -inf.
-KDFAST_HD float softplus(float z) {
+VOCAB_KD_HD float softplus(float z) {
   return (z > 0.0f ? z : 0.0f) + vocab_log1p(vocab_exp(z > 0.0f ? -z : z));
 }
 
 // JSD: z = log p - log q + log(beta / (1 - beta)) (-inf where p = 0).
-KDFAST_HD float jsd_z(float log_p, float log_q, const RowStats& st) {
+VOCAB_KD_HD float jsd_z(float log_p, float log_q, const RowStats& st) {
   return (log_p - log_q) + (st.log_beta - st.log_1m_beta);
 }
 
 // The row's statistics from its pass-1 states: a over s/T, b over t/T, raw over s (read only when
 // raw_softmax: T != 1 and the row has a label).
-KDFAST_HD RowStats row_stats(OnlineSum a, OnlineSum b, OnlineSum raw, float temperature, bool has_label,
+VOCAB_KD_HD RowStats row_stats(OnlineSum a, OnlineSum b, OnlineSum raw, float temperature, bool has_label,
                              float kd_coef, float mlm_coef, int kind, float beta, float t_ref) {
   RowStats st;
   st.inv_t = 1.0f / temperature;
@@ -163,7 +171,7 @@ struct ElementOut {
   float kd_term;  // this element's share of KL(p || q) or of the soft CE
 };
 
-KDFAST_HD ElementOut element_grad(float s, float t, const RowStats& st) {
+VOCAB_KD_HD ElementOut element_grad(float s, float t, const RowStats& st) {
   const float log_q = (s - st.s_max) * st.inv_t - st.log_sum_a;
   const float log_p = (t - st.t_max) * st.inv_t - st.log_sum_b;  // -inf for a teacher logit dropped by top-k
   const float q = vocab_exp(log_q);
@@ -180,12 +188,12 @@ struct DivElement {
   float p_term;  // JSD: p*(log p - log m) (0 where p = 0); reverse KL: 0
 };
 
-KDFAST_HD DivElement reverse_kl_element(float s, float t, const RowStats& st) {
+VOCAB_KD_HD DivElement reverse_kl_element(float s, float t, const RowStats& st) {
   const float a = (s - st.s_max) * st.inv_t;  // log q + log_sum_a
   return {vocab_exp(a - st.log_sum_a), a - (t - st.t_ref) * st.inv_t, 0.0f};
 }
 
-KDFAST_HD DivElement jsd_element(float s, float t, const RowStats& st) {
+VOCAB_KD_HD DivElement jsd_element(float s, float t, const RowStats& st) {
   const float log_q = (s - st.s_max) * st.inv_t - st.log_sum_a;
   const float log_p = (t - st.t_max) * st.inv_t - st.log_sum_b;  // -inf for a teacher logit dropped by top-k
   const float p = vocab_exp(log_p);
@@ -193,12 +201,12 @@ KDFAST_HD DivElement jsd_element(float s, float t, const RowStats& st) {
   return {vocab_exp(log_q), st.sp_ref - softplus(z), p > 0.0f ? p * (-st.log_beta - softplus(-z)) : 0.0f};
 }
 
-KDFAST_HD DivElement div_element(float s, float t, const RowStats& st) {
+VOCAB_KD_HD DivElement div_element(float s, float t, const RowStats& st) {
   return st.kind == kReverseKL ? reverse_kl_element(s, t, st) : jsd_element(s, t, st);
 }
 
 // After pass 2: sets st.k from the row's sums of q*delta and p_term, returns the row's KD term.
-KDFAST_HD float div_finish(RowStats& st, float sum_q_delta, float sum_p_term) {
+VOCAB_KD_HD float div_finish(RowStats& st, float sum_q_delta, float sum_p_term) {
   if (st.kind == kReverseKL) {
     st.k = sum_q_delta;
     // R = D_r + k with D_r = log q_r - log p_r = -log_sum_a - ((t_ref - t_max)/T - log_sum_b).
@@ -209,12 +217,12 @@ KDFAST_HD float div_finish(RowStats& st, float sum_q_delta, float sum_p_term) {
 }
 
 // Pass 3: d loss / d s of one element (without the -mlm_coef at the label).
-KDFAST_HD float div_grad(float s, const DivElement& e, const RowStats& st) {
+VOCAB_KD_HD float div_grad(float s, const DivElement& e, const RowStats& st) {
   const float softmax_s = st.raw_softmax ? vocab_exp((s - st.s_max) - st.log_sum_s) : e.q;
   return st.kd_coef * st.div_w * e.q * (e.delta - st.k) + st.mlm_coef * softmax_s;
 }
 
 // MLM cross-entropy of the row: logsumexp(s) - s[y] = log_sum_s - (s[y] - s_max).
-KDFAST_HD float mlm_loss(const RowStats& st, float s_label) { return st.log_sum_s - (s_label - st.s_max); }
+VOCAB_KD_HD float mlm_loss(const RowStats& st, float s_label) { return st.log_sum_s - (s_label - st.s_max); }
 
 }  // namespace kdfast::vocab_kd
