@@ -53,7 +53,8 @@ using DivElementFn = vocab_kd::DivElement (*)(float, float, const RowStats&);
 
 // Reverse KL / JSD passes 2 and 3 of one row-major row; returns the row's KD term.
 template <DivElementFn Element>
-inline float div_passes(float* s, const float* t, index_t vocab, RowStats st) {
+inline __attribute__((always_inline)) float div_passes(float* s, const float* t, index_t vocab,
+                                                       const RowStats& st) {
   float sum_q_delta = 0.0f, sum_p_term = 0.0f;
   for (index_t start = 0; start < vocab; start += kBlock) {
     float q_delta = 0.0f, p_term = 0.0f;
@@ -65,14 +66,14 @@ inline float div_passes(float* s, const float* t, index_t vocab, RowStats st) {
     }
     sum_q_delta += q_delta, sum_p_term += p_term;
   }
-  const float kd = vocab_kd::div_finish(st, sum_q_delta, sum_p_term);
+  const vocab_kd::DivTotals totals = vocab_kd::div_finish(st, sum_q_delta, sum_p_term);
 #pragma omp simd
-  for (index_t v = 0; v < vocab; ++v) s[v] = vocab_kd::div_grad(s[v], Element(s[v], t[v], st), st);
-  return kd;
+  for (index_t v = 0; v < vocab; ++v) s[v] = vocab_kd::div_grad(s[v], Element(s[v], t[v], st), st, totals.k);
+  return totals.kd;
 }
 
-// Out of line (and cloned per instruction set), so kd_row stays small enough for GCC to inline and
-// vectorise its element math.
+// Out of line (and cloned per instruction set, with the passes inlined into each clone), so kd_row stays
+// small enough for GCC to inline and vectorise its element math.
 __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
 float reverse_kl_passes(float* s, const float* t, index_t vocab, const RowStats& st) {
   return div_passes<vocab_kd::reverse_kl_element>(s, t, vocab, st);
@@ -163,7 +164,8 @@ struct LaneSums {
 // mlm_coef 0, so its softmax(s) term vanishes whichever way it is computed.
 struct LaneStats {
   float s_max[kLanes], t_max[kLanes], log_sum_a[kLanes], log_sum_b[kLanes], log_sum_s[kLanes];
-  float kd_coef[kLanes], mlm_coef[kLanes], t_ref[kLanes], sp_ref[kLanes], k[kLanes];
+  float kd_coef[kLanes], mlm_coef[kLanes], t_ref[kLanes], sp_ref[kLanes];
+  float k[kLanes];  // sum q*delta of the row, after pass 2 (reverse KL / JSD)
   float inv_t, beta, log_beta, log_1m_beta, div_w;
   bool raw_softmax;
   int kind;
@@ -171,20 +173,20 @@ struct LaneStats {
   void set(index_t l, const RowStats& st) {
     s_max[l] = st.s_max, t_max[l] = st.t_max, log_sum_a[l] = st.log_sum_a, log_sum_b[l] = st.log_sum_b;
     log_sum_s[l] = st.log_sum_s, kd_coef[l] = st.kd_coef, mlm_coef[l] = st.mlm_coef;
-    t_ref[l] = st.t_ref, sp_ref[l] = st.sp_ref, k[l] = st.k;
+    t_ref[l] = st.t_ref, sp_ref[l] = st.sp_ref;
     inv_t = st.inv_t, beta = st.beta, log_beta = st.log_beta, log_1m_beta = st.log_1m_beta, div_w = st.div_w;
     kind = st.kind;
   }
   // Built field by field (not copied from a RowStats), which keeps the lane loops vectorised.
   RowStats at(index_t l) const {
     return {inv_t,    s_max[l], t_max[l],  log_sum_a[l], log_sum_b[l], log_sum_s[l], kd_coef[l], mlm_coef[l],
-            raw_softmax, kind,  t_ref[l],  beta,         log_beta,     log_1m_beta,  div_w,      sp_ref[l], k[l]};
+            raw_softmax, kind,  t_ref[l],  beta,         log_beta,     log_1m_beta,  div_w,      sp_ref[l]};
   }
 };
 
 // Reverse KL / JSD passes 2 and 3 of n <= kLanes vocab-major rows; writes the rows' KD terms to kd.
 template <DivElementFn Element>
-inline void div_lane_passes(float* s, const float* t, index_t n, index_t vocab, index_t ld, LaneStats& st,
+inline __attribute__((always_inline)) void div_lane_passes(float* s, const float* t, index_t n, index_t vocab, index_t ld, LaneStats& st,
                             float* kd) {
   float sum_q_delta[kLanes] = {}, sum_p_term[kLanes] = {};
   for (index_t start = 0; start < vocab; start += kBlock) {
@@ -200,9 +202,9 @@ inline void div_lane_passes(float* s, const float* t, index_t n, index_t vocab, 
     for (index_t l = 0; l < n; ++l) sum_q_delta[l] += q_delta[l], sum_p_term[l] += p_term[l];
   }
   for (index_t l = 0; l < n; ++l) {
-    RowStats row = st.at(l);
-    kd[l] = vocab_kd::div_finish(row, sum_q_delta[l], sum_p_term[l]);
-    st.set(l, row);
+    const vocab_kd::DivTotals totals = vocab_kd::div_finish(st.at(l), sum_q_delta[l], sum_p_term[l]);
+    kd[l] = totals.kd;
+    st.k[l] = totals.k;
   }
   for (index_t v = 0; v < vocab; ++v) {
     float* sv = s + v * ld;
@@ -210,7 +212,7 @@ inline void div_lane_passes(float* s, const float* t, index_t n, index_t vocab, 
 #pragma omp simd
     for (index_t l = 0; l < n; ++l) {
       const RowStats row = st.at(l);
-      sv[l] = vocab_kd::div_grad(sv[l], Element(sv[l], tv[l], row), row);
+      sv[l] = vocab_kd::div_grad(sv[l], Element(sv[l], tv[l], row), row, st.k[l]);
     }
   }
 }

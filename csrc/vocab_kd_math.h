@@ -121,13 +121,47 @@ struct RowStats {
   float log_1m_beta; // log(1 - beta)
   float div_w;       // w: 1 (reverse KL) or 1 - beta (JSD)
   float sp_ref;      // JSD: sp(z_r)
-  float k;           // sum q*delta, after pass 2
 };
+
+VOCAB_KD_HD int32_t float_to_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(x);
+#else
+  int32_t out;
+  std::memcpy(&out, &x, sizeof(out));
+  return out;
+#endif
+}
+
+// log(x) for a positive normal x, about 1 ulp (Cephes logf): x = m 2^e with sqrt(1/2) <= m < sqrt(2), a
+// polynomial in m - 1. Branch-free, so loops over it vectorise; unlike --use_fast_math's __logf it stays
+// accurate relative to log(x) near x = 1, which vocab_log1p needs.
+VOCAB_KD_HD float vocab_log(float x) {
+  const int32_t bits = float_to_bits(x);
+  float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
+  float m = bits_to_float((bits & 0x007fffff) | 0x3f000000);  // in [0.5, 1)
+  const bool low = m < 0.707106781186547524f;
+  e = low ? e - 1.0f : e;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z - 2.12194440e-4f * e - 0.5f * z;
+  return (m + y) + 0.693359375f * e;
+}
 
 // log(1 + x) for 0 <= x <= 1, accurate for tiny x (Goldberg: log(u) * x / (u - 1), u = 1 + x rounded).
 VOCAB_KD_HD float vocab_log1p(float x) {
   const float u = 1.0f + x;
-  return u == 1.0f ? x : logf(u) * (x / (u - 1.0f));
+  const float d = u - 1.0f;
+  return d == 0.0f ? x : vocab_log(u) * (x / (d == 0.0f ? 1.0f : d));
 }
 
 // softplus(z) = log(1 + exp(z)); 0 at z = -inf.
@@ -162,7 +196,6 @@ VOCAB_KD_HD RowStats row_stats(OnlineSum a, OnlineSum b, OnlineSum raw, float te
   st.div_w = kind == kReverseKL ? 1.0f : 1.0f - beta;
   // The student's argmax: log q_r = -log_sum_a, log p_r from t_ref.
   st.sp_ref = kind == kJSD ? softplus(jsd_z((t_ref - st.t_max) * st.inv_t - st.log_sum_b, -st.log_sum_a, st)) : 0.0f;
-  st.k = 0.0f;
   return st;
 }
 
@@ -205,21 +238,24 @@ VOCAB_KD_HD DivElement div_element(float s, float t, const RowStats& st) {
   return st.kind == kReverseKL ? reverse_kl_element(s, t, st) : jsd_element(s, t, st);
 }
 
-// After pass 2: sets st.k from the row's sums of q*delta and p_term, returns the row's KD term.
-VOCAB_KD_HD float div_finish(RowStats& st, float sum_q_delta, float sum_p_term) {
+// After pass 2, from the row's sums of q*delta and p_term: its KD term and k = sum q*delta.
+struct DivTotals {
+  float kd;
+  float k;
+};
+
+VOCAB_KD_HD DivTotals div_finish(const RowStats& st, float sum_q_delta, float sum_p_term) {
   if (st.kind == kReverseKL) {
-    st.k = sum_q_delta;
     // R = D_r + k with D_r = log q_r - log p_r = -log_sum_a - ((t_ref - t_max)/T - log_sum_b).
-    return sum_q_delta - st.log_sum_a - (st.t_ref - st.t_max) * st.inv_t + st.log_sum_b;
+    return {sum_q_delta - st.log_sum_a - (st.t_ref - st.t_max) * st.inv_t + st.log_sum_b, sum_q_delta};
   }
-  st.k = sum_q_delta;
-  return st.beta * sum_p_term + st.div_w * ((-st.log_1m_beta - st.sp_ref) + sum_q_delta);
+  return {st.beta * sum_p_term + st.div_w * ((-st.log_1m_beta - st.sp_ref) + sum_q_delta), sum_q_delta};
 }
 
-// Pass 3: d loss / d s of one element (without the -mlm_coef at the label).
-VOCAB_KD_HD float div_grad(float s, const DivElement& e, const RowStats& st) {
+// Pass 3: d loss / d s of one element (without the -mlm_coef at the label); k from div_finish.
+VOCAB_KD_HD float div_grad(float s, const DivElement& e, const RowStats& st, float k) {
   const float softmax_s = st.raw_softmax ? vocab_exp((s - st.s_max) - st.log_sum_s) : e.q;
-  return st.kd_coef * st.div_w * e.q * (e.delta - st.k) + st.mlm_coef * softmax_s;
+  return st.kd_coef * st.div_w * e.q * (e.delta - k) + st.mlm_coef * softmax_s;
 }
 
 // MLM cross-entropy of the row: logsumexp(s) - s[y] = log_sum_s - (s[y] - s_max).

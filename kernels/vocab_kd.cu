@@ -94,7 +94,7 @@ vocab_kd_rows_kernel(float* __restrict__ s_all, const float* __restrict__ t_all,
   if (raw_softmax) raw = block_merge(raw, 1.0f, scratch);
   if (divergence) t_ref = block_max(local_max == a.max ? t_ref : __int_as_float(0xff800000), sum_scratch);
 
-  RowStats st = vocab_kd::row_stats(a, b, raw, temperature, has_label, kd_coef[row], mlm_coef[row], kind, beta,
+  const RowStats st = vocab_kd::row_stats(a, b, raw, temperature, has_label, kd_coef[row], mlm_coef[row], kind, beta,
                                     t_ref);
   const float s_label = has_label ? s[label] : 0.0f;  // read before the last pass overwrites it
   __syncthreads();
@@ -109,10 +109,11 @@ vocab_kd_rows_kernel(float* __restrict__ s_all, const float* __restrict__ t_all,
     }
     sum_q_delta = block_sum(sum_q_delta, sum_scratch);
     sum_p_term = block_sum(sum_p_term, sum_scratch);
-    kd = vocab_kd::div_finish(st, sum_q_delta, sum_p_term);
+    const vocab_kd::DivTotals totals = vocab_kd::div_finish(st, sum_q_delta, sum_p_term);
+    kd = totals.kd;
     for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
       const float sv = s[v];
-      s[v] = vocab_kd::div_grad(sv, vocab_kd::div_element(sv, t[v], st), st);
+      s[v] = vocab_kd::div_grad(sv, vocab_kd::div_element(sv, t[v], st), st, totals.k);
     }
     __syncthreads();  // the last pass's writes before the label fix
   } else {
