@@ -161,7 +161,8 @@ VOCAB_KD_HD float vocab_log(float x) {
 VOCAB_KD_HD float vocab_log1p(float x) {
   const float u = 1.0f + x;
   const float d = u - 1.0f;
-  return d == 0.0f ? x : vocab_log(u) * (x / (d == 0.0f ? 1.0f : d));
+  const float log_u = vocab_log(u);  // outside the select, so loops over it stay branch-free
+  return d == 0.0f ? x : log_u * (x / (d == 0.0f ? 1.0f : d));
 }
 
 // softplus(z) = log(1 + exp(z)); 0 at z = -inf.
@@ -231,7 +232,8 @@ VOCAB_KD_HD DivElement jsd_element(float s, float t, const RowStats& st) {
   const float log_p = (t - st.t_max) * st.inv_t - st.log_sum_b;  // -inf for a teacher logit dropped by top-k
   const float p = vocab_exp(log_p);
   const float z = jsd_z(log_p, log_q, st);
-  return {vocab_exp(log_q), st.sp_ref - softplus(z), p > 0.0f ? p * (-st.log_beta - softplus(-z)) : 0.0f};
+  const float log_p_over_m = -st.log_beta - softplus(-z);  // +-inf where p = 0; computed outside the select
+  return {vocab_exp(log_q), st.sp_ref - softplus(z), p > 0.0f ? p * log_p_over_m : 0.0f};
 }
 
 VOCAB_KD_HD DivElement div_element(float s, float t, const RowStats& st) {
