@@ -20,7 +20,7 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 def fused_linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None,
                     teacher_bias=None, labels=None, ignore_index=-100, temperature=1.0, kd_weight=1.0,
                     mlm_weight=0.0, kind="kl", reduction="batchmean", t2_scale=True, mask=None,
-                    row_weights=None, teacher_topk=None) -> KDOutput:
+                    row_weights=None, teacher_topk=None, beta=0.5) -> KDOutput:
     dtype = compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
     kd_rows_mask = mask if mask is not None else (None if labels is None else labels != ignore_index)
     zero = student_hidden.sum().to(dtype) * 0 if student_hidden.numel() else student_hidden.new_zeros((), dtype=dtype)
@@ -31,7 +31,7 @@ def fused_linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weig
         s_logits = _logits(student_hidden[sel], student_weight, student_bias, dtype)
         with torch.no_grad():
             t_logits = _logits(teacher_hidden[sel], teacher_weight, teacher_bias, dtype)
-        rows = kd_rows(s_logits, t_logits, temperature, kind, teacher_topk)
+        rows = kd_rows(s_logits, t_logits, temperature, kind, teacher_topk, beta)
         if row_weights is not None:
             rows = rows * row_weights[sel].to(dtype)
         kd = rows.sum() * (kd_factor(temperature, t2_scale) / kd_divisor(reduction, rows.shape[0],
