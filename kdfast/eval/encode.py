@@ -49,6 +49,31 @@ def sentence_features(model, tokenizer, texts: Sequence[str], device: torch.devi
 
 
 @torch.inference_mode()
+def word_features(model, tokenizer, sentences: Sequence[str], device: torch.device, max_length: int = 64,
+                  batch_size: int = 128) -> Dict[str, np.ndarray]:
+    """{sentence: [words, H] last-layer state of each whitespace word's first word-piece} (zeros for
+    words cut off by ``max_length``)."""
+    unique = sorted(set(sentences), key=len)
+    out: Dict[str, np.ndarray] = {}
+    for start in range(0, len(unique), batch_size):
+        chunk = unique[start:start + batch_size]
+        words = [s.split() for s in chunk]
+        batch = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length, padding=True,
+                          return_tensors="pt")
+        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        states = model(**inputs).last_hidden_state.float().cpu().numpy()          # [B, L, H]
+        for row, (sentence, tokens) in enumerate(zip(chunk, words)):
+            first = np.zeros((len(tokens), states.shape[-1]), dtype=np.float32)
+            seen = set()
+            for position, word in enumerate(batch.word_ids(row)):
+                if word is not None and word not in seen:
+                    seen.add(word)
+                    first[word] = states[row, position]
+            out[sentence] = first
+    return out
+
+
+@torch.inference_mode()
 def token_features(model, input_ids: torch.Tensor, positions: torch.Tensor, device: torch.device,
                    batch_size: int = 64) -> torch.Tensor:
     """Last-layer states [P, H] at ``positions`` [P, 2] (sequence, token) of ``input_ids`` [N, L]."""

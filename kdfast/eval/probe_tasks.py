@@ -10,6 +10,11 @@
   chance 1/N.
 - ``adjacent`` (discourse coherence; a sentence pair): is the second sentence the one that follows
   the first in its document, or a sentence drawn from elsewhere in the corpus? Balanced: chance 50%.
+- ``prevword`` (context encoding; token level, not in SentEval): from the state of a word's first
+  word-piece, which of the N most frequent words stands just before it? Balanced: chance 1/N.
+  Sentence pooling hides what a briefly pretrained encoder knows of its neighbours; this probe reads
+  it at the token (the token-level probing of Liu et al. 2019, "Linguistic Knowledge and
+  Transferability of Contextual Representations").
 
 Every task is a deterministic function of the sentences and a seed: a fixed test split (shared by
 every model and probe seed, so models are compared on the same examples) and a pool that probe
@@ -23,9 +28,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-TASK_NAMES = ("bshift", "sentlen", "wc", "adjacent")
+TASK_NAMES = ("bshift", "sentlen", "wc", "adjacent", "prevword")
 LENGTH_BINS = ((5, 8), (9, 12), (13, 16), (17, 20), (21, 25), (26, 40))
 MIN_WORDS, MAX_WORDS = 5, 40
+PREVWORD_CLASSES = 10
 MIN_SPLIT = 200  # fewer test (or train+dev) examples than this make a task too weak to report
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _WORD = re.compile(r"^[A-Za-z][A-Za-z'-]*$")
@@ -33,7 +39,8 @@ _WORD = re.compile(r"^[A-Za-z][A-Za-z'-]*$")
 
 @dataclass
 class ProbeTask:
-    """``texts`` [n] (or sentence pairs), integer ``labels`` [n]; ``test`` indices fixed, ``pool`` the rest."""
+    """``texts`` [n]: (sentence,), (sentence, sentence) pairs, or (sentence, word index) for token-level
+    tasks; integer ``labels`` [n]; ``test`` indices fixed, ``pool`` the rest."""
 
     name: str
     measures: str
@@ -50,7 +57,11 @@ class ProbeTask:
 
     @property
     def pair(self) -> bool:
-        return len(self.texts[0]) == 2
+        return len(self.texts[0]) == 2 and isinstance(self.texts[0][1], str)
+
+    @property
+    def token_level(self) -> bool:
+        return len(self.texts[0]) == 2 and isinstance(self.texts[0][1], int)
 
     def split(self, seed: int, dev_fraction: float = 0.2) -> Tuple[List[int], List[int]]:
         """(train, dev) indices of the pool for probe seed ``seed``."""
@@ -156,11 +167,30 @@ def adjacent(docs: List[List[str]], rng: random.Random) -> Tuple[List, List[int]
     return texts, labels, ["not adjacent", "adjacent"]
 
 
+def prevword(docs: List[List[str]], rng: random.Random, words: int) -> Tuple[List, List[int], List[str]]:
+    flat = [s for doc in docs for s in doc]
+    counts = collections.Counter(w.lower() for s in flat for w in s.split() if _WORD.match(w))
+    targets = [w for w, _ in counts.most_common(words)]
+    index = {w: i for i, w in enumerate(targets)}
+    by_word: Dict[int, List] = collections.defaultdict(list)
+    for sentence in flat:
+        tokens = sentence.split()
+        places = [i for i in range(1, len(tokens)) if tokens[i - 1].lower() in index]
+        if places:  # one position per sentence, so examples stay independent
+            i = rng.choice(places)
+            by_word[index[tokens[i - 1].lower()]].append((sentence, i))
+    if len(by_word) < 2:
+        return [], [], []
+    texts, labels = _balanced(by_word, rng)
+    return texts, labels, [targets[i] for i in sorted(by_word)]
+
+
 MEASURES = {
     "bshift": "word order: were two adjacent words swapped? (SentEval BShift)",
     "sentlen": "surface: which of 6 sentence-length bins (SentEval SentLen)",
     "wc": "lexical content: which of N mid-frequency words the sentence holds (SentEval WC)",
     "adjacent": "discourse: does sentence B follow sentence A in its document? (pair task)",
+    "prevword": "context: which frequent word precedes this word? (token level, from the word's own state)",
 }
 
 
@@ -174,7 +204,7 @@ def build(documents: Iterable[str], names: Sequence[str] = TASK_NAMES, seed: int
         raise ValueError(f"probes.tasks: expected names among {', '.join(TASK_NAMES)}, got {list(names)!r}")
     docs = sentences(documents)
     builders = {"bshift": bshift, "sentlen": sentlen, "adjacent": adjacent,
-                "wc": lambda d, r: wc(d, r, wc_words)}
+                "wc": lambda d, r: wc(d, r, wc_words), "prevword": lambda d, r: prevword(d, r, PREVWORD_CLASSES)}
     tasks = []
     for name in names:
         rng = random.Random(f"{seed}/{name}")

@@ -4,11 +4,11 @@ Per task and probe seed: the seed splits the task's pool into train and dev; a s
 logistic regression (``sklearn.linear_model.LogisticRegression``, L2) is fitted on train for each C
 in ``C_GRID``, the C with the best dev accuracy is kept, and its predictions on the fixed test split
 are the seed's predictions. Pair tasks use [u, v, |u - v|, u * v] of the two sentences' features
-(the SentEval/InferSent pair encoding).
+(the SentEval/InferSent pair encoding); token-level tasks the state of the word's first word-piece.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,8 +25,10 @@ METHOD = (f"logistic regression (scikit-learn, L2, standardised features, C in {
           f"on frozen features: {encode.POOLING}")
 
 
-def _matrix(task: ProbeTask, features: Dict[str, np.ndarray]) -> np.ndarray:
-    """[n, F] features of every example of ``task``."""
+def _matrix(task: ProbeTask, features: Dict[str, np.ndarray], words: Dict[str, np.ndarray]) -> np.ndarray:
+    """[n, F] features of every example of ``task`` (``words``: per-word states, token-level tasks)."""
+    if task.token_level:
+        return np.stack([words[sentence][i] for sentence, i in task.texts])
     if not task.pair:
         return np.stack([features[t[0]] for t in task.texts])
     u = np.stack([features[t[0]] for t in task.texts])
@@ -47,19 +49,20 @@ def fit_predict(x: np.ndarray, y: np.ndarray, task: ProbeTask, seed: int) -> np.
     return best.predict(x[task.test])
 
 
-def probe_scores(features: Dict[str, np.ndarray], tasks: Sequence[ProbeTask],
-                 seeds: Sequence[int]) -> Dict[str, Scores]:
+def probe_scores(features: Dict[str, np.ndarray], tasks: Sequence[ProbeTask], seeds: Sequence[int],
+                 words: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, Scores]:
     """{task name: Scores of the test predictions [seeds, n_test] (accuracy)} for given features."""
     out = {}
     for task in tasks:
-        x, y = _matrix(task, features), np.asarray(task.labels)
+        x, y = _matrix(task, features, words or {}), np.asarray(task.labels)
         predictions = np.stack([fit_predict(x, y, task, seed) for seed in seeds])
         out[task.name] = Scores(predictions, y[task.test], "accuracy")
     return out
 
 
 def texts_of(tasks: Sequence[ProbeTask]) -> List[str]:
-    return sorted({text for task in tasks for example in task.texts for text in example})
+    """The distinct sentences of the sentence-level tasks."""
+    return sorted({text for task in tasks if not task.token_level for example in task.texts for text in example})
 
 
 def evaluate(model_path: str, tasks: Sequence[ProbeTask], seeds: Sequence[int], device: torch.device,
@@ -67,4 +70,6 @@ def evaluate(model_path: str, tasks: Sequence[ProbeTask], seeds: Sequence[int], 
     """Every probing task on the frozen encoder saved at ``model_path``."""
     model, tokenizer = encode.load_encoder(model_path, device)
     features = encode.sentence_features(model, tokenizer, texts_of(tasks), device, max_length)
-    return probe_scores(features, tasks, seeds)
+    sentences = sorted({sentence for task in tasks if task.token_level for sentence, _ in task.texts})
+    words = encode.word_features(model, tokenizer, sentences, device, max_length) if sentences else {}
+    return probe_scores(features, tasks, seeds, words)
