@@ -79,7 +79,9 @@ def _fused_linear_kd(kw) -> tuple:
     labelled = None if labels is None else _rows(labels != kw["ignore_index"])
     kd_rows = 0 if not kw["kd_weight"] else _rows(mask) if mask is not None else n if labelled is None else labelled
     mlm_rows = labelled if labelled is not None and kw["mlm_weight"] else 0
-    return vocab_flops(kd_rows, mlm_rows, kw["student_weight"].shape[0], h_s, kw["teacher_hidden"].shape[1])
+    teacher = kw.get("teacher_hidden")  # None with cached sparse targets: no teacher head
+    h_t = 0 if teacher is None else teacher.shape[1]
+    return vocab_flops(kd_rows, mlm_rows, kw["student_weight"].shape[0], h_s, h_t)
 
 
 def _attention(kw, ew_fwd: int, ew_bwd: int) -> tuple:
