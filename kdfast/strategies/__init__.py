@@ -12,9 +12,10 @@ from torch import nn
 
 from kdfast.strategies.attention import MiniLM, MiniLMv2, TinyBERT
 from kdfast.strategies.base import Strategy, StrategyOutput, mlm_cross_entropy
+from kdfast.strategies.cached import CACHED, VanillaCached
 from kdfast.strategies.vocab import DistilBERT, NoKD, Vanilla
 
-STRATEGIES = {cls.name: cls for cls in (NoKD, Vanilla, DistilBERT, TinyBERT, MiniLM, MiniLMv2)}
+STRATEGIES = {cls.name: cls for cls in (NoKD, Vanilla, DistilBERT, TinyBERT, MiniLM, MiniLMv2)} | CACHED
 NAMES = tuple(STRATEGIES)
 
 
@@ -41,4 +42,4 @@ def build(name: str, teacher: Optional[nn.Module], student: nn.Module, formulati
 
 
 __all__ = ["build", "NAMES", "STRATEGIES", "options", "Strategy", "StrategyOutput", "mlm_cross_entropy",
-           "NoKD", "Vanilla", "DistilBERT", "TinyBERT", "MiniLM", "MiniLMv2"]
+           "NoKD", "Vanilla", "DistilBERT", "TinyBERT", "MiniLM", "MiniLMv2", "VanillaCached", "CACHED"]
