@@ -153,7 +153,8 @@ def test_each_rank_builds_its_own_shards(tmp_path, setup, monkeypatch):
                       batch_size=4)
     cache = TeacherCache(tmp_path / "c", wanted)
     assert {e["file"] for e in cache.index["shards"]} == {store.shard_name(0, 0), store.shard_name(1, 0)}
-    assert cache.index["sequences"] == N and json.loads((tmp_path / "c" / "rank-0001.json").read_text())["sequences"] == 10
+    assert cache.index["sequences"] == N
+    assert json.loads((tmp_path / "c" / "rank-0001.json").read_text())["sequences"] == 10
     single = make(tmp_path, setup, "topk:4")
     batch = stream_batch(data, single)
     assert torch.equal(cache.targets(batch["sequence_index"], batch["labels"])[0], batch["teacher_ids"])

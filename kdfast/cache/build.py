@@ -14,7 +14,6 @@ from typing import Optional
 import torch
 
 from kdfast.budget.flops import EncoderShape
-from kdfast.cache import fingerprint as fingerprints
 from kdfast.cache import sparse, store
 from kdfast.data.masking import IGNORE, seeded
 from kdfast.data.stream import mask_rows
