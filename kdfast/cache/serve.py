@@ -39,6 +39,18 @@ class TeacherCache:
             raise store.CacheFileError(self.directory / store.INDEX, f"expected targets for all {count} sequences, "
                                                                     f"got none for sequence {int(missing[0])}")
 
+    def cost(self, unit: str) -> float:
+        """What building this cache spent, in a budget unit: device-seconds (``s``), teacher FLOPs
+        (``flop``) or corpus tokens run through the teacher (``tok``)."""
+        return float({"s": self.index["build_device_seconds"], "flop": self.index["teacher_flops"],
+                      "tok": self.index["tokens"]}[unit])
+
+    def summary(self) -> dict:
+        """The cache's report fields: spec, proposal, size and build cost."""
+        keys = ("sparse", "k", "temperature", "proposal", "sequences", "masked_tokens", "tokens", "bytes",
+                "bytes_per_masked_token", "build_seconds", "build_device_seconds", "teacher_flops", "world_size")
+        return {"directory": str(self.directory), **{k: self.index.get(k) for k in keys}}
+
     def _place(self, number: int, entry: dict, shard: dict) -> None:
         path = self.directory / entry["file"]
         need = {"sequence", "offsets", "positions", "ids", "weights"} | ({"leftover"} if self.kind == "topk" else set())

@@ -17,6 +17,7 @@ from kdfast.strategies.vocab import DistilBERT, NoKD, Vanilla
 
 STRATEGIES = {cls.name: cls for cls in (NoKD, Vanilla, DistilBERT, TinyBERT, MiniLM, MiniLMv2)} | CACHED
 NAMES = tuple(STRATEGIES)
+LIVE = tuple(name for name in NAMES if name not in CACHED)  # the strategies whose batches need no teacher cache
 
 
 def options(name: str) -> tuple[str, ...]:
@@ -41,5 +42,5 @@ def build(name: str, teacher: Optional[nn.Module], student: nn.Module, formulati
     return cls(teacher, student, formulation=formulation, **strategy_options)
 
 
-__all__ = ["build", "NAMES", "STRATEGIES", "options", "Strategy", "StrategyOutput", "mlm_cross_entropy",
+__all__ = ["build", "NAMES", "LIVE", "STRATEGIES", "options", "Strategy", "StrategyOutput", "mlm_cross_entropy",
            "NoKD", "Vanilla", "DistilBERT", "TinyBERT", "MiniLM", "MiniLMv2", "VanillaCached", "CACHED"]
