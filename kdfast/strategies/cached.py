@@ -8,12 +8,11 @@ from typing import Optional
 
 from torch import nn
 
-from kdfast import _checks as check
 from kdfast.cache.serve import TARGET_KEYS
-from kdfast.losses.strategies import FORMULATIONS
 from kdfast.losses.vocab import fused_linear_kd
 from kdfast.models import ModelPlan, ModelTaps, Plan
 from kdfast.strategies.base import IGNORE_INDEX, Strategy, StrategyOutput
+from kdfast.strategies.vocab import vanilla_options
 
 
 class VanillaCached(Strategy):
@@ -25,12 +24,7 @@ class VanillaCached(Strategy):
 
     def __init__(self, teacher: Optional[nn.Module], student: nn.Module, formulation: str = "canonical",
                  temperature: float = 1.0, alpha: float = 0.5):
-        check.choice("formulation", formulation, FORMULATIONS)
-        self.temperature = check.positive("temperature", temperature)
-        alpha = check.non_negative("alpha", alpha)
-        if alpha > 1:
-            raise ValueError(f"alpha: expected a weight in [0, 1], got {alpha}")
-        self.alpha = alpha
+        self.temperature, self.alpha = vanilla_options(formulation, temperature, alpha)
         super().__init__(None, student, Plan(student=ModelPlan(decoder=True)), formulation)
 
     def loss(self, batch, student: ModelTaps, teacher) -> StrategyOutput:
