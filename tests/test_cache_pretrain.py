@@ -34,8 +34,8 @@ def test_cached_arm_trains_over_epochs_from_one_cache(tmp_path, teacher_dir):
     cache = summary["teacher_cache"]
     assert summary["steps"] == 16 and summary["epochs"] == 4 and summary["unique_tokens"] == 1024
     assert cache["sparse"] == "sample:8" and cache["tokens"] == 1024 and cache["teacher_flops"] > 0
-    assert cache["directory"] == str(tmp_path / "run" / "teacher-cache")
-    assert (tmp_path / "run" / "teacher-cache" / "cache.json").is_file()
+    assert cache["directory"] == str(tmp_path / "run" / "teacher-cache" / "sample-8")
+    assert (tmp_path / "run" / "teacher-cache" / "sample-8" / "cache.json").is_file()
 
 
 def test_dynamic_masking_is_refused_with_the_reason(tmp_path, teacher_dir):

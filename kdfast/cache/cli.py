@@ -32,15 +32,15 @@ def ensure(directory: Path, teacher, tokenizer, data, seed: int, spec: SparseSpe
 
 
 def for_strategy(config: dict, strategy: str, teacher, tokenizer, data, context: Context,
-                 default_dir: Path) -> TeacherCache:
-    """The cache a cached arm ``strategy`` trains from: ``teacher.cache`` (else ``default_dir``), with
-    K = ``teacher.cache_k``, the strategy's sparse kind and the KD temperature of vanilla (1.0)."""
+                 default_root: Path) -> TeacherCache:
+    """The cache a cached arm ``strategy`` trains from: ``ROOT/<kind>-<K>`` under ROOT = ``teacher.cache``
+    (else ``default_root``), K = ``teacher.cache_k``, the strategy's sparse kind and vanilla's T = 1."""
     from kdfast.strategies import STRATEGIES
 
     section = config["teacher"]
     proposal = section["cache_proposal_temperature"] if STRATEGIES[strategy].sparse_kind == "sample" else None
     spec = SparseSpec.parse(f"{STRATEGIES[strategy].sparse_kind}:{section['cache_k']}", proposal)
-    directory = Path(section["cache"]) if section["cache"] else default_dir
+    directory = Path(section["cache"] or default_root) / f"{spec.kind}-{spec.k}"
     return ensure(directory, teacher, tokenizer, data, config["seed"], spec, 1.0, context)
 
 

@@ -25,8 +25,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training text: files, directories of *.txt, hf:NAME[/CONFIG][:SPLIT]")
     parser.add_argument("--heldout", nargs="+", default=None, help="held-out text for the MLM loss curve")
     parser.add_argument("--teacher", default=None, help="teacher: HF name or directory (default: the config's)")
-    parser.add_argument("--teacher-cache", default=None, metavar="DIR",
-                        help="cached arms (vanilla-cached-*): the teacher cache folder (built there if absent)")
+    parser.add_argument("--teacher-cache", default=None, metavar="ROOT",
+                        help="cached arms (vanilla-cached-*): their caches are ROOT/<kind>-<K> (built there if absent)")
     parser.add_argument("--budget", default=None, help="per-arm budget: 4h, 14400s, 3e18flop, 4.6e9tok")
     parser.add_argument("--unique-tokens", type=float, default=None,
                         help="limited-data mode: keep this many distinct training tokens (arms repeat them)")
