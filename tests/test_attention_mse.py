@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from alloc_spy import ShapeSpy
+from conftest import needs_triton_interpreter
 
 from kdfast import _backends
 from kdfast.losses.attention import attention_score_mse
-from tests.conftest import needs_triton_interpreter
 
 REPO = Path(__file__).resolve().parents[1]
 

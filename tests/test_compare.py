@@ -28,12 +28,14 @@ def _no_training_happened(tmp_path):
     (["--budget", "4 parsecs"], "budget: expected 24h"),
     (["strategies=[no-kd, tinybret]"], "strategy: expected one of"),
     (["--charge-teacher", "half"], "charge_teacher: expected none, full or amortized:N"),
+    (["--level", "1.5"], r"level: expected an interval level in \(0, 1\)"),
+    (["eval.probe_test=5000", "eval.probe_pool=5000"], "probes: expected .* to give the 'bshift' task at least 200"),
 ])
 def test_bad_input_fails_before_training(tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         _compare(tmp_path, *extra)
     if extra[0] != "train.budjet=4h":                         # config errors come before the run folder exists
-        assert message.split(":")[0] in _no_training_happened(tmp_path)["message"]
+        assert message.split(":")[0].split(" ")[0] in _no_training_happened(tmp_path)["message"]
 
 
 def test_empty_corpus_and_glue_dir_without_split_fail_before_training(tmp_path):
@@ -72,12 +74,27 @@ def test_miniature_comparison_writes_the_report_with_equal_budgets(tmp_path, sha
                     "glue.evaluate_teacher=false") == 0
     out = tmp_path / "out"
     report = json.loads((out / "results.json").read_text())
-    assert [a["strategy"] for a in report["arms"]] == ["no-kd", "vanilla", "tinybert", "minilm"]
-    assert {a["budget_used"] for a in report["arms"]} == {1024.0}
-    assert all(a["steps"] == 4 and a["tokens"] == 1024 and "sst2" in a["glue"] for a in report["arms"])
+    rows = report["rows"]
+    assert [a["strategy"] for a in rows] == ["no-kd", "vanilla", "tinybert", "minilm", "teacher", "random-init"]
+    arms = rows[:4]
+    assert {a["budget_used"] for a in arms} == {1024.0}
+    assert all(a["steps"] == 4 and a["tokens"] == 1024 for a in arms)
     assert report["teacher"]["tokens"] == 2048 and report["teacher"]["final_mlm_loss"] > 0
+    assert [a["trains_mlm_head"] for a in arms] == [True, True, False, False]
+    expected = {"probe/bshift", "probe/sentlen", "probe/adjacent", "mlm_probe", "glue/sst2"}
+    for row in rows:  # every row, the teacher and random-init included, has every metric with an interval
+        assert set(row["metrics"]) == expected
+        assert all(m["low"] <= m["mean"] <= m["high"] and m["seeds"] >= 2 or name == "mlm_probe"
+                   for name, m in row["metrics"].items())
+    verdicts = report["analysis"]["verdicts"]
+    assert {(v["arm"].split()[0], v["metric"]) for v in verdicts} == {(s, m) for s in ("vanilla", "tinybert", "minilm")
+                                                                       for m in expected}
+    assert all(v["verdict"] in ("better", "worse", "no detectable difference") and "permutation" in v["test"]
+               for v in verdicts)
+    assert {c["arm"] for c in report["analysis"]["checks"]} == {r["arm"] for r in rows[:5]}
     table = (out / "results.md").read_text()
-    assert "| no-kd 1L/32 | no-kd | 1L/32 |" in table and "held-out MLM loss" in table
-    assert (out / "mlm_loss.png").stat().st_size > 1000 and (out / "glue.png").stat().st_size > 1000
+    assert "| no-kd 1L/32 | no-kd | 1L/32 |" in table and "held-out MLM loss" in table and "## Verdicts" in table
+    assert "## Known effects" in table and "## Method" in table and "## Time per phase" in table
+    assert (out / "mlm_loss.png").stat().st_size > 1000 and (out / "metrics.png").stat().st_size > 1000
     # a second run resumes from the finished arms and the cached teacher without retraining
     assert _compare(tmp_path, "--resume", "glue.tasks=[]") == 0

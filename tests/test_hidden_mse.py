@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import needs_triton_interpreter
 from torch import nn
 
 from kdfast import _backends
 from kdfast.losses.hidden import hidden_mse
-from tests.conftest import needs_triton_interpreter
 
 BACKENDS = [
     pytest.param("cpu", marks=pytest.mark.skipif(_backends.backend_ready("cpu", torch.device("cpu")) is not None,

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import interpreting_triton
 
 from kdfast import _backends, selftest
 from kdfast.cli import main
-from tests.conftest import interpreting_triton
 
 
 def test_check_covers_every_op_and_available_backend():

@@ -11,8 +11,7 @@ import subprocess
 import sys
 
 import pytest
-
-from tests.conftest import REPO
+from conftest import REPO
 
 pytest.importorskip("triton")
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from tests.conftest import needs_triton_interpreter
+from conftest import needs_triton_interpreter
 
 pytestmark = needs_triton_interpreter
 

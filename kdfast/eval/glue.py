@@ -1,8 +1,15 @@
-"""``kdfast glue``: fine-tune a pretrained model on GLUE tasks and report the median over seeds.
+"""``kdfast glue``: fine-tune a pretrained model on GLUE-style tasks, several seeds, with intervals.
 
-For each task, every (learning rate, batch size) of the grid is fine-tuned once per seed; the setting
-with the best median main metric on validation is reported with its median metrics and its seed spread
-(max - min of the main metric), which the report uses to call ties.
+A grid point (learning rate, batch size) is chosen per task, in one of two ways:
+- ``select="validation"`` (the study's, and GLUE papers'): every grid point is fine-tuned once per
+  seed and the best mean main metric over seeds on validation is kept (optimistic for all rows alike);
+- ``select="dev"``: a dev split (10% of train, at most 1000 rows) is held out of train, each grid
+  point is fine-tuned once (first seed) on at most ``select_examples`` of the rest, the best on dev
+  is kept, then every seed is fine-tuned at that point on the whole train split. Validation is never
+  seen by the choice, and a grid costs little more than one point.
+The kept point's validation predictions [seeds, n] become ``Scores``: the mean over seeds with a
+bootstrap interval over seeds and validation examples (``kdfast.eval.stats``). Training batches are
+drawn from length-sorted windows of the shuffled data (less padding), in shuffled order.
 """
 from __future__ import annotations
 
@@ -11,18 +18,40 @@ import itertools
 import json
 import math
 import random
-import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from kdfast.eval import glue_tasks, metrics
+from kdfast.eval import glue_tasks, stats
 from kdfast.eval.glue_tasks import Task
 
-GRID_KEYS = ("lrs", "batch_sizes", "epochs", "seq_len", "seeds")
+GRID_KEYS = ("lrs", "batch_sizes", "epochs", "seq_len", "seeds", "select")
+SELECT = ("validation", "dev")
+DEV_FRACTION, DEV_MAX = 0.1, 1000
+_SORT_WINDOW = 50  # batches per length-sorted window
+
+
+@dataclass
+class TaskResult:
+    """The kept grid point of one task: ``scores`` per metric ([seeds, n] validation predictions)."""
+
+    task: Task
+    scores: Dict[str, stats.Scores]
+    lr: float
+    batch_size: int
+    grid: List[dict]
+    train_examples: int
+
+    def summary(self, level: float = 0.95) -> dict:
+        """JSON-ready: each metric's estimate with its interval, and the grid."""
+        return {"main_metric": self.task.main_metric, "lr": self.lr, "batch_size": self.batch_size,
+                "train_examples": self.train_examples,
+                "validation_examples": self.scores[self.task.main_metric].examples,
+                "metrics": {m: stats.estimate(s, level) for m, s in self.scores.items()}, "grid": self.grid}
 
 
 def encode(tokenizer, task: Task, rows: List[dict], seq_len: int) -> List[dict]:
@@ -46,10 +75,23 @@ def collate(examples: List[dict], pad_id: int, device: torch.device) -> Dict[str
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def batches(train: List[dict], batch_size: int, order: random.Random) -> List[List[int]]:
+    """One epoch's batches of indices: shuffled, sorted by length within windows, batch order shuffled."""
+    indices = list(range(len(train)))
+    order.shuffle(indices)
+    window = batch_size * _SORT_WINDOW
+    out = []
+    for start in range(0, len(indices), window):
+        chunk = sorted(indices[start:start + window], key=lambda i: len(train[i]["input_ids"]))
+        out += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    order.shuffle(out)
+    return out
+
+
 def finetune(model_path: str, tokenizer, task: Task, train: List[dict], validation: List[dict], lr: float,
              batch_size: int, epochs: int, seed: int, device: torch.device, warmup: float = 0.1,
-             weight_decay: float = 0.01) -> Dict[str, float]:
-    """Fine-tune a fresh copy of ``model_path`` on encoded ``train`` rows; metrics on ``validation``."""
+             weight_decay: float = 0.01) -> np.ndarray:
+    """Fine-tune a fresh copy of ``model_path`` on encoded ``train`` rows; validation predictions [n]."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -60,14 +102,13 @@ def finetune(model_path: str, tokenizer, task: Task, train: List[dict], validati
         model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=task.num_labels)
     finally:
         hf_logging.set_verbosity(verbosity)
-    model.to(device).train()
+    model.to(device=device, dtype=torch.float32).train()
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr,
                                   fused=device.type == "cuda")
-    steps_per_epoch = math.ceil(len(train) / batch_size)
-    total = steps_per_epoch * epochs
+    total = math.ceil(len(train) / batch_size) * epochs
     warm = max(1, int(total * warmup))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(total - warm, 1)))
@@ -75,10 +116,8 @@ def finetune(model_path: str, tokenizer, task: Task, train: List[dict], validati
     bf16 = device.type == "cuda"
     pad_id = tokenizer.pad_token_id
     for _ in range(epochs):
-        indices = list(range(len(train)))
-        order.shuffle(indices)
-        for start in range(0, len(indices), batch_size):
-            batch = collate([train[i] for i in indices[start:start + batch_size]], pad_id, device)
+        for chosen in batches(train, batch_size, order):
+            batch = collate([train[i] for i in chosen], pad_id, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = model(**batch).loss
             loss.backward()
@@ -86,33 +125,58 @@ def finetune(model_path: str, tokenizer, task: Task, train: List[dict], validati
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-    return evaluate(model, task, validation, pad_id, device)
+    return predict(model, task, validation, pad_id, device)
 
 
-@torch.no_grad()
-def evaluate(model, task: Task, rows: List[dict], pad_id: int, device: torch.device,
-             batch_size: int = 128) -> Dict[str, float]:
+@torch.inference_mode()
+def predict(model, task: Task, rows: List[dict], pad_id: int, device: torch.device,
+            batch_size: int = 128) -> np.ndarray:
+    """Predicted classes (or regression scores) [n] of ``rows`` in their order."""
     model.eval()
-    outputs = []
-    for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start:start + batch_size], pad_id, device)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    out = np.empty(len(rows), dtype=np.float64 if task.num_labels == 1 else np.int64)
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        batch = collate([rows[i] for i in chosen], pad_id, device)
         batch.pop("labels")
         logits = model(**batch).logits.float()
-        outputs.append(logits[:, 0] if task.num_labels == 1 else logits.argmax(-1))
-    pred = torch.cat(outputs).cpu().numpy()
-    gold = np.array([r["label"] for r in rows])
-    return metrics.score(task.name, pred, gold)
+        out[chosen] = (logits[:, 0] if task.num_labels == 1 else logits.argmax(-1)).cpu().numpy()
+    return out
+
+
+def _finetune_seeds(model_path: str, tokenizer, task: Task, rows: List[dict], held: List[dict], lr: float,
+                    batch_size: int, epochs: int, seeds: Sequence[int], device: torch.device, warmup: float,
+                    weight_decay: float) -> Dict[str, stats.Scores]:
+    """Scores per metric of ``seeds`` fine-tunes on ``rows``, predicting ``held`` ([seeds, n])."""
+    predictions = np.stack([finetune(model_path, tokenizer, task, rows, held, lr, batch_size, epochs, seed, device,
+                                     warmup, weight_decay) for seed in seeds])
+    truth = np.array([r["label"] for r in held])
+    return {m: stats.Scores(predictions, truth, m) for m in task.metrics}
+
+
+def _grid_entry(task: Task, lr: float, batch_size: int, on: str, scores: Dict[str, stats.Scores], progress) -> dict:
+    means = {m: float(s.value()) for m, s in scores.items()}
+    if progress:
+        progress(f"{task.name} lr={lr:g} batch={batch_size} on {on}: " +
+                 ", ".join(f"{m}={v:.4f}" for m, v in means.items()))
+    return {"lr": lr, "batch_size": batch_size, "on": on, "mean": means}
 
 
 def evaluate_model(model_path: str, tasks: Sequence[Task], data_dir: Optional[str], seeds: Sequence[int],
                    lrs: Sequence[float], batch_sizes: Sequence[int], epochs: int, seq_len: int,
                    device: torch.device, tokenizer_path: Optional[str] = None, warmup: float = 0.1,
                    weight_decay: float = 0.01, max_train_examples: Optional[int] = None,
-                   max_eval_examples: Optional[int] = None, progress=None) -> dict:
-    """Per task: the best grid point by median main metric, its median metrics and seed spread."""
+                   max_eval_examples: Optional[int] = None, select: str = "validation",
+                   select_examples: Optional[int] = None, progress=None) -> Dict[str, TaskResult]:
+    """Per task: the grid point chosen by ``select`` (see the module doc), with every seed's predictions."""
     from kdfast.data.tokenizer import load as load_tokenizer
 
+    if len(seeds) < 1:
+        raise ValueError(f"seeds: expected at least one fine-tuning seed, got {list(seeds)!r}")
+    if select not in SELECT:
+        raise ValueError(f"select: expected one of {', '.join(SELECT)}, got {select!r}")
     tokenizer = load_tokenizer(tokenizer_path or model_path)
+    grid_points = list(itertools.product(lrs, batch_sizes))
     results = {}
     for task in tasks:
         train_rows = glue_tasks.load_rows(task, "train", data_dir)
@@ -120,44 +184,59 @@ def evaluate_model(model_path: str, tasks: Sequence[Task], data_dir: Optional[st
         train = encode(tokenizer, task, train_rows[:max_train_examples], seq_len)
         validation = encode(tokenizer, task, glue_tasks.load_rows(task, "validation", data_dir, max_eval_examples),
                             seq_len)
-        _, main = metrics.metric_names(task.name)
+        gold = np.array([r["label"] for r in validation])
+
+        def finetune_seeds(lr, batch_size, rows, held, chosen_seeds, task=task):
+            return _finetune_seeds(model_path, tokenizer, task, rows, held, lr, batch_size, epochs, chosen_seeds,
+                                   device, warmup, weight_decay)
+
+        def report(lr, batch_size, on, scores, task=task):
+            return _grid_entry(task, lr, batch_size, on, scores, progress)
+
         grid = []
-        for lr, batch_size in itertools.product(lrs, batch_sizes):
-            runs = [finetune(model_path, tokenizer, task, train, validation, lr, batch_size, epochs, seed, device,
-                             warmup, weight_decay) for seed in seeds]
-            grid.append({"lr": lr, "batch_size": batch_size, "runs": runs,
-                         "median": {m: statistics.median(r[m] for r in runs) for m in runs[0]}})
-            if progress:
-                progress(f"{task.name} lr={lr:g} batch={batch_size}: " +
-                         ", ".join(f"{m}={v:.4f}" for m, v in grid[-1]["median"].items()))
-        best = max(grid, key=lambda g: g["median"][main])
-        main_values = [r[main] for r in best["runs"]]
-        results[task.name] = {"main_metric": main, "metrics": best["median"], "lr": best["lr"],
-                              "batch_size": best["batch_size"], "seeds": list(seeds),
-                              "spread": max(main_values) - min(main_values), "grid": grid,
-                              "train_examples": len(train), "validation_examples": len(validation)}
+        if select == "dev" and len(grid_points) > 1:
+            cut = min(DEV_MAX, max(1, int(len(train) * DEV_FRACTION)))
+            dev, rest = train[:cut], train[cut:][:select_examples]
+            for lr, batch_size in grid_points:
+                grid.append(report(lr, batch_size, f"dev ({len(dev)} held out of train, seed {seeds[0]})",
+                                   finetune_seeds(lr, batch_size, rest, dev, seeds[:1])))
+            best = max(grid, key=lambda g: g["mean"][task.main_metric])
+            lr, batch_size = best["lr"], best["batch_size"]
+            scores = finetune_seeds(lr, batch_size, train, validation, seeds)
+            report(lr, batch_size, "validation", scores)
+        else:
+            kept = None
+            for lr, batch_size in grid_points:
+                scores = finetune_seeds(lr, batch_size, train, validation, seeds)
+                grid.append(report(lr, batch_size, "validation", scores))
+                if kept is None or grid[-1]["mean"][task.main_metric] > kept[0]:
+                    kept = (grid[-1]["mean"][task.main_metric], scores, lr, batch_size)
+            _, scores, lr, batch_size = kept
+        assert all(np.array_equal(s.gold, gold) for s in scores.values())
+        results[task.name] = TaskResult(task, scores, lr, batch_size, grid, len(train))
     return results
-
-
-def average(results: dict) -> float:
-    """Mean over tasks of each task's main metric."""
-    return statistics.mean(r["metrics"][r["main_metric"]] for r in results.values())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="directory of a pretrained (MLM) model saved with its tokenizer")
-    parser.add_argument("--tasks", default="cola,sst2,stsb", help="comma-separated GLUE task names")
+    parser.add_argument("--tasks", default="cola,sst2,stsb", help="comma-separated task names (GLUE or --task-spec)")
+    parser.add_argument("--task-spec", default=None,
+                        help="YAML/JSON of custom tasks: {name: {columns: [a, b], num_labels: N, metrics: [..]}}")
     parser.add_argument("--data-dir", default=None,
-                        help="local {task}/{train,validation}.jsonl (HF column names); default: HF `glue`")
+                        help="local {task}/{train,validation}.jsonl folder (default: the HF glue dataset)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
     parser.add_argument("--preset", default=None,
                         help="take the grid from kdfast/configs/glue-NAME.yaml; study: lr {1e-5,3e-5,5e-5,8e-5} x "
-                             "batch {16,32}, 5 epochs, seq 128, median of seeds 0-4")
+                             "batch {16,32}, 5 epochs, seq 128, seeds 0-4")
     parser.add_argument("--lrs", default="1e-4", help="comma-separated learning rates")
     parser.add_argument("--batch-sizes", default="32", help="comma-separated batch sizes")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds (the median is reported)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated fine-tuning seeds")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--level", type=float, default=0.95, help="interval level in (0, 1)")
+    parser.add_argument("--select", default="validation", choices=SELECT,
+                        help="grid point choice: best mean on validation (the study's) or on a dev split of train")
+    parser.add_argument("--select-examples", type=int, default=None, help="select=dev: train rows per grid point")
     parser.add_argument("--max-train-examples", type=int, default=None)
     parser.add_argument("--max-eval-examples", type=int, default=None)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -174,7 +253,8 @@ def _numbers(text: str, kind=float) -> List:
 def run(args: argparse.Namespace) -> int:
     from kdfast.train.distributed import pick_device
 
-    tasks = glue_tasks.parse_tasks(args.tasks)
+    stats.check_level(args.level)
+    tasks = glue_tasks.parse_tasks(args.tasks, glue_tasks.read_spec_file(args.task_spec))
     if args.data_dir is not None:
         glue_tasks.check_dir(args.data_dir, tasks)
     if not Path(args.model).is_dir():
@@ -186,16 +266,18 @@ def run(args: argparse.Namespace) -> int:
         grid = {key: section[key] for key in GRID_KEYS}
     else:
         grid = {"lrs": _numbers(args.lrs), "batch_sizes": _numbers(args.batch_sizes, int), "epochs": args.epochs,
-                "seq_len": args.seq_len, "seeds": _numbers(args.seeds, int)}
+                "seq_len": args.seq_len, "seeds": _numbers(args.seeds, int), "select": args.select}
     results = evaluate_model(args.model, tasks, args.data_dir, device=pick_device(args.device),
                              tokenizer_path=args.tokenizer, max_train_examples=args.max_train_examples,
+                             select_examples=args.select_examples,
                              max_eval_examples=args.max_eval_examples, progress=lambda m: print(m, file=sys.stderr),
                              **grid)
-    for name, result in results.items():
-        shown = ", ".join(f"{m}={v:.4f}" for m, v in result["metrics"].items())
-        print(f"{name:<6} {shown}  (lr={result['lr']:g}, batch={result['batch_size']}, "
-              f"seed spread {result['spread']:.4f})")
-    print(f"average {average(results):.4f}")
+    summaries = {name: result.summary(args.level) for name, result in results.items()}
+    for name, summary in summaries.items():
+        shown = ", ".join(f"{m}={e['mean']:.4f} [{e['low']:.4f}, {e['high']:.4f}]"
+                          for m, e in summary["metrics"].items())
+        print(f"{name:<6} {shown}  (lr={summary['lr']:g}, batch={summary['batch_size']}, "
+              f"{len(grid['seeds'])} seeds; {round(100 * args.level)}% bootstrap over seeds and examples)")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps(summaries, indent=1))
     return 0

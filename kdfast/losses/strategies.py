@@ -153,7 +153,8 @@ def tinybert(student_q: Sequence[Optional[torch.Tensor]], student_k: Sequence[Op
     canonical (huawei-noah/Pretrained-Language-Model TinyBERT/general_distill.py):
       sum over the uniform map of score MSE (masked keys 0 on both sides) -> part ``attention``;
       sum over hidden pairs of MSE(proj(h_s), h_t) over non-pad tokens -> part ``hidden``.
-    paper: last-layer score MSE in fp32 (``attention``), last hidden MSE with padding included and
+    paper: last-layer score MSE in fp32 with masked keys zeroed (``attention``; the study's code
+      zeroes every score <= -100, unmasked ones too), last hidden MSE with padding included and
       no projection (``hidden``), first-layer score MSE over all entries, masked keys included
       (``embedding``).
     """
@@ -201,8 +202,8 @@ def minilm(student_q: torch.Tensor, student_k: torch.Tensor, student_v: torch.Te
     """MiniLM (v1) from the last layers' Q/K/V [B, h, L, d] (equal h, any d_s, d_t).
 
     ``attention`` = attention_kl(q/k, masked keys excluded, mean over valid query rows);
-    ``value`` = relation_kl(V, relation heads = h). MiniLM's paper and official code
-    (microsoft/unilm minilm) agree, so both formulations are this one loss.
+    ``value`` = relation_kl(V, relation heads = h); both formulations are this one loss. The
+    study's code instead averages over all B*h*L query rows, padded ones included (docs/losses.md).
     """
     check.choice("formulation", formulation, FORMULATIONS)
     check.tensor("student_v", student_v, ndim=4)
@@ -241,7 +242,8 @@ def minilm_v2(student_q: torch.Tensor, student_k: torch.Tensor, student_v: torch
 
     Parts ``qq``, ``kk``, ``vv`` = relation_kl(x_s, x_t, num_relation_heads) summed.
     canonical (microsoft/unilm minilm): padded keys excluded, mean over valid rows.
-    paper: no padding mask; mean over B * A_r * L rows.
+    paper: no padding mask; mean over B * A_r * L rows (the study's code only for equal head counts:
+    its reshape mixes tokens and heads otherwise).
     """
     check.choice("formulation", formulation, FORMULATIONS)
     key_mask = attention_mask if formulation == "canonical" else None

@@ -5,24 +5,30 @@
 2. Tokenize and pack the corpus once; every arm gets the same data order, masks and seed.
 3. Teacher: load ``teacher.path``, or pretrain a small one (cached in ``OUT/teacher``), whose cost is
    reported separately or charged to the KD arms (``--charge-teacher full|amortized:N``).
-4. Pretrain each strategy under the same budget (``OUT/arms/<strategy>``), then fine-tune each
-   student (and the teacher) on GLUE, then write ``results.json``, ``results.md`` and the plots.
+4. Pretrain each strategy under the same budget (``OUT/arms/<strategy>``).
+5. Evaluate every arm, the teacher (ceiling) and a random-init student (floor) with the same suite
+   (``kdfast/eval/suite.py``: probes, MLM-head probe, GLUE-style fine-tuning when data is there),
+   then write ``results.json``, ``results.md`` and the plots with intervals and verdicts.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Dict, List
 
 import torch
 
 from kdfast.budget.units import parse_budget
+from kdfast.eval import suite as suite_lib
 from kdfast.train import checkpoint, distributed, pretrain, setup
 from kdfast.train.distributed import Context
 from kdfast.train.runlog import check_tensorboard
 
 TEACHER_ARM = "teacher"
+FLOOR_ARM = "random-init"
 
 
 def charge_fraction(text: str) -> float:
@@ -37,7 +43,7 @@ def charge_fraction(text: str) -> float:
 
 def validate(config: dict) -> None:
     """Every check that needs no model: strategies, budgets, charge, GLUE tasks and folder."""
-    from kdfast.eval import glue_tasks
+    from kdfast.eval import glue_tasks, stats
 
     for name in config["strategies"]:
         pretrain.check_strategy(name)
@@ -48,9 +54,10 @@ def validate(config: dict) -> None:
         if config["teacher"]["charge"] != "none" and teacher_budget.unit != budget.unit:
             raise ValueError(f"charge_teacher: expected the teacher budget in the arms' unit ({budget.unit}) to "
                              f"charge it, got {teacher_budget}")
-    tasks = glue_tasks.parse_tasks(config["glue"]["tasks"]) if config["glue"]["tasks"] else []
+    tasks = glue_tasks.parse_tasks(config["glue"]["tasks"], config["glue"]["custom"]) if config["glue"]["tasks"] else []
     if tasks and config["glue"]["data_dir"]:
         glue_tasks.check_dir(config["glue"]["data_dir"], tasks)
+    stats.check_level(config["eval"]["level"])
     check_tensorboard(config["train"]["tensorboard"])
 
 
@@ -101,57 +108,122 @@ def teacher_model(config: dict, context: Context, data, tokenizer, out: Path, re
     return teacher, row
 
 
-def glue_scores(config: dict, model_path: str, context: Context) -> dict:
-    from kdfast.eval import glue, glue_tasks
+@dataclass
+class Prepared:
+    """What every arm shares: tokenizer, packed data, frozen teacher (and its report row), the
+    evaluation suite, and the seconds each setup phase took."""
 
-    section = config["glue"]
-    return glue.evaluate_model(model_path, glue_tasks.parse_tasks(section["tasks"]), section["data_dir"],
-                               section["seeds"], section["lrs"], section["batch_sizes"], section["epochs"],
-                               section["seq_len"], context.device, warmup=section["warmup"],
-                               weight_decay=section["weight_decay"],
-                               max_train_examples=section["max_train_examples"],
-                               max_eval_examples=section["max_eval_examples"],
-                               progress=lambda message: print(f"  glue {message}", file=sys.stderr))
+    tokenizer: object
+    data: object
+    teacher: object
+    teacher_row: dict
+    suite: suite_lib.Suite
+    timings: Dict[str, float] = field(default_factory=dict)
 
 
-def compare(config: dict, context: Context, resume: bool = False) -> dict:
-    from kdfast.eval import glue, report
-
+def prepare(config: dict, context: Context, resume: bool = False) -> Prepared:
+    """Every check, the data, the evaluation suite and the teacher (pretrained here when no path)."""
     out = Path(config["out"])
+    timings: Dict[str, float] = {}
+    start = time.perf_counter()
     validate(config)
     tokenizer = setup.tokenizer_for(config, out / "tokenizer", context)
     data = setup.load_data(config, tokenizer)
+    suite = suite_lib.build(config, data, tokenizer)
     dry_build(config, None if not config["teacher"]["path"] else
               setup.load_teacher_checked(config["teacher"]["path"], tokenizer, torch.device("cpu")),
               tokenizer, data.train.shape[1])
+    timings["setup (tokenizer, data, probe tasks, checks)"] = time.perf_counter() - start
+    start = time.perf_counter()
     teacher, teacher_row = teacher_model(config, context, data, tokenizer, out, resume)
-    charge = charge_fraction(config["teacher"]["charge"]) * teacher_row.get("budget_used", 0.0)
+    timings["teacher (pretraining or loading)"] = time.perf_counter() - start
+    return Prepared(tokenizer, data, teacher, teacher_row, suite, timings)
+
+
+def train_arms(config: dict, prepared: Prepared, context: Context, arms_dir: Path, resume: bool = False) -> List[dict]:
+    """Pretrain every strategy of the config under ``train.budget`` into ``arms_dir/<strategy>``; a
+    finished arm (its summary written) is reused when ``resume`` is set."""
+    charge = charge_fraction(config["teacher"]["charge"]) * prepared.teacher_row.get("budget_used", 0.0)
     rows = []
     for name in config["strategies"]:
-        run_dir = out / "arms" / name
+        run_dir = Path(arms_dir) / name
         done = run_dir / pretrain.SUMMARY
         if resume and done.is_file():
             summary = json.loads(done.read_text())
         else:
-            summary = pretrain.train_arm(config, name, run_dir, context, data, tokenizer, teacher, resume=resume,
-                                         offset=charge if name != "no-kd" else 0.0, label=name)
+            summary = pretrain.train_arm(config, name, run_dir, context, prepared.data, prepared.tokenizer,
+                                         prepared.teacher, resume=resume, offset=charge if name != "no-kd" else 0.0,
+                                         label=name)
         rows.append({**summary, "arm": f"{name} {summary['shape']}"})
-    notes = []
-    tasks = config["glue"]["tasks"] if context.is_main else []
-    for row in [*rows, teacher_row] if tasks else []:
-        if row is teacher_row and not config["glue"]["evaluate_teacher"]:
-            continue
-        row["glue"] = glue_scores(config, row["model"], context)
-        row["glue_average"] = glue.average(row["glue"])
-    if not tasks:
-        notes.append("No GLUE evaluation: no GLUE data was found offline (pass --glue-dir DIR or glue.data_dir).")
+    return rows
+
+
+def random_init_row(config: dict, prepared: Prepared, out: Path, context: Context) -> dict:
+    """The floor: a student of the arms' shape and initial weights (same seed), never trained."""
+    from kdfast.models import build_student
+
+    model_dir = out / FLOOR_ARM / "model"
+    torch.manual_seed(config["seed"])  # the arms' initial weights (train_arm seeds the same way)
+    student = build_student(pretrain.student_config(config["student"], len(prepared.tokenizer),
+                                                    prepared.data.train.shape[1], prepared.teacher),
+                            teacher=prepared.teacher, tokenizer=prepared.tokenizer, init=config["student"]["init"],
+                            device="cpu")
+    if context.is_main and not (model_dir / "config.json").is_file():
+        student.save_pretrained(str(model_dir))
+        prepared.tokenizer.save_pretrained(str(model_dir))
+    distributed.barrier(context)
+    return {"arm": FLOOR_ARM, "strategy": FLOOR_ARM, "shape": pretrain.shape_name(student), "budget_used": 0.0,
+            "steps": 0, "tokens": 0, "epochs": 0.0, "trains_mlm_head": False, "model": str(model_dir),
+            "description": "random-init student (same shape and initial weights as the arms, zero budget)"}
+
+
+def evaluate_rows(config: dict, prepared: Prepared, rows: List[dict], context: Context) -> dict:
+    """Evaluate every row (rank 0; predictions cached beside each model), then add ``metrics`` with
+    intervals to each row and return the analysis (verdicts against No-KD, known-effect checks)."""
+    from kdfast.eval import report
+
+    evaluations, seconds = {}, {}
+    if context.is_main:
+        for row in rows:
+            start = time.perf_counter()
+            cache = Path(config["out"]) / "eval" / row["arm"].replace(" ", "_").replace("/", "-")
+            evaluations[row["arm"]] = suite_lib.evaluate(prepared.suite, row["model"], context.device, cache,
+                                                         row["arm"])
+            seconds[row["arm"]] = time.perf_counter() - start
+    analysis = report.analyse(rows, evaluations, prepared.suite.higher_is_better, prepared.suite.level) \
+        if context.is_main else {}
+    analysis["seconds"] = seconds
+    return analysis
+
+
+def compare(config: dict, context: Context, resume: bool = False) -> dict:
+    from kdfast.eval import report
+
+    out = Path(config["out"])
+    prepared = prepare(config, context, resume)
+    start = time.perf_counter()
+    rows = train_arms(config, prepared, context, out / "arms", resume)
+    timings = {**prepared.timings, "arms (pretraining, budget-clocked)": time.perf_counter() - start}
+    teacher_row = prepared.teacher_row
+    extra = [teacher_row] if config["glue"]["evaluate_teacher"] or config["eval"]["probe_tasks"] else []
+    if config["eval"]["random_init"]:
+        extra.append(random_init_row(config, prepared, out, context))
+    start = time.perf_counter()
+    analysis = evaluate_rows(config, prepared, [*rows, *extra], context)
+    timings["evaluation (all rows; cached rows cost nothing)"] = time.perf_counter() - start
+    timings.update({f"  evaluation of {arm}": s for arm, s in analysis.pop("seconds").items()})
+    notes = list(prepared.suite.notes)
+    if not prepared.suite.glue:
+        notes.append("No GLUE evaluation: no GLUE data was found offline (pass --glue-dir DIR or glue.data_dir); "
+                     "the probes and the MLM-head probe are the downstream evaluation.")
     if config["teacher"]["charge"] != "none":
+        charge = rows[0]["teacher_charge"] if rows and "teacher_charge" in rows[0] else 0.0
         notes.append(f"KD arms were charged {charge:.4g} {rows[0]['budget_unit']} of teacher pretraining "
                      f"({config['teacher']['charge']}).")
     result = {"name": config["name"], "budget": str(parse_budget(str(config["train"]["budget"]))),
-              "corpus": ", ".join(config["data"]["train"]), "unique_tokens": data.unique_tokens,
-              "tasks": list(tasks), "glue_seeds": config["glue"]["seeds"], "teacher": teacher_row, "arms": rows,
-              "notes": notes, "config": config}
+              "corpus": ", ".join(config["data"]["train"]), "unique_tokens": prepared.data.unique_tokens,
+              "teacher": teacher_row, "rows": [*rows, *extra], "analysis": analysis,
+              "evaluation": prepared.suite.describe(), "timings": timings, "notes": notes, "config": config}
     if context.is_main:
         report.write(result, out)
     distributed.barrier(context)
@@ -163,11 +235,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--glue-dir", default=None, help="local GLUE-style {task}/{train,validation}.jsonl folder")
     parser.add_argument("--charge-teacher", default=None, help="none | full | amortized:N (teacher cost to KD arms)")
     parser.add_argument("--strategies", default=None, help="comma-separated arms (default: the config's)")
+    parser.add_argument("--task-spec", default=None,
+                        help="YAML/JSON of custom tasks {name: {columns, num_labels, metrics}}; name them in "
+                             "glue.tasks")
+    parser.add_argument("--level", default=None, help="interval level of estimates and tests, in (0, 1)")
 
 
 def run(args: argparse.Namespace) -> int:
-    extra = [f"{key}={value}" for key, value in (("glue.data_dir", args.glue_dir),
+    from kdfast.eval import glue_tasks
+
+    extra = [f"{key}={value}" for key, value in (("glue.data_dir", args.glue_dir), ("eval.level", args.level),
                                                  ("teacher.charge", args.charge_teacher)) if value is not None]
+    if args.task_spec:
+        extra.append(f"glue.custom={json.dumps(glue_tasks.read_spec_file(args.task_spec))}")
     if args.strategies:
         extra.append(f"strategies={[s.strip() for s in args.strategies.split(',') if s.strip()]!r}")
     config = setup.resolve_auto(setup.load_config(args, extra))

@@ -82,6 +82,23 @@ DEFAULTS: Dict[str, Any] = {
         "max_train_examples": None,
         "max_eval_examples": None,
         "evaluate_teacher": True,
+        "select": "validation",           # validation (the study's) | dev (a split of train picks the grid point)
+        "select_examples": None,          # select=dev: training rows per grid point
+        "custom": {},                     # custom tasks: {name: {columns: [a, b], num_labels: N, metrics: [..]}}
+    },
+    "eval": {
+        "level": 0.95,                    # interval level of every estimate and test, in (0, 1)
+        "random_init": True,              # the floor row: a student of the same shape, zero budget
+        "probe_tasks": ["bshift", "sentlen", "wc", "adjacent"],   # [] turns the probes off
+        "probe_corpus": [],               # text sources for the probes; default: data.heldout (else data.train)
+        "probe_seed": 0,                  # builds the tasks and their fixed test splits
+        "probe_seeds": [0, 1, 2],         # probe seeds: train/dev splits of each task's pool
+        "probe_test": 1000,               # test examples per task at most
+        "probe_pool": 2000,               # train + dev examples per task at most
+        "probe_max_length": 64,
+        "mlm_probe_steps": 200,           # 0 turns the MLM-head probe off
+        "mlm_probe_batch": 512,
+        "mlm_probe_sequences": 512,       # training sequences the head is fitted on
     },
 }
 

@@ -244,7 +244,7 @@ def train_arm(config: dict, strategy_name: str, run_dir: Path, context: Context,
     step = TrainStep(stepper, optimizer, batches, device, grad_clip=train["grad_clip"] or None,
                      accumulation=train["accumulation"], bf16=bf16)
     eval_bf16 = step.bf16
-    curve, next_eval = [], 0
+    curve, next_eval, trains_mlm_head = [], 0, None
     state = checkpoint.load_latest(run_dir) if resume else None
     if state is not None:
         strategy.load_state_dict(state["model"])
@@ -284,6 +284,7 @@ def train_arm(config: dict, strategy_name: str, run_dir: Path, context: Context,
         while not clock.done():
             set_lr(optimizer, train["lr"] * lr_factor(clock.fraction, train["warmup"]))
             result = step()
+            trains_mlm_head = result.mlm_loss is not None
             clock.record_step(result.tokens * context.world)
             window_tokens += result.tokens * context.world
             if clock.steps % train["log_steps"] == 0 or clock.done():
@@ -311,6 +312,7 @@ def train_arm(config: dict, strategy_name: str, run_dir: Path, context: Context,
                "teacher_charge": offset, "steps": clock.steps, "tokens": clock.tokens,
                "seconds": clock.state_dict()["seconds"], "epochs": stream.epochs,
                "unique_tokens": data.unique_tokens, "final_mlm_loss": curve[-1]["heldout_mlm_loss"],
+               "trains_mlm_head": trains_mlm_head if trains_mlm_head is not None else strategy_name == "no-kd",
                "curve": curve, "model": str(run_dir / "model")}
     if cached:
         summary["teacher_cache"] = teacher_cache.summary()

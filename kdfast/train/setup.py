@@ -63,7 +63,8 @@ def shared_data_dir() -> Optional[Path]:
 
 def resolve_auto(config: dict) -> dict:
     """``data.train: [auto]``: WikiText-2 from shared/data when present (test split to train on,
-    validation split held out), else the Python documentation that ships with CPython.
+    validation split held out), else the Python documentation that ships with CPython (a quarter of
+    its documents held out).
     ``glue.data_dir: auto``: shared/data/glue when present, else no GLUE evaluation offline."""
     shared = shared_data_dir()
     data = config["data"]
@@ -72,7 +73,7 @@ def resolve_auto(config: dict) -> dict:
         if files and all(f.is_file() for f in files):
             data["train"], data["heldout"] = [str(files[0])], [str(files[1])]
         else:
-            data["train"], data["heldout"] = [corpus.BUILTIN_PYTHON_DOCS], []
+            data["train"], data["heldout"] = [corpus.BUILTIN_PYTHON_DOCS], [corpus.BUILTIN_PYTHON_DOCS_HELDOUT]
     if config["glue"]["data_dir"] == AUTO:
         glue = shared / "glue" if shared else None
         config["glue"]["data_dir"] = str(glue) if glue is not None and glue.is_dir() else None

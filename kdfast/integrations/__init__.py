@@ -1,0 +1,3 @@
+"""Integrations with other libraries. Each submodule imports its library itself, so
+``import kdfast`` never pulls them in: ``from kdfast.integrations.transformers import DistillationTrainer``.
+"""

@@ -1,0 +1,102 @@
+"""Knowledge distillation in the Hugging Face ``Trainer``: ``DistillationTrainer`` and, for custom
+loops, :func:`distillation_loss`.
+
+Default: vocabulary KD (``kdfast.fused_linear_kd``: no logits) plus the student's CE for masked or
+causal LMs. ``strategy=`` trains any :mod:`kdfast.strategies` strategy (BERT-style masked LMs).
+The loss of a micro-batch is normalised by HF's ``num_items_in_batch`` (the label tokens of all
+accumulated micro-batches), so gradient accumulation gives the gradient of one large batch.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from kdfast import strategies
+from kdfast.integrations.loss import (
+    IGNORE_INDEX,
+    DistillationOutput,
+    check_models,
+    check_num_items,
+    check_options,
+    distillation_loss,
+)
+
+
+class DistillationTrainer(Trainer):
+    """``Trainer`` whose loss distils ``teacher`` into ``model`` (the student).
+
+    Options as in :func:`distillation_loss` (``temperature``, ``kd_weight``, ``ce_weight``,
+    ``kind``, ``beta``, ``teacher_topk``, ``backend``), or ``strategy`` (a name of
+    :data:`kdfast.strategies.NAMES`) with ``strategy_options`` for :func:`kdfast.strategies.build`.
+    The teacher is never trained nor moved; it may sit on another device or dtype (the default path;
+    strategies need it on the student's device). One process on one device for now (no DDP, FSDP,
+    DataParallel).
+    """
+
+    def __init__(self, model: nn.Module, args=None, *, teacher: nn.Module, temperature: float = 1.0,
+                 kd_weight: float = 1.0, ce_weight: float = 1.0, kind: str = "kl", beta: Optional[float] = None,
+                 teacher_topk: Optional[int] = None, backend: str = "auto", strategy: Optional[str] = None,
+                 strategy_options: Optional[dict] = None, **trainer_kwargs):
+        check_options(temperature, kd_weight, ce_weight, kind, backend)
+        check_models(model, teacher)
+        if strategy is not None and strategy not in strategies.NAMES:
+            raise ValueError(f"strategy: expected None or one of {', '.join(map(repr, strategies.NAMES))}, "
+                             f"got {strategy!r}")
+        super().__init__(model, args, **trainer_kwargs)
+        if self.args.world_size > 1 or self.args.n_gpu > 1:
+            raise ValueError(f"args: expected one process on one device, got world_size={self.args.world_size}, "
+                             f"n_gpu={self.args.n_gpu}; the loss calls the student's base model and LM head "
+                             f"directly, which would bypass DDP/DataParallel (use distillation_loss in your loop)")
+        # The loss is normalised by num_items_in_batch: ask Trainer to count it and not to rescale.
+        self.model_accepts_loss_kwargs = True
+        self.teacher = teacher
+        self.loss_options = dict(temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight, kind=kind,
+                                 beta=beta, teacher_topk=teacher_topk, backend=backend)
+        self.strategy = None
+        if strategy is not None:
+            self.strategy = self._build_strategy(strategy, strategy_options or {})
+
+    def _build_strategy(self, name: str, options: dict) -> strategies.Strategy:
+        device_s = next(self.model.parameters()).device
+        device_t = next(self.teacher.parameters()).device
+        if device_t != device_s:
+            raise ValueError(f"teacher: expected the student's device {device_s} for strategy {name!r}, got "
+                             f"{device_t}; move the teacher there or use the default vocabulary KD (strategy=None)")
+        return strategies.build(name, self.teacher, self.model, **options)
+
+    def create_optimizer(self, *args, **kwargs):
+        """Trainer's optimizer plus a group for parameters the strategy owns (TinyBERT's projection)."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.strategy is not None:
+            own = {id(p) for p in self.model.parameters()}
+            extra = [p for p in self.strategy.trainable_parameters() if id(p) not in own]
+            if extra:
+                optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
+        return optimizer
+
+    def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None):
+        student = self.accelerator.unwrap_model(model)
+        if self.strategy is None:
+            out = distillation_loss(student, self.teacher, inputs, num_items_in_batch=num_items_in_batch,
+                                    **self.loss_options)
+        else:
+            out = self._strategy_loss(inputs, num_items_in_batch)
+        return (out.loss, {"loss": out.loss, "kd": out.kd, "ce": out.ce}) if return_outputs else out.loss
+
+    def _strategy_loss(self, inputs: dict, num_items_in_batch) -> DistillationOutput:
+        """The strategy's loss (a mean over this micro-batch) weighted by its share of the label
+        tokens: exact accumulation for the vocabulary terms, token-weighted for the others."""
+        count = check_num_items(num_items_in_batch)
+        out = self.strategy(inputs)
+        labelled = int((inputs["labels"] != IGNORE_INDEX).sum())
+        scale = 1.0 if count is None else labelled / count.to(out.loss.device)
+        ce = out.mlm_loss if out.mlm_loss is not None else torch.zeros_like(out.loss)
+        return DistillationOutput(out.loss * scale, (out.loss - out.parts.get("mlm", 0.0)) * scale, ce * scale,
+                                  labelled if count is None else int(count))
+
+
+__all__ = ["DistillationTrainer", "DistillationOutput", "distillation_loss"]
