@@ -15,6 +15,23 @@ from kdfast.data.masking import IGNORE
 TARGET_KEYS = ("teacher_ids", "teacher_weights")
 
 
+def build_cost(index: dict, unit: str) -> float:
+    """What building a cache (its ``cache.json`` or ``TeacherCache.summary()``) spent, in a budget unit:
+    device-seconds (``s``), teacher FLOPs (``flop``) or corpus tokens run through the teacher (``tok``)."""
+    return float({"s": index["build_device_seconds"], "flop": index["teacher_flops"], "tok": index["tokens"]}[unit])
+
+
+def report_note(row: dict, fraction: float, unit: str) -> str:
+    """The report line of a cached arm's cache: what it is, what building it cost, what the arm was charged."""
+    c = row["teacher_cache"]
+    proposal = f", proposal softmax(t/{c['proposal']['tau']:g})" if c.get("proposal") else ""
+    return (f"Teacher cache of {row['arm']}: {c['sparse']}{proposal} at T={c['temperature']:g} in {c['directory']}, "
+            f"{c['masked_tokens']:,} masked tokens of {c['sequences']:,} sequences, "
+            f"{c['bytes_per_masked_token']:.1f} bytes per masked token, built in {c['build_seconds']:.1f} s "
+            f"({c['teacher_flops']:.3g} teacher FLOPs; reused every epoch); charged "
+            f"{fraction * build_cost(c, unit):.4g} {unit} to the arm.")
+
+
 class TeacherCache:
     """A finished cache in ``directory`` (shards memory-mapped). ``fingerprint``: refuse a cache built
     from other inputs; ``verify``: check every shard's CRC-32 (reads the files once)."""
@@ -40,10 +57,7 @@ class TeacherCache:
                                                                     f"got none for sequence {int(missing[0])}")
 
     def cost(self, unit: str) -> float:
-        """What building this cache spent, in a budget unit: device-seconds (``s``), teacher FLOPs
-        (``flop``) or corpus tokens run through the teacher (``tok``)."""
-        return float({"s": self.index["build_device_seconds"], "flop": self.index["teacher_flops"],
-                      "tok": self.index["tokens"]}[unit])
+        return build_cost(self.index, unit)
 
     def summary(self) -> dict:
         """The cache's report fields: spec, proposal, size and build cost."""
