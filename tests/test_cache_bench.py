@@ -19,6 +19,7 @@ def test_cached_arms_in_the_budget_bench(tmp_path):
     nokd, *cached = report["strategies"]
     assert nokd["teacher_cache"] is None and nokd["teacher_charge_flops"] == 0
     for arm in cached:
+        assert arm["tokens_per_step"] == 4 * 32 and arm["budget_tokens"] == arm["budget_steps"] * 4 * 32
         cache = arm["teacher_cache"]
         assert cache["k"] == 8 and cache["tokens"] == 1e6 and cache["synthetic"]
         assert cache["charged_flops"] == cache["build_flops"] / 2

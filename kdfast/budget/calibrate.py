@@ -309,9 +309,9 @@ def arm_report(arm: Arm, options: Options, shapes: tuple, peak: float, teacher_c
     charge = teacher_charge if arm.strategy.teacher is not None else 0.0
     cache = None
     if arm.name in CACHED_KD:
-        tokens, flops = cache_charge(calibration, options, teacher_shape)
+        cache_tokens, flops = cache_charge(calibration, options, teacher_shape)
         charge = teacher_charge + options.charge * flops
-        cache = {"tokens": tokens, "build_flops": flops, "charged_flops": options.charge * flops,
+        cache = {"tokens": cache_tokens, "build_flops": flops, "charged_flops": options.charge * flops,
                  "k": options.cache_k, "synthetic": True}
     steps, fractional_steps, notes = budget_for(calibration, options.budget, charge, arm.name)
     disagreement = measured["total"] / analytic["total"] - 1
