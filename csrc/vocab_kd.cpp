@@ -18,6 +18,8 @@ using vocab_kd::RowStats;
 
 constexpr index_t kBlock = 512;  // row-major: elements per online step (2 KiB of each row, in L1)
 constexpr index_t kLanes = 32;   // vocab-major: rows per group (128 contiguous bytes per step over V)
+// Sums over V are two-level, in partial sums of kBlock elements: a fp32 sum of V = 262144 terms in one
+// accumulator drifts ~sqrt(V) ulps (3e-5 relative), a bias every q of the row would share.
 
 // Maximum of a block of n elements.
 inline float block_max(const float* x, index_t n) {
@@ -35,38 +37,93 @@ inline float block_exp_sum(const float* x, index_t n, float max, float scale) {
   return sum;
 }
 
+// Index of the first element of a block equal to its maximum m.
+inline index_t first_index_of(const float* x, index_t n, float m) {
+  index_t i = 0;
+  while (i + 1 < n && x[i] != m) ++i;
+  return i;
+}
+
 struct RowResult {
   float kd;
   float mlm;
 };
 
+using DivElementFn = vocab_kd::DivElement (*)(float, float, const RowStats&);
+
+// Reverse KL / JSD passes 2 and 3 of one row-major row; returns the row's KD term.
+template <DivElementFn Element>
+inline __attribute__((always_inline)) float div_passes(float* s, const float* t, index_t vocab,
+                                                       const RowStats& st) {
+  float sum_q_delta = 0.0f, sum_p_term = 0.0f;
+  for (index_t start = 0; start < vocab; start += kBlock) {
+    float q_delta = 0.0f, p_term = 0.0f;
+#pragma omp simd reduction(+ : q_delta, p_term)
+    for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+      const vocab_kd::DivElement e = Element(s[v], t[v], st);
+      q_delta += e.q * e.delta;
+      p_term += e.p_term;
+    }
+    sum_q_delta += q_delta, sum_p_term += p_term;
+  }
+  const vocab_kd::DivTotals totals = vocab_kd::div_finish(st, sum_q_delta, sum_p_term);
+#pragma omp simd
+  for (index_t v = 0; v < vocab; ++v) s[v] = vocab_kd::div_grad(s[v], Element(s[v], t[v], st), st, totals.k);
+  return totals.kd;
+}
+
+// Out of line (and cloned per instruction set, with the passes inlined into each clone), so kd_row stays
+// small enough for GCC to inline and vectorise its element math.
+__attribute__((target_clones("avx512f", "avx2", "default"), noinline))
+float reverse_kl_passes(float* s, const float* t, index_t vocab, const RowStats& st) {
+  return div_passes<vocab_kd::reverse_kl_element>(s, t, vocab, st);
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"), noinline))
+float jsd_passes(float* s, const float* t, index_t vocab, const RowStats& st) {
+  return div_passes<vocab_kd::jsd_element>(s, t, vocab, st);
+}
+
 // One row-major row: s [V] (overwritten with the gradient), t [V]. Pass 1 walks the row a block at a
 // time: the block's maxima, its exp sums relative to them, then one online merge per softmax. Pass 2
-// writes the gradient and sums the KD terms. target_clones keeps the wheel portable while the hot loops
-// get AVX-512/AVX2 code where the CPU has it.
+// writes the gradient and sums the KD terms (reverse KL / JSD: div_passes). target_clones keeps the wheel
+// portable while the hot loops get AVX-512/AVX2 code where the CPU has it.
 __attribute__((target_clones("avx512f", "avx2", "default")))
 RowResult kd_row(float* s, const float* t, index_t vocab, int64_t label, float kd_coef, float mlm_coef,
-                 float temperature, bool soft_ce) {
+                 float temperature, int kind, float beta) {
   const float inv_t = 1.0f / temperature;
   const bool has_label = label >= 0;
   const bool raw_softmax = has_label && temperature != 1.0f;
+  const bool divergence = kind >= vocab_kd::kReverseKL;
   OnlineSum a = vocab_kd::online_empty(), b = vocab_kd::online_empty(), raw = vocab_kd::online_empty();
+  float t_ref = 0.0f;
   for (index_t start = 0; start < vocab; start += kBlock) {
     const index_t n = std::min(kBlock, vocab - start);
     const float s_max = block_max(s + start, n), t_max = block_max(t + start, n);
+    if (divergence && s_max > a.max) t_ref = t[start + first_index_of(s + start, n, s_max)];
     a = vocab_kd::online_merge(a, {s_max, block_exp_sum(s + start, n, s_max, inv_t)}, inv_t);
     b = vocab_kd::online_merge(b, {t_max, block_exp_sum(t + start, n, t_max, inv_t)}, inv_t);
     if (raw_softmax) raw = vocab_kd::online_merge(raw, {s_max, block_exp_sum(s + start, n, s_max, 1.0f)}, 1.0f);
   }
-  const RowStats st = vocab_kd::row_stats(a, b, raw, temperature, has_label, kd_coef, mlm_coef, soft_ce);
+  const RowStats st = vocab_kd::row_stats(a, b, raw, temperature, has_label, kd_coef, mlm_coef, kind, beta, t_ref);
   const float mlm = has_label ? vocab_kd::mlm_loss(st, s[label]) : 0.0f;
 
   float kd = 0.0f;
-#pragma omp simd reduction(+ : kd)
-  for (index_t v = 0; v < vocab; ++v) {
-    const vocab_kd::ElementOut out = vocab_kd::element_grad(s[v], t[v], st);
-    s[v] = out.grad;
-    kd += out.kd_term;
+  if (kind == vocab_kd::kReverseKL) {
+    kd = reverse_kl_passes(s, t, vocab, st);
+  } else if (kind == vocab_kd::kJSD) {
+    kd = jsd_passes(s, t, vocab, st);
+  } else {
+    for (index_t start = 0; start < vocab; start += kBlock) {
+      float kd_block = 0.0f;
+#pragma omp simd reduction(+ : kd_block)
+      for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+        const vocab_kd::ElementOut out = vocab_kd::element_grad(s[v], t[v], st);
+        s[v] = out.grad;
+        kd_block += out.kd_term;
+      }
+      kd += kd_block;
+    }
   }
   if (has_label) s[label] -= st.mlm_coef;
   return {kd, mlm};
@@ -90,6 +147,15 @@ struct LaneSums {
       sum[l] = out.sum;
     }
   }
+  // Merge the partial states of o into the first n lanes.
+  void merge(const LaneSums& o, index_t n, float scale) {
+#pragma omp simd
+    for (index_t l = 0; l < n; ++l) {
+      const OnlineSum out = vocab_kd::online_merge({max[l], sum[l]}, o.at(l), scale);
+      max[l] = out.max;
+      sum[l] = out.sum;
+    }
+  }
 };
 
 // Per-row statistics of kLanes rows (RowStats fields that differ between rows), one array per field,
@@ -98,54 +164,130 @@ struct LaneSums {
 // mlm_coef 0, so its softmax(s) term vanishes whichever way it is computed.
 struct LaneStats {
   float s_max[kLanes], t_max[kLanes], log_sum_a[kLanes], log_sum_b[kLanes], log_sum_s[kLanes];
-  float kd_coef[kLanes], mlm_coef[kLanes];
-  float inv_t;
-  bool raw_softmax, soft_ce;
+  float kd_coef[kLanes], mlm_coef[kLanes], t_ref[kLanes], sp_ref[kLanes];
+  float k[kLanes];  // sum q*delta of the row, after pass 2 (reverse KL / JSD)
+  float inv_t, beta, log_beta, log_1m_beta, div_w;
+  bool raw_softmax;
+  int kind;
 
   void set(index_t l, const RowStats& st) {
     s_max[l] = st.s_max, t_max[l] = st.t_max, log_sum_a[l] = st.log_sum_a, log_sum_b[l] = st.log_sum_b;
     log_sum_s[l] = st.log_sum_s, kd_coef[l] = st.kd_coef, mlm_coef[l] = st.mlm_coef;
+    t_ref[l] = st.t_ref, sp_ref[l] = st.sp_ref;
+    inv_t = st.inv_t, beta = st.beta, log_beta = st.log_beta, log_1m_beta = st.log_1m_beta, div_w = st.div_w;
+    kind = st.kind;
   }
+  // Built field by field (not copied from a RowStats), which keeps the lane loops vectorised.
   RowStats at(index_t l) const {
-    return {inv_t, s_max[l], t_max[l], log_sum_a[l], log_sum_b[l], log_sum_s[l], kd_coef[l], mlm_coef[l],
-            raw_softmax, soft_ce};
+    return {inv_t,    s_max[l], t_max[l],  log_sum_a[l], log_sum_b[l], log_sum_s[l], kd_coef[l], mlm_coef[l],
+            raw_softmax, kind,  t_ref[l],  beta,         log_beta,     log_1m_beta,  div_w,      sp_ref[l]};
   }
 };
 
-// n <= kLanes vocab-major rows: element (l, v) of s and t at l + v*ld. Every per-row quantity lives in a
-// lane array, so each step over v is one vector operation across the rows. The arithmetic per element is
-// the row-major kernel's (online_add instead of block merges: the same sums up to rounding).
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void kd_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, const int64_t* label,
-              const float* kd_coef, const float* mlm_coef, float temperature, bool soft_ce, float* kd_out,
-              float* mlm_out) {
-  const float inv_t = 1.0f / temperature;
-  bool raw_softmax = false;
-  for (index_t l = 0; l < n; ++l) raw_softmax |= label[l] >= 0 && temperature != 1.0f;
-  LaneSums a, b, raw;
-  for (index_t v = 0; v < vocab; ++v) {
-    a.add(s + v * ld, n, inv_t);
-    b.add(t + v * ld, n, inv_t);
-    if (raw_softmax) raw.add(s + v * ld, n, 1.0f);
+// Reverse KL / JSD passes 2 and 3 of n <= kLanes vocab-major rows; writes the rows' KD terms to kd.
+template <DivElementFn Element>
+inline __attribute__((always_inline)) void div_lane_passes(float* s, const float* t, index_t n, index_t vocab, index_t ld, LaneStats& st,
+                            float* kd) {
+  float sum_q_delta[kLanes] = {}, sum_p_term[kLanes] = {};
+  for (index_t start = 0; start < vocab; start += kBlock) {
+    float q_delta[kLanes] = {}, p_term[kLanes] = {};
+    for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+#pragma omp simd
+      for (index_t l = 0; l < n; ++l) {
+        const vocab_kd::DivElement e = Element(s[l + v * ld], t[l + v * ld], st.at(l));
+        q_delta[l] += e.q * e.delta;
+        p_term[l] += e.p_term;
+      }
+    }
+    for (index_t l = 0; l < n; ++l) sum_q_delta[l] += q_delta[l], sum_p_term[l] += p_term[l];
   }
-  LaneStats st;
-  st.inv_t = inv_t, st.raw_softmax = raw_softmax, st.soft_ce = soft_ce;
-  float kd[kLanes];
   for (index_t l = 0; l < n; ++l) {
-    const bool has_label = label[l] >= 0;
-    st.set(l, vocab_kd::row_stats(a.at(l), b.at(l), raw.at(l), temperature, has_label, kd_coef[l], mlm_coef[l],
-                                  soft_ce));
-    mlm_out[l] = has_label ? vocab_kd::mlm_loss(st.at(l), s[l + label[l] * ld]) : 0.0f;
-    kd[l] = 0.0f;
+    const vocab_kd::DivTotals totals = vocab_kd::div_finish(st.at(l), sum_q_delta[l], sum_p_term[l]);
+    kd[l] = totals.kd;
+    st.k[l] = totals.k;
   }
   for (index_t v = 0; v < vocab; ++v) {
     float* sv = s + v * ld;
     const float* tv = t + v * ld;
 #pragma omp simd
     for (index_t l = 0; l < n; ++l) {
-      const vocab_kd::ElementOut out = vocab_kd::element_grad(sv[l], tv[l], st.at(l));
-      sv[l] = out.grad;
-      kd[l] += out.kd_term;
+      const RowStats row = st.at(l);
+      sv[l] = vocab_kd::div_grad(sv[l], Element(sv[l], tv[l], row), row, st.k[l]);
+    }
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"), noinline))
+void reverse_kl_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, LaneStats& st, float* kd) {
+  div_lane_passes<vocab_kd::reverse_kl_element>(s, t, n, vocab, ld, st, kd);
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"), noinline))
+void jsd_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, LaneStats& st, float* kd) {
+  div_lane_passes<vocab_kd::jsd_element>(s, t, n, vocab, ld, st, kd);
+}
+
+// n <= kLanes vocab-major rows: element (l, v) of s and t at l + v*ld. Every per-row quantity lives in a
+// lane array, so each step over v is one vector operation across the rows. The arithmetic per element is
+// the row-major kernel's (online_add instead of block merges: the same sums up to rounding).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void kd_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, const int64_t* label,
+              const float* kd_coef, const float* mlm_coef, float temperature, int kind, float beta, float* kd_out,
+              float* mlm_out) {
+  const float inv_t = 1.0f / temperature;
+  const bool divergence = kind >= vocab_kd::kReverseKL;
+  bool raw_softmax = false;
+  for (index_t l = 0; l < n; ++l) raw_softmax |= label[l] >= 0 && temperature != 1.0f;
+  LaneSums a, b, raw;
+  float t_ref[kLanes] = {};
+  for (index_t start = 0; start < vocab; start += kBlock) {
+    LaneSums pa, pb, praw;  // this block's partial states
+    float t_ref_block[kLanes] = {};
+    for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+      if (divergence) {
+#pragma omp simd
+        for (index_t l = 0; l < n; ++l) t_ref_block[l] = s[l + v * ld] > pa.max[l] ? t[l + v * ld] : t_ref_block[l];
+      }
+      pa.add(s + v * ld, n, inv_t);
+      pb.add(t + v * ld, n, inv_t);
+      if (raw_softmax) praw.add(s + v * ld, n, 1.0f);
+    }
+    if (divergence) {
+      for (index_t l = 0; l < n; ++l) t_ref[l] = pa.max[l] > a.max[l] ? t_ref_block[l] : t_ref[l];
+    }
+    a.merge(pa, n, inv_t);
+    b.merge(pb, n, inv_t);
+    if (raw_softmax) raw.merge(praw, n, 1.0f);
+  }
+  LaneStats st;
+  st.raw_softmax = raw_softmax;
+  float kd[kLanes];
+  for (index_t l = 0; l < n; ++l) {
+    const bool has_label = label[l] >= 0;
+    RowStats row = vocab_kd::row_stats(a.at(l), b.at(l), raw.at(l), temperature, has_label, kd_coef[l], mlm_coef[l],
+                                       kind, beta, t_ref[l]);
+    st.set(l, row);
+    mlm_out[l] = has_label ? vocab_kd::mlm_loss(row, s[l + label[l] * ld]) : 0.0f;
+    kd[l] = 0.0f;
+  }
+  if (kind == vocab_kd::kReverseKL) {
+    reverse_kl_lanes(s, t, n, vocab, ld, st, kd);
+  } else if (kind == vocab_kd::kJSD) {
+    jsd_lanes(s, t, n, vocab, ld, st, kd);
+  } else {
+    for (index_t start = 0; start < vocab; start += kBlock) {
+      float kd_block[kLanes] = {};
+      for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+        float* sv = s + v * ld;
+        const float* tv = t + v * ld;
+#pragma omp simd
+        for (index_t l = 0; l < n; ++l) {
+          const vocab_kd::ElementOut out = vocab_kd::element_grad(sv[l], tv[l], st.at(l));
+          sv[l] = out.grad;
+          kd_block[l] += out.kd_term;
+        }
+      }
+      for (index_t l = 0; l < n; ++l) kd[l] += kd_block[l];
     }
   }
   for (index_t l = 0; l < n; ++l) {
@@ -173,11 +315,11 @@ RowArgs row_args(std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels, std:
 }
 
 // Row-major: rows `ld` elements apart, unit stride along V.
-void rows(const RowArgs& x, index_t n_rows, index_t vocab, index_t ld, float temperature, bool soft_ce) {
+void rows(const RowArgs& x, index_t n_rows, index_t vocab, index_t ld, float temperature, int kind, float beta) {
 #pragma omp parallel for schedule(static)
   for (index_t r = 0; r < n_rows; ++r) {
     const RowResult res = kd_row(x.s + r * ld, x.t + r * ld, vocab, x.labels[r], x.kd_coef[r], x.mlm_coef[r],
-                                 temperature, soft_ce);
+                                 temperature, kind, beta);
     x.kd_out[r] = res.kd;
     x.mlm_out[r] = res.mlm;
   }
@@ -185,13 +327,13 @@ void rows(const RowArgs& x, index_t n_rows, index_t vocab, index_t ld, float tem
 
 // Vocab-major: unit stride along rows, consecutive vocabulary entries `ld` elements apart.
 void rows_vocab_major(const RowArgs& x, index_t n_rows, index_t vocab, index_t ld, float temperature,
-                      bool soft_ce) {
+                      int kind, float beta) {
   const index_t groups = (n_rows + kLanes - 1) / kLanes;
 #pragma omp parallel for schedule(static)
   for (index_t g = 0; g < groups; ++g) {
     const index_t r = g * kLanes;
     kd_lanes(x.s + r, x.t + r, std::min(kLanes, n_rows - r), vocab, ld, x.labels + r, x.kd_coef + r,
-             x.mlm_coef + r, temperature, soft_ce, x.kd_out + r, x.mlm_out + r);
+             x.mlm_coef + r, temperature, kind, beta, x.kd_out + r, x.mlm_out + r);
   }
 }
 
@@ -199,20 +341,21 @@ void rows_vocab_major(const RowArgs& x, index_t n_rows, index_t vocab, index_t l
 
 void register_vocab_kd(pybind11::module_& m) {
   // Raw pointers from torch (fp32 / int64); see the row kernel contract in kdfast/chunked_vocab.py.
-  using Layout = void (*)(const RowArgs&, index_t, index_t, index_t, float, bool);
+  using Layout = void (*)(const RowArgs&, index_t, index_t, index_t, float, int, float);
   const auto bind = [&m](const char* name, Layout layout, const char* doc) {
     m.def(
         name,
         [layout](std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels, std::uintptr_t kd_coef,
                  std::uintptr_t mlm_coef, std::uintptr_t kd_row, std::uintptr_t mlm_row, index_t n_rows,
-                 index_t vocab, index_t ld, float temperature, bool soft_ce) {
+                 index_t vocab, index_t ld, float temperature, int kind, float beta) {
           pybind11::gil_scoped_release release;
-          layout(row_args(s, t, labels, kd_coef, mlm_coef, kd_row, mlm_row), n_rows, vocab, ld, temperature,
-                 soft_ce);
+          layout(row_args(s, t, labels, kd_coef, mlm_coef, kd_row, mlm_row), n_rows, vocab, ld, temperature, kind,
+                 beta);
         },
         doc, pybind11::arg("s"), pybind11::arg("t"), pybind11::arg("labels"), pybind11::arg("kd_coef"),
         pybind11::arg("mlm_coef"), pybind11::arg("kd_row"), pybind11::arg("mlm_row"), pybind11::arg("rows"),
-        pybind11::arg("vocab"), pybind11::arg("ld"), pybind11::arg("temperature"), pybind11::arg("soft_ce"));
+        pybind11::arg("vocab"), pybind11::arg("ld"), pybind11::arg("temperature"), pybind11::arg("kind"),
+        pybind11::arg("beta"));
   };
   bind("vocab_kd_rows", rows,
        "Vocabulary-KD row kernel, in place on row-major fp32 student logits (rows ld apart)");

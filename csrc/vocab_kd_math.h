@@ -3,9 +3,22 @@
 //
 // For a row: s student logits, t teacher logits, T temperature, a = s/T, b = t/T,
 // q = softmax(a), p = softmax(b), optional label y.
+// Forward KL / soft CE (two passes):
 //   pass 1: online (max, sum) of exp for a, b and (when T != 1 and the row has a label) s;
 //   pass 2: per element, grad = kd_coef*(q - p) + mlm_coef*(softmax(s) - onehot(y)) and the KD term
 //           p*(log p - log q) (KL) or -p*log q (soft CE), summed into the row's loss.
+// Reverse KL and generalised JSD (three passes; pass 1 also keeps t_ref, the teacher logit at the
+// student's argmax r):
+//   pass 2: sums of q*delta (and of p*(log p - log m) for JSD), see div_element;
+//   pass 3: grad = kd_coef*w*q*(delta - k) + mlm_coef*(softmax(s) - onehot(y)), see div_grad.
+// Both gradients have the form w*q*(D - sum q D) with D = log q - log p (reverse KL, w = 1) or
+// D = log q - log m (JSD_beta = beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q, w = 1-beta).
+// delta = D - D_r is taken relative to the student's argmax r, k = sum q*delta: a near one-hot student
+// then keeps its small gradient q_r*(delta_r - k) = -q_r*k (no difference of two large numbers).
+// Reverse KL R = D_r + k. For JSD, with z = log p - log q + log(beta/(1-beta)) and sp = softplus:
+// D = -log(1-beta) - sp(z) and log p - log m = -log(beta) - sp(-z), so delta = sp(z_r) - sp(z) stays
+// accurate (to its own size) where p << q, and JSD = beta sum p (-log beta - sp(-z)) + (1-beta) (D_r + k).
+// JSD needs 0 < beta < 1 (at 0 and 1 it is 0: the driver does not call the kernel for it).
 #pragma once
 #include <cfloat>
 #include <cmath>
@@ -13,12 +26,23 @@
 
 #include "common.h"
 
+// KDFAST_HD, and on the host always inlined: with many call sites GCC may keep these out of line, and the
+// row loops that call them would no longer vectorise (5x slower).
+#if defined(__CUDACC__)
+#define VOCAB_KD_HD KDFAST_HD
+#else
+#define VOCAB_KD_HD KDFAST_HD __attribute__((always_inline))
+#endif
+
 namespace kdfast::vocab_kd {
+
+// The KD term of a row (kdfast._reduction.KINDS in this order).
+enum Kind : int { kForwardKL = 0, kSoftCE = 1, kReverseKL = 2, kJSD = 3 };
 
 // Below this exp() is subnormal in fp32; vocab_exp returns 0 there (also for -inf: top-k).
 constexpr float kExpFloor = -87.0f;
 
-KDFAST_HD float round_to_int(float x) {
+VOCAB_KD_HD float round_to_int(float x) {
 #if defined(__CUDA_ARCH__)
   return rintf(x);
 #else
@@ -29,7 +53,7 @@ KDFAST_HD float round_to_int(float x) {
 #endif
 }
 
-KDFAST_HD float bits_to_float(int32_t bits) {
+VOCAB_KD_HD float bits_to_float(int32_t bits) {
 #if defined(__CUDA_ARCH__)
   return __int_as_float(bits);
 #else
@@ -41,7 +65,7 @@ KDFAST_HD float bits_to_float(int32_t bits) {
 
 // exp(x) for x <= 0, about 1 ulp (Cephes expf): x = n*ln2 + r, |r| <= ln2/2, a degree-6
 // polynomial for exp(r), 2^n from the exponent bits. Branch-free, so loops over it vectorise.
-KDFAST_HD float vocab_exp(float x) {
+VOCAB_KD_HD float vocab_exp(float x) {
   const float xc = x < kExpFloor ? kExpFloor : x;
   const float n = round_to_int(xc * 1.44269504088896341f);
   const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
@@ -63,17 +87,17 @@ struct OnlineSum {
   float sum;
 };
 
-KDFAST_HD OnlineSum online_empty() { return {-FLT_MAX, 0.0f}; }
+VOCAB_KD_HD OnlineSum online_empty() { return {-FLT_MAX, 0.0f}; }
 
 // Add one element. Branch-free (one exp either way), so a loop over independent states vectorises.
-KDFAST_HD OnlineSum online_add(OnlineSum acc, float x, float scale) {
+VOCAB_KD_HD OnlineSum online_add(OnlineSum acc, float x, float scale) {
   const bool up = x > acc.max;
   const float e = vocab_exp((up ? acc.max - x : x - acc.max) * scale);
   return {up ? x : acc.max, up ? acc.sum * e + 1.0f : acc.sum + e};
 }
 
 // Combine two partial states (threads, warps, or a CPU block into its row).
-KDFAST_HD OnlineSum online_merge(OnlineSum a, OnlineSum b, float scale) {
+VOCAB_KD_HD OnlineSum online_merge(OnlineSum a, OnlineSum b, float scale) {
   const float m = a.max > b.max ? a.max : b.max;
   return {m, a.sum * vocab_exp((a.max - m) * scale) + b.sum * vocab_exp((b.max - m) * scale)};
 }
@@ -86,16 +110,75 @@ struct RowStats {
   float log_sum_a;   // log sum exp((s - s_max)/T)
   float log_sum_b;   // log sum exp((t - t_max)/T)
   float log_sum_s;   // log sum exp(s - s_max) (= log_sum_a when T == 1); read when raw_softmax
-  float kd_coef;     // gradient coefficient of q - p
+  float kd_coef;     // gradient coefficient of d kd_row / d a
   float mlm_coef;    // gradient coefficient of softmax(s) - onehot(y)
   bool raw_softmax;  // softmax(s) differs from q (T != 1) and the row has an MLM term
-  bool soft_ce;
+  int kind;          // Kind
+  // Reverse KL / JSD only:
+  float t_ref;       // teacher logit at the student's argmax r
+  float beta;        // JSD mixture weight of p, 0 < beta < 1
+  float log_beta;    // log beta
+  float log_1m_beta; // log(1 - beta)
+  float div_w;       // w: 1 (reverse KL) or 1 - beta (JSD)
+  float sp_ref;      // JSD: sp(z_r)
 };
+
+VOCAB_KD_HD int32_t float_to_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(x);
+#else
+  int32_t out;
+  std::memcpy(&out, &x, sizeof(out));
+  return out;
+#endif
+}
+
+// log(x) for a positive normal x, about 1 ulp (Cephes logf): x = m 2^e with sqrt(1/2) <= m < sqrt(2), a
+// polynomial in m - 1. Branch-free, so loops over it vectorise; unlike --use_fast_math's __logf it stays
+// accurate relative to log(x) near x = 1, which vocab_log1p needs.
+VOCAB_KD_HD float vocab_log(float x) {
+  const int32_t bits = float_to_bits(x);
+  float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
+  float m = bits_to_float((bits & 0x007fffff) | 0x3f000000);  // in [0.5, 1)
+  const bool low = m < 0.707106781186547524f;
+  e = low ? e - 1.0f : e;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z - 2.12194440e-4f * e - 0.5f * z;
+  return (m + y) + 0.693359375f * e;
+}
+
+// log(1 + x) for 0 <= x <= 1, accurate for tiny x (Goldberg: log(u) * x / (u - 1), u = 1 + x rounded).
+VOCAB_KD_HD float vocab_log1p(float x) {
+  const float u = 1.0f + x;
+  const float d = u - 1.0f;
+  const float log_u = vocab_log(u);  // outside the select, so loops over it stay branch-free
+  return d == 0.0f ? x : log_u * (x / (d == 0.0f ? 1.0f : d));
+}
+
+// softplus(z) = log(1 + exp(z)); 0 at z = -inf.
+VOCAB_KD_HD float softplus(float z) {
+  return (z > 0.0f ? z : 0.0f) + vocab_log1p(vocab_exp(z > 0.0f ? -z : z));
+}
+
+// JSD: z = log p - log q + log(beta / (1 - beta)) (-inf where p = 0).
+VOCAB_KD_HD float jsd_z(float log_p, float log_q, const RowStats& st) {
+  return (log_p - log_q) + (st.log_beta - st.log_1m_beta);
+}
 
 // The row's statistics from its pass-1 states: a over s/T, b over t/T, raw over s (read only when
 // raw_softmax: T != 1 and the row has a label).
-KDFAST_HD RowStats row_stats(OnlineSum a, OnlineSum b, OnlineSum raw, float temperature, bool has_label,
-                             float kd_coef, float mlm_coef, bool soft_ce) {
+VOCAB_KD_HD RowStats row_stats(OnlineSum a, OnlineSum b, OnlineSum raw, float temperature, bool has_label,
+                             float kd_coef, float mlm_coef, int kind, float beta, float t_ref) {
   RowStats st;
   st.inv_t = 1.0f / temperature;
   st.s_max = a.max;
@@ -106,7 +189,14 @@ KDFAST_HD RowStats row_stats(OnlineSum a, OnlineSum b, OnlineSum raw, float temp
   st.log_sum_s = st.raw_softmax ? logf(raw.sum) : st.log_sum_a;
   st.kd_coef = kd_coef;
   st.mlm_coef = has_label ? mlm_coef : 0.0f;
-  st.soft_ce = soft_ce;
+  st.kind = kind;
+  st.t_ref = t_ref;
+  st.beta = beta;
+  st.log_beta = logf(beta);
+  st.log_1m_beta = logf(1.0f - beta);
+  st.div_w = kind == kReverseKL ? 1.0f : 1.0f - beta;
+  // The student's argmax: log q_r = -log_sum_a, log p_r from t_ref.
+  st.sp_ref = kind == kJSD ? softplus(jsd_z((t_ref - st.t_max) * st.inv_t - st.log_sum_b, -st.log_sum_a, st)) : 0.0f;
   return st;
 }
 
@@ -115,17 +205,62 @@ struct ElementOut {
   float kd_term;  // this element's share of KL(p || q) or of the soft CE
 };
 
-KDFAST_HD ElementOut element_grad(float s, float t, const RowStats& st) {
+VOCAB_KD_HD ElementOut element_grad(float s, float t, const RowStats& st) {
   const float log_q = (s - st.s_max) * st.inv_t - st.log_sum_a;
   const float log_p = (t - st.t_max) * st.inv_t - st.log_sum_b;  // -inf for a teacher logit dropped by top-k
   const float q = vocab_exp(log_q);
   const float p = vocab_exp(log_p);
   const float softmax_s = st.raw_softmax ? vocab_exp((s - st.s_max) - st.log_sum_s) : q;
-  const float kd_term = p > 0.0f ? p * (st.soft_ce ? -log_q : log_p - log_q) : 0.0f;
+  const float kd_term = p > 0.0f ? p * (st.kind == kSoftCE ? -log_q : log_p - log_q) : 0.0f;
   return {st.kd_coef * (q - p) + st.mlm_coef * softmax_s, kd_term};
 }
 
+// Reverse KL / JSD: what passes 2 and 3 need of one element.
+struct DivElement {
+  float q;       // softmax(s/T)
+  float delta;   // see the header comment
+  float p_term;  // JSD: p*(log p - log m) (0 where p = 0); reverse KL: 0
+};
+
+VOCAB_KD_HD DivElement reverse_kl_element(float s, float t, const RowStats& st) {
+  const float a = (s - st.s_max) * st.inv_t;  // log q + log_sum_a
+  return {vocab_exp(a - st.log_sum_a), a - (t - st.t_ref) * st.inv_t, 0.0f};
+}
+
+VOCAB_KD_HD DivElement jsd_element(float s, float t, const RowStats& st) {
+  const float log_q = (s - st.s_max) * st.inv_t - st.log_sum_a;
+  const float log_p = (t - st.t_max) * st.inv_t - st.log_sum_b;  // -inf for a teacher logit dropped by top-k
+  const float p = vocab_exp(log_p);
+  const float z = jsd_z(log_p, log_q, st);
+  const float log_p_over_m = -st.log_beta - softplus(-z);  // +-inf where p = 0; computed outside the select
+  return {vocab_exp(log_q), st.sp_ref - softplus(z), p > 0.0f ? p * log_p_over_m : 0.0f};
+}
+
+VOCAB_KD_HD DivElement div_element(float s, float t, const RowStats& st) {
+  return st.kind == kReverseKL ? reverse_kl_element(s, t, st) : jsd_element(s, t, st);
+}
+
+// After pass 2, from the row's sums of q*delta and p_term: its KD term and k = sum q*delta.
+struct DivTotals {
+  float kd;
+  float k;
+};
+
+VOCAB_KD_HD DivTotals div_finish(const RowStats& st, float sum_q_delta, float sum_p_term) {
+  if (st.kind == kReverseKL) {
+    // R = D_r + k with D_r = log q_r - log p_r = -log_sum_a - ((t_ref - t_max)/T - log_sum_b).
+    return {sum_q_delta - st.log_sum_a - (st.t_ref - st.t_max) * st.inv_t + st.log_sum_b, sum_q_delta};
+  }
+  return {st.beta * sum_p_term + st.div_w * ((-st.log_1m_beta - st.sp_ref) + sum_q_delta), sum_q_delta};
+}
+
+// Pass 3: d loss / d s of one element (without the -mlm_coef at the label); k from div_finish.
+VOCAB_KD_HD float div_grad(float s, const DivElement& e, const RowStats& st, float k) {
+  const float softmax_s = st.raw_softmax ? vocab_exp((s - st.s_max) - st.log_sum_s) : e.q;
+  return st.kd_coef * st.div_w * e.q * (e.delta - k) + st.mlm_coef * softmax_s;
+}
+
 // MLM cross-entropy of the row: logsumexp(s) - s[y] = log_sum_s - (s[y] - s_max).
-KDFAST_HD float mlm_loss(const RowStats& st, float s_label) { return st.log_sum_s - (s_label - st.s_max); }
+VOCAB_KD_HD float mlm_loss(const RowStats& st, float s_label) { return st.log_sum_s - (s_label - st.s_max); }
 
 }  // namespace kdfast::vocab_kd

@@ -83,6 +83,15 @@ def non_negative(name: str, value: object) -> float:
     return float(value)
 
 
+def unit_interval(name: str, value: object) -> float:
+    """A number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(TypeError, name, "a number in [0, 1]", type(value).__name__)
+    if not 0 <= value <= 1:
+        _fail(ValueError, name, "a number in [0, 1]", value)
+    return float(value)
+
+
 def mask(name: str, value: Optional[torch.Tensor], expected: Sequence[int], device: torch.device,
          what: str = "") -> Optional[torch.Tensor]:
     """A bool (or 0/1 integer) mask of exactly ``expected`` shape, True = keep; returned as bool."""

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 REDUCTIONS = ("batchmean", "sum", "mean")
-KINDS = ("kl", "soft_ce")
+# KD terms of the vocabulary losses; native row kernels take the index (csrc/vocab_kd_math.h, Kind).
+KINDS = ("kl", "soft_ce", "reverse_kl", "jsd")
 
 
 def kd_divisor(reduction: str, rows: int, vocab: int) -> float:

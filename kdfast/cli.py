@@ -13,6 +13,8 @@ COMMANDS = {
     "bench kernels": ("kdfast.bench.kernels", "time fused losses against eager, compile, peers and the floor"),
     "bench budget": ("kdfast.budget.calibrate", "calibrate each strategy's step cost and convert a budget to tokens"),
     "compare": ("kdfast.train.compare", "the equal-compute comparison: pretrain every arm, GLUE, report"),
+    "sweep": ("kdfast.train.sweep", "the comparison across budgets: every arm at every budget, trends, crossovers"),
+    "report": ("kdfast.eval.merge", "merge compare/sweep output folders into one report across budgets"),
     "pretrain": ("kdfast.train.pretrain", "pretrain one student under a budget"),
     "glue": ("kdfast.eval.glue", "fine-tune and evaluate a model on GLUE tasks"),
     "teacher-cache build": ("kdfast.cache.cli", "cache a teacher's sparse targets (top-K or sampled) for KD"),

@@ -2,6 +2,8 @@
 //   pass 1: every thread keeps online (max, sum) states over its strided elements; warp shuffles
 //           then shared memory merge them into the row's softmax normalisers;
 //   pass 2: every thread writes d loss / d s over its elements and sums its KD terms; one block sum.
+// Reverse KL / JSD: pass 1 also finds t_ref (the teacher logit at the student's argmax: a block max over
+// the threads holding the row's max); pass 2 block-sums q*delta (and JSD's p terms); pass 3 writes.
 #include <cuda_runtime.h>
 
 #include "vocab_kd.cuh"
@@ -44,6 +46,20 @@ __device__ float block_sum(float x, float* scratch) {
   __syncthreads();
   x = lane < kWarps ? scratch[lane] : 0.0f;
   for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(kFullMask, x, offset);
+  __syncthreads();  // scratch may be reused right after
+  return x;
+}
+
+// Largest x over the block (-inf if none), for every thread.
+__device__ float block_max(float x, float* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const float neg_inf = __int_as_float(0xff800000);
+  for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, offset));
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  x = lane < kWarps ? scratch[lane] : neg_inf;
+  for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, offset));
+  __syncthreads();
   return x;
 }
 
@@ -51,7 +67,7 @@ __global__ void __launch_bounds__(kThreads)
 vocab_kd_rows_kernel(float* __restrict__ s_all, const float* __restrict__ t_all, const int64_t* __restrict__ labels,
                      const float* __restrict__ kd_coef, const float* __restrict__ mlm_coef,
                      float* __restrict__ kd_row, float* __restrict__ mlm_row, int64_t vocab, int64_t ld,
-                     float temperature, bool soft_ce) {
+                     float temperature, int kind, float beta) {
   __shared__ OnlineSum scratch[kWarps];
   __shared__ float sum_scratch[kWarps];
   const int64_t row = blockIdx.x;
@@ -61,29 +77,53 @@ vocab_kd_rows_kernel(float* __restrict__ s_all, const float* __restrict__ t_all,
   const bool has_label = label >= 0;
   const float inv_t = 1.0f / temperature;
   const bool raw_softmax = has_label && temperature != 1.0f;
+  const bool divergence = kind >= vocab_kd::kReverseKL;
 
   OnlineSum a = vocab_kd::online_empty(), b = vocab_kd::online_empty(), raw = vocab_kd::online_empty();
+  float t_ref = __int_as_float(0xff800000);
   for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
     const float sv = s[v];
+    if (divergence && sv > a.max) t_ref = t[v];
     a = vocab_kd::online_add(a, sv, inv_t);
     b = vocab_kd::online_add(b, t[v], inv_t);
     if (raw_softmax) raw = vocab_kd::online_add(raw, sv, 1.0f);
   }
+  const float local_max = a.max;
   a = block_merge(a, inv_t, scratch);
   b = block_merge(b, inv_t, scratch);
   if (raw_softmax) raw = block_merge(raw, 1.0f, scratch);
+  if (divergence) t_ref = block_max(local_max == a.max ? t_ref : __int_as_float(0xff800000), sum_scratch);
 
-  const RowStats st = vocab_kd::row_stats(a, b, raw, temperature, has_label, kd_coef[row], mlm_coef[row], soft_ce);
-  const float s_label = has_label ? s[label] : 0.0f;  // read before pass 2 overwrites it
+  const RowStats st = vocab_kd::row_stats(a, b, raw, temperature, has_label, kd_coef[row], mlm_coef[row], kind, beta,
+                                    t_ref);
+  const float s_label = has_label ? s[label] : 0.0f;  // read before the last pass overwrites it
   __syncthreads();
 
   float kd = 0.0f;
-  for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
-    const vocab_kd::ElementOut out = vocab_kd::element_grad(s[v], t[v], st);
-    s[v] = out.grad;
-    kd += out.kd_term;
+  if (divergence) {
+    float sum_q_delta = 0.0f, sum_p_term = 0.0f;
+    for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
+      const vocab_kd::DivElement e = vocab_kd::div_element(s[v], t[v], st);
+      sum_q_delta += e.q * e.delta;
+      sum_p_term += e.p_term;
+    }
+    sum_q_delta = block_sum(sum_q_delta, sum_scratch);
+    sum_p_term = block_sum(sum_p_term, sum_scratch);
+    const vocab_kd::DivTotals totals = vocab_kd::div_finish(st, sum_q_delta, sum_p_term);
+    kd = totals.kd;
+    for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
+      const float sv = s[v];
+      s[v] = vocab_kd::div_grad(sv, vocab_kd::div_element(sv, t[v], st), st, totals.k);
+    }
+    __syncthreads();  // the last pass's writes before the label fix
+  } else {
+    for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
+      const vocab_kd::ElementOut out = vocab_kd::element_grad(s[v], t[v], st);
+      s[v] = out.grad;
+      kd += out.kd_term;
+    }
+    kd = block_sum(kd, sum_scratch);  // its __syncthreads also orders pass 2's writes before the label fix
   }
-  kd = block_sum(kd, sum_scratch);  // its __syncthreads also orders pass 2's writes before the label fix
   if (threadIdx.x == 0) {
     if (has_label) s[label] -= st.mlm_coef;
     kd_row[row] = kd;
@@ -95,11 +135,11 @@ vocab_kd_rows_kernel(float* __restrict__ s_all, const float* __restrict__ t_all,
 
 const char* vocab_kd_rows(float* s, const float* t, const int64_t* labels, const float* kd_coef,
                           const float* mlm_coef, float* kd_row, float* mlm_row, int64_t rows, int64_t vocab,
-                          int64_t ld, float temperature, bool soft_ce, std::uintptr_t stream) {
+                          int64_t ld, float temperature, int kind, float beta, std::uintptr_t stream) {
   if (rows == 0) return nullptr;
   cudaGetLastError();  // clear an earlier, unrelated error
   vocab_kd_rows_kernel<<<static_cast<unsigned>(rows), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      s, t, labels, kd_coef, mlm_coef, kd_row, mlm_row, vocab, ld, temperature, soft_ce);
+      s, t, labels, kd_coef, mlm_coef, kd_row, mlm_row, vocab, ld, temperature, kind, beta);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

@@ -69,7 +69,8 @@ def test_kd_kl_options():
     s, t = logits()
     raises(ValueError, r"temperature: expected a finite number > 0, got 0", kdfast.kd_kl, s, t, temperature=0)
     raises(ValueError, r"temperature: expected a finite number > 0, got -1.0", kdfast.kd_kl, s, t, temperature=-1.0)
-    raises(ValueError, r"kind: expected one of 'kl', 'soft_ce', got 'js'", kdfast.kd_kl, s, t, kind="js")
+    raises(ValueError, r"kind: expected one of 'kl', 'soft_ce', 'reverse_kl', 'jsd', got 'js'", kdfast.kd_kl, s, t,
+           kind="js")
     raises(ValueError, r"reduction: expected one of 'batchmean', 'sum', 'mean', got 'none'", kdfast.kd_kl, s, t,
            reduction="none")
 

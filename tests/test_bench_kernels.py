@@ -43,6 +43,48 @@ def test_vocab_kd_bench_writes_the_schema(tmp_path, monkeypatch, capsys):
     assert rows[("kdfast", "cpu")]["max_rel_err"] < 1e-5 and rows[("eager", None)]["max_rel_err"] < 1e-5
     assert rows[("floor", None)]["max_rel_err"] is None
     assert "kdfast" in capsys.readouterr().out
+    expected_peak = (2 * 37 * 203 * 4 + 4 * (37 * 8 + 203 * 8)) / 2**20  # one 37-row chunk of each logit tensor
+    assert all(r["analytic_peak_mb_cuda"] == round(expected_peak, 2) for r in report["results"])
+    phases = rows[("kdfast", "cpu")]["chunk_phases_ms"]
+    assert set(phases) == {*vocab_kd.PHASES, "other", "total", "chunk_rows"} and phases["chunk_rows"] == 37
+    assert all(phases[name] >= 0 for name in vocab_kd.PHASES) and phases["total"] > 0
+    assert phases["other"] >= -0.01  # the phases happen inside the timed call
+    assert "chunk_phases_ms" not in rows[("eager", None)]
+
+
+def test_llm_shapes_keep_the_cuda_chunk_bytes():
+    """LLM vocabularies are in the full grid (selectable with --shape V=...); the CUDA driver's chunks take
+    fewer rows as V grows, so its logit buffers stay at CUDA_CHUNK_BYTES whatever rows x V."""
+    from kdfast.functions import vocab_kd as driver
+
+    llm = [s for s in vocab_kd.shapes(False, torch.device("cuda")) if s["V"] != vocab_kd.VOCAB]
+    assert {(s["V"], s["Hs"], s["Ht"], s["rows"]) for s in llm} == {(v, 2048, 4096, 8192)
+                                                                  for v in (128256, 151936, 262144)}
+    assert {s["rows"] for s in vocab_kd.shapes(False, torch.device("cpu")) if s["V"] != vocab_kd.VOCAB} == {256}
+    assert kernels._shape_filter(["V=151936"])(llm[1]) and not kernels._shape_filter(["V=151936"])(llm[0])
+    for shape in llm:
+        chunk = driver.rows_within(shape["rows"], shape["V"], driver.CUDA_CHUNK_BYTES)
+        assert chunk < shape["rows"] and 2 * chunk * shape["V"] * 4 <= driver.CUDA_CHUNK_BYTES
+        grads_mb = 4 * (shape["rows"] * shape["Hs"] + shape["V"] * shape["Hs"]) / 2**20
+        assert vocab_kd.analytic_peak_mb_cuda(shape) <= driver.CUDA_CHUNK_BYTES / 2**20 + grads_mb
+        doubled = vocab_kd.analytic_peak_mb_cuda(dict(shape, rows=2 * shape["rows"]))  # only d_hidden grows
+        growth = 4 * shape["rows"] * shape["Hs"] / 2**20
+        assert doubled - vocab_kd.analytic_peak_mb_cuda(shape) == pytest.approx(growth, abs=0.02)
+    assert driver.rows_within(4096, 262144, driver.CPU_CHUNK_BYTES) == 64
+
+
+@pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")
+def test_phase_hook_sees_every_chunk_and_costs_nothing_off(monkeypatch):
+    from kdfast.functions import vocab_kd as driver
+
+    monkeypatch.setenv("KDFAST_VOCAB_CHUNK_ROWS", "16")
+    x = vocab_kd.inputs(dict(TINY), torch.float32, torch.device("cpu"))
+    marks = []
+    with driver.phase_hook(marks.append):
+        hooked = vocab_kd._kdfast("cpu")(x)
+    assert marks == ["start", *vocab_kd.PHASES] * 3  # 37 rows in chunks of 16
+    plain = vocab_kd._kdfast("cpu")(x)  # outside the block: no hook, the same numbers
+    assert all(torch.equal(a, b) for a, b in zip(hooked, plain)) and driver._PHASE_HOOK[0] is None
 
 
 def test_reference_matches_eager_in_float64():
@@ -55,7 +97,7 @@ def test_reference_matches_eager_in_float64():
 
 def test_quick_shapes_and_full_grid():
     assert vocab_kd.shapes(True, torch.device("cpu")) == [{"rows": 1024, "V": 30522, "Hs": 384, "Ht": 768}]
-    full = vocab_kd.shapes(False, torch.device("cpu"))
+    full = [s for s in vocab_kd.shapes(False, torch.device("cpu")) if s["V"] == 30522]
     assert {(s["rows"], s["Hs"], s["Ht"]) for s in full} == {(n, hs, ht) for n in (2048, 8192)
                                                             for hs, ht in ((384, 768), (768, 1024))}
 

@@ -33,16 +33,16 @@ def test_glue_path_on_shared_tasks_gives_sane_metrics(shared_data, tmp_path):
                                        num_attention_heads=2, intermediate_size=128))
     model.save_pretrained(str(tmp_path / "model"))
     results = glue.evaluate_model(str(tmp_path / "model"), glue_tasks.parse_tasks("cola,sst2,stsb"), str(glue_dir),
-                                  seeds=[0, 1], lrs=[1e-3], batch_sizes=[16], epochs=2, seq_len=64,
-                                  device=torch.device("cpu"), max_train_examples=1000, max_eval_examples=300)
+                                  seeds=[0, 1], lrs=[1e-3], batch_sizes=[16], epochs=3, seq_len=48,
+                                  device=torch.device("cpu"), max_train_examples=1000, max_eval_examples=200)
     summary = {name: r.summary() for name, r in results.items()}
     assert set(summary) == {"cola", "sst2", "stsb"}
     assert -1.0 <= summary["cola"]["metrics"]["mcc"]["mean"] <= 1.0
     sst2 = summary["sst2"]["metrics"]["accuracy"]
-    assert sst2["low"] > 0.5 and sst2["low"] <= sst2["mean"] <= sst2["high"]  # above chance, with an interval
+    assert sst2["mean"] > 0.55 and sst2["low"] <= sst2["mean"] <= sst2["high"]  # above chance after 3 short epochs
     assert 0.0 < summary["stsb"]["metrics"]["pearson"]["mean"] <= 1.0
     assert set(summary["stsb"]["metrics"]) == {"pearson", "spearman"}
-    assert all(r.scores[r.task.main_metric].predictions.shape == (2, 300) for r in results.values())
+    assert all(r.scores[r.task.main_metric].predictions.shape == (2, 200) for r in results.values())
     assert all(s["metrics"][s["main_metric"]]["seeds"] == 2 for s in summary.values())
 
 

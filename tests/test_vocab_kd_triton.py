@@ -85,7 +85,7 @@ def run_rows(s, t, labels, kd_coef, mlm_coef, temperature, kind):
     from kdfast.triton.vocab_kd import rows
 
     grad = s.clone()
-    kd_row, mlm_row = rows(grad, t, labels, kd_coef, mlm_coef, temperature, kind == "soft_ce")
+    kd_row, mlm_row = rows(grad, t, labels, kd_coef, mlm_coef, temperature, kind)
     return grad, kd_row, mlm_row
 
 
@@ -144,7 +144,7 @@ def test_rows_default_block_and_no_rows():
     check_rows(s, t, torch.tensor([5, -1, 2499]), 2.0, "kl")
     empty = torch.empty(0, 10)
     kd_row, mlm_row = rows(empty, empty, torch.empty(0, dtype=torch.long), torch.empty(0), torch.empty(0), 1.0,
-                           False)
+                           "kl")
     assert kd_row.shape == mlm_row.shape == (0,)
 
 

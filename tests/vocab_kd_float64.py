@@ -1,5 +1,6 @@
 """Independent float64 formulas for the vocabulary-KD tests (not kdfast.reference): explicit
-log-softmaxes, KL / soft CE, MLM CE, reductions, top-k teacher, row weights."""
+log-softmaxes, KL / soft CE / reverse KL / JSD (mixture m = beta p + (1 - beta) q formed explicitly),
+MLM CE, reductions, top-k teacher, row weights."""
 from __future__ import annotations
 
 import torch
@@ -10,8 +11,15 @@ def _log_softmax(x: torch.Tensor) -> torch.Tensor:
     return x - m - (x - m).exp().sum(dim=1, keepdim=True).log()
 
 
-def kd_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, kind: str, topk=None) -> torch.Tensor:
-    """Per-row KL(p || q) or -sum p log q, float64, p = softmax(t/T) (top-k renormalised), q = softmax(s/T)."""
+def _plogx(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """p * log(x) with 0 where p = 0 (also for x = 0), NaN-free under autograd."""
+    live = p > 0
+    return torch.where(live, p * torch.where(live, x, torch.ones_like(x)).log(), torch.zeros_like(p))
+
+
+def kd_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, kind: str, topk=None, beta=0.5) -> torch.Tensor:
+    """Per-row KL(p || q), -sum p log q, KL(q || p) or beta KL(p || m) + (1 - beta) KL(q || m) with
+    m = beta p + (1 - beta) q, float64, p = softmax(t/T) (top-k renormalised), q = softmax(s/T)."""
     log_q = _log_softmax(s / temperature)
     b = t / temperature
     if topk is not None and topk < b.shape[1]:
@@ -21,12 +29,21 @@ def kd_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, kind: str, top
     p = log_p.exp()
     if kind == "kl":
         return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(1)
-    return -(p * log_q).sum(1)
+    if kind == "soft_ce":
+        return -(p * log_q).sum(1)
+    q = log_q.exp()
+    if kind == "reverse_kl":
+        return (q * (log_q - log_p)).sum(1)
+    m = beta * p + (1 - beta) * q
+    kl_pm = (_plogx(p, p) - _plogx(p, m)).sum(1)
+    kl_qm = (_plogx(q, q) - _plogx(q, m)).sum(1)
+    return beta * kl_pm + (1 - beta) * kl_qm
 
 
 def loss(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None, teacher_bias=None,
          labels=None, ignore_index=-100, temperature=1.0, kd_weight=1.0, mlm_weight=0.0, kind="kl",
-         reduction="batchmean", t2_scale=True, mask=None, row_weights=None, teacher_topk=None) -> torch.Tensor:
+         reduction="batchmean", t2_scale=True, mask=None, row_weights=None, teacher_topk=None,
+         beta=0.5) -> torch.Tensor:
     """The fused_linear_kd loss in float64 (differentiable w.r.t. the float64 student tensors)."""
     s = student_hidden @ student_weight.t() + (0 if student_bias is None else student_bias)
     t = teacher_hidden @ teacher_weight.t() + (0 if teacher_bias is None else teacher_bias)
@@ -35,7 +52,7 @@ def loss(student_hidden, student_weight, teacher_hidden, teacher_weight, student
     kd_sel = mask if mask is not None else labelled
     total = s.sum() * 0
     if kd_weight:
-        rows = kd_rows(s[kd_sel], t[kd_sel], temperature, kind, teacher_topk)
+        rows = kd_rows(s[kd_sel], t[kd_sel], temperature, kind, teacher_topk, beta)
         if row_weights is not None:
             rows = rows * row_weights[kd_sel]
         count = int(kd_sel.sum())
@@ -61,11 +78,11 @@ def loss_and_grads(**kwargs) -> tuple:
 
 
 def kd_kl(student_logits, teacher_logits, temperature=1.0, mask=None, kind="kl", reduction="batchmean",
-          t2_scale=True) -> torch.Tensor:
+          t2_scale=True, beta=0.5) -> torch.Tensor:
     s, t = student_logits, teacher_logits
     if mask is not None:
         s, t = s[mask], t[mask]
-    rows = kd_rows(s, t, temperature, kind)
+    rows = kd_rows(s, t, temperature, kind, beta=beta)
     count, vocab = s.shape
     divisor = {"sum": 1, "batchmean": max(count, 1), "mean": max(count * vocab, 1)}[reduction]
     return rows.sum() * (temperature**2 if t2_scale else 1.0) / divisor

@@ -4,7 +4,8 @@ all implementations of a shape run in rotation, so drifting machine load biases 
 
 JSON: ``{"device", "device_name", "torch", "triton", "git_commit", "seed", "threads", "quick",
 "results": [{"op", "impl", "backend", "shape", "dtype", "median_ms", "peak_mb", "max_rel_err",
-"vs_floor"}]}``. The op modules live in kdfast/bench/ops/ (interface in its ``__init__``).
+"vs_floor", ...}]}``, ``...`` being what an op module's optional ``extra_fields`` adds. The op modules
+live in kdfast/bench/ops/ (interface in its ``__init__``).
 """
 from __future__ import annotations
 
@@ -82,6 +83,7 @@ def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick:
     module = importlib.import_module(f"kdfast.bench.ops.{op}")
     dtype = dtype or getattr(module, "DEFAULT_DTYPES", DEFAULT_DTYPES)[device.type]
     impls = module.impls(device)
+    extra_fields = getattr(module, "extra_fields", lambda key, shape, fn, inputs, device: {})
     if only:
         impls = {k: f for k, f in impls.items() if k == FLOOR or _split(k)[0] in only or k in only}
     results = []
@@ -98,11 +100,12 @@ def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick:
             peaks[key] = measure.peak_mb(functools.partial(fn, inputs), device)
         bound = {key: functools.partial(fn, inputs) for key, fn in impls.items()}
         times = measure.interleaved_median_ms(bound, device, warmup=max(warmup - 1, 0), repeats=repeats)
-        for key in impls:
+        for key, fn in impls.items():
             name, backend = _split(key)
             results.append({"op": op, "impl": name, "backend": backend, "shape": dict(shape),
                             "dtype": str(dtype).replace("torch.", ""), "median_ms": round(times[key], 3),
-                            "peak_mb": round(peaks[key], 2), "max_rel_err": errors[key]})
+                            "peak_mb": round(peaks[key], 2), "max_rel_err": errors[key],
+                            **extra_fields(key, shape, fn, inputs, device)})
         floor = next((r["median_ms"] for r in results if r["impl"] == FLOOR and r["shape"] == shape), None)
         for r in results:
             if r["shape"] == shape and floor:

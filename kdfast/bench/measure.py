@@ -53,6 +53,23 @@ def interleaved_median_ms(fns: dict, device: torch.device, warmup: int = 2, repe
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+class PhaseTimer:
+    """Milliseconds between named marks (``mark("start")`` opens a span, any other name closes the span
+    since the previous mark and adds it to that name), the device synchronised at each mark."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.ms: dict = {}
+        self._last = 0.0
+
+    def mark(self, name: str) -> None:
+        synchronize(self.device)
+        now = time.perf_counter()
+        if name != "start":
+            self.ms[name] = self.ms.get(name, 0.0) + (now - self._last) * 1e3
+        self._last = now
+
+
 def peak_mb(fn: Callable[[], object], device: torch.device) -> float:
     """Peak extra MiB of live tensors while ``fn()`` runs (results are dropped at the end)."""
     gc.collect()

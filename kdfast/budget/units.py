@@ -44,6 +44,11 @@ class Budget:
             return f"{self.amount / 3600:g}h" if self.amount >= 3600 else f"{self.amount:g}s"
         return f"{self.amount:.3g}{self.unit}"
 
+    @property
+    def tag(self) -> str:
+        """The amount in its base unit with 6 significant digits, for folder names: ``'90s'``, ``'1024tok'``."""
+        return f"{self.amount:g}{self.unit}"
+
     def describe(self) -> str:
         """Human wording, e.g. ``'24h of device time'`` or ``'3e+18 FLOPs'``."""
         if self.unit == "s":

@@ -63,7 +63,7 @@ def check_sources(sources: Sequence[str]) -> None:
         raise ValueError("data: expected at least one text source, got none")
     for source in sources:
         if source in _BUILTIN:
-            _python_docs()
+            _topics()
         elif source.startswith("hf:"):
             _parse_hf(source)
         else:
@@ -97,15 +97,25 @@ def _file_documents(path: Path) -> Iterator[str]:
         yield " ".join(block)
 
 
-@functools.lru_cache(maxsize=1)
-def _python_docs() -> Tuple[str, ...]:
-    """The reference topics, then the standard library's docstrings of 8 words or more, in file order."""
+def _python_docs() -> Iterator[str]:
+    """The reference topics, then the standard library's docstrings of 8 words or more, in file order
+    (the docstrings are read only when a consumer goes past the topics)."""
+    yield from _topics()
+    yield from _docstrings()
+
+
+def _topics() -> List[str]:
     try:
         from pydoc_data.topics import topics
     except ImportError:  # some distributions strip pydoc_data
         raise ValueError(f"data: {BUILTIN_PYTHON_DOCS} needs the standard library's pydoc_data, which this "
                          "Python lacks; pass --data FILES_OR_DIR instead") from None
-    docs = [" ".join(topics[name].split()) for name in sorted(topics)]
+    return [" ".join(topics[name].split()) for name in sorted(topics)]
+
+
+@functools.lru_cache(maxsize=1)
+def _docstrings() -> Tuple[str, ...]:
+    docs = []
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idle_test", "site-packages", "lib2to3", "__pycache__"}
     for path in sorted(root.rglob("*.py")):

@@ -189,8 +189,13 @@ def write(report: dict, out_dir: Path) -> dict:
     """Add plots to ``report`` and write results.json / results.md in ``out_dir``."""
     out_dir = Path(out_dir)
     report["plots"] = plots(report, out_dir)
-    with atomic_open(out_dir / "results.json") as f:
-        f.write(json.dumps(report, indent=1).encode())
-    with atomic_open(out_dir / "results.md") as f:
-        f.write(markdown(report).encode())
+    write_files(out_dir, "results", report, markdown(report))
     return report
+
+
+def write_files(out_dir: Path, stem: str, result: dict, text: str) -> None:
+    """``stem.json`` (``result``) and ``stem.md`` (``text``) in ``out_dir``, each written atomically."""
+    with atomic_open(Path(out_dir) / f"{stem}.json") as f:
+        f.write(json.dumps(result, indent=1).encode())
+    with atomic_open(Path(out_dir) / f"{stem}.md") as f:
+        f.write(text.encode())

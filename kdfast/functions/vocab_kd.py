@@ -11,15 +11,19 @@ the input.
 
 Row kernel contract (one function per backend, e.g. ``kdfast.cpu.fused_linear_kd.rows``)::
 
-    rows(s, t, labels, kd_coef, mlm_coef, temperature, soft_ce) -> (kd_row, mlm_row)
+    rows(s, t, labels, kd_coef, mlm_coef, temperature, kind, beta) -> (kd_row, mlm_row)
 
 - ``s`` [C, V] fp32 student logits, overwritten with
-  ``kd_coef[r] * (q - p) + mlm_coef[r] * (softmax(s) - onehot(labels[r]))``, where
-  ``q = softmax(s / T)`` and ``p = softmax(t / T)``;
-- ``t`` [C, V] fp32 teacher logits with the strides of ``s`` (read only; -inf entries have p = 0: top-k);
+  ``kd_coef[r] * d kd_row / d a + mlm_coef[r] * (softmax(s) - onehot(labels[r]))``, a = s / T, where
+  with ``q = softmax(a)``, ``p = softmax(t / T)`` and ``m = beta p + (1 - beta) q``:
+  ``kl``, ``soft_ce``: ``d/da = q - p``; ``reverse_kl`` (KL(q || p)): ``q * ((log q - log p) - KL(q || p))``;
+  ``jsd`` (beta KL(p || m) + (1 - beta) KL(q || m)): ``(1 - beta) * q * ((log q - log m) - KL(q || m))``;
+- ``t`` [C, V] fp32 teacher logits with the strides of ``s`` (read only; -inf entries have p = 0: top-k,
+  never with ``reverse_kl``);
 - ``labels`` [C] int64, -1 means no MLM term for the row; ``kd_coef``, ``mlm_coef`` [C] fp32;
-- returns ``kd_row`` [C] fp32, KL(p || q) (or the soft CE -sum p log q when ``soft_ce``), unscaled,
-  and ``mlm_row`` [C] fp32, ``lse(s) - s[label]`` (0 for rows without a label).
+  ``kind`` one of ``kdfast._reduction.KINDS``; ``beta`` read by ``jsd``;
+- returns ``kd_row`` [C] fp32, the row's divergence (``kind``), unscaled, and ``mlm_row`` [C] fp32,
+  ``lse(s) - s[label]`` (0 for rows without a label).
 
 Every kernel takes row-major ``s``, ``t`` (unit stride along V). A kernel with ``vocab_major = True``
 also takes vocab-major ones (unit stride along C: ``s.t()`` is a contiguous [V, C]) and the fused
@@ -28,6 +32,7 @@ driver then fills its chunks that way, as ``W [V, H] @ x^T``: MKL computes that 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -35,7 +40,7 @@ from typing import Callable, Optional
 import torch
 
 from kdfast._buffers import new_output
-from kdfast._reduction import kd_divisor, kd_factor, mlm_divisor
+from kdfast._reduction import KINDS, kd_divisor, kd_factor, mlm_divisor
 from kdfast.functions.sparse_targets import SparseTargets
 from kdfast.losses.types import KDOutput
 
@@ -73,9 +78,32 @@ def chunk_rows(rows: int, vocab: int, device: torch.device) -> int:
     free = _free_bytes(device)
     if free is not None:
         budget = min(budget, free // 4)
-    per_row = 2 * vocab * 4
-    chunk = max(16, (budget // per_row) // 16 * 16)
+    return rows_within(rows, vocab, budget)
+
+
+def rows_within(rows: int, vocab: int, budget: int) -> int:
+    """Rows per chunk (a multiple of 16, at least 16, at most ``rows``) whose two fp32 [C, V] logit
+    chunks fit ``budget`` bytes: fewer rows for a larger vocabulary, the same bytes."""
+    chunk = max(16, (budget // (2 * vocab * 4)) // 16 * 16)
     return max(1, min(rows, chunk))
+
+
+# --------------------------------------------------------------------------- phase hook (benchmarks)
+
+_PHASE_HOOK: "list[Optional[Callable[[str], None]]]" = [None]  # the hook in force, set by phase_hook
+
+
+@contextlib.contextmanager
+def phase_hook(hook: Callable[[str], None]):
+    """Within the block, the fused driver calls ``hook(phase)`` as each phase of each chunk ends:
+    ``"start"`` (chunk begins), ``"student_logits"``, ``"teacher_logits"`` (with top-k), ``"row_kernel"``,
+    ``"d_hidden"`` (with the bf16 split of the gradient), ``"d_weight"``. Off (the default) it costs one
+    check per phase."""
+    previous, _PHASE_HOOK[0] = _PHASE_HOOK[0], hook
+    try:
+        yield
+    finally:
+        _PHASE_HOOK[0] = previous
 
 
 # --------------------------------------------------------------------------- fp32 products
@@ -233,6 +261,11 @@ def _keep_topk(t: torch.Tensor, k: int) -> None:
         t.masked_fill_(t < kth, float("-inf"))
 
 
+def _kd_vanishes(opts: dict) -> bool:
+    """JSD at beta = 0 (m = q) or beta = 1 (m = p) is 0 with 0 gradient; row kernels are not asked for it."""
+    return opts["kind"] == "jsd" and opts["beta"] in (0.0, 1.0)
+
+
 def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 opts: dict, need: "tuple[bool, bool, bool]", kd_weight: float, mlm_weight: float):
     """Loss sums and fp32 gradients of ``kd_weight * kd + mlm_weight * mlm``, chunk by chunk.
@@ -253,7 +286,7 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
     kd_sum = torch.zeros((), dtype=torch.float64, device=device)
     mlm_sum = torch.zeros((), dtype=torch.float64, device=device)
     if sel.count:
-        with_teacher = kd_weight != 0
+        with_teacher = kd_weight != 0 and not _kd_vanishes(opts)
         targets: Optional[SparseTargets] = opts.get("teacher_targets")
         student = _Head(student_weight, student_bias)
         teacher = _Head(teacher_weight, teacher_bias) if with_teacher and targets is None else None
@@ -263,13 +296,18 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
             teacher is not None and teacher.native16)
         s_buf = torch.empty(size * vocab, dtype=torch.float32, device=device)
         t_buf = torch.empty(size * vocab, dtype=torch.float32, device=device)
+        mark = _PHASE_HOOK[0]
         for start in range(0, sel.count, size):
+            if mark:
+                mark("start")
             stop = min(start + size, sel.count)
             part = slice(start, stop)
             ids = None if sel.index is None else sel.index[part]
             x_s = student_hidden[part] if ids is None else student_hidden.index_select(0, ids)
             s, t = (_chunk_view(buf, stop - start, vocab, vocab_major) for buf in (s_buf, t_buf))
             student.logits_into(s, x_s)
+            if mark:
+                mark("student_logits")
             if with_teacher and targets is not None:
                 targets.fill(t, part if ids is None else ids, opts["temperature"])
             elif with_teacher:
@@ -279,10 +317,14 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
                     _keep_topk(t, opts["teacher_topk"])
             else:
                 t.copy_(s)  # KL(q || q) = 0: the KD term vanishes, only the MLM gradient remains
+            if mark:
+                mark("teacher_logits")
             kd_row, mlm_row = row_kernel(s, t, sel.labels[part], sel.kd_coef[part], sel.mlm_coef[part],
-                                         opts["temperature"], opts["kind"] == "soft_ce")
+                                         opts["temperature"], opts["kind"] if with_teacher else "kl", opts["beta"])
             kd_sum += (kd_row.double() * sel.kd_scale[part]).sum()
             mlm_sum += mlm_row.double().sum()
+            if mark:
+                mark("row_kernel")
             # s now holds d loss / d student logits for this chunk; t is spent.
             if need_db:
                 d_bias += s.sum(0)
@@ -293,8 +335,12 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
                 else:
                     rows_grad = student.times_weight(operands, out=x_s.new_empty(x_s.shape, dtype=torch.float32))
                     d_hidden.index_copy_(0, ids, rows_grad)
+            if mark:
+                mark("d_hidden")
             if need_dw:
                 student.add_weight_grad_(d_weight, operands, x_s)
+            if mark:
+                mark("d_weight")
         if with_teacher and targets is not None and opts["kind"] == "kl":
             offset = targets.kl_offset()
             kd_sum += (sel.kd_scale * (offset if sel.index is None else offset[sel.index])).sum()
@@ -354,6 +400,7 @@ def chunked_fused_linear_kd(row_kernel: RowKernel, *, student_hidden, student_we
                             teacher_weight=None, student_bias=None, teacher_bias=None, labels=None, ignore_index=-100,
                             temperature=1.0, kd_weight=1.0, mlm_weight=0.0, kind="kl", reduction="batchmean",
                             t2_scale=True, mask=None, row_weights=None, teacher_topk=None, teacher_targets=None,
+                            beta=0.5,
                             chunk_rows: Optional[int] = None) -> KDOutput:
     """``kdfast.fused_linear_kd`` (validated keyword arguments) on ``row_kernel``; ``chunk_rows``
     forces the rows per chunk (default: from the shapes and free memory). ``teacher_targets``
@@ -364,7 +411,7 @@ def chunked_fused_linear_kd(row_kernel: RowKernel, *, student_hidden, student_we
     opts = dict(row_kernel=row_kernel, labels=labels, ignore_index=ignore_index, temperature=float(temperature),
                 kd_weight=float(kd_weight), mlm_weight=float(mlm_weight), kind=kind, reduction=reduction,
                 t2_scale=bool(t2_scale), mask=mask, row_weights=row_weights, teacher_topk=teacher_topk,
-                teacher_targets=targets, chunk_rows=chunk_rows)
+                beta=float(beta), teacher_targets=targets, chunk_rows=chunk_rows)
     teacher_hidden = None if teacher_hidden is None else teacher_hidden.detach()
     teacher_weight = None if teacher_weight is None else teacher_weight.detach()
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()
@@ -391,6 +438,7 @@ class _KDKL(torch.autograd.Function):
             size = opts["chunk_rows"] or chunk_rows(sel.count, vocab, device)
             # fp32 without a mask: the kernel works directly in the gradient buffer.
             in_place = grad is not None and sel.index is None and grad.dtype == torch.float32
+            vanishes = _kd_vanishes(opts)
             s_buf = None if in_place else torch.empty((size, vocab), dtype=torch.float32, device=device)
             t_buf = torch.empty((size, vocab), dtype=torch.float32, device=device)
             for start in range(0, sel.count, size):
@@ -400,9 +448,12 @@ class _KDKL(torch.autograd.Function):
                 s = grad[part] if in_place else s_buf[: stop - start]
                 t = t_buf[: stop - start]
                 s.copy_(student_logits[part] if ids is None else student_logits.index_select(0, ids))
-                t.copy_(teacher_logits[part] if ids is None else teacher_logits.index_select(0, ids))
+                if vanishes:
+                    t.copy_(s)  # KL(q || q) = 0, the value and gradient of the vanishing JSD
+                else:
+                    t.copy_(teacher_logits[part] if ids is None else teacher_logits.index_select(0, ids))
                 kd_row, _ = row_kernel(s, t, sel.labels[part], sel.kd_coef[part], sel.mlm_coef[part],
-                                       opts["temperature"], opts["kind"] == "soft_ce")
+                                       opts["temperature"], "kl" if vanishes else opts["kind"], opts["beta"])
                 kd_sum += (kd_row.double() * sel.kd_scale[part]).sum()
                 if grad is not None and not in_place:
                     if ids is None:
@@ -419,10 +470,10 @@ class _KDKL(torch.autograd.Function):
 
 
 def chunked_kd_kl(row_kernel: RowKernel, *, student_logits, teacher_logits, temperature=1.0, mask=None, kind="kl",
-                  reduction="batchmean", t2_scale=True, chunk_rows: Optional[int] = None) -> torch.Tensor:
+                  reduction="batchmean", t2_scale=True, beta=0.5, chunk_rows: Optional[int] = None) -> torch.Tensor:
     """``kdfast.kd_kl`` (validated keyword arguments) on ``row_kernel``: a 0-dim fp32 loss."""
     opts = dict(row_kernel=row_kernel, temperature=float(temperature), mask=mask, kind=kind, reduction=reduction,
-                t2_scale=bool(t2_scale), chunk_rows=chunk_rows)
+                t2_scale=bool(t2_scale), beta=float(beta), chunk_rows=chunk_rows)
     return _KDKL.apply(student_logits, teacher_logits.detach(), opts)
 
 
@@ -447,18 +498,19 @@ def kd_kl_unsupported_reason(**kwargs) -> Optional[str]:
 def pointer_row_kernel(launch: Callable[..., None], with_stream: bool,
                        launch_vocab_major: Optional[Callable[..., None]] = None) -> RowKernel:
     """A row kernel from a native entry point taking raw pointers:
-    ``launch(s, t, labels, kd_coef, mlm_coef, kd_row, mlm_row, rows, vocab, ld, temperature, soft_ce[, stream])``
+    ``launch(s, t, labels, kd_coef, mlm_coef, kd_row, mlm_row, rows, vocab, ld, temperature, kind, beta[, stream])``
+    (``kind`` as its index in ``KINDS``)
     for row-major ``s``, ``t`` (rows ``ld`` elements apart); ``stream``: the current CUDA stream's handle
     when ``with_stream``. ``launch_vocab_major``, with the same arguments, takes vocab-major ones
     (vocabulary entries ``ld`` elements apart) and makes the kernel ``vocab_major``."""
 
     def rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.Tensor, mlm_coef: torch.Tensor,
-             temperature: float, soft_ce: bool) -> "tuple[torch.Tensor, torch.Tensor]":
+             temperature: float, kind: str, beta: float = 0.5) -> "tuple[torch.Tensor, torch.Tensor]":
         row_major = s.stride(1) == 1
         kd_row, mlm_row = row_kernel_outputs(s, t, labels, kd_coef, mlm_coef, vocab_major=rows.vocab_major)
         args = [s.data_ptr(), t.data_ptr(), labels.data_ptr(), kd_coef.data_ptr(), mlm_coef.data_ptr(),
                 kd_row.data_ptr(), mlm_row.data_ptr(), s.shape[0], s.shape[1], s.stride(0 if row_major else 1),
-                float(temperature), bool(soft_ce)]
+                float(temperature), KINDS.index(kind), float(beta)]
         if with_stream:
             args.append(torch.cuda.current_stream(s.device).cuda_stream)
         (launch if row_major else launch_vocab_major)(*args)

@@ -15,23 +15,27 @@ from kdfast._reduction import KINDS, REDUCTIONS
 from kdfast.losses.types import KDOutput
 
 
-def _check_options(temperature: float, kind: str, reduction: str, backend: str) -> float:
+def _check_options(temperature: float, kind: str, reduction: str, backend: str, beta: float) -> "tuple[float, float]":
+    """Validated (temperature, beta)."""
     check.choice("kind", kind, KINDS)
     check.choice("reduction", reduction, REDUCTIONS)
     check.choice("backend", backend, ("auto",) + _backends.BACKENDS)
-    return check.positive("temperature", temperature)
+    return check.positive("temperature", temperature), check.unit_interval("beta", beta)
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
           mask: Optional[torch.Tensor] = None, kind: str = "kl", reduction: str = "batchmean",
-          t2_scale: bool = True, backend: str = "auto") -> torch.Tensor:
-    """KL(softmax(t/T) || softmax(s/T)) (``kind="kl"``) or -sum softmax(t/T) log_softmax(s/T)
-    (``"soft_ce"``) over rows of [N, V] logits, times T**2 when ``t2_scale``.
+          t2_scale: bool = True, backend: str = "auto", beta: float = 0.5) -> torch.Tensor:
+    """A divergence between p = softmax(t/T) (teacher) and q = softmax(s/T) (student) over rows of
+    [N, V] logits, times T**2 when ``t2_scale``. ``kind``: ``"kl"`` KL(p || q), ``"soft_ce"``
+    -sum p log q, ``"reverse_kl"`` KL(q || p), ``"jsd"`` the generalised JSD of GKD (Agarwal et al.
+    2024): beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q (0 at beta = 0 and 1;
+    ``beta`` in [0, 1] is read by ``"jsd"`` only). See docs/losses.md.
 
     ``mask`` [N] keeps rows (True). ``batchmean`` divides by kept rows, ``mean`` by kept rows x V,
     ``sum`` not at all. The teacher is a constant. No kept rows gives 0 with zero gradients.
     """
-    temperature = _check_options(temperature, kind, reduction, backend)
+    temperature, beta = _check_options(temperature, kind, reduction, backend, beta)
     check.tensor("student_logits", student_logits, ndim=2)
     check.tensor("teacher_logits", teacher_logits, ndim=2)
     check.shape("teacher_logits", teacher_logits, tuple(student_logits.shape), "[N, V] of student_logits")
@@ -40,7 +44,7 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
     check.finite("student_logits", student_logits)
     check.finite("teacher_logits", teacher_logits)
     kwargs = dict(student_logits=student_logits, teacher_logits=teacher_logits, temperature=temperature,
-                  mask=mask, kind=kind, reduction=reduction, t2_scale=bool(t2_scale))
+                  mask=mask, kind=kind, reduction=reduction, t2_scale=bool(t2_scale), beta=beta)
     return _backends.call("kd_kl", device, backend, **kwargs)
 
 
@@ -77,7 +81,7 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                     mlm_weight: float = 0.0, kind: str = "kl", reduction: str = "batchmean",
                     t2_scale: bool = True, mask: Optional[torch.Tensor] = None,
                     row_weights: Optional[torch.Tensor] = None, teacher_topk: Optional[int] = None,
-                    teacher_targets: Optional[tuple] = None, backend: str = "auto") -> KDOutput:
+                    teacher_targets: Optional[tuple] = None, backend: str = "auto", beta: float = 0.5) -> KDOutput:
     """Vocabulary KD plus MLM cross-entropy through both LM heads, without [N, V] logits in memory
     on the kernel backends.
 
@@ -86,7 +90,8 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     KD rows: ``mask`` [N] if given, else rows whose ``labels`` != ``ignore_index``, else all.
     MLM rows: rows whose ``labels`` != ``ignore_index`` (CE on the raw student logits, a mean over
     them, or a sum for ``reduction="sum"``). ``row_weights`` [N] scale each KD row.
-    ``teacher_topk`` keeps the teacher's k largest logits (renormalised) as the soft target.
+    ``teacher_topk`` keeps the teacher's k largest logits (renormalised) as the soft target (not with
+    ``kind="reverse_kl"``: KL(q || p) is infinite where p = 0). ``kind`` and ``beta``: see :func:`kd_kl`.
     ``teacher_targets=(ids [N, K], weights [N, K])`` replaces the teacher head (``teacher_hidden``,
     ``teacher_weight``, ``teacher_bias`` and ``teacher_topk`` then None): the soft target of row n is
     p̂ = Σ_k weights[n, k]·onehot(ids[n, k]) (ids -1 are padding; cached top-K probabilities or
@@ -95,7 +100,7 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     Returns ``KDOutput(loss, kd, mlm)`` with ``loss = kd_weight*kd + mlm_weight*mlm``.
     The teacher tensors are constants: they receive no gradient.
     """
-    temperature = _check_options(temperature, kind, reduction, backend)
+    temperature, beta = _check_options(temperature, kind, reduction, backend, beta)
     kd_weight = check.non_negative("kd_weight", kd_weight)
     mlm_weight = check.non_negative("mlm_weight", mlm_weight)
     check.tensor("student_hidden", student_hidden, ndim=2)
@@ -138,6 +143,9 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         if isinstance(teacher_topk, bool) or not isinstance(teacher_topk, int) or not 0 < teacher_topk:
             raise ValueError(f"teacher_topk: expected None or an int in [1, V={vocab}], got {teacher_topk!r}")
         teacher_topk = min(teacher_topk, vocab)
+        if kind == "reverse_kl" and teacher_topk < vocab:
+            raise ValueError(f"teacher_topk: expected None with kind='reverse_kl' (KL(q || p) is infinite where the "
+                             f"top-k teacher has p = 0; kind='jsd' or 'kl' take top-k targets), got {teacher_topk}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     labels = check.labels("labels", labels, rows, vocab, ignore_index, device)
@@ -152,7 +160,7 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                   teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias,
                   labels=labels, ignore_index=ignore_index, temperature=temperature, kd_weight=kd_weight,
                   mlm_weight=mlm_weight, kind=kind, reduction=reduction, t2_scale=bool(t2_scale), mask=mask,
-                  row_weights=row_weights, teacher_topk=teacher_topk, teacher_targets=teacher_targets)
+                  row_weights=row_weights, teacher_topk=teacher_topk, teacher_targets=teacher_targets, beta=beta)
     return _backends.call("fused_linear_kd", device, backend, **kwargs)
 
 
@@ -160,11 +168,11 @@ class KDKLLoss(nn.Module):
     """Module form of :func:`kd_kl`; holds the options."""
 
     def __init__(self, temperature: float = 1.0, kind: str = "kl", reduction: str = "batchmean",
-                 t2_scale: bool = True, backend: str = "auto"):
+                 t2_scale: bool = True, backend: str = "auto", beta: float = 0.5):
         super().__init__()
-        _check_options(temperature, kind, reduction, backend)
+        _check_options(temperature, kind, reduction, backend, beta)
         self.options = dict(temperature=temperature, kind=kind, reduction=reduction, t2_scale=t2_scale,
-                            backend=backend)
+                            backend=backend, beta=beta)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -179,12 +187,12 @@ class FusedLinearKDLoss(nn.Module):
 
     def __init__(self, temperature: float = 1.0, kd_weight: float = 1.0, mlm_weight: float = 0.0,
                  kind: str = "kl", reduction: str = "batchmean", t2_scale: bool = True, ignore_index: int = -100,
-                 teacher_topk: Optional[int] = None, backend: str = "auto"):
+                 teacher_topk: Optional[int] = None, backend: str = "auto", beta: float = 0.5):
         super().__init__()
-        _check_options(temperature, kind, reduction, backend)
+        _check_options(temperature, kind, reduction, backend, beta)
         self.options = dict(temperature=temperature, kd_weight=kd_weight, mlm_weight=mlm_weight, kind=kind,
                             reduction=reduction, t2_scale=t2_scale, ignore_index=ignore_index,
-                            teacher_topk=teacher_topk, backend=backend)
+                            teacher_topk=teacher_topk, backend=backend, beta=beta)
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,

@@ -33,7 +33,7 @@ def sparse_kd_rows(student_logits: torch.Tensor, ids: torch.Tensor, weights: tor
 def fused_linear_kd(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, student_bias=None,
                     teacher_bias=None, labels=None, ignore_index=-100, temperature=1.0, kd_weight=1.0,
                     mlm_weight=0.0, kind="kl", reduction="batchmean", t2_scale=True, mask=None,
-                    row_weights=None, teacher_topk=None, teacher_targets=None) -> KDOutput:
+                    row_weights=None, teacher_topk=None, teacher_targets=None, beta=0.5) -> KDOutput:
     dtype = compute_dtype(*(t for t in (student_hidden, student_weight, teacher_hidden, teacher_weight)
                             if t is not None))
     kd_rows_mask = mask if mask is not None else (None if labels is None else labels != ignore_index)
@@ -49,7 +49,7 @@ def fused_linear_kd(student_hidden, student_weight, teacher_hidden=None, teacher
         else:
             with torch.no_grad():
                 t_logits = _logits(teacher_hidden[sel], teacher_weight, teacher_bias, dtype)
-            rows = kd_rows(s_logits, t_logits, temperature, kind, teacher_topk)
+            rows = kd_rows(s_logits, t_logits, temperature, kind, teacher_topk, beta)
         if row_weights is not None:
             rows = rows * row_weights[sel].to(dtype)
         kd = rows.sum() * (kd_factor(temperature, t2_scale) / kd_divisor(reduction, rows.shape[0],

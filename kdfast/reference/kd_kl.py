@@ -1,6 +1,7 @@
-"""Reference temperature KL / soft cross-entropy on logits."""
+"""Reference temperature divergences on logits: forward KL, soft cross-entropy, reverse KL, GKD's JSD."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -11,8 +12,8 @@ from kdfast.reference._common import compute_dtype
 
 
 def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-            kind: str, teacher_topk: Optional[int] = None) -> torch.Tensor:
-    """Per-row KL(p_t || q_s) or soft CE, [N]; the teacher side is a constant."""
+            kind: str, teacher_topk: Optional[int] = None, beta: float = 0.5) -> torch.Tensor:
+    """Per-row KL(p || q), soft CE, KL(q || p) or JSD_beta, [N]; p the (constant) teacher, q the student."""
     dtype = compute_dtype(student_logits, teacher_logits)
     log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     b = teacher_logits.detach().to(dtype) / temperature
@@ -23,14 +24,22 @@ def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     p = log_p.exp()
     if kind == "kl":
         return (p * (log_p - log_q)).sum(-1)
-    return -(p * log_q).sum(-1)
+    if kind == "soft_ce":
+        return -(p * log_q).sum(-1)
+    q = log_q.exp()
+    if kind == "reverse_kl":
+        return (q * (log_q - log_p)).sum(-1)
+    if beta in (0.0, 1.0):
+        return (log_q * 0).sum(-1)  # m = q or m = p: both KL terms vanish (GKD's definition, literally)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    return beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
           mask: Optional[torch.Tensor] = None, kind: str = "kl", reduction: str = "batchmean",
-          t2_scale: bool = True) -> torch.Tensor:
+          t2_scale: bool = True, beta: float = 0.5) -> torch.Tensor:
     if mask is not None:
         student_logits, teacher_logits = student_logits[mask], teacher_logits[mask]
-    rows = kd_rows(student_logits, teacher_logits, temperature, kind)
+    rows = kd_rows(student_logits, teacher_logits, temperature, kind, beta=beta)
     divisor = kd_divisor(reduction, rows.shape[0], student_logits.shape[-1])
     return rows.sum() * (kd_factor(temperature, t2_scale) / divisor)

@@ -98,9 +98,13 @@ class BudgetClock:
     def fraction(self) -> float:
         return min(self._spent / self.amount, 1.0)
 
+    def reached(self, amount: float) -> bool:
+        """True once another step would end further from ``amount`` than stopping now does."""
+        return self._spent + 0.5 * self._last_step_cost >= amount
+
     def done(self) -> bool:
-        """True once another step would end further from the budget than stopping now does."""
-        return self._spent + 0.5 * self._last_step_cost >= self.amount
+        """True at the step that ends closest to the budget (see ``reached``)."""
+        return self.reached(self.amount)
 
     def state_dict(self) -> dict:
         return {"unit": self.unit, "amount": self.amount, "offset": self.offset, "steps": self.steps,

@@ -17,7 +17,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
@@ -88,7 +88,8 @@ def teacher_model(config: dict, context: Context, data, tokenizer, out: Path, re
                          "final_mlm_loss": loss, "model": config["teacher"]["path"],
                          "description": f"{config['teacher']['path']} (given)"}
     run_dir = out / TEACHER_ARM
-    recipe = {"teacher": config["teacher"], "data": config["data"], "seed": config["seed"]}
+    # the charge policy does not change the teacher (kept as "none" so caches written before still match)
+    recipe = {"teacher": {**config["teacher"], "charge": "none"}, "data": config["data"], "seed": config["seed"]}
     cached = run_dir / pretrain.SUMMARY
     if cached.is_file() and json.loads(cached.read_text()).get("recipe") == recipe:
         summary = json.loads(cached.read_text())
@@ -186,6 +187,14 @@ def random_init_row(config: dict, prepared: Prepared, out: Path, context: Contex
             "description": "random-init student (same shape and initial weights as the arms, zero budget)"}
 
 
+def reference_rows(config: dict, prepared: Prepared, context: Context) -> List[dict]:
+    """The rows evaluated beside the arms: the teacher (ceiling) and the random-init student (floor)."""
+    rows = [prepared.teacher_row] if config["glue"]["evaluate_teacher"] or config["eval"]["probe_tasks"] else []
+    if config["eval"]["random_init"]:
+        rows.append(random_init_row(config, prepared, Path(config["out"]), context))
+    return rows
+
+
 def evaluate_rows(config: dict, prepared: Prepared, rows: List[dict], context: Context) -> dict:
     """Evaluate every row (rank 0; predictions cached beside each model), then add ``metrics`` with
     intervals to each row and return the analysis (verdicts against No-KD, known-effect checks)."""
@@ -207,7 +216,7 @@ def evaluate_rows(config: dict, prepared: Prepared, rows: List[dict], context: C
 
 def compare(config: dict, context: Context, resume: bool = False) -> dict:
     from kdfast.cache.serve import report_note
-    from kdfast.eval import report
+    from kdfast.eval import fingerprint, report
 
     out = Path(config["out"])
     prepared = prepare(config, context, resume)
@@ -215,9 +224,7 @@ def compare(config: dict, context: Context, resume: bool = False) -> dict:
     rows = train_arms(config, prepared, context, out / "arms", resume)
     timings = {**prepared.timings, "arms (pretraining, budget-clocked)": time.perf_counter() - start}
     teacher_row = prepared.teacher_row
-    extra = [teacher_row] if config["glue"]["evaluate_teacher"] or config["eval"]["probe_tasks"] else []
-    if config["eval"]["random_init"]:
-        extra.append(random_init_row(config, prepared, out, context))
+    extra = reference_rows(config, prepared, context)
     start = time.perf_counter()
     analysis = evaluate_rows(config, prepared, [*rows, *extra], context)
     timings["evaluation (all rows; cached rows cost nothing)"] = time.perf_counter() - start
@@ -236,6 +243,8 @@ def compare(config: dict, context: Context, resume: bool = False) -> dict:
     result = {"name": config["name"], "budget": str(parse_budget(str(config["train"]["budget"]))),
               "corpus": ", ".join(config["data"]["train"]), "unique_tokens": prepared.data.unique_tokens,
               "teacher": teacher_row, "rows": [*rows, *extra], "analysis": analysis,
+              "fingerprint": fingerprint.of(prepared.tokenizer, prepared.data, prepared.teacher,
+                                            config["data"]["train"], teacher_row),
               "evaluation": prepared.suite.describe(), "timings": timings, "notes": notes, "config": config}
     if context.is_main:
         report.write(result, out)
@@ -254,25 +263,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--level", default=None, help="interval level of estimates and tests, in (0, 1)")
 
 
-def run(args: argparse.Namespace) -> int:
+def load_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> dict:
+    """The config of a compare-style command line (``add_arguments``), plus ``extra`` overrides."""
     from kdfast.eval import glue_tasks
 
-    extra = [f"{key}={value}" for key, value in (("glue.data_dir", args.glue_dir), ("eval.level", args.level),
-                                                 ("teacher.charge", args.charge_teacher)) if value is not None]
+    extra = [*extra, *(f"{key}={value}" for key, value in (("glue.data_dir", args.glue_dir),
+                                                          ("eval.level", args.level),
+                                                          ("teacher.charge", args.charge_teacher))
+                       if value is not None)]
     if args.task_spec:
         extra.append(f"glue.custom={json.dumps(glue_tasks.read_spec_file(args.task_spec))}")
     if args.strategies:
         extra.append(f"strategies={[s.strip() for s in args.strategies.split(',') if s.strip()]!r}")
-    config = setup.resolve_auto(setup.load_config(args, extra))
+    return setup.resolve_auto(setup.load_config(args, extra))
+
+
+def run_reported(config: dict, command: Callable[[dict, Context, bool], dict], resume: bool, stem: str) -> int:
+    """Run ``command`` (``compare`` or ``sweep``); a crash writes ``OUT/crash.json``, success prints
+    ``OUT/<stem>.md`` and the files written."""
     context = distributed.init(config["device"])
     out = Path(config["out"])
     try:
-        result = compare(config, context, args.resume)
+        result = command(config, context, resume)
     except Exception as error:
         if context.is_main:
             checkpoint.write_crash(out, error)
         raise
     if context.is_main:
-        print((out / "results.md").read_text())
-        print(f"report: {out / 'results.md'}, {out / 'results.json'}, " + ", ".join(result["plots"]))
+        print((out / f"{stem}.md").read_text())
+        print(f"report: {out / f'{stem}.md'}, {out / f'{stem}.json'}, " + ", ".join(result["plots"]))
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_reported(load_config(args), compare, args.resume, "results")

@@ -68,6 +68,12 @@ DEFAULTS: Dict[str, Any] = {
         "tensorboard": False,
         "progress": True,
         "calibration": None,              # JSON of `kdfast bench budget`, to convert budgets up front
+        "snapshots": [],                  # smaller budgets at which the model is saved too (sweep --snapshots)
+    },
+    "sweep": {
+        "budgets": None,                  # "15s,45s,135s", a list, or {start: 15s, factor: 3, count: 3}
+        "snapshots": False,               # approximation: evaluate checkpoints of one run at the largest budget
+        "draws": 1000,                    # bootstrap draws per crossover interval
     },
     "glue": {
         "tasks": ["cola", "sst2", "stsb"],
@@ -179,13 +185,18 @@ def read_yaml(path: Path) -> Dict[str, Any]:
     return tree
 
 
+def layers(tree: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """A config tree after the layers it builds on: ``extends: NAME`` (a preset) comes first, recursively."""
+    base = tree.pop("extends", None)
+    return [*layers(read_yaml(preset_path(base))), tree] if base else [tree]
+
+
 def load(path: Optional[str] = None, preset: Optional[str] = None, overrides: Iterable[str] = ()) -> Dict[str, Any]:
-    """DEFAULTS, then the preset or YAML file, then each override in order."""
+    """DEFAULTS, then the preset or YAML file (after what it ``extends``), then each override in order."""
     config = copy.deepcopy(DEFAULTS)
-    if preset:
-        config = merge(config, read_yaml(preset_path(preset)))
-    if path:
-        config = merge(config, read_yaml(Path(path)))
+    for tree in [*(layers(read_yaml(preset_path(preset))) if preset else []),
+                 *(layers(read_yaml(Path(path))) if path else [])]:
+        config = merge(config, tree)
     for text in overrides:
         config = merge(config, parse_override(text))
     return config

@@ -33,6 +33,20 @@ from kdfast.train.step import TrainStep, to_device
 SUMMARY = "summary.json"
 
 
+def snapshot_dir(run_dir: Path, budget: Budget) -> Path:
+    """Where ``train.snapshots`` keeps the model (``model/``) and ``summary.json`` at ``budget``."""
+    return Path(run_dir) / "snapshots" / budget.tag
+
+
+def parse_snapshots(train: dict, budget: Budget) -> list:
+    """``train.snapshots`` as Budgets in ascending order, each in ``budget``'s unit and below it."""
+    snapshots = sorted((parse_budget(str(b)) for b in train["snapshots"]), key=lambda b: b.amount)
+    for snap in snapshots:
+        if snap.unit != budget.unit or snap.amount >= budget.amount:
+            raise ValueError(f"train.snapshots: expected budgets in {budget.unit} below the run's {budget}, got {snap}")
+    return snapshots
+
+
 # ---------------------------------------------------------------------------------------------- models
 
 def student_config(spec: dict, vocab_size: int, seq_len: int, teacher=None):
@@ -135,15 +149,17 @@ def flop_per_token(strategy: str, teacher, student, batch: int, seq_len: int) ->
 
 
 def check_affordable(budget: Budget, tokens_per_step: int, per_token_flop: Optional[float],
-                     seconds_per_step: Optional[float], offset: float = 0.0) -> None:
-    """Refuse a budget that cannot buy one optimizer step (time: only with a calibration)."""
+                     seconds_per_step: Optional[float], offset: float = 0.0, where: str = "") -> None:
+    """Refuse a budget that cannot buy one optimizer step (time: only with a calibration);
+    ``where`` names the run in the message (" of cell 10s/no-kd")."""
     cost = {"tok": float(tokens_per_step),
             "flop": tokens_per_step * per_token_flop if per_token_flop else None,
             "s": seconds_per_step}[budget.unit]
     if cost is not None and budget.amount - offset < cost:
         left = f" ({offset:.4g} of it already charged to the teacher)" if offset else ""
-        raise ValueError(f"budget: expected at least one step's cost, {Budget(cost, budget.unit).describe()} "
-                         f"({tokens_per_step} tokens per step), got {budget.describe()}{left}")
+        raise ValueError(f"budget{where}: expected at least one step's cost, {Budget(cost, budget.unit).describe()} "
+                         f"({tokens_per_step} tokens per step), got {budget.describe()}{left}, which buys "
+                         f"{max(budget.amount - offset, 0.0) / cost:.3g} steps")
 
 
 def calibrated_seconds(path: Optional[str], strategy: str, world: int) -> Optional[float]:
@@ -233,6 +249,7 @@ def train_arm(config: dict, strategy_name: str, run_dir: Path, context: Context,
     tokens_per_step = train["batch_size"] * seq_len
     check_affordable(budget, tokens_per_step, per_token_flop,
                      calibrated_seconds(train["calibration"], strategy_name, context.world), offset)
+    pending = [b for b in parse_snapshots(train, budget) if not (snapshot_dir(run_dir, b) / SUMMARY).is_file()]
     optimizer = build_optimizer(strategy.trainable_parameters(), train["optimizer"], train["lr"],
                                 train["weight_decay"], train["betas"], train["eps"], device)
     stream = BatchStream(data.train, train["batch_size"] // train["accumulation"], data.masking, config["seed"],
@@ -256,15 +273,42 @@ def train_arm(config: dict, strategy_name: str, run_dir: Path, context: Context,
     log = RunLog(run_dir, label or strategy_name, enabled=context.is_main, progress=train["progress"],
                  tensorboard=train["tensorboard"], resume_step=clock.steps if state is not None else None)
 
-    def evaluate() -> None:
-        nonlocal next_eval
+    def measure() -> None:
         with clock.paused():
             loss = heldout_mlm_loss(student, data.heldout, data, train["batch_size"], train["eval_batches"], device,
                                     eval_bf16)
             curve.append({"step": clock.steps, "spent": clock.spent, "fraction": clock.fraction,
                           "tokens": clock.tokens, "heldout_mlm_loss": loss})
             log.record(event="eval", **curve[-1])
-            next_eval += 1
+
+    def evaluate() -> None:
+        nonlocal next_eval
+        measure()
+        next_eval += 1
+
+    def summarize(folder: Path) -> dict:
+        """The run so far, with the model saved in ``folder/model`` (main rank)."""
+        summary = {"strategy": strategy_name, "shape": shape_name(student), "budget": str(budget),
+                   "budget_unit": budget.unit, "budget_amount": budget.amount, "budget_used": clock.spent,
+                   "teacher_charge": offset, "steps": clock.steps, "tokens": clock.tokens,
+                   "seconds": clock.state_dict()["seconds"], "epochs": stream.epochs,
+                   "unique_tokens": data.unique_tokens, "final_mlm_loss": curve[-1]["heldout_mlm_loss"],
+                   "trains_mlm_head": trains_mlm_head if trains_mlm_head is not None else strategy_name == "no-kd",
+                   "curve": list(curve), "model": str(folder / "model")}
+        if cached:
+            summary["teacher_cache"] = teacher_cache.summary()
+        if context.is_main:
+            student.save_pretrained(str(folder / "model"))
+            tokenizer.save_pretrained(str(folder / "model"))
+            write_json(folder / SUMMARY, summary)
+        return summary
+
+    def snapshot(at: Budget) -> None:
+        """Save the model where a run of budget ``at`` would have stopped (its LR schedule is this run's)."""
+        measure()
+        with clock.paused():
+            summarize(snapshot_dir(run_dir, at))
+            distributed.barrier(context)
 
     def save() -> None:
         with clock.paused():
@@ -287,6 +331,8 @@ def train_arm(config: dict, strategy_name: str, run_dir: Path, context: Context,
             trains_mlm_head = result.mlm_loss is not None
             clock.record_step(result.tokens * context.world)
             window_tokens += result.tokens * context.world
+            while pending and clock.reached(pending[0].amount):
+                snapshot(pending.pop(0))
             if clock.steps % train["log_steps"] == 0 or clock.done():
                 loss = float(result.loss)
                 if not math.isfinite(loss):
@@ -307,21 +353,9 @@ def train_arm(config: dict, strategy_name: str, run_dir: Path, context: Context,
             evaluate()
     finally:
         log.close()
-    summary = {"strategy": strategy_name, "shape": shape_name(student), "budget": str(budget),
-               "budget_unit": budget.unit, "budget_amount": budget.amount, "budget_used": clock.spent,
-               "teacher_charge": offset, "steps": clock.steps, "tokens": clock.tokens,
-               "seconds": clock.state_dict()["seconds"], "epochs": stream.epochs,
-               "unique_tokens": data.unique_tokens, "final_mlm_loss": curve[-1]["heldout_mlm_loss"],
-               "trains_mlm_head": trains_mlm_head if trains_mlm_head is not None else strategy_name == "no-kd",
-               "curve": curve, "model": str(run_dir / "model")}
-    if cached:
-        summary["teacher_cache"] = teacher_cache.summary()
     if context.distributed:  # each rank's own view of where it stopped
         write_json(run_dir / f"rank-{context.rank}.json", {"steps": clock.steps, "spent": clock.spent})
-    if context.is_main:
-        student.save_pretrained(str(run_dir / "model"))
-        tokenizer.save_pretrained(str(run_dir / "model"))
-        write_json(run_dir / SUMMARY, summary)
+    summary = summarize(run_dir)
     distributed.barrier(context)
     return summary
 

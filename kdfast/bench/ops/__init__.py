@@ -9,7 +9,9 @@
   outputs are not compared;
 - ``reference(inputs: dict) -> tuple[Tensor, ...]``: the same outputs in float64.
 
-Optional: ``DEFAULT_DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}``.
+Optional: ``DEFAULT_DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}``;
+``extra_fields(key, shape, fn, inputs, device) -> dict``: more fields for the result of impl ``key``
+(``fn`` its callable) on ``shape``, computed after the timing.
 """
 from __future__ import annotations
 

@@ -6,6 +6,12 @@ F.log_softmax + F.kl_div + F.cross_entropy, autograd), ``compile`` (torch.compil
 ``liger`` (LigerFusedLinearJSD beta=0 + LigerFusedLinearCrossEntropyLoss, CUDA with liger-kernel),
 ``floor`` (the four matmuls no implementation avoids: teacher logits, student logits, d_hidden, d_weight),
 and on CPU ``floor_vocab_major`` (the same products on [V, rows] logits, a faster layout in MKL).
+
+Shapes: BERT's V = 30522 with BERT widths, and LLM vocabularies (Llama 3 128256, Qwen2 151936, Gemma 3
+262144) with Hs/Ht = 2048/4096 (``--shape V=151936``; 256 rows on CPU, 8192 on CUDA). Every result
+records ``analytic_peak_mb_cuda`` (the CUDA driver's two fp32 [C, V] logit chunks plus its fp32 d_hidden
+and d_weight; C from ``CUDA_CHUNK_BYTES``), and kdfast's results ``chunk_phases_ms``: one chunk's time
+in the driver's phases, measured with its phase hook.
 """
 from __future__ import annotations
 
@@ -17,18 +23,26 @@ import torch.nn.functional as F
 
 import kdfast
 from kdfast import _backends
+from kdfast.bench import measure
+from kdfast.functions import vocab_kd as driver
 
 VOCAB = 30522
 TEMPERATURE = 2.0
 FULL_ROWS = (2048, 8192)
 WIDTHS = ((384, 768), (768, 1024))  # (Hs, Ht)
+LLM_VOCABS = (128256, 151936, 262144)  # Llama 3, Qwen2, Gemma 3
+LLM_WIDTHS = (2048, 4096)  # (Hs, Ht)
+LLM_ROWS = {"cpu": 256, "cuda": 8192}  # CPU: rows scaled down so a shape takes minutes, not hours
 REFERENCE_CHUNK = 512  # rows per float64 reference chunk
+PHASES = ("student_logits", "teacher_logits", "row_kernel", "d_hidden", "d_weight")
 
 
 def shapes(quick: bool, device: torch.device) -> list[dict]:
     if quick:
         return [{"rows": 1024, "V": VOCAB, "Hs": 384, "Ht": 768}]
-    return [{"rows": n, "V": VOCAB, "Hs": hs, "Ht": ht} for hs, ht in WIDTHS for n in FULL_ROWS]
+    bert = [{"rows": n, "V": VOCAB, "Hs": hs, "Ht": ht} for hs, ht in WIDTHS for n in FULL_ROWS]
+    hs, ht = LLM_WIDTHS
+    return bert + [{"rows": LLM_ROWS[device.type], "V": v, "Hs": hs, "Ht": ht} for v in LLM_VOCABS]
 
 
 def inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
@@ -129,6 +143,38 @@ def impls(device: torch.device) -> dict[str, Callable[[dict], tuple]]:
         out["floor_vocab_major"] = _floor_vocab_major
     out["floor"] = _floor
     return out
+
+
+def analytic_peak_mb_cuda(shape: dict) -> float:
+    """MiB the CUDA driver holds beyond its inputs: two fp32 [C, V] logit chunks (C rows from
+    ``CUDA_CHUNK_BYTES``) plus the fp32 d_hidden [rows, Hs] and d_weight [V, Hs]; independent of rows x V
+    except through d_hidden."""
+    rows, vocab, hs = shape["rows"], shape["V"], shape["Hs"]
+    chunk = driver.rows_within(rows, vocab, driver.CUDA_CHUNK_BYTES)
+    return (2 * chunk * vocab * 4 + 4 * (rows * hs + vocab * hs)) / 2**20
+
+
+def chunk_phases_ms(fn: Callable[[dict], tuple], x: dict, device: torch.device) -> dict:
+    """One chunk of the fused driver through ``fn`` (fwd + bwd of the first C rows, C what the driver picks
+    here): milliseconds per phase (``PHASES``), ``other`` (the rest of the call: selection, allocations,
+    backward scaling) and ``total``, plus ``chunk_rows``."""
+    rows = driver.chunk_rows(x["student_hidden"].shape[0], x["student_weight"].shape[0], device)
+    part = {k: (v[:rows].detach().requires_grad_(v.requires_grad) if k in ("student_hidden", "teacher_hidden",
+                                                                          "labels") else v) for k, v in x.items()}
+    fn(part)  # warm-up
+    timer = measure.PhaseTimer(device)
+    with driver.phase_hook(timer.mark):
+        total = measure.time_ms(lambda: fn(part), device)
+    phases = {name: round(timer.ms.get(name, 0.0), 3) for name in PHASES}
+    return {**phases, "other": round(total - sum(phases.values()), 3), "total": round(total, 3), "chunk_rows": rows}
+
+
+def extra_fields(key: str, shape: dict, fn: Callable[[dict], tuple], x: dict, device: torch.device) -> dict:
+    """``analytic_peak_mb_cuda`` for every impl; ``chunk_phases_ms`` for kdfast's."""
+    fields = {"analytic_peak_mb_cuda": round(analytic_peak_mb_cuda(shape), 2)}
+    if key.startswith("kdfast:"):
+        fields["chunk_phases_ms"] = chunk_phases_ms(fn, x, device)
+    return fields
 
 
 def reference(x: dict) -> tuple:
