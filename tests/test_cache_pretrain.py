@@ -42,3 +42,19 @@ def test_dynamic_masking_is_refused_with_the_reason(tmp_path, teacher_dir):
     with pytest.raises(ValueError, match="dynamic masking draws new masked positions"):
         _pretrain(tmp_path, teacher_dir, "--masking", "dynamic")
     assert not (tmp_path / "run" / "teacher-cache").exists()
+
+
+def test_cli_build_then_pretrain_reuses_it(tmp_path, teacher_dir, capsys):
+    root = tmp_path / "caches"
+    common = ["--teacher", str(teacher_dir), "--data", str(tmp_path / "corpus.txt"), "--unique-tokens", "1024",
+              "--masking", "static", "--device", "cpu", "data.seq_len=32"]
+    assert main(["teacher-cache", "build", "--sparse", "topk:8", "--out", str(root / "topk-8"), *common]) == 0
+    assert "topk:8, 32 sequences" in capsys.readouterr().out
+    index = (root / "topk-8" / "cache.json").read_text()
+    assert _pretrain(tmp_path, teacher_dir, "--masking", "static", "--strategy", "vanilla-cached-topk",
+                     "--teacher-cache", str(root)) == 0
+    assert (root / "topk-8" / "cache.json").read_text() == index          # reused, not rebuilt
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["teacher_cache"]["sparse"] == "topk:8"
+    with pytest.raises(SystemExit, match="expected 'static'"):
+        main(["teacher-cache", "build", "--sparse", "topk:8", "--out", str(tmp_path / "x"), *common[:-3],
+              "--masking", "dynamic"])
