@@ -17,7 +17,9 @@ COMMANDS = {
     "report": ("kdfast.eval.merge", "merge compare/sweep output folders into one report across budgets"),
     "pretrain": ("kdfast.train.pretrain", "pretrain one student under a budget"),
     "glue": ("kdfast.eval.glue", "fine-tune and evaluate a model on GLUE tasks"),
+    "teacher-cache build": ("kdfast.cache.cli", "cache a teacher's sparse targets (top-K or sampled) for KD"),
 }
+TWO_WORDS = ("bench", "teacher-cache")
 
 
 def _usage() -> str:
@@ -28,7 +30,7 @@ def _usage() -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    name = " ".join(argv[:2]) if argv[:1] == ["bench"] else " ".join(argv[:1])
+    name = " ".join(argv[:2]) if argv[:1] and argv[0] in TWO_WORDS else " ".join(argv[:1])
     if name not in COMMANDS:
         print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if not argv or argv[0] in ("-h", "--help") else 2

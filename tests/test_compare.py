@@ -98,3 +98,26 @@ def test_miniature_comparison_writes_the_report_with_equal_budgets(tmp_path, sha
     assert (out / "mlm_loss.png").stat().st_size > 1000 and (out / "metrics.png").stat().st_size > 1000
     # a second run resumes from the finished arms and the cached teacher without retraining
     assert _compare(tmp_path, "--resume", "glue.tasks=[]") == 0
+
+
+@pytest.mark.slow
+def test_cached_arms_beside_live_arms_in_limited_data_mode(tmp_path):
+    """Cached arms train from OUT/teacher-cache/<kind>-<K> (built once, reused over epochs); their
+    charge adds the cache's cost (tokens run through the teacher) to the teacher's, and the report
+    notes each cache."""
+    os.chdir(tmp_path)
+    assert _compare(tmp_path, "--strategies", "no-kd,vanilla,vanilla-cached-topk,vanilla-cached-sample",
+                    "--masking", "static", "--unique-tokens", "512", "--charge-teacher", "amortized:8",
+                    "eval.probe_tasks=[]", "eval.mlm_probe_steps=0", "eval.random_init=false",
+                    "glue.evaluate_teacher=false") == 0
+    out = tmp_path / "out"
+    report = json.loads((out / "results.json").read_text())
+    arms = {row["strategy"]: row for row in report["rows"] if row["strategy"] != "teacher"}
+    assert arms["no-kd"]["teacher_charge"] == 0 and arms["vanilla"]["teacher_charge"] == 2048 / 8
+    for kind in ("topk", "sample"):
+        row = arms[f"vanilla-cached-{kind}"]
+        assert row["teacher_cache"]["sparse"] == f"{kind}:32" and row["teacher_cache"]["tokens"] == 512
+        assert row["teacher_charge"] == (2048 + 512) / 8 and row["epochs"] >= 1 and row["steps"] >= 1
+        assert (out / "teacher-cache" / f"{kind}-32" / "cache.json").is_file()
+    table = (out / "results.md").read_text()
+    assert "Teacher cache of vanilla-cached-sample 1L/32: sample:32, proposal softmax(t/1)" in table

@@ -18,6 +18,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -26,7 +27,14 @@ import torch
 
 from kdfast.budget import device as devices
 from kdfast.budget import report as reporting
-from kdfast.budget.flops import EncoderShape, analytic_step_flops, measure_flops, pretraining_flops
+from kdfast.budget.flops import (
+    CACHED_KD,
+    EncoderShape,
+    analytic_step_flops,
+    measure_flops,
+    pretraining_flops,
+    teacher_cache_flops,
+)
 from kdfast.budget.memory import check_fits
 from kdfast.budget.units import Budget, Calibration, parse_budget
 from kdfast.train.step import PHASES, Stopwatch, TrainStep
@@ -63,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="charge the teacher's pretraining FLOPs to KD arms: none, full or amortized:N")
     parser.add_argument("--teacher-pretraining-flops", type=float,
                         help="the teacher's pretraining FLOPs (default: analytic, BERT's 1M-step recipe)")
+    parser.add_argument("--cache-k", type=int, default=32, help="K of the cached arms' sparse targets (timed "
+                        "on a synthetic cache: random ids and weights, the real layout and lookup; default 32)")
+    parser.add_argument("--cache-tokens", type=float, help="corpus tokens the teacher cache covers, for its "
+                        "charge (default: the cached arm's own budget tokens, i.e. one pass, no reuse)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the tapped forwards (warm-up "
                         "includes compilation)")
     parser.add_argument("--warmup", type=int, help="warm-up steps per strategy")
@@ -132,6 +144,8 @@ class Options:
     seed: int
     quick: bool
     threads: Optional[int]
+    cache_k: int = 32
+    cache_tokens: Optional[float] = None
 
 
 def options_from(args: argparse.Namespace) -> Options:
@@ -151,7 +165,10 @@ def options_from(args: argparse.Namespace) -> Options:
         charge_text=args.charge_teacher, teacher_pretraining_flops=pretraining, compile=args.compile,
         warmup=_positive_int("warmup", pick("warmup")), rounds=_positive_int("rounds", pick("rounds")),
         steps_per_round=_positive_int("steps_per_round", pick("steps_per_round")), seed=args.seed,
-        quick=args.quick, threads=threads if threads is None else _positive_int("threads", threads))
+        quick=args.quick, threads=threads if threads is None else _positive_int("threads", threads),
+        cache_k=_positive_int("cache_k", args.cache_k),
+        cache_tokens=None if args.cache_tokens is None else float(_positive_int("cache_tokens",
+                                                                                int(args.cache_tokens))))
 
 
 # --- models and batches ----------------------------------------------------------------------------
@@ -177,9 +194,9 @@ def build_teacher(name: str, config, options: Options) -> torch.nn.Module:
     return load_teacher(source, device=options.device, compile=options.compile)
 
 
-def synthetic_batches(batch: int, seq: int, vocab: int, device: torch.device, seed: int, count: int = 4):
-    """Endless MLM batches (cycling ``count`` of them) on the host, pinned for CUDA: random tokens,
-    exactly round(0.15 x seq) labelled positions per sequence, so every step does the same work."""
+def synthetic_batches(batch: int, seq: int, vocab: int, device: torch.device, seed: int, count: int = 4) -> list:
+    """``count`` MLM batches on the host, pinned for CUDA: random tokens, exactly round(0.15 x seq)
+    labelled positions per sequence, so every step does the same work."""
     g = torch.Generator().manual_seed(seed)
     masked = max(1, round(MLM_PROBABILITY * seq))
     made = []
@@ -191,7 +208,7 @@ def synthetic_batches(batch: int, seq: int, vocab: int, device: torch.device, se
                      "token_type_ids": torch.zeros_like(ids), "labels": labels})
     if device.type == "cuda":
         made = [{k: v.pin_memory() for k, v in b.items()} for b in made]
-    return itertools.cycle(made)
+    return made
 
 
 @dataclass
@@ -206,16 +223,24 @@ class Arm:
     phases: list = field(default_factory=list)
 
 
-def build_arm(name: str, teacher, options: Options) -> Arm:
+def build_arm(name: str, teacher, options: Options, scratch: Path) -> Arm:
+    """The arm of strategy ``name``; a cached arm's batches come through a synthetic teacher cache in
+    ``scratch`` (``kdfast.cache.synthetic``), so its data phase includes the cache lookup."""
+    from kdfast.cache import synthetic
     from kdfast.models import build_student
-    from kdfast.strategies import build
+    from kdfast.strategies import STRATEGIES, build
     torch.manual_seed(options.seed)
     student = build_student(options.student, teacher=teacher, device=options.device)
     student.kdfast_compile = options.compile
     strategy = build(name, teacher, student).to(options.device).train()
     optimizer = torch.optim.AdamW(strategy.trainable_parameters(), lr=1e-4)
     vocab = teacher.config.vocab_size
-    batches = synthetic_batches(options.batch, options.seq, vocab, options.device, options.seed)
+    made = synthetic_batches(options.batch, options.seq, vocab, options.device, options.seed)
+    batches = itertools.cycle(made).__next__
+    if name in CACHED_KD:
+        cache = synthetic.build(scratch / name, made, STRATEGIES[name].sparse_kind, options.cache_k, vocab,
+                                options.seed)
+        batches = cache.attach(batches)
     make = lambda timing: TrainStep(strategy, optimizer, batches, options.device, timing=timing)  # noqa: E731
     return Arm(name, strategy, make(False), make(True))
 
@@ -263,6 +288,14 @@ def budget_for(calibration: Calibration, budget: Budget, charge_flops: float, na
     return calibration.whole_steps(remaining), calibration.steps(remaining), [note]
 
 
+def cache_charge(calibration: Calibration, options: Options, teacher_shape: EncoderShape) -> tuple:
+    """(cache tokens, build FLOPs) of a cached arm's teacher cache: over ``--cache-tokens``, else over
+    the tokens the arm's own budget buys (one pass)."""
+    tokens = options.cache_tokens or calibration.steps(options.budget) * options.batch * options.seq * \
+        options.world_size
+    return tokens, teacher_cache_flops(teacher_shape, tokens, options.seq, MLM_PROBABILITY)
+
+
 def arm_report(arm: Arm, options: Options, shapes: tuple, peak: float, teacher_charge: float) -> dict:
     teacher_shape, student_shape = shapes
     ms = statistics.median(arm.ms)
@@ -274,6 +307,12 @@ def arm_report(arm: Arm, options: Options, shapes: tuple, peak: float, teacher_c
     measured = measure_flops(arm.step)
     calibration = Calibration(ms, tokens, analytic["total"], options.world_size)
     charge = teacher_charge if arm.strategy.teacher is not None else 0.0
+    cache = None
+    if arm.name in CACHED_KD:
+        cache_tokens, flops = cache_charge(calibration, options, teacher_shape)
+        charge = teacher_charge + options.charge * flops
+        cache = {"tokens": cache_tokens, "build_flops": flops, "charged_flops": options.charge * flops,
+                 "k": options.cache_k, "synthetic": True}
     steps, fractional_steps, notes = budget_for(calibration, options.budget, charge, arm.name)
     disagreement = measured["total"] / analytic["total"] - 1
     if abs(disagreement) > reporting.DISAGREEMENT:
@@ -298,6 +337,7 @@ def arm_report(arm: Arm, options: Options, shapes: tuple, peak: float, teacher_c
         "flops_measured_vs_analytic": disagreement,
         "mfu": analytic["total"] / (ms / 1e3) / peak,
         "teacher_charge_flops": charge,
+        "teacher_cache": cache,
         "notes": notes,
     }
 
@@ -353,12 +393,13 @@ def _calibrate(options: Options) -> dict:
         raise ValueError(f"seq: expected at most the teacher's {config.max_position_embeddings} positions, "
                          f"got {options.seq}")
     teacher = build_teacher(options.teacher, config, options)
-    arms = [build_arm(name, teacher, options) for name in options.strategies]
-    measure(arms, options)
-    peak, peak_source = devices.peak_flops(options.device, options.quick)
-    pretraining = options.teacher_pretraining_flops or pretraining_flops(teacher_shape)
-    per_arm = [arm_report(arm, options, (teacher_shape, student_shape), peak, options.charge * pretraining)
-               for arm in arms]
+    with tempfile.TemporaryDirectory(prefix="kdfast-bench-cache-") as scratch:
+        arms = [build_arm(name, teacher, options, Path(scratch)) for name in options.strategies]
+        measure(arms, options)
+        peak, peak_source = devices.peak_flops(options.device, options.quick)
+        pretraining = options.teacher_pretraining_flops or pretraining_flops(teacher_shape)
+        per_arm = [arm_report(arm, options, (teacher_shape, student_shape), peak, options.charge * pretraining)
+                   for arm in arms]
     add_ratios(per_arm)
     return {
         "environment": devices.environment(options.device),

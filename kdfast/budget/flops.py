@@ -32,9 +32,10 @@ from kdfast.budget.probe import observe_ops
 KL_FWD, KL_BWD = 12, 4     # per logit: two temperature softmaxes and the KL sum / the (q - p) gradient
 CE_FWD, CE_BWD = 5, 2      # per logit: one softmax and the label term / softmax - one-hot
 MSE_FWD, MSE_BWD = 3, 2    # per element: difference, square, sum / 2 x difference
+CACHED_KD = ("vanilla-cached-topk", "vanilla-cached-sample")  # vanilla KD from a teacher cache: no teacher forward
 KD_STRATEGIES = ("no-kd", "vanilla", "distilbert", "tinybert", "minilm", "minilm_v2")
 VOCAB_KD = ("vanilla", "distilbert")
-MLM_BY_DEFAULT = ("no-kd", "vanilla", "distilbert")  # the others train without the MLM head unless asked
+MLM_BY_DEFAULT = ("no-kd", "vanilla", "distilbert") + CACHED_KD  # the others train without the MLM head unless asked
 
 
 # --- formulas on shapes, shared by the analytic count and the kdfast op formulas -------------------
@@ -79,7 +80,9 @@ def _fused_linear_kd(kw) -> tuple:
     labelled = None if labels is None else _rows(labels != kw["ignore_index"])
     kd_rows = 0 if not kw["kd_weight"] else _rows(mask) if mask is not None else n if labelled is None else labelled
     mlm_rows = labelled if labelled is not None and kw["mlm_weight"] else 0
-    return vocab_flops(kd_rows, mlm_rows, kw["student_weight"].shape[0], h_s, kw["teacher_hidden"].shape[1])
+    teacher = kw.get("teacher_hidden")  # None with cached sparse targets: no teacher head
+    h_t = 0 if teacher is None else teacher.shape[1]
+    return vocab_flops(kd_rows, mlm_rows, kw["student_weight"].shape[0], h_s, h_t)
 
 
 def _attention(kw, ew_fwd: int, ew_bwd: int) -> tuple:
@@ -214,7 +217,7 @@ def kd_loss_flops(strategy: str, teacher: EncoderShape, student: EncoderShape, b
     d_s, d_t = student.hidden // student.heads, teacher.hidden // teacher.heads
     if strategy == "no-kd":
         return 0.0
-    if strategy in VOCAB_KD:
+    if strategy in VOCAB_KD + CACHED_KD:
         total = (KL_FWD + KL_BWD) * mlm_rows * student.vocab
         if strategy == "distilbert":
             total += sum(hidden_flops(tokens, student.hidden, teacher.hidden, projected=False))
@@ -229,7 +232,7 @@ def kd_loss_flops(strategy: str, teacher: EncoderShape, student: EncoderShape, b
         r = relation_heads
         return float(3 * sum(score_pairs_flops(batch * r, seq, student.hidden // r, teacher.hidden // r,
                                                KL_FWD, KL_BWD)))
-    raise ValueError(f"strategy: expected one of {', '.join(KD_STRATEGIES)}, got {strategy!r}")
+    raise ValueError(f"strategy: expected one of {', '.join(KD_STRATEGIES + CACHED_KD)}, got {strategy!r}")
 
 
 def analytic_step_flops(strategy: str, teacher: EncoderShape, student: EncoderShape, batch: int, seq: int,
@@ -244,7 +247,7 @@ def analytic_step_flops(strategy: str, teacher: EncoderShape, student: EncoderSh
         student_mlm = strategy in MLM_BY_DEFAULT
     student_flops = 3 * (student.encoder_forward(tokens, seq) + (student.head_forward(mlm_rows) if student_mlm else 0))
     teacher_flops = 0.0
-    if strategy != "no-kd":
+    if strategy not in ("no-kd",) + CACHED_KD:
         teacher_flops = teacher.encoder_forward(tokens, seq)
         if strategy in VOCAB_KD:
             teacher_flops += teacher.head_forward(mlm_rows)
@@ -254,6 +257,12 @@ def analytic_step_flops(strategy: str, teacher: EncoderShape, student: EncoderSh
 
 # BERT's recipe: 1M steps of 256 sequences, 90% of them at length 128 and 10% at 512.
 BERT_PRETRAINING = ((900_000, 256, 128), (100_000, 256, 512))
+
+
+def teacher_cache_flops(teacher: EncoderShape, tokens: float, seq: int, mlm_probability: float = 0.15) -> float:
+    """Analytic FLOPs of building a teacher cache: one teacher forward over ``tokens`` corpus tokens
+    plus its MLM head on the masked positions."""
+    return teacher.encoder_forward(tokens, seq) + teacher.head_forward(mlm_probability * tokens)
 
 
 def pretraining_flops(model: EncoderShape, recipe=BERT_PRETRAINING, mlm_probability: float = 0.15) -> float:

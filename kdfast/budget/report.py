@@ -6,7 +6,8 @@ from pathlib import Path
 from kdfast.train.step import PHASES
 
 LABELS = {"no-kd": "No-KD", "vanilla": "VanillaKD", "distilbert": "DistilBERT", "tinybert": "TinyBERT",
-          "minilm": "MiniLM", "minilm_v2": "MiniLMv2"}
+          "minilm": "MiniLM", "minilm_v2": "MiniLMv2", "vanilla-cached-topk": "CachedKD-topK",
+          "vanilla-cached-sample": "CachedKD-sample"}
 DISAGREEMENT = 0.10  # analytic vs measured FLOPs beyond this are flagged (docs/budget.md explains them)
 
 
@@ -48,6 +49,7 @@ def markdown(report: dict) -> str:
               "| strategy | " + " | ".join(PHASES) + " |", "|---|" + "---:|" * len(PHASES)]
     for a in arms:
         lines.append(f"| {a['label']} | " + " | ".join(f"{a['breakdown_ms'][p]:.1f}" for p in PHASES) + " |")
+    lines += _cache_rows(arms)
     notes = [f"- {a['label']}: {note}" for a in arms for note in a["notes"]]
     if notes:
         lines += ["", "Notes:", *notes]
@@ -57,6 +59,21 @@ def markdown(report: dict) -> str:
               f"{report['dtype']}, {report['world_size']} rank(s). See docs/budget.md for the clock and FLOP "
               f"accounting.", ""]
     return "\n".join(lines)
+
+
+def _cache_rows(arms: list) -> list:
+    """The teacher cache's own rows: what building it costs and what each cached arm was charged."""
+    cached = [a for a in arms if a.get("teacher_cache")]
+    if not cached:
+        return []
+    lines = ["", "Teacher cache (cached arms are timed on a synthetic cache: random ids/weights with the real K, "
+                 "layout and lookup; building the real one is one teacher forward over its tokens):", "",
+             "| cache for | K | tokens covered | build GFLOP | charged GFLOP |", "|---|---:|---:|---:|---:|"]
+    for a in cached:
+        c = a["teacher_cache"]
+        lines.append(f"| {a['label']} | {c['k']} | {human(c['tokens'])} | {c['build_flops'] / 1e9:.4g} "
+                     f"| {c['charged_flops'] / 1e9:.4g} |")
+    return lines
 
 
 def chart(report: dict, path: Path) -> None:

@@ -88,9 +88,10 @@ class BatchStream:
         return int(self._order[position % n])
 
     def next(self) -> Dict[str, torch.Tensor]:
-        """This rank's share of the next global batch, masked."""
+        """This rank's share of the next global batch, masked, with ``sequence_index`` [B] (rows of ``sequences``)."""
         indices = [self._index(self.consumed + i) for i in range(self.global_batch)]
         batch = mask_rows(self.sequences[indices], indices, self.step, self.seed, self.masking)
+        batch["sequence_index"] = torch.tensor(indices, dtype=torch.long)  # a teacher cache is looked up by it
         self.consumed += self.global_batch
         self.step += 1
         return {key: value[self.rank::self.world] for key, value in batch.items()}

@@ -41,6 +41,7 @@ import torch
 
 from kdfast._buffers import new_output
 from kdfast._reduction import KINDS, kd_divisor, kd_factor, mlm_divisor
+from kdfast.functions.sparse_targets import SparseTargets
 from kdfast.losses.types import KDOutput
 
 RowKernel = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
@@ -270,7 +271,9 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
     """Loss sums and fp32 gradients of ``kd_weight * kd + mlm_weight * mlm``, chunk by chunk.
 
     Returns (kd [0-dim fp64], mlm [0-dim fp64], d_hidden, d_weight, d_bias); a gradient is None when
-    ``need`` says it is not wanted. A zero ``kd_weight`` skips the teacher."""
+    ``need`` says it is not wanted. A zero ``kd_weight`` skips the teacher. With sparse targets
+    (``opts["teacher_targets"]``, whose masses S are already in ``opts["row_weights"]``) the teacher
+    chunk is filled from them instead of a teacher head."""
     row_kernel: RowKernel = opts["row_kernel"]
     rows, vocab = student_hidden.shape[0], student_weight.shape[0]
     device = student_hidden.device
@@ -284,12 +287,13 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
     mlm_sum = torch.zeros((), dtype=torch.float64, device=device)
     if sel.count:
         with_teacher = kd_weight != 0 and not _kd_vanishes(opts)
+        targets: Optional[SparseTargets] = opts.get("teacher_targets")
         student = _Head(student_weight, student_bias)
-        teacher = _Head(teacher_weight, teacher_bias) if with_teacher else None
+        teacher = _Head(teacher_weight, teacher_bias) if with_teacher and targets is None else None
         size = opts["chunk_rows"] or chunk_rows(sel.count, vocab, device)
         # Vocab-major chunks only for fp32 products (16-bit ones run on CUDA, where kernels are row-major).
         vocab_major = getattr(row_kernel, "vocab_major", False) and not student.native16 and not (
-            with_teacher and teacher.native16)
+            teacher is not None and teacher.native16)
         s_buf = torch.empty(size * vocab, dtype=torch.float32, device=device)
         t_buf = torch.empty(size * vocab, dtype=torch.float32, device=device)
         mark = _PHASE_HOOK[0]
@@ -304,7 +308,9 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
             student.logits_into(s, x_s)
             if mark:
                 mark("student_logits")
-            if with_teacher:
+            if with_teacher and targets is not None:
+                targets.fill(t, part if ids is None else ids, opts["temperature"])
+            elif with_teacher:
                 x_t = teacher_hidden[part] if ids is None else teacher_hidden.index_select(0, ids)
                 teacher.logits_into(t, x_t)
                 if opts["teacher_topk"] is not None:
@@ -335,6 +341,9 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
                 student.add_weight_grad_(d_weight, operands, x_s)
             if mark:
                 mark("d_weight")
+        if with_teacher and targets is not None and opts["kind"] == "kl":
+            offset = targets.kl_offset()
+            kd_sum += (sel.kd_scale * (offset if sel.index is None else offset[sel.index])).sum()
     return kd_sum, mlm_sum / sel.mlm_divisor, d_hidden, d_weight, d_bias
 
 
@@ -387,18 +396,24 @@ class _FusedLinearKD(torch.autograd.Function):
         return (*out, None, None, None, None)
 
 
-def chunked_fused_linear_kd(row_kernel: RowKernel, *, student_hidden, student_weight, teacher_hidden,
-                            teacher_weight, student_bias=None, teacher_bias=None, labels=None, ignore_index=-100,
+def chunked_fused_linear_kd(row_kernel: RowKernel, *, student_hidden, student_weight, teacher_hidden=None,
+                            teacher_weight=None, student_bias=None, teacher_bias=None, labels=None, ignore_index=-100,
                             temperature=1.0, kd_weight=1.0, mlm_weight=0.0, kind="kl", reduction="batchmean",
-                            t2_scale=True, mask=None, row_weights=None, teacher_topk=None, beta=0.5,
+                            t2_scale=True, mask=None, row_weights=None, teacher_topk=None, teacher_targets=None,
+                            beta=0.5,
                             chunk_rows: Optional[int] = None) -> KDOutput:
     """``kdfast.fused_linear_kd`` (validated keyword arguments) on ``row_kernel``; ``chunk_rows``
-    forces the rows per chunk (default: from the shapes and free memory)."""
+    forces the rows per chunk (default: from the shapes and free memory). ``teacher_targets``
+    (ids [N, K], weights [N, K]) replace the teacher head (``kdfast/functions/sparse_targets.py``)."""
+    targets = None if teacher_targets is None else SparseTargets.prepare(*teacher_targets)
+    if targets is not None:
+        row_weights = targets.mass if row_weights is None else targets.mass * row_weights.double()
     opts = dict(row_kernel=row_kernel, labels=labels, ignore_index=ignore_index, temperature=float(temperature),
                 kd_weight=float(kd_weight), mlm_weight=float(mlm_weight), kind=kind, reduction=reduction,
                 t2_scale=bool(t2_scale), mask=mask, row_weights=row_weights, teacher_topk=teacher_topk,
-                beta=float(beta), chunk_rows=chunk_rows)
-    teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
+                beta=float(beta), teacher_targets=targets, chunk_rows=chunk_rows)
+    teacher_hidden = None if teacher_hidden is None else teacher_hidden.detach()
+    teacher_weight = None if teacher_weight is None else teacher_weight.detach()
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()
     loss, kd, mlm = _FusedLinearKD.apply(student_hidden, student_weight, student_bias, teacher_hidden,
                                          teacher_weight, teacher_bias, opts)

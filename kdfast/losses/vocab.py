@@ -48,14 +48,40 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
     return _backends.call("kd_kl", device, backend, **kwargs)
 
 
-def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
-                    teacher_weight: torch.Tensor, student_bias: Optional[torch.Tensor] = None,
+def _check_teacher_targets(value: object, rows: int, vocab: int, kind: str, teacher: dict) -> tuple:
+    """Sparse targets (ids [N, K] int, -1 = padding; weights [N, K] float, finite, >= 0) given
+    instead of every tensor in ``teacher`` (name -> value); returns (ids int64, weights)."""
+    given = [name for name, v in teacher.items() if v is not None]
+    if given:
+        raise ValueError(f"teacher_targets: expected alone, without {', '.join(given)} (sparse targets replace the "
+                         f"teacher head), got both")
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"teacher_targets: expected a pair (ids [N, K], weights [N, K]), got {type(value).__name__}")
+    check.choice("kind", kind, ("kl", "soft_ce"))
+    ids, weights = value
+    check.tensor("teacher_targets[0] (ids)", ids, ndim=2, dtypes=(torch.int64, torch.int32, torch.int16))
+    check.tensor("teacher_targets[1] (weights)", weights, ndim=2)
+    if ids.shape[0] != rows or ids.shape[1] < 1:
+        raise ValueError(f"teacher_targets[0] (ids): expected shape [N={rows}, K >= 1], got {tuple(ids.shape)}")
+    check.shape("teacher_targets[1] (weights)", weights, tuple(ids.shape), "[N, K] of the ids")
+    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= vocab):
+        bad = ids[(ids < -1) | (ids >= vocab)][0].item()
+        raise ValueError(f"teacher_targets[0] (ids): expected values in [0, {vocab}) or -1 (padding), got {bad}")
+    check.finite("teacher_targets[1] (weights)", weights)
+    if bool((weights < 0).any()):
+        raise ValueError(f"teacher_targets[1] (weights): expected values >= 0, got {weights.min().item()}")
+    return ids.long(), weights
+
+
+def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                    teacher_hidden: Optional[torch.Tensor] = None,
+                    teacher_weight: Optional[torch.Tensor] = None, student_bias: Optional[torch.Tensor] = None,
                     teacher_bias: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                     ignore_index: int = -100, temperature: float = 1.0, kd_weight: float = 1.0,
                     mlm_weight: float = 0.0, kind: str = "kl", reduction: str = "batchmean",
                     t2_scale: bool = True, mask: Optional[torch.Tensor] = None,
                     row_weights: Optional[torch.Tensor] = None, teacher_topk: Optional[int] = None,
-                    backend: str = "auto", beta: float = 0.5) -> KDOutput:
+                    teacher_targets: Optional[tuple] = None, backend: str = "auto", beta: float = 0.5) -> KDOutput:
     """Vocabulary KD plus MLM cross-entropy through both LM heads, without [N, V] logits in memory
     on the kernel backends.
 
@@ -66,6 +92,11 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
     them, or a sum for ``reduction="sum"``). ``row_weights`` [N] scale each KD row.
     ``teacher_topk`` keeps the teacher's k largest logits (renormalised) as the soft target (not with
     ``kind="reverse_kl"``: KL(q || p) is infinite where p = 0). ``kind`` and ``beta``: see :func:`kd_kl`.
+    ``teacher_targets=(ids [N, K], weights [N, K])`` replaces the teacher head (``teacher_hidden``,
+    ``teacher_weight``, ``teacher_bias`` and ``teacher_topk`` then None): the soft target of row n is
+    p̂ = Σ_k weights[n, k]·onehot(ids[n, k]) (ids -1 are padding; cached top-K probabilities or
+    importance-weighted samples, docs/teacher_cache.md), the KD row is -Σ p̂ log q (``soft_ce``) or
+    Σ p̂ (log p̂ - log q) (``kl``), q = softmax(student logits / T) over the full vocabulary.
     Returns ``KDOutput(loss, kd, mlm)`` with ``loss = kd_weight*kd + mlm_weight*mlm``.
     The teacher tensors are constants: they receive no gradient.
     """
@@ -74,20 +105,31 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
     mlm_weight = check.non_negative("mlm_weight", mlm_weight)
     check.tensor("student_hidden", student_hidden, ndim=2)
     check.tensor("student_weight", student_weight, ndim=2)
-    check.tensor("teacher_hidden", teacher_hidden, ndim=2)
-    check.tensor("teacher_weight", teacher_weight, ndim=2)
     rows, width_s = student_hidden.shape
     vocab = student_weight.shape[0]
     check.shape("student_weight", student_weight, (vocab, width_s), "[V, Hs] matching student_hidden's Hs")
-    check.shape("teacher_hidden", teacher_hidden, (rows, None), "[N, Ht] with the N of student_hidden")
-    check.shape("teacher_weight", teacher_weight, (vocab, teacher_hidden.shape[1]),
-                "[V, Ht] with the V of student_weight and the Ht of teacher_hidden")
     check.same_dtype(("student_hidden", "student_weight"), (student_hidden, student_weight))
-    check.same_dtype(("teacher_hidden", "teacher_weight"), (teacher_hidden, teacher_weight))
-    names = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "student_bias",
+    if teacher_targets is not None:
+        teacher_targets = _check_teacher_targets(
+            teacher_targets, rows, vocab, kind, dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                                                     teacher_bias=teacher_bias, teacher_topk=teacher_topk))
+        teachers = teacher_targets
+    else:
+        if teacher_hidden is None and teacher_weight is None:
+            raise ValueError("teacher_targets: expected (ids, weights) when teacher_hidden and teacher_weight are "
+                             "None, got None")
+        check.tensor("teacher_hidden", teacher_hidden, ndim=2)
+        check.tensor("teacher_weight", teacher_weight, ndim=2)
+        check.shape("teacher_hidden", teacher_hidden, (rows, None), "[N, Ht] with the N of student_hidden")
+        check.shape("teacher_weight", teacher_weight, (vocab, teacher_hidden.shape[1]),
+                    "[V, Ht] with the V of student_weight and the Ht of teacher_hidden")
+        check.same_dtype(("teacher_hidden", "teacher_weight"), (teacher_hidden, teacher_weight))
+        teachers = (teacher_hidden, teacher_weight)
+    names = ("student_hidden", "student_weight", "teacher_hidden" if teacher_targets is None else "teacher_targets[0]",
+             "teacher_weight" if teacher_targets is None else "teacher_targets[1]", "student_bias",
              "teacher_bias", "row_weights")
-    device = check.same_device(names, (student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                       student_bias, teacher_bias, row_weights))
+    device = check.same_device(names, (student_hidden, student_weight, *teachers, student_bias, teacher_bias,
+                                       row_weights))
     for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
         if bias is not None:
             check.tensor(name, bias, ndim=1)
@@ -112,12 +154,13 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor, 
         raise ValueError(f"labels: expected a [N] label tensor because mlm_weight={mlm_weight}, got None")
     for name, value in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden),
                         ("student_weight", student_weight), ("teacher_weight", teacher_weight)):
-        check.finite(name, value)
+        if value is not None:
+            check.finite(name, value)
     kwargs = dict(student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
                   teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias,
                   labels=labels, ignore_index=ignore_index, temperature=temperature, kd_weight=kd_weight,
                   mlm_weight=mlm_weight, kind=kind, reduction=reduction, t2_scale=bool(t2_scale), mask=mask,
-                  row_weights=row_weights, teacher_topk=teacher_topk, beta=beta)
+                  row_weights=row_weights, teacher_topk=teacher_topk, teacher_targets=teacher_targets, beta=beta)
     return _backends.call("fused_linear_kd", device, backend, **kwargs)
 
 
@@ -151,12 +194,14 @@ class FusedLinearKDLoss(nn.Module):
                             reduction=reduction, t2_scale=t2_scale, ignore_index=ignore_index,
                             teacher_topk=teacher_topk, backend=backend, beta=beta)
 
-    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
-                teacher_weight: torch.Tensor, student_bias: Optional[torch.Tensor] = None,
-                teacher_bias: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None, row_weights: Optional[torch.Tensor] = None) -> KDOutput:
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
+                student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                row_weights: Optional[torch.Tensor] = None, teacher_targets: Optional[tuple] = None) -> KDOutput:
         return fused_linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                               teacher_bias, labels=labels, mask=mask, row_weights=row_weights, **self.options)
+                               teacher_bias, labels=labels, mask=mask, row_weights=row_weights,
+                               teacher_targets=teacher_targets, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

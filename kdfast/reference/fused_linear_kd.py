@@ -17,11 +17,25 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
-def fused_linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None,
+def sparse_kd_rows(student_logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, temperature: float,
+                   kind: str) -> torch.Tensor:
+    """Per-row soft CE -Σ p̂ log q or KL Σ p̂ (log p̂ - log q), [N], against the sparse target
+    p̂ = Σ_k weights[:, k]·onehot(ids[:, k]) (ids -1: padding), q = softmax(s / T)."""
+    log_q = F.log_softmax(student_logits / temperature, dim=-1)
+    valid = ids >= 0
+    p_hat = torch.zeros_like(log_q).scatter_add_(1, ids.clamp_min(0), torch.where(valid, weights.to(log_q.dtype), 0))
+    rows = -(p_hat * log_q).sum(-1)
+    if kind == "kl":
+        rows = rows + torch.where(p_hat > 0, p_hat * p_hat.clamp_min(torch.finfo(p_hat.dtype).tiny).log(), 0).sum(-1)
+    return rows
+
+
+def fused_linear_kd(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, student_bias=None,
                     teacher_bias=None, labels=None, ignore_index=-100, temperature=1.0, kd_weight=1.0,
                     mlm_weight=0.0, kind="kl", reduction="batchmean", t2_scale=True, mask=None,
-                    row_weights=None, teacher_topk=None, beta=0.5) -> KDOutput:
-    dtype = compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
+                    row_weights=None, teacher_topk=None, teacher_targets=None, beta=0.5) -> KDOutput:
+    dtype = compute_dtype(*(t for t in (student_hidden, student_weight, teacher_hidden, teacher_weight)
+                            if t is not None))
     kd_rows_mask = mask if mask is not None else (None if labels is None else labels != ignore_index)
     zero = student_hidden.sum().to(dtype) * 0 if student_hidden.numel() else student_hidden.new_zeros((), dtype=dtype)
 
@@ -29,9 +43,13 @@ def fused_linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weig
     if kd_weight != 0:
         sel = slice(None) if kd_rows_mask is None else kd_rows_mask
         s_logits = _logits(student_hidden[sel], student_weight, student_bias, dtype)
-        with torch.no_grad():
-            t_logits = _logits(teacher_hidden[sel], teacher_weight, teacher_bias, dtype)
-        rows = kd_rows(s_logits, t_logits, temperature, kind, teacher_topk, beta)
+        if teacher_targets is not None:
+            ids, weights = teacher_targets
+            rows = sparse_kd_rows(s_logits, ids[sel], weights[sel].detach(), temperature, kind)
+        else:
+            with torch.no_grad():
+                t_logits = _logits(teacher_hidden[sel], teacher_weight, teacher_bias, dtype)
+            rows = kd_rows(s_logits, t_logits, temperature, kind, teacher_topk, beta)
         if row_weights is not None:
             rows = rows * row_weights[sel].to(dtype)
         kd = rows.sum() * (kd_factor(temperature, t2_scale) / kd_divisor(reduction, rows.shape[0],

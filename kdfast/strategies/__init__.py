@@ -12,10 +12,12 @@ from torch import nn
 
 from kdfast.strategies.attention import MiniLM, MiniLMv2, TinyBERT
 from kdfast.strategies.base import Strategy, StrategyOutput, mlm_cross_entropy
+from kdfast.strategies.cached import CACHED, VanillaCached
 from kdfast.strategies.vocab import DistilBERT, NoKD, Vanilla
 
-STRATEGIES = {cls.name: cls for cls in (NoKD, Vanilla, DistilBERT, TinyBERT, MiniLM, MiniLMv2)}
+STRATEGIES = {cls.name: cls for cls in (NoKD, Vanilla, DistilBERT, TinyBERT, MiniLM, MiniLMv2)} | CACHED
 NAMES = tuple(STRATEGIES)
+LIVE = tuple(name for name in NAMES if name not in CACHED)  # the strategies whose batches need no teacher cache
 
 
 def options(name: str) -> tuple[str, ...]:
@@ -40,5 +42,5 @@ def build(name: str, teacher: Optional[nn.Module], student: nn.Module, formulati
     return cls(teacher, student, formulation=formulation, **strategy_options)
 
 
-__all__ = ["build", "NAMES", "STRATEGIES", "options", "Strategy", "StrategyOutput", "mlm_cross_entropy",
-           "NoKD", "Vanilla", "DistilBERT", "TinyBERT", "MiniLM", "MiniLMv2"]
+__all__ = ["build", "NAMES", "LIVE", "STRATEGIES", "options", "Strategy", "StrategyOutput", "mlm_cross_entropy",
+           "NoKD", "Vanilla", "DistilBERT", "TinyBERT", "MiniLM", "MiniLMv2", "VanillaCached", "CACHED"]

@@ -31,6 +31,16 @@ class NoKD(Strategy):
         return StrategyOutput(mlm, {"mlm": mlm}, mlm)
 
 
+def vanilla_options(formulation: str, temperature: float, alpha: float) -> "tuple[float, float]":
+    """Checked (temperature, alpha) of vanilla KD (live or cached)."""
+    check.choice("formulation", formulation, FORMULATIONS)
+    temperature = check.positive("temperature", temperature)
+    alpha = check.non_negative("alpha", alpha)
+    if alpha > 1:
+        raise ValueError(f"alpha: expected a weight in [0, 1], got {alpha}")
+    return temperature, alpha
+
+
 class Vanilla(Strategy):
     """Hinton KD on the MLM logits of masked positions plus MLM.
 
@@ -43,12 +53,7 @@ class Vanilla(Strategy):
 
     def __init__(self, teacher: nn.Module, student: nn.Module, formulation: str = "canonical",
                  temperature: float = 1.0, alpha: float = 0.5):
-        check.choice("formulation", formulation, FORMULATIONS)
-        self.temperature = check.positive("temperature", temperature)
-        alpha = check.non_negative("alpha", alpha)
-        if alpha > 1:
-            raise ValueError(f"alpha: expected a weight in [0, 1], got {alpha}")
-        self.alpha = alpha
+        self.temperature, self.alpha = vanilla_options(formulation, temperature, alpha)
         side = ModelPlan(decoder=True)
         super().__init__(teacher, student, Plan(student=side, teacher=side), formulation)
 

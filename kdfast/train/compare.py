@@ -47,6 +47,7 @@ def validate(config: dict) -> None:
 
     for name in config["strategies"]:
         pretrain.check_strategy(name)
+    pretrain.check_cache_masking(config["strategies"], config)
     budget = parse_budget(str(config["train"]["budget"]))
     charge_fraction(config["teacher"]["charge"])
     if not config["teacher"]["path"]:
@@ -143,8 +144,13 @@ def prepare(config: dict, context: Context, resume: bool = False) -> Prepared:
 
 def train_arms(config: dict, prepared: Prepared, context: Context, arms_dir: Path, resume: bool = False) -> List[dict]:
     """Pretrain every strategy of the config under ``train.budget`` into ``arms_dir/<strategy>``; a
-    finished arm (its summary written) is reused when ``resume`` is set."""
-    charge = charge_fraction(config["teacher"]["charge"]) * prepared.teacher_row.get("budget_used", 0.0)
+    finished arm (its summary written) is reused when ``resume`` is set. A cached arm first builds (or
+    reuses) its teacher cache in ``OUT/teacher-cache``, whose cost is charged like the teacher's."""
+    from kdfast.cache.cli import for_strategy
+
+    fraction = charge_fraction(config["teacher"]["charge"])
+    charge = fraction * prepared.teacher_row.get("budget_used", 0.0)
+    unit = parse_budget(str(config["train"]["budget"])).unit
     rows = []
     for name in config["strategies"]:
         run_dir = Path(arms_dir) / name
@@ -152,9 +158,12 @@ def train_arms(config: dict, prepared: Prepared, context: Context, arms_dir: Pat
         if resume and done.is_file():
             summary = json.loads(done.read_text())
         else:
+            cache = for_strategy(config, name, prepared.teacher, prepared.tokenizer, prepared.data, context,
+                                 Path(config["out"]) / "teacher-cache") if name in pretrain.CACHED else None
+            offset = 0.0 if name == "no-kd" else charge + (fraction * cache.cost(unit) if cache else 0.0)
             summary = pretrain.train_arm(config, name, run_dir, context, prepared.data, prepared.tokenizer,
-                                         prepared.teacher, resume=resume, offset=charge if name != "no-kd" else 0.0,
-                                         label=name)
+                                         prepared.teacher, resume=resume, offset=offset, label=name,
+                                         teacher_cache=cache)
         rows.append({**summary, "arm": f"{name} {summary['shape']}"})
     return rows
 
@@ -206,6 +215,7 @@ def evaluate_rows(config: dict, prepared: Prepared, rows: List[dict], context: C
 
 
 def compare(config: dict, context: Context, resume: bool = False) -> dict:
+    from kdfast.cache.serve import report_note
     from kdfast.eval import fingerprint, report
 
     out = Path(config["out"])
@@ -223,6 +233,9 @@ def compare(config: dict, context: Context, resume: bool = False) -> dict:
     if not prepared.suite.glue:
         notes.append("No GLUE evaluation: no GLUE data was found offline (pass --glue-dir DIR or glue.data_dir); "
                      "the probes and the MLM-head probe are the downstream evaluation.")
+    unit = parse_budget(str(config["train"]["budget"])).unit
+    notes += [report_note(row, charge_fraction(config["teacher"]["charge"]), unit) for row in rows
+              if row.get("teacher_cache")]
     if config["teacher"]["charge"] != "none":
         charge = rows[0]["teacher_charge"] if rows and "teacher_charge" in rows[0] else 0.0
         notes.append(f"KD arms were charged {charge:.4g} {rows[0]['budget_unit']} of teacher pretraining "

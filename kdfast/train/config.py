@@ -28,7 +28,10 @@ DEFAULTS: Dict[str, Any] = {
         "attention_dropout": 0.1,
         "budget": "240s",                 # its pretraining budget
         "lr": 1e-3,
-        "charge": "none",                 # none | full | amortized:N  (teacher cost added to KD arms' budget used)
+        "charge": "none",                 # none | full | amortized:N  (teacher and teacher-cache cost to KD arms)
+        "cache": None,                    # cached arms: the teacher cache folder (default: in the run folder)
+        "cache_k": 32,                    # cached arms: K ids per masked position (topk:K / sample:K)
+        "cache_proposal_temperature": None,   # vanilla-cached-sample: proposal softmax(t/tau); None: tau = T
     },
     "student": {"preset": None, "layers": 2, "hidden": 128, "heads": 2, "intermediate": 512, "init": "random",
                 "attention_dropout": 0.1},  # 0 lets CPU attention use SDPA's flash kernel

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from kdfast.budget.flops import CACHED_KD as CACHED
 from kdfast.budget.units import Budget, parse_budget
 from kdfast.data.dataset import PretrainData
 from kdfast.data.stream import BatchStream, heldout_batches
@@ -195,11 +196,30 @@ def write_json(path: Path, value) -> None:
         f.write(json.dumps(value, indent=1).encode())
 
 
+def _cached_strategy_options(strategy_name: str, cache, formulation: str) -> dict:
+    """Options of a cached arm: the cache's kind must be the strategy's, and its KD temperature the one
+    the strategy trains with (the cache's for canonical, 1 for paper)."""
+    from kdfast import strategies
+
+    if cache is None:
+        raise ValueError(f"teacher_cache: expected a TeacherCache for strategy {strategy_name!r}, got None")
+    kind = strategies.STRATEGIES[strategy_name].sparse_kind
+    if cache.kind != kind:
+        raise ValueError(f"teacher_cache: expected a {kind} cache for strategy {strategy_name!r}, got a "
+                         f"{cache.kind} cache in {cache.directory}")
+    if formulation == "paper" and cache.temperature != 1.0:
+        raise ValueError(f"teacher_cache: expected targets at temperature 1 for formulation 'paper', got "
+                         f"{cache.temperature} in {cache.directory}")
+    return {"temperature": cache.temperature} if formulation == "canonical" else {}
+
+
 def train_arm(config: dict, strategy_name: str, run_dir: Path, context: Context, data: PretrainData, tokenizer,
               teacher=None, model_section: Optional[dict] = None, resume: bool = False, offset: float = 0.0,
-              label: Optional[str] = None) -> dict:
+              label: Optional[str] = None, teacher_cache=None) -> dict:
     """Pretrain one student with ``strategy_name`` under ``config['train']['budget']``; returns the
-    summary also written to ``run_dir/summary.json`` (and the model to ``run_dir/model``)."""
+    summary also written to ``run_dir/summary.json`` (and the model to ``run_dir/model``).
+    A cached arm (``vanilla-cached-*``) reads its targets from ``teacher_cache``
+    (``kdfast.cache.serve.TeacherCache``) by the batches' sequence indices; it runs no teacher."""
     from kdfast import strategies
     from kdfast.models import build_student
 
@@ -220,7 +240,10 @@ def train_arm(config: dict, strategy_name: str, run_dir: Path, context: Context,
                             device=device)
     if train["compile"]:
         student.kdfast_compile = True
-    strategy = strategies.build(strategy_name, teacher, student, formulation=config["formulation"]).to(device)
+    cached = strategy_name in strategies.CACHED
+    options = _cached_strategy_options(strategy_name, teacher_cache, config["formulation"]) if cached else {}
+    strategy = strategies.build(strategy_name, teacher, student, formulation=config["formulation"],
+                                **options).to(device)
     per_token_flop = flop_per_token(strategy_name, teacher, student, train["batch_size"], seq_len) \
         if budget.unit == "flop" else None
     tokens_per_step = train["batch_size"] * seq_len
@@ -234,7 +257,8 @@ def train_arm(config: dict, strategy_name: str, run_dir: Path, context: Context,
     clock = BudgetClock(budget, context, per_token_flop, offset)
     bf16 = {"auto": None, "fp32": False, "bf16": True}[train["precision"]]
     stepper = DataParallelStrategy(strategy, context) if context.distributed else strategy
-    step = TrainStep(stepper, optimizer, stream.next, device, grad_clip=train["grad_clip"] or None,
+    batches = teacher_cache.attach(stream.next) if cached else stream.next
+    step = TrainStep(stepper, optimizer, batches, device, grad_clip=train["grad_clip"] or None,
                      accumulation=train["accumulation"], bf16=bf16)
     eval_bf16 = step.bf16
     curve, next_eval, trains_mlm_head = [], 0, None
@@ -271,6 +295,8 @@ def train_arm(config: dict, strategy_name: str, run_dir: Path, context: Context,
                    "unique_tokens": data.unique_tokens, "final_mlm_loss": curve[-1]["heldout_mlm_loss"],
                    "trains_mlm_head": trains_mlm_head if trains_mlm_head is not None else strategy_name == "no-kd",
                    "curve": list(curve), "model": str(folder / "model")}
+        if cached:
+            summary["teacher_cache"] = teacher_cache.summary()
         if context.is_main:
             student.save_pretrained(str(folder / "model"))
             tokenizer.save_pretrained(str(folder / "model"))
@@ -343,10 +369,19 @@ def check_strategy(name: str) -> None:
         raise ValueError(f"strategy: expected one of {', '.join(strategies.NAMES)}, got {name!r}")
 
 
+def check_cache_masking(names, config: dict) -> None:
+    """Cached arms need static masks: refuse dynamic masking before anything is built."""
+    if config["data"]["masking"] != "static" and any(name in CACHED for name in names):
+        from kdfast.cache.build import DYNAMIC_REFUSAL
+
+        raise ValueError(DYNAMIC_REFUSAL)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from kdfast.train.setup import add_common_arguments
 
-    parser.add_argument("--strategy", required=True, help="no-kd, vanilla, distilbert, tinybert, minilm, minilm_v2")
+    parser.add_argument("--strategy", required=True, help="no-kd, vanilla, distilbert, tinybert, minilm, minilm_v2, "
+                        "vanilla-cached-topk, vanilla-cached-sample")
     add_common_arguments(parser)
 
 
@@ -358,16 +393,22 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(config["out"])
     try:
         check_strategy(args.strategy)
+        check_cache_masking([args.strategy], config)
         parse_budget(str(config["train"]["budget"]))
         tokenizer = setup.tokenizer_for(config, run_dir / "tokenizer", context)
         data = setup.load_data(config, tokenizer)
-        teacher = None
+        teacher, cache = None, None
         if args.strategy != "no-kd":
             if not config["teacher"]["path"]:
                 raise ValueError(f"teacher: expected --teacher PATH for strategy {args.strategy!r}, got none "
                                  f"(kdfast compare pretrains a small teacher for the tiny preset)")
             teacher = setup.load_teacher_checked(config["teacher"]["path"], tokenizer, context.device)
-        summary = train_arm(config, args.strategy, run_dir, context, data, tokenizer, teacher, resume=args.resume)
+        if args.strategy in CACHED:
+            from kdfast.cache.cli import for_strategy
+
+            cache = for_strategy(config, args.strategy, teacher, tokenizer, data, context, run_dir / "teacher-cache")
+        summary = train_arm(config, args.strategy, run_dir, context, data, tokenizer, teacher, resume=args.resume,
+                            teacher_cache=cache)
     except Exception as error:
         if context.is_main:
             checkpoint.write_crash(run_dir, error)

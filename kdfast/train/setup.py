@@ -25,6 +25,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training text: files, directories of *.txt, hf:NAME[/CONFIG][:SPLIT]")
     parser.add_argument("--heldout", nargs="+", default=None, help="held-out text for the MLM loss curve")
     parser.add_argument("--teacher", default=None, help="teacher: HF name or directory (default: the config's)")
+    parser.add_argument("--teacher-cache", default=None, metavar="ROOT",
+                        help="cached arms (vanilla-cached-*): their caches are ROOT/<kind>-<K> (built there if absent)")
     parser.add_argument("--budget", default=None, help="per-arm budget: 4h, 14400s, 3e18flop, 4.6e9tok")
     parser.add_argument("--unique-tokens", type=float, default=None,
                         help="limited-data mode: keep this many distinct training tokens (arms repeat them)")
@@ -37,6 +39,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def load_config(args: argparse.Namespace, extra: Optional[List[str]] = None) -> dict:
     """The config of a command line: preset or YAML, the flags, then KEY=VALUE overrides."""
     flags = {"data.train": args.data, "data.heldout": args.heldout, "teacher.path": args.teacher,
+             "teacher.cache": getattr(args, "teacher_cache", None),
              "train.budget": args.budget, "data.unique_tokens": args.unique_tokens, "data.masking": args.masking,
              "device": args.device, "out": args.out}
     overrides = [f"{key}={value!r}" if isinstance(value, list) else f"{key}={value}"

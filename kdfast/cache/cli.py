@@ -1,0 +1,80 @@
+"""``kdfast teacher-cache build``: build (or find, when its fingerprint matches) the sparse-target
+cache of a teacher over the run's unique, statically masked corpus; ``ensure`` is what
+``kdfast pretrain``/``compare`` call for the cached arms."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from kdfast.cache import build as builder
+from kdfast.cache import fingerprint as fingerprints
+from kdfast.cache import store
+from kdfast.cache.serve import TeacherCache
+from kdfast.cache.sparse import SparseSpec
+from kdfast.train import distributed
+from kdfast.train.distributed import Context
+
+
+def ensure(directory: Path, teacher, tokenizer, data, seed: int, spec: SparseSpec, temperature: float,
+           context: Optional[Context] = None, batch_size: int = 64) -> TeacherCache:
+    """The cache of ``data.train`` in ``directory``: reused when its fingerprint matches these inputs,
+    built when the folder holds no finished build, refused (naming the field) when it differs."""
+    if data.masking.mode != "static":
+        raise ValueError(builder.DYNAMIC_REFUSAL)
+    spec.check_vocab(teacher.config.vocab_size)
+    wanted = fingerprints.make(tokenizer, teacher, data.train, data.masking, seed, spec, temperature)
+    if not (Path(directory) / store.INDEX).is_file():
+        builder.build(teacher, data.train, data.masking, Path(directory), spec, temperature, seed, wanted, context,
+                      batch_size)
+    return TeacherCache(directory, wanted)
+
+
+def for_strategy(config: dict, strategy: str, teacher, tokenizer, data, context: Context,
+                 default_root: Path) -> TeacherCache:
+    """The cache a cached arm ``strategy`` trains from: ``ROOT/<kind>-<K>`` under ROOT = ``teacher.cache``
+    (else ``default_root``), K = ``teacher.cache_k``, the strategy's sparse kind and vanilla's T = 1."""
+    from kdfast.strategies import STRATEGIES
+
+    section = config["teacher"]
+    proposal = section["cache_proposal_temperature"] if STRATEGIES[strategy].sparse_kind == "sample" else None
+    spec = SparseSpec.parse(f"{STRATEGIES[strategy].sparse_kind}:{section['cache_k']}", proposal)
+    directory = Path(section["cache"] or default_root) / f"{spec.kind}-{spec.k}"
+    return ensure(directory, teacher, tokenizer, data, config["seed"], spec, 1.0, context)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from kdfast.train.setup import add_common_arguments
+
+    parser.add_argument("--sparse", required=True, help="topk:K (K largest teacher probabilities) or sample:K "
+                                                        "(K draws from the proposal, importance-weighted)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="KD temperature T of p = softmax(t/T)")
+    parser.add_argument("--proposal-temperature", type=float, default=None,
+                        help="sample only: proposal r = softmax(t/tau) (default tau = T, so r = p)")
+    parser.add_argument("--batch-size", type=int, default=64, help="sequences per teacher forward")
+    add_common_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kdfast.train import setup
+
+    spec = SparseSpec.parse(args.sparse, args.proposal_temperature)
+    config = setup.resolve_auto(setup.load_config(args))
+    if config["data"]["masking"] != "static":
+        raise SystemExit(f"kdfast teacher-cache build: error: {builder.DYNAMIC_REFUSAL}")
+    if not config["teacher"]["path"]:
+        raise SystemExit("kdfast teacher-cache build: error: teacher: expected --teacher PATH, got none")
+    context = distributed.init(config["device"])
+    out = Path(config["out"])
+    tokenizer = setup.tokenizer_for(config, out / "tokenizer", context)
+    data = setup.load_data(config, tokenizer)
+    teacher = setup.load_teacher_checked(config["teacher"]["path"], tokenizer, context.device)
+    cache = ensure(out, teacher, tokenizer, data, config["seed"], spec, args.temperature, context, args.batch_size)
+    index = cache.index
+    if context.is_main:
+        print(f"teacher cache {out}: {index['sparse']}, {index['sequences']:,} sequences, "
+              f"{index['masked_tokens']:,} masked tokens, {index['bytes_per_masked_token']:.1f} bytes per masked "
+              f"token, built in {index['build_seconds']:.1f} s ({index['teacher_flops']:.3g} teacher FLOPs)",
+              file=sys.stdout)
+    return 0
