@@ -237,7 +237,7 @@ def compare(config: dict, context: Context, resume: bool = False) -> dict:
     notes += [report_note(row, charge_fraction(config["teacher"]["charge"]), unit) for row in rows
               if row.get("teacher_cache")]
     if config["teacher"]["charge"] != "none":
-        charge = rows[0]["teacher_charge"] if rows and "teacher_charge" in rows[0] else 0.0
+        charge = max((row.get("teacher_charge", 0.0) for row in rows), default=0.0)  # No-KD is charged 0
         notes.append(f"KD arms were charged {charge:.4g} {rows[0]['budget_unit']} of teacher pretraining "
                      f"({config['teacher']['charge']}).")
     result = {"name": config["name"], "budget": str(parse_budget(str(config["train"]["budget"]))),
