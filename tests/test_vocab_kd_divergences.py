@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 import vocab_kd_float64 as f64
+from conftest import needs_triton_interpreter
 from test_vocab_kd_cpu import assert_close, make
 
 import kdfast
 from kdfast import _ext
-from tests.conftest import needs_triton_interpreter
 
 V = 555  # a full 512-element C++ block and a partial one; 5 Triton chunks of 128, the last partial
 N = 13
