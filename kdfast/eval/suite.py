@@ -73,6 +73,7 @@ class Suite:
                                 "heldout_sequences": int(self.mlm_heldout.shape[0])}
         if self.glue:
             out["glue"] = {"tasks": [t.name for t in self.glue], "seeds": glue["seeds"], "lrs": glue["lrs"],
+                           "lr_reference_width": glue["lr_reference_width"],
                            "batch_sizes": glue["batch_sizes"], "epochs": glue["epochs"], "seq_len": glue["seq_len"],
                            "selection": glue_selection(glue["select"], glue["select_examples"])}
         return out
@@ -208,4 +209,5 @@ def _glue(suite: Suite, model_path: str, device: torch.device, label: str):
                                max_train_examples=section["max_train_examples"],
                                max_eval_examples=section["max_eval_examples"], select=section["select"],
                                select_examples=section["select_examples"],
+                               lr_reference_width=section["lr_reference_width"],
                                progress=lambda message: print(f"  glue {label}: {message}", file=sys.stderr))

@@ -80,6 +80,7 @@ DEFAULTS: Dict[str, Any] = {
         "data_dir": None,                 # {task}/{train,validation}.jsonl; None: the HF `glue` dataset
         "seeds": [0],
         "lrs": [1e-4],
+        "lr_reference_width": None,       # scale each lr by this / the model's hidden size (Adam's 1/width rule)
         "batch_sizes": [32],
         "epochs": 3,
         "seq_len": 128,
@@ -102,9 +103,9 @@ DEFAULTS: Dict[str, Any] = {
         "probe_test": 1000,               # test examples per task at most
         "probe_pool": 2000,               # train + dev examples per task at most
         "probe_max_length": 64,
-        "mlm_probe_steps": 200,           # 0 turns the MLM-head probe off
+        "mlm_probe_steps": 2000,          # most Adam steps (early stopped); 0 turns the probe off
         "mlm_probe_batch": 512,
-        "mlm_probe_sequences": 512,       # training sequences the head is fitted on
+        "mlm_probe_sequences": 1024,      # training sequences the head is fitted on
     },
 }
 
