@@ -40,8 +40,10 @@ def test_vocab_kd_bench_writes_the_schema(tmp_path, monkeypatch, capsys):
         assert set(r) >= {"op", "impl", "backend", "shape", "dtype", "median_ms", "peak_mb", "max_rel_err"}
         assert r["op"] == "vocab_kd" and r["shape"] == TINY and r["dtype"] == "float32"
         assert r["median_ms"] > 0 and r["peak_mb"] >= 0
+        assert r["working_mb"] == pytest.approx(r["peak_mb"] - r["outputs_mb"], abs=0.02)
     assert rows[("kdfast", "cpu")]["max_rel_err"] < 1e-5 and rows[("eager", None)]["max_rel_err"] < 1e-5
     assert rows[("floor", None)]["max_rel_err"] is None
+    assert rows[("eager", None)]["peak_vs_eager"] == 1.0 and rows[("kdfast", "cpu")]["outputs_mb"] > 0
     assert "kdfast" in capsys.readouterr().out
     expected_peak = (2 * 37 * 203 * 4 + 4 * (37 * 8 + 203 * 8)) / 2**20  # one 37-row chunk of each logit tensor
     assert all(r["analytic_peak_mb_cuda"] == round(expected_peak, 2) for r in report["results"])

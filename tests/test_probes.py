@@ -26,9 +26,13 @@ def test_builders_are_deterministic_for_a_seed(docs):
         assert 200 <= len(a.test) <= 300 and 200 <= len(a.pool) <= 300 and not set(a.test) & set(a.pool)
         assert a.split(0) == b.split(0) and a.split(0) != a.split(1)
         assert 0 < a.chance < 0.6 and a.chance >= 1 / len(a.classes)
-    bshift, _, _, adjacent, prevword = first
+    bshift, _, _, adjacent, prevword, nextword = first
     assert not bshift.pair and adjacent.pair and set(bshift.labels) == {0, 1}
     assert prevword.token_level and not prevword.pair and all(isinstance(i, int) and i > 0 for _, i in prevword.texts)
+    assert nextword.token_level and all(i < len(s.split()) - 1 for s, i in nextword.texts)
+    for task, offset in ((prevword, -1), (nextword, 1)):  # the label is the word at the offset
+        assert all(task.classes[label] == s.split()[i + offset].lower()
+                   for (s, i), label in zip(task.texts, task.labels))
 
 
 def test_a_corpus_too_small_is_refused_with_the_task_named():

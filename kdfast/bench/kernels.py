@@ -1,11 +1,15 @@
 """``kdfast bench kernels``: time every implementation of the fused losses, fwd+bwd, with the same
-timing and memory measurement (kdfast/bench/measure.py), print a table and write JSON. The repeats of
+timing and memory measurement (kdfast/bench/measure.py), print a table and write JSON. Memory is the
+peak of live tensor bytes during a call (``peak_mb``), and ``working_mb``: that peak less the bytes of
+the results every implementation returns (``outputs_mb``: the loss and gradients; at LLM shapes the
+fp32 d_weight [V, Hs] alone is 1 GiB), the memory an implementation chooses to use. The repeats of
 all implementations of a shape run in rotation, so drifting machine load biases none of them.
 
 JSON: ``{"device", "device_name", "torch", "triton", "git_commit", "seed", "threads", "quick",
-"results": [{"op", "impl", "backend", "shape", "dtype", "median_ms", "peak_mb", "max_rel_err",
-"vs_floor", ...}]}``, ``...`` being what an op module's optional ``extra_fields`` adds. The op modules
-live in kdfast/bench/ops/ (interface in its ``__init__``).
+"results": [{"op", "impl", "backend", "shape", "dtype", "median_ms", "peak_mb", "outputs_mb",
+"working_mb", "max_rel_err", "vs_floor", "peak_vs_eager", "working_vs_eager", ...}]}``, ``...`` being
+what an op module's optional ``extra_fields`` adds. The op modules live in kdfast/bench/ops/
+(interface in its ``__init__``).
 """
 from __future__ import annotations
 
@@ -91,11 +95,12 @@ def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick:
         torch.manual_seed(SEED)
         inputs = module.inputs(shape, dtype, device)
         reference = module.reference(inputs)
-        errors, peaks = {}, {}
+        errors, peaks, output_mb = {}, {}, {}
         for key, fn in impls.items():
             log(f"  {op} {shape} {key} ...")
             outputs = fn(inputs)  # the first warm-up call (compiles, if the impl does): checked, not timed
             errors[key] = None if key.startswith(FLOOR) else _max_rel_err(outputs, reference)  # floors: no loss
+            output_mb[key] = sum(t.numel() * t.element_size() for t in outputs) / 2**20
             del outputs
             peaks[key] = measure.peak_mb(functools.partial(fn, inputs), device)
         bound = {key: functools.partial(fn, inputs) for key, fn in impls.items()}
@@ -104,26 +109,31 @@ def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick:
             name, backend = _split(key)
             results.append({"op": op, "impl": name, "backend": backend, "shape": dict(shape),
                             "dtype": str(dtype).replace("torch.", ""), "median_ms": round(times[key], 3),
-                            "peak_mb": round(peaks[key], 2), "max_rel_err": errors[key],
+                            "peak_mb": round(peaks[key], 2), "outputs_mb": round(output_mb[key], 2),
+                            "working_mb": round(peaks[key] - output_mb[key], 2), "max_rel_err": errors[key],
                             **extra_fields(key, shape, fn, inputs, device)})
         floor = next((r["median_ms"] for r in results if r["impl"] == FLOOR and r["shape"] == shape), None)
+        eager = next((r for r in results if r["impl"] == "eager" and r["shape"] == shape), None)
         for r in results:
             if r["shape"] == shape and floor:
                 r["vs_floor"] = round(r["median_ms"] / floor, 3)
+            if r["shape"] == shape and eager and eager["peak_mb"] > 0 and eager["working_mb"] > 0:
+                r["peak_vs_eager"] = round(r["peak_mb"] / eager["peak_mb"], 3)
+                r["working_vs_eager"] = round(r["working_mb"] / eager["working_mb"], 3)
         del inputs, reference
     return results
 
 
 def format_table(results: list[dict]) -> str:
     head = (f"{'op':<14}{'impl':<19}{'backend':<9}{'shape':<44}{'dtype':<10}"
-            f"{'ms':>10}{'x floor':>9}{'peak MB':>10}{'rel err':>10}")
+            f"{'ms':>10}{'x floor':>9}{'peak MB':>10}{'work MB':>10}{'rel err':>10}")
     lines = [head, "-" * len(head)]
     for r in results:
         shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
         err = "-" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"
         ratio = f"{r['vs_floor']:.2f}" if r.get("vs_floor") else "-"
         lines.append(f"{r['op']:<14}{r['impl']:<19}{r['backend'] or '-':<9}{shape:<44}{r['dtype']:<10}"
-                     f"{r['median_ms']:>10.1f}{ratio:>9}{r['peak_mb']:>10.1f}{err:>10}")
+                     f"{r['median_ms']:>10.1f}{ratio:>9}{r['peak_mb']:>10.1f}{r['working_mb']:>10.1f}{err:>10}")
     return "\n".join(lines)
 
 

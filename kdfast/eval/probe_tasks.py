@@ -12,6 +12,8 @@
   the first in its document, or a sentence drawn from elsewhere in the corpus? Balanced: chance 50%.
 - ``prevword`` (context encoding; token level, not in SentEval): from the state of a word's first
   word-piece, which of the N most frequent words stands just before it? Balanced: chance 1/N.
+- ``nextword`` (the same, looking right): which of the N most frequent words stands just after it?
+  A masked-LM encoder is trained to read both sides; the two directions need not be learnt alike.
   Sentence pooling hides what a briefly pretrained encoder knows of its neighbours; this probe reads
   it at the token (the token-level probing of Liu et al. 2019, "Linguistic Knowledge and
   Transferability of Contextual Representations").
@@ -28,10 +30,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-TASK_NAMES = ("bshift", "sentlen", "wc", "adjacent", "prevword")
+TASK_NAMES = ("bshift", "sentlen", "wc", "adjacent", "prevword", "nextword")
 LENGTH_BINS = ((5, 8), (9, 12), (13, 16), (17, 20), (21, 25), (26, 40))
 MIN_WORDS, MAX_WORDS = 5, 40
-PREVWORD_CLASSES = 10
+NEIGHBOUR_CLASSES = 10
 MIN_SPLIT = 200  # fewer test (or train+dev) examples than this make a task too weak to report
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _WORD = re.compile(r"^[A-Za-z][A-Za-z'-]*$")
@@ -167,7 +169,9 @@ def adjacent(docs: List[List[str]], rng: random.Random) -> Tuple[List, List[int]
     return texts, labels, ["not adjacent", "adjacent"]
 
 
-def prevword(docs: List[List[str]], rng: random.Random, words: int) -> Tuple[List, List[int], List[str]]:
+def neighbour(docs: List[List[str]], rng: random.Random, words: int, offset: int
+              ) -> Tuple[List, List[int], List[str]]:
+    """Token-level examples (sentence, i): which of the ``words`` most frequent words stands at i + ``offset``."""
     flat = [s for doc in docs for s in doc]
     counts = collections.Counter(w.lower() for s in flat for w in s.split() if _WORD.match(w))
     targets = [w for w, _ in counts.most_common(words)]
@@ -175,10 +179,11 @@ def prevword(docs: List[List[str]], rng: random.Random, words: int) -> Tuple[Lis
     by_word: Dict[int, List] = collections.defaultdict(list)
     for sentence in flat:
         tokens = sentence.split()
-        places = [i for i in range(1, len(tokens)) if tokens[i - 1].lower() in index]
+        places = [i for i in range(len(tokens))
+                  if 0 <= i + offset < len(tokens) and tokens[i + offset].lower() in index]
         if places:  # one position per sentence, so examples stay independent
             i = rng.choice(places)
-            by_word[index[tokens[i - 1].lower()]].append((sentence, i))
+            by_word[index[tokens[i + offset].lower()]].append((sentence, i))
     if len(by_word) < 2:
         return [], [], []
     texts, labels = _balanced(by_word, rng)
@@ -191,6 +196,7 @@ MEASURES = {
     "wc": "lexical content: which of N mid-frequency words the sentence holds (SentEval WC)",
     "adjacent": "discourse: does sentence B follow sentence A in its document? (pair task)",
     "prevword": "context: which frequent word precedes this word? (token level, from the word's own state)",
+    "nextword": "context: which frequent word follows this word? (token level, from the word's own state)",
 }
 
 
@@ -204,7 +210,8 @@ def build(documents: Iterable[str], names: Sequence[str] = TASK_NAMES, seed: int
         raise ValueError(f"probes.tasks: expected names among {', '.join(TASK_NAMES)}, got {list(names)!r}")
     docs = sentences(documents)
     builders = {"bshift": bshift, "sentlen": sentlen, "adjacent": adjacent,
-                "wc": lambda d, r: wc(d, r, wc_words), "prevword": lambda d, r: prevword(d, r, PREVWORD_CLASSES)}
+                "wc": lambda d, r: wc(d, r, wc_words), "prevword": lambda d, r: neighbour(d, r, NEIGHBOUR_CLASSES, -1),
+                "nextword": lambda d, r: neighbour(d, r, NEIGHBOUR_CLASSES, +1)}
     tasks = []
     for name in names:
         rng = random.Random(f"{seed}/{name}")

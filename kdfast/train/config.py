@@ -96,7 +96,7 @@ DEFAULTS: Dict[str, Any] = {
     "eval": {
         "level": 0.95,                    # interval level of every estimate and test, in (0, 1)
         "random_init": True,              # the floor row: a student of the same shape, zero budget
-        "probe_tasks": ["bshift", "sentlen", "wc", "adjacent", "prevword"],   # [] turns the probes off
+        "probe_tasks": ["bshift", "sentlen", "wc", "adjacent", "prevword", "nextword"],  # [] turns them off
         "probe_corpus": [],               # text sources for the probes; default: data.heldout (else data.train)
         "probe_seed": 0,                  # builds the tasks and their fixed test splits
         "probe_seeds": [0, 1, 2],         # probe seeds: train/dev splits of each task's pool
