@@ -49,6 +49,19 @@ def test_planted_effect_is_detected_and_null_is_not_called():
     assert stats.verdicts([found], [False])[0]["verdict"] == "worse"  # a loss: higher is worse
 
 
+def test_a_difference_carried_by_one_seed_is_not_called():
+    """One fine-tuning seed learns (80%), two stay at the majority class, against a row that stays there
+    on every seed: the permutation test over examples (seeds fixed) finds it, the seeds do not support it."""
+    rng = np.random.default_rng(3)
+    gold = np.r_[np.zeros(450, int), np.ones(422, int)]
+    majority = np.zeros((3, gold.size), int)
+    one_seed = np.stack([_noisy(gold, 0.8, 1, rng)[0], majority[1], majority[2]])
+    comparison = stats.paired_comparison(stats.Scores(one_seed, gold, "accuracy"),
+                                         stats.Scores(majority, gold, "accuracy"))
+    assert comparison["p_value"] < 0.01 and comparison["difference"] > 0.05 and comparison["low"] <= 0
+    assert stats.verdicts([comparison], [True])[0]["verdict"] == "no detectable difference"
+
+
 def test_two_independent_draws_of_the_same_model_are_not_called():
     rng = np.random.default_rng(2)
     gold = rng.integers(0, 2, 500)

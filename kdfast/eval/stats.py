@@ -12,7 +12,11 @@ seeds) on the same n evaluation examples, and one metric that turns predictions 
   under the null the two models' predictions on an example are exchangeable), and the minimum
   detectable difference ``(z_{1-alpha/2} + z_{power}) * SE`` of that difference.
 - ``verdicts``: Benjamini-Hochberg across a family of comparisons
-  (``scipy.stats.false_discovery_control``), then better / worse / no detectable difference.
+  (``scipy.stats.false_discovery_control``), then better / worse / no detectable difference. A
+  difference is called only when the adjusted permutation p-value is below 1 - level *and* the
+  interval of the difference excludes 0. The permutation test holds the seeds fixed (it resamples
+  examples only), so with fine-tuning seeds that disagree (one seed at the majority class, another
+  at 75%) it alone would call differences the seeds do not support; the interval resamples them.
 """
 from __future__ import annotations
 
@@ -132,13 +136,15 @@ def paired_comparison(a: Scores, b: Scores, level: float = 0.95, seed: int = 0) 
     detectable = (stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(POWER)) * se
     return {"difference": float(a.value() - b.value()), "low": float(low), "high": float(high), "se": se,
             "p_value": float(test.pvalue), "min_detectable": float(detectable), "level": level,
-            "test": f"paired permutation test over evaluation examples ({RESAMPLES} permutations, two-sided); "
-                    f"interval: {method_text(a, level)}"}
+            "test": f"paired permutation test over evaluation examples ({RESAMPLES} permutations, two-sided), "
+                    f"Benjamini-Hochberg adjusted; a difference is called only when the adjusted p < {1 - level:.2g} "
+                    f"and its interval excludes 0; interval: {method_text(a, level)}"}
 
 
 def verdicts(comparisons: List[Dict], higher_is_better: Sequence[bool], level: float = 0.95) -> List[Dict]:
     """Adds ``p_adjusted`` (Benjamini-Hochberg over the family) and ``verdict`` to each comparison:
-    'better' / 'worse' when the adjusted p-value is below 1 - level, else 'no detectable difference'."""
+    'better' / 'worse' when the adjusted p-value is below 1 - level and the interval of the difference
+    excludes 0, else 'no detectable difference'."""
     if not comparisons:
         return []
     adjusted = stats.false_discovery_control([c["p_value"] for c in comparisons], method="bh")
@@ -146,7 +152,7 @@ def verdicts(comparisons: List[Dict], higher_is_better: Sequence[bool], level: f
     out = []
     for comparison, p, higher in zip(comparisons, adjusted, higher_is_better):
         verdict = "no detectable difference"
-        if p < alpha:
+        if p < alpha and (comparison["low"] > 0 or comparison["high"] < 0):
             verdict = "better" if (comparison["difference"] > 0) == bool(higher) else "worse"
         out.append({**comparison, "p_adjusted": float(p), "verdict": verdict})
     return out
