@@ -30,6 +30,7 @@ def _no_training_happened(tmp_path):
     (["--charge-teacher", "half"], "charge_teacher: expected none, full or amortized:N"),
     (["--level", "1.5"], r"level: expected an interval level in \(0, 1\)"),
     (["eval.probe_test=5000", "eval.probe_pool=5000"], "probes: expected .* to give the 'bshift' task at least 200"),
+    (["glue.tasks=[sst2]", "glue.lr_reference_width=-96"], "lr_reference_width: expected a positive hidden size"),
 ])
 def test_bad_input_fails_before_training(tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):

@@ -97,3 +97,14 @@ def test_custom_task_from_a_spec_file_runs_end_to_end(tmp_path):
         main(["glue", "--model", str(tmp_path / "model"), "--tasks", "mood", "--task-spec", str(tmp_path / "spec.yaml"),
               "--data-dir", str(tmp_path / "data"), "--level", "95"])
     assert stats.RESAMPLES >= 1000
+
+
+def test_learning_rates_scale_with_the_models_width(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=96, num_attention_heads=4).save_pretrained(tmp_path)
+    assert glue.width_scaled(str(tmp_path), [3e-4, 1e-4], 256) == pytest.approx([8e-4, 256e-4 / 96])
+    assert glue.width_scaled(str(tmp_path), [3e-4], None) == [3e-4]
+    for bad in (0, -256, 2.5, True):
+        with pytest.raises(ValueError, match="lr_reference_width: expected a positive hidden size"):
+            glue.width_scaled(str(tmp_path), [3e-4], bad)

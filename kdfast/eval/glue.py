@@ -148,12 +148,17 @@ def predict(model, task: Task, rows: List[dict], pad_id: int, device: torch.devi
     return out
 
 
+def check_reference_width(reference_width: Optional[int]) -> Optional[int]:
+    if reference_width is not None and (isinstance(reference_width, bool) or not isinstance(reference_width, int)
+                                        or reference_width <= 0):
+        raise ValueError(f"lr_reference_width: expected a positive hidden size or None, got {reference_width!r}")
+    return reference_width
+
+
 def width_scaled(model_path: str, lrs: Sequence[float], reference_width: Optional[int]) -> List[float]:
     """``lrs`` times ``reference_width`` / the hidden size in ``model_path``'s config (unchanged if None)."""
-    if reference_width is None:
+    if check_reference_width(reference_width) is None:
         return list(lrs)
-    if isinstance(reference_width, bool) or not isinstance(reference_width, int) or reference_width <= 0:
-        raise ValueError(f"lr_reference_width: expected a positive hidden size or None, got {reference_width!r}")
     from transformers import AutoConfig
 
     hidden = AutoConfig.from_pretrained(model_path).hidden_size
