@@ -116,6 +116,18 @@ def test_16bit_inputs_are_not_rounded_before_the_softmax(dtype):
     assert all(f64.rel_err(g, r) <= 1e-3 for g, r in zip(got[1:], rounded))
 
 
+def test_gradients_accumulate_over_two_backwards_of_one_graph():
+    """Backward hands out its stored gradients at scale 1 (no copy); with retain_graph a second backward
+    must still see them intact, and .grad must hold twice the reference."""
+    inputs = make()
+    leaves = [inputs["student_hidden"], inputs["student_weight"], inputs["student_bias"]]
+    ref = f64.loss_and_grads(**inputs, temperature=2.0)
+    out = kdfast.fused_linear_kd(**inputs, temperature=2.0, backend=BACKEND)
+    out.loss.backward(retain_graph=True)
+    out.loss.backward()
+    assert_close((out.loss.detach(), *(leaf.grad / 2 for leaf in leaves)), ref, 1e-5)
+
+
 def test_all_rows_ignored_gives_zero_and_zero_grads():
     inputs = make()
     inputs["labels"][:] = -100
@@ -278,6 +290,7 @@ def test_chunk_rows_follow_free_memory(monkeypatch):
     monkeypatch.setattr(vocab_kd, "_free_bytes", lambda device: None)
     assert vocab_kd.chunk_rows(4096, 30522, cpu) == 544  # CPU_CHUNK_BYTES: two 544-row fp32 chunks
     assert vocab_kd.chunk_rows(100, 30522, cpu) == 100
+    assert vocab_kd.chunk_rows(4096, 128256, cpu) == vocab_kd.CPU_MIN_CHUNK_ROWS  # LLM vocabularies: more bytes
     monkeypatch.setattr(vocab_kd, "_free_bytes", lambda device: 64 * 2**20)  # a quarter: 16 MiB
     assert vocab_kd.chunk_rows(4096, 30522, cpu) == 64
     monkeypatch.setattr(vocab_kd, "_free_bytes", lambda device: 0)

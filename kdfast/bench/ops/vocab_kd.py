@@ -8,7 +8,7 @@ F.log_softmax + F.kl_div + F.cross_entropy, autograd), ``compile`` (torch.compil
 and on CPU ``floor_vocab_major`` (the same products on [V, rows] logits, a faster layout in MKL).
 
 Shapes: BERT's V = 30522 with BERT widths, and LLM vocabularies (Llama 3 128256, Qwen2 151936, Gemma 3
-262144) with Hs/Ht = 2048/4096 (``--shape V=151936``; 512 rows on CPU, 8192 on CUDA). Every result
+262144) with Hs/Ht = 2048/4096 (``--shape V=151936``; 2048 rows on CPU, 8192 on CUDA). Every result
 records ``analytic_peak_mb_cuda`` (the CUDA driver's two fp32 [C, V] logit chunks plus its fp32 d_hidden
 and d_weight; C from ``CUDA_CHUNK_BYTES``), and kdfast's results ``chunk_phases_ms``: one chunk's time
 in the driver's phases, measured with its phase hook.
@@ -32,7 +32,7 @@ FULL_ROWS = (2048, 8192)
 WIDTHS = ((384, 768), (768, 1024))  # (Hs, Ht)
 LLM_VOCABS = (128256, 151936, 262144)  # Llama 3, Qwen2, Gemma 3
 LLM_WIDTHS = (2048, 4096)  # (Hs, Ht)
-LLM_ROWS = {"cpu": 512, "cuda": 8192}  # CPU: rows scaled down so a shape takes minutes, not hours
+LLM_ROWS = {"cpu": 2048, "cuda": 8192}  # CPU: ~15 min a vocabulary on 2 cores (eager's logits must dwarf a chunk)
 REFERENCE_CHUNK = 512  # rows per float64 reference chunk
 PHASES = ("student_logits", "teacher_logits", "row_kernel", "d_hidden", "d_weight")
 
