@@ -107,11 +107,11 @@ def build(config: dict, data, tokenizer) -> Suite:
     train = heldout = None
     if section["mlm_probe_steps"] > 0:
         train, heldout = data.train[:section["mlm_probe_sequences"]], data.heldout
+    from kdfast.eval.glue import check_reference_width
+
+    check_reference_width(config["glue"]["lr_reference_width"])  # also when no GLUE data turned GLUE off
     glue = []
     if config["glue"]["tasks"]:
-        from kdfast.eval.glue import check_reference_width
-
-        check_reference_width(config["glue"]["lr_reference_width"])
         glue = glue_tasks.parse_tasks(config["glue"]["tasks"], config["glue"]["custom"])
         if config["glue"]["data_dir"]:
             glue_tasks.check_dir(config["glue"]["data_dir"], glue)
