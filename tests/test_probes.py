@@ -84,7 +84,7 @@ def test_frozen_encoder_probe_runs_on_a_saved_model(tmp_path, docs):
 
 
 def test_suite_caches_predictions_per_model_and_reevaluates_a_retrained_one(tmp_path, docs, monkeypatch):
-    import os
+    import shutil
 
     from transformers import BertConfig, BertForMaskedLM
 
@@ -104,8 +104,12 @@ def test_suite_caches_predictions_per_model_and_reevaluates_a_retrained_one(tmp_
     again = suite.evaluate(evaluation_suite, str(model_dir), torch.device("cpu"), tmp_path / "cache")
     assert not calls and np.array_equal(again.scores["probe/sentlen"].predictions,
                                         first.scores["probe/sentlen"].predictions)
-    weights = next(model_dir.glob("*.safetensors"))
-    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # "retrained"
-    monkeypatch.setattr(probes, "evaluate", lambda *a, **k: calls.append(1) or {})
+    copied = tmp_path / "copied"
+    shutil.copytree(model_dir, copied)  # new path and file times, same content: the cache holds
+    suite.evaluate(evaluation_suite, str(copied), torch.device("cpu"), tmp_path / "cache")
+    assert not calls
+    torch.manual_seed(1)  # "retrained": other weights at the same path
+    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32)).save_pretrained(str(model_dir))
     suite.evaluate(evaluation_suite, str(model_dir), torch.device("cpu"), tmp_path / "cache")
     assert calls == [1]

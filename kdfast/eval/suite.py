@@ -122,12 +122,18 @@ def build(config: dict, data, tokenizer) -> Suite:
 
 
 def _model_key(model_path: str, recipe: str) -> str:
-    """The suite's recipe and the model's identity (path, and its weight files' sizes and times)."""
-    where = Path(model_path).resolve() if Path(model_path).exists() else model_path
-    digest = hashlib.sha256(f"{recipe}|{where}".encode())
-    for weights in sorted(Path(model_path).glob("*.safetensors")) + sorted(Path(model_path).glob("*.bin")):
-        info = weights.stat()
-        digest.update(f"{weights.name}:{info.st_size}:{info.st_mtime_ns}".encode())
+    """The suite's recipe and the model's content: every file of its folder (weights, config, tokenizer),
+    hashed, so a retrained model is evaluated again and a copied or moved one is not. A hub name keys by
+    its name."""
+    digest = hashlib.sha256(recipe.encode())
+    folder = Path(model_path)
+    if not folder.is_dir():
+        digest.update(model_path.encode())
+    for path in sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(2**24), b""):
+                digest.update(block)
     return digest.hexdigest()[:16]
 
 
@@ -162,7 +168,7 @@ def _save_cache(path: Path, evaluation: Evaluation) -> None:
 
 def evaluate(suite: Suite, model_path: str, device: torch.device, cache_dir: Path, label: str = "") -> Evaluation:
     """Every metric of the model at ``model_path``; cached in ``cache_dir`` under the suite's recipe and
-    the model's identity (a retrained model at the same path is evaluated again)."""
+    the model's content (a retrained model is evaluated again; a copied run folder reuses its caches)."""
     cache = Path(cache_dir) / CACHE.format(_model_key(model_path, suite.recipe()))
     cached = _load_cache(cache)
     if cached is not None:
