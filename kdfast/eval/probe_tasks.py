@@ -14,7 +14,7 @@
   word-piece, which of the N most frequent words stands just before it? Balanced: chance 1/N.
 - ``nextword`` (the same, looking right): which of the N most frequent words stands just after it?
   A masked-LM encoder is trained to read both sides; the two directions need not be learnt alike.
-  Sentence pooling hides what a briefly pretrained encoder knows of its neighbours; this probe reads
+  Sentence pooling hides what a briefly pretrained encoder knows of its neighbours; these two probes read
   it at the token (the token-level probing of Liu et al. 2019, "Linguistic Knowledge and
   Transferability of Contextual Representations").
 

@@ -129,7 +129,8 @@ def _model_key(model_path: str, recipe: str) -> str:
     folder = Path(model_path)
     if not folder.is_dir():
         digest.update(model_path.encode())
-    for path in sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []:
+        return digest.hexdigest()[:16]
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
         digest.update(path.name.encode())
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(2**24), b""):
