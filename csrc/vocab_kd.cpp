@@ -84,6 +84,23 @@ float jsd_passes(float* s, const float* t, index_t vocab, const RowStats& st) {
   return div_passes<vocab_kd::jsd_element>(s, t, vocab, st);
 }
 
+// Forward KL / soft CE pass 2 of one row-major row; returns the row's KD term. Raw: raw_softmax_mode.
+template <int Raw>
+inline __attribute__((always_inline)) float kl_pass(float* s, const float* t, index_t vocab, const RowStats& st) {
+  float kd = 0.0f;
+  for (index_t start = 0; start < vocab; start += kBlock) {
+    float kd_block = 0.0f;
+#pragma omp simd reduction(+ : kd_block)
+    for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+      const vocab_kd::ElementOut out = vocab_kd::element_grad_as<Raw>(s[v], t[v], st);
+      s[v] = out.grad;
+      kd_block += out.kd_term;
+    }
+    kd += kd_block;
+  }
+  return kd;
+}
+
 // One row-major row: s [V] (overwritten with the gradient), t [V]. Pass 1 walks the row a block at a
 // time: the block's maxima, its exp sums relative to them, then one online merge per softmax. Pass 2
 // writes the gradient and sums the KD terms (reverse KL / JSD: div_passes). target_clones keeps the wheel
@@ -114,16 +131,10 @@ RowResult kd_row(float* s, const float* t, index_t vocab, int64_t label, float k
   } else if (kind == vocab_kd::kJSD) {
     kd = jsd_passes(s, t, vocab, st);
   } else {
-    for (index_t start = 0; start < vocab; start += kBlock) {
-      float kd_block = 0.0f;
-#pragma omp simd reduction(+ : kd_block)
-      for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
-        const vocab_kd::ElementOut out = vocab_kd::element_grad(s[v], t[v], st);
-        s[v] = out.grad;
-        kd_block += out.kd_term;
-      }
-      kd += kd_block;
-    }
+    const int raw_mode = vocab_kd::raw_softmax_mode(st);
+    kd = raw_mode == vocab_kd::kRawIsQ      ? kl_pass<vocab_kd::kRawIsQ>(s, t, vocab, st)
+         : raw_mode == vocab_kd::kRawSquared ? kl_pass<vocab_kd::kRawSquared>(s, t, vocab, st)
+                                             : kl_pass<vocab_kd::kRawExp>(s, t, vocab, st);
   }
   if (has_label) s[label] -= st.mlm_coef;
   return {kd, mlm};
@@ -147,6 +158,17 @@ struct LaneSums {
       sum[l] = out.sum;
     }
   }
+  // At T = 2: add(x, n, 1/2) and raw.add(x, n, 1) in one exp per element (online_add_squared); raw keeps
+  // the maxima of these lanes.
+  void add_squared(const float* x, index_t n, LaneSums& raw) {
+#pragma omp simd
+    for (index_t l = 0; l < n; ++l) {
+      const vocab_kd::OnlinePair out = vocab_kd::online_add_squared({max[l], sum[l]}, raw.sum[l], x[l]);
+      max[l] = raw.max[l] = out.a.max;
+      sum[l] = out.a.sum;
+      raw.sum[l] = out.raw_sum;
+    }
+  }
   // Merge the partial states of o into the first n lanes.
   void merge(const LaneSums& o, index_t n, float scale) {
 #pragma omp simd
@@ -164,6 +186,7 @@ struct LaneSums {
 // mlm_coef 0, so its softmax(s) term vanishes whichever way it is computed.
 struct LaneStats {
   float s_max[kLanes], t_max[kLanes], log_sum_a[kLanes], log_sum_b[kLanes], log_sum_s[kLanes];
+  float inv_sum_a[kLanes], inv_sum_b[kLanes], inv_sum_s[kLanes];
   float kd_coef[kLanes], mlm_coef[kLanes], t_ref[kLanes], sp_ref[kLanes];
   float k[kLanes];  // sum q*delta of the row, after pass 2 (reverse KL / JSD)
   float inv_t, beta, log_beta, log_1m_beta, div_w;
@@ -172,15 +195,17 @@ struct LaneStats {
 
   void set(index_t l, const RowStats& st) {
     s_max[l] = st.s_max, t_max[l] = st.t_max, log_sum_a[l] = st.log_sum_a, log_sum_b[l] = st.log_sum_b;
-    log_sum_s[l] = st.log_sum_s, kd_coef[l] = st.kd_coef, mlm_coef[l] = st.mlm_coef;
+    log_sum_s[l] = st.log_sum_s, inv_sum_a[l] = st.inv_sum_a, inv_sum_b[l] = st.inv_sum_b;
+    inv_sum_s[l] = st.inv_sum_s, kd_coef[l] = st.kd_coef, mlm_coef[l] = st.mlm_coef;
     t_ref[l] = st.t_ref, sp_ref[l] = st.sp_ref;
     inv_t = st.inv_t, beta = st.beta, log_beta = st.log_beta, log_1m_beta = st.log_1m_beta, div_w = st.div_w;
     kind = st.kind;
   }
   // Built field by field (not copied from a RowStats), which keeps the lane loops vectorised.
   RowStats at(index_t l) const {
-    return {inv_t,    s_max[l], t_max[l],  log_sum_a[l], log_sum_b[l], log_sum_s[l], kd_coef[l], mlm_coef[l],
-            raw_softmax, kind,  t_ref[l],  beta,         log_beta,     log_1m_beta,  div_w,      sp_ref[l]};
+    return {inv_t,        s_max[l],     t_max[l],   log_sum_a[l], log_sum_b[l], log_sum_s[l], inv_sum_a[l],
+            inv_sum_b[l], inv_sum_s[l], kd_coef[l], mlm_coef[l],  raw_softmax,  kind,         t_ref[l],
+            beta,         log_beta,     log_1m_beta, div_w,       sp_ref[l]};
   }
 };
 
@@ -227,6 +252,27 @@ void jsd_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, L
   div_lane_passes<vocab_kd::jsd_element>(s, t, n, vocab, ld, st, kd);
 }
 
+// Forward KL / soft CE pass 2 of n <= kLanes vocab-major rows; adds the rows' KD terms to kd. Raw:
+// raw_softmax_mode, one for all lanes (see LaneStats).
+template <int Raw>
+inline __attribute__((always_inline)) void kl_lane_pass(float* s, const float* t, index_t n, index_t vocab,
+                                                        index_t ld, const LaneStats& st, float* kd) {
+  for (index_t start = 0; start < vocab; start += kBlock) {
+    float kd_block[kLanes] = {};
+    for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+      float* sv = s + v * ld;
+      const float* tv = t + v * ld;
+#pragma omp simd
+      for (index_t l = 0; l < n; ++l) {
+        const vocab_kd::ElementOut out = vocab_kd::element_grad_as<Raw>(sv[l], tv[l], st.at(l));
+        sv[l] = out.grad;
+        kd_block[l] += out.kd_term;
+      }
+    }
+    for (index_t l = 0; l < n; ++l) kd[l] += kd_block[l];
+  }
+}
+
 // n <= kLanes vocab-major rows: element (l, v) of s and t at l + v*ld. Every per-row quantity lives in a
 // lane array, so each step over v is one vector operation across the rows. The arithmetic per element is
 // the row-major kernel's (online_add instead of block merges: the same sums up to rounding).
@@ -248,9 +294,13 @@ void kd_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, co
 #pragma omp simd
         for (index_t l = 0; l < n; ++l) t_ref_block[l] = s[l + v * ld] > pa.max[l] ? t[l + v * ld] : t_ref_block[l];
       }
-      pa.add(s + v * ld, n, inv_t);
+      if (raw_softmax && temperature == 2.0f) {
+        pa.add_squared(s + v * ld, n, praw);
+      } else {
+        pa.add(s + v * ld, n, inv_t);
+        if (raw_softmax) praw.add(s + v * ld, n, 1.0f);
+      }
       pb.add(t + v * ld, n, inv_t);
-      if (raw_softmax) praw.add(s + v * ld, n, 1.0f);
     }
     if (divergence) {
       for (index_t l = 0; l < n; ++l) t_ref[l] = pa.max[l] > a.max[l] ? t_ref_block[l] : t_ref[l];
@@ -275,19 +325,13 @@ void kd_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, co
   } else if (kind == vocab_kd::kJSD) {
     jsd_lanes(s, t, n, vocab, ld, st, kd);
   } else {
-    for (index_t start = 0; start < vocab; start += kBlock) {
-      float kd_block[kLanes] = {};
-      for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
-        float* sv = s + v * ld;
-        const float* tv = t + v * ld;
-#pragma omp simd
-        for (index_t l = 0; l < n; ++l) {
-          const vocab_kd::ElementOut out = vocab_kd::element_grad(sv[l], tv[l], st.at(l));
-          sv[l] = out.grad;
-          kd_block[l] += out.kd_term;
-        }
-      }
-      for (index_t l = 0; l < n; ++l) kd[l] += kd_block[l];
+    const int raw_mode = vocab_kd::raw_softmax_mode(st.at(0));
+    if (raw_mode == vocab_kd::kRawIsQ) {
+      kl_lane_pass<vocab_kd::kRawIsQ>(s, t, n, vocab, ld, st, kd);
+    } else if (raw_mode == vocab_kd::kRawSquared) {
+      kl_lane_pass<vocab_kd::kRawSquared>(s, t, n, vocab, ld, st, kd);
+    } else {
+      kl_lane_pass<vocab_kd::kRawExp>(s, t, n, vocab, ld, st, kd);
     }
   }
   for (index_t l = 0; l < n; ++l) {

@@ -96,6 +96,20 @@ VOCAB_KD_HD OnlineSum online_add(OnlineSum acc, float x, float scale) {
   return {up ? x : acc.max, up ? acc.sum * e + 1.0f : acc.sum + e};
 }
 
+// At T = 2, online_add of x to a (scale 1/2) and to raw (scale 1), whose maxima are a's: raw's exp is the
+// square of a's (exp(d) = exp(d/2)^2), so the softmax of s for the MLM term costs no exp of its own.
+struct OnlinePair {
+  OnlineSum a;
+  float raw_sum;
+};
+
+VOCAB_KD_HD OnlinePair online_add_squared(OnlineSum a, float raw_sum, float x) {
+  const bool up = x > a.max;
+  const float e = vocab_exp((up ? a.max - x : x - a.max) * 0.5f);
+  const float e2 = e * e;
+  return {{up ? x : a.max, up ? a.sum * e + 1.0f : a.sum + e}, up ? raw_sum * e2 + 1.0f : raw_sum + e2};
+}
+
 // Combine two partial states (threads, warps, or a CPU block into its row).
 VOCAB_KD_HD OnlineSum online_merge(OnlineSum a, OnlineSum b, float scale) {
   const float m = a.max > b.max ? a.max : b.max;
@@ -110,6 +124,9 @@ struct RowStats {
   float log_sum_a;   // log sum exp((s - s_max)/T)
   float log_sum_b;   // log sum exp((t - t_max)/T)
   float log_sum_s;   // log sum exp(s - s_max) (= log_sum_a when T == 1); read when raw_softmax
+  float inv_sum_a;   // 1 / sum exp((s - s_max)/T), so q = exp((s - s_max)/T) * inv_sum_a
+  float inv_sum_b;   // 1 / sum exp((t - t_max)/T)
+  float inv_sum_s;   // 1 / sum exp(s - s_max)
   float kd_coef;     // gradient coefficient of d kd_row / d a
   float mlm_coef;    // gradient coefficient of softmax(s) - onehot(y)
   bool raw_softmax;  // softmax(s) differs from q (T != 1) and the row has an MLM term
@@ -187,6 +204,9 @@ VOCAB_KD_HD RowStats row_stats(OnlineSum a, OnlineSum b, OnlineSum raw, float te
   st.log_sum_b = logf(b.sum);
   st.raw_softmax = has_label && temperature != 1.0f;
   st.log_sum_s = st.raw_softmax ? logf(raw.sum) : st.log_sum_a;
+  st.inv_sum_a = 1.0f / a.sum;
+  st.inv_sum_b = 1.0f / b.sum;
+  st.inv_sum_s = st.raw_softmax ? 1.0f / raw.sum : st.inv_sum_a;
   st.kd_coef = kd_coef;
   st.mlm_coef = has_label ? mlm_coef : 0.0f;
   st.kind = kind;
@@ -205,14 +225,36 @@ struct ElementOut {
   float kd_term;  // this element's share of KL(p || q) or of the soft CE
 };
 
-VOCAB_KD_HD ElementOut element_grad(float s, float t, const RowStats& st) {
-  const float log_q = (s - st.s_max) * st.inv_t - st.log_sum_a;
-  const float log_p = (t - st.t_max) * st.inv_t - st.log_sum_b;  // -inf for a teacher logit dropped by top-k
-  const float q = vocab_exp(log_q);
-  const float p = vocab_exp(log_p);
-  const float softmax_s = st.raw_softmax ? vocab_exp((s - st.s_max) - st.log_sum_s) : q;
+// How pass 2 takes softmax(s), the MLM term's softmax at T = 1: it is q (T == 1, or the row has no MLM
+// term), the square of q's exp (T == 2), or an exp of its own.
+enum RawSoftmax : int { kRawIsQ = 0, kRawSquared = 1, kRawExp = 2 };
+
+VOCAB_KD_HD int raw_softmax_mode(const RowStats& st) {
+  return !st.raw_softmax ? kRawIsQ : (st.inv_t == 0.5f ? kRawSquared : kRawExp);
+}
+
+// One element; Raw = raw_softmax_mode(st), a template argument so loops over elements stay branch-free.
+// q and p are exp(relative logit) / sum: the exps lose nothing to the rounding of the log sums.
+template <int Raw>
+VOCAB_KD_HD ElementOut element_grad_as(float s, float t, const RowStats& st) {
+  const float a = (s - st.s_max) * st.inv_t;  // log q + log_sum_a
+  const float b = (t - st.t_max) * st.inv_t;  // log p + log_sum_b; -inf for a teacher logit dropped by top-k
+  const float e_a = vocab_exp(a);
+  const float q = e_a * st.inv_sum_a;
+  const float p = vocab_exp(b) * st.inv_sum_b;
+  const float log_q = a - st.log_sum_a, log_p = b - st.log_sum_b;
+  float softmax_s = q;
+  if (Raw == kRawSquared) softmax_s = e_a * e_a * st.inv_sum_s;
+  if (Raw == kRawExp) softmax_s = vocab_exp((s - st.s_max) - st.log_sum_s);
   const float kd_term = p > 0.0f ? p * (st.kind == kSoftCE ? -log_q : log_p - log_q) : 0.0f;
   return {st.kd_coef * (q - p) + st.mlm_coef * softmax_s, kd_term};
+}
+
+VOCAB_KD_HD ElementOut element_grad(float s, float t, const RowStats& st) {
+  const int raw = raw_softmax_mode(st);
+  return raw == kRawIsQ ? element_grad_as<kRawIsQ>(s, t, st)
+         : raw == kRawSquared ? element_grad_as<kRawSquared>(s, t, st)
+                              : element_grad_as<kRawExp>(s, t, st);
 }
 
 // Reverse KL / JSD: what passes 2 and 3 need of one element.

@@ -90,7 +90,7 @@ def test_grad_scale_is_applied():
 
 
 @pytest.mark.parametrize("scale", [30.0, 300.0])
-@pytest.mark.parametrize("temperature", [0.5, 4.0])
+@pytest.mark.parametrize("temperature", [0.5, 2.0, 4.0])  # 2.0: the MLM softmax as a square of the KD exp
 def test_extreme_logits(scale, temperature):
     inputs = make(scale=scale)
     options = dict(temperature=temperature, mlm_weight=1.0)
@@ -226,7 +226,7 @@ def test_bad_inputs_raise_clear_errors(change, message):
         kdfast.fused_linear_kd(**inputs, mlm_weight=1.0, backend=BACKEND)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])  # softmax(s) of the MLM term: q, squared, own exp
 @pytest.mark.parametrize("kind", ["kl", "soft_ce", "reverse_kl", "jsd"])
 def test_row_kernel_layouts_agree(temperature, kind):
     """The C++ kernel on row-major and on vocab-major logits (71 rows: two full 32-row lane groups and a
