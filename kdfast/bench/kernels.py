@@ -2,7 +2,9 @@
 timing and memory measurement (kdfast/bench/measure.py), print a table and write JSON. Memory is the
 peak of live tensor bytes during a call (``peak_mb``), and ``working_mb``: that peak less the bytes of
 the results every implementation returns (``outputs_mb``: the loss and gradients; at LLM shapes the
-fp32 d_weight [V, Hs] alone is 1 GiB), the memory an implementation chooses to use. The repeats of
+fp32 d_weight [V, Hs] alone is 1 GiB), the memory an implementation chooses to use. Scratch kept between
+calls (kdfast's CPU chunk workspace) is freed before the peak is taken, so the peak counts it; the timed
+calls reuse it, as a training loop does. The repeats of
 all implementations of a shape run in rotation, so drifting machine load biases none of them.
 
 JSON: ``{"device", "device_name", "torch", "triton", "git_commit", "seed", "threads", "quick",
@@ -26,6 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
+from kdfast._buffers import release_workspaces
 from kdfast.bench import measure
 from kdfast.bench.ops import FLOOR, OPS
 
@@ -88,6 +91,7 @@ def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick:
     dtype = dtype or getattr(module, "DEFAULT_DTYPES", DEFAULT_DTYPES)[device.type]
     impls = module.impls(device)
     extra_fields = getattr(module, "extra_fields", lambda key, shape, fn, inputs, device: {})
+    release_scratch = getattr(module, "release_scratch", lambda: None)
     if only:
         impls = {k: f for k, f in impls.items() if k == FLOOR or _split(k)[0] in only or k in only}
     results = []
@@ -102,6 +106,8 @@ def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick:
             errors[key] = None if key.startswith(FLOOR) else _max_rel_err(outputs, reference)  # floors: no loss
             output_mb[key] = sum(t.numel() * t.element_size() for t in outputs) / 2**20
             del outputs
+            release_workspaces()  # so the peak counts the scratch an impl keeps between calls
+            release_scratch()
             peaks[key] = measure.peak_mb(functools.partial(fn, inputs), device)
         bound = {key: functools.partial(fn, inputs) for key, fn in impls.items()}
         times = measure.interleaved_median_ms(bound, device, warmup=max(warmup - 1, 0), repeats=repeats)

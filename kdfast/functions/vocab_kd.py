@@ -39,7 +39,7 @@ from typing import Callable, Optional
 
 import torch
 
-from kdfast._buffers import new_output
+from kdfast._buffers import new_output, workspace
 from kdfast._reduction import KINDS, kd_divisor, kd_factor, mlm_divisor
 from kdfast.functions.sparse_targets import SparseTargets
 from kdfast.losses.types import KDOutput
@@ -307,53 +307,53 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
         # Vocab-major chunks only for fp32 products (16-bit ones run on CUDA, where kernels are row-major).
         vocab_major = getattr(row_kernel, "vocab_major", False) and not student.native16 and not (
             teacher is not None and teacher.native16)
-        s_buf = torch.empty(size * vocab, dtype=torch.float32, device=device)
-        t_buf = torch.empty(size * vocab, dtype=torch.float32, device=device)
         mark = _PHASE_HOOK[0]
-        for start in range(0, sel.count, size):
-            if mark:
-                mark("start")
-            stop = min(start + size, sel.count)
-            part = slice(start, stop)
-            ids = None if sel.index is None else sel.index[part]
-            x_s = student_hidden[part] if ids is None else student_hidden.index_select(0, ids)
-            s, t = (_chunk_view(buf, stop - start, vocab, vocab_major) for buf in (s_buf, t_buf))
-            student.logits_into(s, x_s)
-            if mark:
-                mark("student_logits")
-            if with_teacher and targets is not None:
-                targets.fill(t, part if ids is None else ids, opts["temperature"])
-            elif with_teacher:
-                x_t = teacher_hidden[part] if ids is None else teacher_hidden.index_select(0, ids)
-                teacher.logits_into(t, x_t)
-                if opts["teacher_topk"] is not None:
-                    _keep_topk(t, opts["teacher_topk"])
-            else:
-                t.copy_(s)  # KL(q || q) = 0: the KD term vanishes, only the MLM gradient remains
-            if mark:
-                mark("teacher_logits")
-            kd_row, mlm_row = row_kernel(s, t, sel.labels[part], sel.kd_coef[part], sel.mlm_coef[part],
-                                         opts["temperature"], opts["kind"] if with_teacher else "kl", opts["beta"])
-            kd_sum += (kd_row.double() * sel.kd_scale[part]).sum()
-            mlm_sum += mlm_row.double().sum()
-            if mark:
-                mark("row_kernel")
-            # s now holds d loss / d student logits for this chunk; t is spent.
-            if need_db:
-                d_bias += s.sum(0)
-            operands = student.grad_operands(s, scratch=t) if need_dh or need_dw else []
-            if need_dh:
-                if ids is None:
-                    student.times_weight(operands, out=d_hidden[part])
+        with workspace(2 * size * vocab, device) as chunks:
+            s_buf, t_buf = chunks[: size * vocab], chunks[size * vocab:]
+            for start in range(0, sel.count, size):
+                if mark:
+                    mark("start")
+                stop = min(start + size, sel.count)
+                part = slice(start, stop)
+                ids = None if sel.index is None else sel.index[part]
+                x_s = student_hidden[part] if ids is None else student_hidden.index_select(0, ids)
+                s, t = (_chunk_view(buf, stop - start, vocab, vocab_major) for buf in (s_buf, t_buf))
+                student.logits_into(s, x_s)
+                if mark:
+                    mark("student_logits")
+                if with_teacher and targets is not None:
+                    targets.fill(t, part if ids is None else ids, opts["temperature"])
+                elif with_teacher:
+                    x_t = teacher_hidden[part] if ids is None else teacher_hidden.index_select(0, ids)
+                    teacher.logits_into(t, x_t)
+                    if opts["teacher_topk"] is not None:
+                        _keep_topk(t, opts["teacher_topk"])
                 else:
-                    rows_grad = student.times_weight(operands, out=x_s.new_empty(x_s.shape, dtype=torch.float32))
-                    d_hidden.index_copy_(0, ids, rows_grad)
-            if mark:
-                mark("d_hidden")
-            if need_dw:
-                student.add_weight_grad_(d_weight, operands, x_s, first=start == 0)
-            if mark:
-                mark("d_weight")
+                    t.copy_(s)  # KL(q || q) = 0: the KD term vanishes, only the MLM gradient remains
+                if mark:
+                    mark("teacher_logits")
+                kd_row, mlm_row = row_kernel(s, t, sel.labels[part], sel.kd_coef[part], sel.mlm_coef[part],
+                                             opts["temperature"], opts["kind"] if with_teacher else "kl", opts["beta"])
+                kd_sum += (kd_row.double() * sel.kd_scale[part]).sum()
+                mlm_sum += mlm_row.double().sum()
+                if mark:
+                    mark("row_kernel")
+                # s now holds d loss / d student logits for this chunk; t is spent.
+                if need_db:
+                    d_bias += s.sum(0)
+                operands = student.grad_operands(s, scratch=t) if need_dh or need_dw else []
+                if need_dh:
+                    if ids is None:
+                        student.times_weight(operands, out=d_hidden[part])
+                    else:
+                        rows_grad = student.times_weight(operands, out=x_s.new_empty(x_s.shape, dtype=torch.float32))
+                        d_hidden.index_copy_(0, ids, rows_grad)
+                if mark:
+                    mark("d_hidden")
+                if need_dw:
+                    student.add_weight_grad_(d_weight, operands, x_s, first=start == 0)
+                if mark:
+                    mark("d_weight")
         if with_teacher and targets is not None and opts["kind"] == "kl":
             offset = targets.kl_offset()
             kd_sum += (sel.kd_scale * (offset if sel.index is None else offset[sel.index])).sum()
@@ -457,27 +457,28 @@ class _KDKL(torch.autograd.Function):
             # fp32 without a mask: the kernel works directly in the gradient buffer.
             in_place = grad is not None and sel.index is None and grad.dtype == torch.float32
             vanishes = _kd_vanishes(opts)
-            s_buf = None if in_place else torch.empty((size, vocab), dtype=torch.float32, device=device)
-            t_buf = torch.empty((size, vocab), dtype=torch.float32, device=device)
-            for start in range(0, sel.count, size):
-                stop = min(start + size, sel.count)
-                part = slice(start, stop)
-                ids = None if sel.index is None else sel.index[part]
-                s = grad[part] if in_place else s_buf[: stop - start]
-                t = t_buf[: stop - start]
-                s.copy_(student_logits[part] if ids is None else student_logits.index_select(0, ids))
-                if vanishes:
-                    t.copy_(s)  # KL(q || q) = 0, the value and gradient of the vanishing JSD
-                else:
-                    t.copy_(teacher_logits[part] if ids is None else teacher_logits.index_select(0, ids))
-                kd_row, _ = row_kernel(s, t, sel.labels[part], sel.kd_coef[part], sel.mlm_coef[part],
-                                       opts["temperature"], "kl" if vanishes else opts["kind"], opts["beta"])
-                kd_sum += (kd_row.double() * sel.kd_scale[part]).sum()
-                if grad is not None and not in_place:
-                    if ids is None:
-                        grad[part] = s
+            with workspace((1 if in_place else 2) * size * vocab, device) as chunks:
+                t_buf = chunks[: size * vocab].view(size, vocab)
+                s_buf = None if in_place else chunks[size * vocab:].view(size, vocab)
+                for start in range(0, sel.count, size):
+                    stop = min(start + size, sel.count)
+                    part = slice(start, stop)
+                    ids = None if sel.index is None else sel.index[part]
+                    s = grad[part] if in_place else s_buf[: stop - start]
+                    t = t_buf[: stop - start]
+                    s.copy_(student_logits[part] if ids is None else student_logits.index_select(0, ids))
+                    if vanishes:
+                        t.copy_(s)  # KL(q || q) = 0, the value and gradient of the vanishing JSD
                     else:
-                        grad.index_copy_(0, ids, s.to(grad.dtype))
+                        t.copy_(teacher_logits[part] if ids is None else teacher_logits.index_select(0, ids))
+                    kd_row, _ = row_kernel(s, t, sel.labels[part], sel.kd_coef[part], sel.mlm_coef[part],
+                                           opts["temperature"], "kl" if vanishes else opts["kind"], opts["beta"])
+                    kd_sum += (kd_row.double() * sel.kd_scale[part]).sum()
+                    if grad is not None and not in_place:
+                        if ids is None:
+                            grad[part] = s
+                        else:
+                            grad.index_copy_(0, ids, s.to(grad.dtype))
         ctx.save_for_backward(grad)
         return kd_sum.float()
 

@@ -11,7 +11,8 @@
 
 Optional: ``DEFAULT_DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}``;
 ``extra_fields(key, shape, fn, inputs, device) -> dict``: more fields for the result of impl ``key``
-(``fn`` its callable) on ``shape``, computed after the timing.
+(``fn`` its callable) on ``shape``, computed after the timing; ``release_scratch()``: free buffers the
+module's impls keep between calls (called before each peak measurement, so the peak counts them).
 """
 from __future__ import annotations
 

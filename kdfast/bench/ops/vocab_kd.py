@@ -110,11 +110,29 @@ def _liger() -> Callable[[dict], tuple]:
     return run
 
 
+# The floors' logits, kept between calls as kdfast keeps its chunk workspace: a fresh [rows, V] buffer per
+# call would add page faults (the kernel zeroing every new page) to the matmuls the floor stands for.
+_FLOOR_LOGITS: "dict[tuple, torch.Tensor]" = {}
+
+
+def _floor_logits(name: str, shape: tuple, device: torch.device) -> torch.Tensor:
+    key = (name, tuple(shape), device)
+    if key not in _FLOOR_LOGITS:
+        _FLOOR_LOGITS[key] = torch.empty(shape, dtype=torch.float32, device=device)
+    return _FLOOR_LOGITS[key]
+
+
+def release_scratch() -> None:
+    """Free the floors' kept logits (called before a peak is taken, so it counts them)."""
+    _FLOOR_LOGITS.clear()
+
+
 def _floor(x: dict) -> tuple:
     with torch.no_grad():
-        hidden, weight = x["student_hidden"], x["student_weight"]
-        t = x["teacher_hidden"] @ x["teacher_weight"].t()
-        s = hidden @ weight.t()
+        hidden, weight, t_hidden = x["student_hidden"], x["student_weight"], x["teacher_hidden"]
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        t = torch.mm(t_hidden, x["teacher_weight"].t(), out=_floor_logits("t", (rows, vocab), hidden.device))
+        s = torch.mm(hidden, weight.t(), out=_floor_logits("s", (rows, vocab), hidden.device))
         return t, s @ weight, s.t() @ hidden
 
 
@@ -122,9 +140,10 @@ def _floor_vocab_major(x: dict) -> tuple:
     """The floor's four matmuls on vocabulary-major logits [V, rows] (W @ x^T), the layout kdfast's CPU
     driver fills: MKL runs them faster than the row-major ones, so this is the stricter CPU floor."""
     with torch.no_grad():
-        hidden, weight = x["student_hidden"], x["student_weight"]
-        t = x["teacher_weight"] @ x["teacher_hidden"].t()
-        s = weight @ hidden.t()
+        hidden, weight, t_weight = x["student_hidden"], x["student_weight"], x["teacher_weight"]
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        t = torch.mm(t_weight, x["teacher_hidden"].t(), out=_floor_logits("t_vm", (vocab, rows), hidden.device))
+        s = torch.mm(weight, hidden.t(), out=_floor_logits("s_vm", (vocab, rows), hidden.device))
         return t, s.t() @ weight, s @ hidden
 
 
