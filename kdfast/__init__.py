@@ -1,6 +1,7 @@
 """kdfast: fused knowledge-distillation losses and an equal-compute KD-vs-scratch engine."""
+from kdfast._buffers import release_workspaces
 from kdfast.losses import *  # noqa: F401,F403
 from kdfast.losses import __all__ as _loss_names
 
 __version__ = "0.1.0"
-__all__ = list(_loss_names)
+__all__ = [*_loss_names, "release_workspaces"]

@@ -297,3 +297,36 @@ def test_chunk_rows_follow_free_memory(monkeypatch):
     assert vocab_kd.chunk_rows(4096, 30522, cpu) == 16  # never below 16 rows
     monkeypatch.setenv("KDFAST_VOCAB_CHUNK_ROWS", "5")
     assert vocab_kd.chunk_rows(4096, 30522, cpu) == 5
+
+
+def test_workspace_is_kept_reused_and_released():
+    """The CPU chunk workspace survives a call (no page faults per step), a later call with other shapes
+    reuses it and still matches float64 (stale contents never leak), and release_workspaces frees it."""
+    from kdfast import _buffers
+
+    kdfast.release_workspaces()
+    big = make(n=64, v=1100)
+    assert_close(run_kdfast(big, temperature=2.0, mlm_weight=0.5),
+                 f64.loss_and_grads(**big, temperature=2.0, mlm_weight=0.5), 1e-5)
+    kept = _buffers._SPARE[torch.device("cpu")]
+    assert kept.numel() >= 2 * int((big["labels"] != -100).sum()) * 1100  # both chunks of the labelled rows
+    small = make(n=17, v=700)
+    for options in (dict(temperature=2.0, mlm_weight=0.5), dict(temperature=0.5, teacher_topk=9)):
+        assert_close(run_kdfast(small, **options), f64.loss_and_grads(**small, **options), 1e-5)
+    assert _buffers._SPARE[torch.device("cpu")].data_ptr() == kept.data_ptr()  # reused, not reallocated
+    kdfast.release_workspaces()
+    assert torch.device("cpu") not in _buffers._SPARE
+
+
+def test_workspace_in_use_is_never_shared():
+    """Nested (or concurrent) users get distinct memory; the larger buffer is the one kept."""
+    from kdfast._buffers import _SPARE, release_workspaces, workspace
+
+    release_workspaces()
+    with workspace(100, torch.device("cpu")) as outer, workspace(300, torch.device("cpu")) as inner:
+        outer.fill_(1.0)
+        inner.fill_(2.0)
+        assert (outer == 1.0).all()
+        assert outer.data_ptr() != inner.data_ptr()
+    assert _SPARE[torch.device("cpu")].numel() == 300
+    release_workspaces()

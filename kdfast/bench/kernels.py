@@ -127,6 +127,8 @@ def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick:
                 r["peak_vs_eager"] = round(r["peak_mb"] / eager["peak_mb"], 3)
                 r["working_vs_eager"] = round(r["working_mb"] / eager["working_mb"], 3)
         del inputs, reference
+        release_workspaces()  # the next shape's impls start without this one's kept buffers
+        release_scratch()
     return results
 
 
