@@ -294,7 +294,7 @@ void kd_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, co
 #pragma omp simd
         for (index_t l = 0; l < n; ++l) t_ref_block[l] = s[l + v * ld] > pa.max[l] ? t[l + v * ld] : t_ref_block[l];
       }
-      if (raw_softmax && temperature == 2.0f) {
+      if (raw_softmax && vocab_kd::raw_is_square(inv_t)) {
         pa.add_squared(s + v * ld, n, praw);
       } else {
         pa.add(s + v * ld, n, inv_t);

@@ -229,8 +229,11 @@ struct ElementOut {
 // term), the square of q's exp (T == 2), or an exp of its own.
 enum RawSoftmax : int { kRawIsQ = 0, kRawSquared = 1, kRawExp = 2 };
 
+// Whether exp(d * inv_t)^2 = exp(d): the softmax at T = 1 from the square of the exp at 1/T (T = 2).
+VOCAB_KD_HD bool raw_is_square(float inv_t) { return inv_t == 0.5f; }
+
 VOCAB_KD_HD int raw_softmax_mode(const RowStats& st) {
-  return !st.raw_softmax ? kRawIsQ : (st.inv_t == 0.5f ? kRawSquared : kRawExp);
+  return !st.raw_softmax ? kRawIsQ : (raw_is_square(st.inv_t) ? kRawSquared : kRawExp);
 }
 
 // One element; Raw = raw_softmax_mode(st), a template argument so loops over elements stay branch-free.
