@@ -3,8 +3,9 @@ C++/OpenMP vocabulary-KD row kernel."""
 from __future__ import annotations
 
 from kdfast import _ext
-from kdfast.functions.vocab_kd import chunked_fused_linear_kd, fused_unsupported_reason, pointer_row_kernel
+from kdfast.functions.vocab_kd import fused_unsupported_reason, pointer_row_kernel
 from kdfast.losses.types import KDOutput
+from kdfast.ops import vocab
 
 # Row kernel (contract in kdfast/functions/vocab_kd.py): s [C, V] becomes d loss / d s; returns kd_row, mlm_row [C].
 # It takes both layouts; the fused driver fills vocab-major chunks (faster head products in MKL).
@@ -14,7 +15,7 @@ rows = pointer_row_kernel(lambda *args: _ext.require_cpu().vocab_kd_rows(*args),
 
 def fused_linear_kd(**kwargs) -> KDOutput:
     """``kdfast.fused_linear_kd`` on CPU tensors (validated keyword arguments)."""
-    return chunked_fused_linear_kd(rows, **kwargs)
+    return vocab.fused_linear_kd("cpu", **kwargs)
 
 
 unsupported_reason = fused_unsupported_reason  # float64 goes to backend 'torch'

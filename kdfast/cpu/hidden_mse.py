@@ -6,14 +6,15 @@ from typing import Optional
 import torch
 
 from kdfast import _ext
-from kdfast.functions.hidden_mse import decline, hidden_mse_with
+from kdfast.functions.hidden_mse import decline
+from kdfast.ops import hidden
 
 
 def unsupported_reason(h_s=None, h_t=None, **_) -> Optional[str]:
     return decline(h_s, h_t, "cpu")
 
 
-def _rows(y, t, row_mask, grad_scale, grad, column_sum) -> torch.Tensor:
+def rows(y, t, row_mask, grad_scale, grad, column_sum) -> torch.Tensor:
     t = t.float()
     loss_sum = _ext.require_cpu().hidden_mse_rows(
         y.data_ptr(), y.stride(0), t.data_ptr(), t.stride(0), 0 if row_mask is None else row_mask.data_ptr(),
@@ -24,4 +25,4 @@ def _rows(y, t, row_mask, grad_scale, grad, column_sum) -> torch.Tensor:
 
 def hidden_mse(h_s: torch.Tensor, h_t: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                mask: Optional[torch.Tensor]) -> torch.Tensor:
-    return hidden_mse_with(_rows, h_s, h_t, weight, bias, mask)
+    return hidden.hidden_mse("cpu", h_s, h_t, weight, bias, mask)

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.cpu.fused_linear_kd import rows
-from kdfast.functions.vocab_kd import chunked_kd_kl, kd_kl_unsupported_reason
+from kdfast.cpu.fused_linear_kd import rows  # noqa: F401  (the row kernel of op kd_kl)
+from kdfast.functions.vocab_kd import kd_kl_unsupported_reason
+from kdfast.ops import vocab
 
 
 def kd_kl(**kwargs) -> torch.Tensor:
     """``kdfast.kd_kl`` on CPU tensors (validated keyword arguments)."""
-    return chunked_kd_kl(rows, **kwargs)
+    return vocab.kd_kl("cpu", **kwargs)
 
 
 unsupported_reason = kd_kl_unsupported_reason  # float64 goes to backend 'torch'

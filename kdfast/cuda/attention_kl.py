@@ -7,13 +7,22 @@ import torch
 
 from kdfast import _ext
 from kdfast.functions import attention_kl as native
+from kdfast.ops import attention
 
 KERNELS = native.Kernels(_ext.require_cuda, lambda device: (torch.cuda.current_stream(device).cuda_stream,))
 
 
 def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
                  key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return native.attention_kl(KERNELS, q_s, k_s, q_t, k_t, key_mask)
+    return attention.attention_kl("cuda", q_s, k_s, q_t, k_t, key_mask)
+
+
+def forward(q_s, k_s, q_t, k_t, key_mask):
+    return native.forward(KERNELS, q_s, k_s, q_t, k_t, key_mask)
+
+
+def backward(grad_loss, q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, rows):
+    return native.backward(KERNELS, grad_loss, q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, rows)
 
 
 unsupported_reason = native.attention_kl_unsupported

@@ -7,7 +7,8 @@ import torch
 
 from kdfast import _ext
 from kdfast._buffers import new_output
-from kdfast.functions.attention_score_mse import attention_score_mse_with, decline
+from kdfast.functions.attention_score_mse import decline
+from kdfast.ops import attention
 
 MAX_HEAD_DIM = 128
 
@@ -16,7 +17,7 @@ def unsupported_reason(q_s=None, q_t=None, **_) -> Optional[str]:
     return decline(q_s, q_t, "cuda", MAX_HEAD_DIM)
 
 
-def _kernel(q_s, k_s, q_t, k_t, key_mask, alpha_s, alpha_t, grad_scale_q, grad_scale_k, with_grad):
+def kernel(q_s, k_s, q_t, k_t, key_mask, alpha_s, alpha_t, grad_scale_q, grad_scale_k, with_grad):
     ext = _ext.require_cuda()
     q_s, k_s, q_t, k_t = (x.float() for x in (q_s, k_s, q_t, k_t))
     batch, heads, length, d_s = q_s.shape
@@ -40,4 +41,4 @@ def _kernel(q_s, k_s, q_t, k_t, key_mask, alpha_s, alpha_t, grad_scale_q, grad_s
 
 def attention_score_mse(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
                         key_mask: Optional[torch.Tensor], include_masked_keys: bool) -> torch.Tensor:
-    return attention_score_mse_with(_kernel, q_s, k_s, q_t, k_t, key_mask, include_masked_keys)
+    return attention.attention_score_mse("cuda", q_s, k_s, q_t, k_t, key_mask, include_masked_keys)

@@ -3,8 +3,9 @@ CUDA extension (a block per row) vocabulary-KD row kernel."""
 from __future__ import annotations
 
 from kdfast import _ext
-from kdfast.functions.vocab_kd import chunked_fused_linear_kd, fused_unsupported_reason, pointer_row_kernel
+from kdfast.functions.vocab_kd import fused_unsupported_reason, pointer_row_kernel
 from kdfast.losses.types import KDOutput
+from kdfast.ops import vocab
 
 # Row kernel (contract in kdfast/functions/vocab_kd.py): s [C, V] becomes d loss / d s; returns kd_row, mlm_row [C].
 rows = pointer_row_kernel(lambda *args: _ext.require_cuda().vocab_kd_rows(*args), with_stream=True)
@@ -12,7 +13,7 @@ rows = pointer_row_kernel(lambda *args: _ext.require_cuda().vocab_kd_rows(*args)
 
 def fused_linear_kd(**kwargs) -> KDOutput:
     """``kdfast.fused_linear_kd`` on CUDA tensors (validated keyword arguments)."""
-    return chunked_fused_linear_kd(rows, **kwargs)
+    return vocab.fused_linear_kd("cuda", **kwargs)
 
 
 unsupported_reason = fused_unsupported_reason  # float64 goes to backend 'torch'

@@ -7,14 +7,15 @@ import torch
 
 from kdfast import _ext
 from kdfast._buffers import new_output
-from kdfast.functions.hidden_mse import decline, hidden_mse_with
+from kdfast.functions.hidden_mse import decline
+from kdfast.ops import hidden
 
 
 def unsupported_reason(h_s=None, h_t=None, **_) -> Optional[str]:
     return decline(h_s, h_t, "cuda")
 
 
-def _rows(y, t, row_mask, grad_scale, grad, column_sum) -> torch.Tensor:
+def rows(y, t, row_mask, grad_scale, grad, column_sum) -> torch.Tensor:
     ext = _ext.require_cuda()
     t = t.float()
     rows, width = y.shape
@@ -34,4 +35,4 @@ def _rows(y, t, row_mask, grad_scale, grad, column_sum) -> torch.Tensor:
 
 def hidden_mse(h_s: torch.Tensor, h_t: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                mask: Optional[torch.Tensor]) -> torch.Tensor:
-    return hidden_mse_with(_rows, h_s, h_t, weight, bias, mask)
+    return hidden.hidden_mse("cuda", h_s, h_t, weight, bias, mask)

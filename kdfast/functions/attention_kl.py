@@ -1,6 +1,7 @@
-"""The autograd Function of the two-operand attention KL on the native backends.
+"""The two-operand attention KL on the native backends (forward and backward of ops
+``kdfast::attention_kl`` and ``kdfast::relation_kl``, ``kdfast/ops/attention.py``).
 
-One Function serves ``cpu`` (``kdfast._C``) and ``cuda`` (``kdfast._cuda``); a :class:`Kernels`
+One driver serves ``cpu`` (``kdfast._C``) and ``cuda`` (``kdfast._cuda``); a :class:`Kernels`
 names the extension and how it gets its stream. The forward stores only the two log-sum-exps per
 row ([B, h, L] fp32 each); the backward recomputes the score tiles from them. Relations
 (MiniLMv2) are the case k = q on a strided [B, A_r, L, d_r] view of x [B, L, H]: no copy, and
@@ -64,45 +65,48 @@ def _rows(key_mask: Optional[torch.Tensor], batch: int, heads: int, length: int,
     return (key_mask.sum(dtype=torch.float32) * heads).clamp_min(1.0)
 
 
-class AttentionKLFunction(torch.autograd.Function):
-    """Mean KL over (B, h, valid rows). ``k_s is None`` means k_s = q_s (relation)."""
+def _operands(q_s, k_s, q_t, k_t, key_mask):
+    """Inputs with unit last stride (k_s None: k = q, relation) and a contiguous mask."""
+    q_s, q_t = _last_dim_contiguous(q_s), _last_dim_contiguous(q_t)
+    k_s = q_s if k_s is None else _last_dim_contiguous(k_s)
+    k_t = q_t if k_t is None else _last_dim_contiguous(k_t)
+    return q_s, k_s, q_t, k_t, None if key_mask is None else key_mask.contiguous()
 
-    @staticmethod
-    def forward(ctx, kernels: Kernels, q_s, k_s, q_t, k_t, key_mask):
-        same_qk = k_s is None
-        q_s, q_t = _last_dim_contiguous(q_s), _last_dim_contiguous(q_t)
-        k_s = q_s if same_qk else _last_dim_contiguous(k_s)
-        k_t = q_t if k_t is None else _last_dim_contiguous(k_t)
-        batch, heads, length, _ = q_s.shape
-        mask = None if key_mask is None else key_mask.contiguous()
-        kl_rows, lse_s, lse_t = (new_output((batch, heads, length), torch.float32, q_s.device) for _ in range(3))
-        kernels.module().attention_kl_forward(
-            _operand(q_s), _operand(k_s), _operand(q_t), _operand(k_t), same_qk,
-            0 if mask is None else mask.data_ptr(), batch, heads, length,
-            kl_rows.data_ptr(), lse_s.data_ptr(), lse_t.data_ptr(), *kernels.launch_args(q_s.device))
-        rows = _rows(mask, batch, heads, length, q_s.device)
-        ctx.kernels, ctx.same_qk = kernels, same_qk
-        ctx.save_for_backward(q_s, k_s, q_t, k_t, mask, lse_s, lse_t, rows)
-        return (kl_rows.sum(dtype=torch.float64) / rows).float()
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        q_s, k_s, q_t, k_t, mask, lse_s, lse_t, rows = ctx.saved_tensors
-        batch, heads, length, _ = q_s.shape
-        if ctx.same_qk:  # one fp32 buffer laid out like q_s's storage: dq and dk sum into it
-            dq = dk = _like_strided_fp32(q_s)
-        else:
-            dq = new_output(q_s.shape, torch.float32, q_s.device)
-            dk = new_output(k_s.shape, torch.float32, k_s.device)
-        ctx.kernels.module().attention_kl_backward(
-            _operand(q_s), _operand(k_s), _operand(q_t), _operand(k_t), ctx.same_qk,
-            0 if mask is None else mask.data_ptr(), batch, heads, length,
-            lse_s.data_ptr(), lse_t.data_ptr(), 1.0, _grad_target(dq), _grad_target(dk),
-            *ctx.kernels.launch_args(q_s.device))
-        scale = grad_loss.float() / rows
-        grad_q = dq.mul_(scale).to(q_s.dtype)
-        grad_k = None if ctx.same_qk else dk.mul_(scale).to(k_s.dtype)
-        return None, grad_q, grad_k, None, None, None
+def forward(kernels: Kernels, q_s, k_s, q_t, k_t, key_mask):
+    """Mean KL over (B, h, valid rows) and what the backward reads: (loss, lse_s, lse_t, rows), the
+    log-sum-exps [B, h, L] fp32 and the 0-dim fp32 row count. ``k_s``/``k_t`` None mean k = q."""
+    same_qk = k_s is None
+    q_s, k_s, q_t, k_t, mask = _operands(q_s, k_s, q_t, k_t, key_mask)
+    batch, heads, length, _ = q_s.shape
+    kl_rows, lse_s, lse_t = (new_output((batch, heads, length), torch.float32, q_s.device) for _ in range(3))
+    kernels.module().attention_kl_forward(
+        _operand(q_s), _operand(k_s), _operand(q_t), _operand(k_t), same_qk,
+        0 if mask is None else mask.data_ptr(), batch, heads, length,
+        kl_rows.data_ptr(), lse_s.data_ptr(), lse_t.data_ptr(), *kernels.launch_args(q_s.device))
+    rows = _rows(mask, batch, heads, length, q_s.device)
+    return (kl_rows.sum(dtype=torch.float64) / rows).float(), lse_s, lse_t, rows
+
+
+def backward(kernels: Kernels, grad_loss, q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, rows):
+    """(d q_s, d k_s) in the inputs' dtypes; with ``k_s`` None (k = q) one gradient, the sum of both,
+    and None."""
+    same_qk = k_s is None
+    q_s, k_s, q_t, k_t, mask = _operands(q_s, k_s, q_t, k_t, key_mask)
+    batch, heads, length, _ = q_s.shape
+    if same_qk:  # one fp32 buffer laid out like q_s's storage: dq and dk sum into it
+        dq = dk = _like_strided_fp32(q_s)
+    else:
+        dq = new_output(q_s.shape, torch.float32, q_s.device)
+        dk = new_output(k_s.shape, torch.float32, k_s.device)
+    kernels.module().attention_kl_backward(
+        _operand(q_s), _operand(k_s), _operand(q_t), _operand(k_t), same_qk,
+        0 if mask is None else mask.data_ptr(), batch, heads, length,
+        lse_s.data_ptr(), lse_t.data_ptr(), 1.0, _grad_target(dq), _grad_target(dk),
+        *kernels.launch_args(q_s.device))
+    scale = grad_loss.float() / rows
+    grad_q = dq.mul_(scale).to(q_s.dtype)
+    return grad_q, None if same_qk else dk.mul_(scale).to(k_s.dtype)
 
 
 def _like_strided_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -114,18 +118,20 @@ def _like_strided_fp32(x: torch.Tensor) -> torch.Tensor:
     return new_output(x.shape, torch.float32, x.device)
 
 
-def attention_kl(kernels: Kernels, q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
-                 key_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Op ``attention_kl`` on a native backend (arguments as in kdfast.reference.attention_kl)."""
-    return AttentionKLFunction.apply(kernels, q_s, k_s, q_t, k_t, key_mask)
-
-
-def relation_kl(kernels: Kernels, x_s: torch.Tensor, x_t: torch.Tensor, num_relation_heads: int,
-                key_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Op ``relation_kl`` on a native backend: attention KL with q = k on strided head views."""
+def relation_forward(kernels: Kernels, x_s: torch.Tensor, x_t: torch.Tensor, num_relation_heads: int,
+                     key_mask: Optional[torch.Tensor]):
+    """:func:`forward` of op ``relation_kl``: attention KL with q = k on strided head views of x [B, L, H]."""
     x_s, x_t = x_s.contiguous(), x_t.contiguous()
-    return AttentionKLFunction.apply(kernels, relation_heads(x_s, num_relation_heads), None,
-                                     relation_heads(x_t, num_relation_heads), None, key_mask)
+    return forward(kernels, relation_heads(x_s, num_relation_heads), None, relation_heads(x_t, num_relation_heads),
+                   None, key_mask)
+
+
+def relation_backward(kernels: Kernels, grad_loss, x_s, x_t, num_relation_heads, key_mask, lse_s, lse_t, rows):
+    """d x_s [B, L, H_s] of op ``relation_kl``."""
+    x_s, x_t = x_s.contiguous(), x_t.contiguous()
+    grad, _ = backward(kernels, grad_loss, relation_heads(x_s, num_relation_heads), None,
+                       relation_heads(x_t, num_relation_heads), None, key_mask, lse_s, lse_t, rows)
+    return grad.transpose(1, 2).reshape(x_s.shape)
 
 
 def attention_kl_unsupported(q_s=None, k_s=None, q_t=None, k_t=None, key_mask=None) -> Optional[str]:

@@ -1,4 +1,5 @@
-"""The kernel-backend driver of ``attention_score_mse`` (Gram algebra, DESIGN.md), shared by the
+"""The kernel-backend driver of ``attention_score_mse`` (Gram algebra, DESIGN.md; op
+``kdfast::attention_score_mse``, ``kdfast/ops/attention.py``), shared by the
 ``cpu``, ``triton`` and ``cuda`` backends: they differ only in the kernel they pass in.
 
 Kernel contract: ``kernel(q_s, k_s, q_t, k_t, key_mask, alpha_s, alpha_t, grad_scale_q, grad_scale_k,
@@ -13,7 +14,6 @@ from typing import Callable, Optional
 
 import torch
 
-from kdfast.functions.grad_in_forward import GradInForward
 
 Kernel = Callable[..., tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]
 
@@ -32,20 +32,16 @@ def decline(q_s: Optional[torch.Tensor], q_t: Optional[torch.Tensor], backend: s
     return None
 
 
-def attention_score_mse_with(kernel: Kernel, q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
-                             k_t: torch.Tensor, key_mask: Optional[torch.Tensor],
-                             include_masked_keys: bool) -> torch.Tensor:
-    """Mean over (B, h, L, L) of the squared score difference, through ``kernel``; fp32 scalar."""
+def attention_score_mse_pass(kernel: Kernel, q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
+                             k_t: torch.Tensor, key_mask: Optional[torch.Tensor], include_masked_keys: bool,
+                             needs: "tuple[bool, bool]") -> "tuple[torch.Tensor, tuple]":
+    """Mean over (B, h, L, L) of the squared score difference through ``kernel`` (fp32 scalar), and
+    the gradients (d q_s, d k_s) in the inputs' dtypes, None where ``needs`` is False."""
     batch, heads, length, d_s = q_s.shape
     count = batch * heads * length * length
     alpha_s, alpha_t = d_s ** -0.5, q_t.shape[-1] ** -0.5
     mask = None if include_masked_keys else key_mask
-
-    def compute(needs, q_s, k_s, q_t, k_t):
-        energy, dq_s, dk_s = kernel(q_s, k_s, q_t, k_t, mask, alpha_s, alpha_t, 2.0 * alpha_s / count,
-                                    2.0 / count, needs[0] or needs[1])
-        loss = (energy.sum() / count).to(torch.float32)
-        return loss, (dq_s.to(q_s.dtype) if needs[0] else None, dk_s.to(k_s.dtype) if needs[1] else None,
-                      None, None)
-
-    return GradInForward.apply(compute, q_s, k_s, q_t.detach(), k_t.detach())
+    energy, dq_s, dk_s = kernel(q_s, k_s, q_t, k_t, mask, alpha_s, alpha_t, 2.0 * alpha_s / count, 2.0 / count,
+                                needs[0] or needs[1])
+    loss = (energy.sum() / count).to(torch.float32)
+    return loss, (dq_s.to(q_s.dtype) if needs[0] else None, dk_s.to(k_s.dtype) if needs[1] else None)

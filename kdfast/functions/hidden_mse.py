@@ -1,4 +1,4 @@
-"""The kernel-backend driver of ``hidden_mse``, shared by the ``cpu``, ``triton`` and ``cuda``
+"""The kernel-backend driver of ``hidden_mse`` (op ``kdfast::hidden_mse``, ``kdfast/ops/hidden.py``), shared by the ``cpu``, ``triton`` and ``cuda``
 backends: they differ only in the row kernel they pass in.
 
 The projection y = h_s W^T + b runs as one matmul; the row kernel then reads each projected row
@@ -21,7 +21,6 @@ from typing import Callable, Optional
 import torch
 
 from kdfast._buffers import new_output
-from kdfast.functions.grad_in_forward import GradInForward
 
 RowKernel = Callable[..., torch.Tensor]
 
@@ -54,33 +53,31 @@ def _float64_residual(x: torch.Tensor, t: torch.Tensor, weight: torch.Tensor,
     return residual, residual.new_zeros(1, residual.shape[1]).expand_as(residual)
 
 
-def hidden_mse_with(rows: RowKernel, h_s: torch.Tensor, h_t: torch.Tensor, weight: Optional[torch.Tensor],
-                    bias: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Mean over kept tokens x Ht of (proj(h_s) - h_t)^2 through the row kernel ``rows``; fp32 scalar."""
+def hidden_mse_pass(rows: RowKernel, h_s: torch.Tensor, h_t: torch.Tensor, weight: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                    needs: "tuple[bool, bool, bool]") -> "tuple[torch.Tensor, tuple]":
+    """Mean over kept tokens x Ht of (proj(h_s) - h_t)^2 through the row kernel ``rows`` (fp32 scalar),
+    and the gradients (d h_s, d weight, d bias) in the inputs' dtypes, None where ``needs`` is False."""
     row_mask = None if mask is None else mask.reshape(-1).contiguous()
     kept = h_s.shape[0] * h_s.shape[1] if mask is None else int(mask.sum())
     count = max(kept * h_t.shape[2], 1)
-
-    def compute(needs, h_s, h_t, weight, bias):
-        x = h_s.reshape(-1, h_s.shape[2]).float().contiguous()
-        t = h_t.reshape(-1, h_t.shape[2]).contiguous()
-        if weight is None:
-            grad = new_output(x.shape, torch.float32, x.device)
-            loss_sum = rows(x, t, row_mask, 2.0 / count, grad, None)
-            d_h_s, d_weight, d_bias = grad, None, None
-        else:
-            w = weight.float()
-            y = torch.nn.functional.linear(x, w, None if bias is None else bias.float())
-            d_bias = new_output((t.shape[1],), torch.float32, x.device) if needs[3] else None
-            loss_sum = rows(y, t, row_mask, 2.0 / count, y, d_bias)  # y becomes d loss / d y
-            if t.dtype == weight.dtype == torch.float32 and _close_to_teacher(loss_sum, t):
-                y, target = _float64_residual(x, t, weight, bias)
-                loss_sum = rows(y, target, row_mask, 2.0 / count, y, d_bias)
-            d_h_s = y @ w if needs[0] else None
-            d_weight = y.t() @ x if needs[2] else None
-        grads = (d_h_s.reshape(h_s.shape).to(h_s.dtype) if needs[0] else None, None,
-                 d_weight.to(weight.dtype) if d_weight is not None else None,
-                 d_bias.to(bias.dtype) if d_bias is not None else None)
-        return (loss_sum / count).to(torch.float32), grads
-
-    return GradInForward.apply(compute, h_s, h_t.detach(), weight, bias)
+    x = h_s.reshape(-1, h_s.shape[2]).float().contiguous()
+    t = h_t.reshape(-1, h_t.shape[2]).contiguous()
+    if weight is None:
+        grad = new_output(x.shape, torch.float32, x.device)
+        loss_sum = rows(x, t, row_mask, 2.0 / count, grad, None)
+        d_h_s, d_weight, d_bias = grad, None, None
+    else:
+        w = weight.float()
+        y = torch.nn.functional.linear(x, w, None if bias is None else bias.float())
+        d_bias = new_output((t.shape[1],), torch.float32, x.device) if needs[2] else None
+        loss_sum = rows(y, t, row_mask, 2.0 / count, y, d_bias)  # y becomes d loss / d y
+        if t.dtype == weight.dtype == torch.float32 and _close_to_teacher(loss_sum, t):
+            y, target = _float64_residual(x, t, weight, bias)
+            loss_sum = rows(y, target, row_mask, 2.0 / count, y, d_bias)
+        d_h_s = y @ w if needs[0] else None
+        d_weight = y.t() @ x if needs[1] else None
+    grads = (d_h_s.reshape(h_s.shape).to(h_s.dtype) if needs[0] else None,
+             d_weight.to(weight.dtype) if d_weight is not None else None,
+             d_bias.to(bias.dtype) if d_bias is not None else None)
+    return (loss_sum / count).to(torch.float32), grads

@@ -1,13 +1,14 @@
-"""The chunked vocabulary-KD autograd Functions shared by every kernel backend (cpu, cuda, triton).
+"""The chunked vocabulary-KD driver shared by every kernel backend (cpu, cuda, triton); the custom
+ops of ``kdfast/ops/vocab.py`` run it.
 
-``fused_linear_kd``: per chunk of C selected rows (rows with a label, or kept by ``mask``), the
-teacher and student logits [C, V] are computed in fp32 by torch matmuls, a backend *row kernel*
-turns the student logits into d loss / d logits in place, and the gradients of the student hidden
-states, weight and bias are accumulated in fp32. Backward only scales them by grad_output.
+``_fused_pass`` (op ``fused_linear_kd``): per chunk of C selected rows (rows with a label, or kept by
+``mask``), the teacher and student logits [C, V] are computed in fp32 by torch matmuls, a backend *row
+kernel* turns the student logits into d loss / d logits in place, and the gradients of the student
+hidden states, weight and bias are accumulated in fp32. The op's backward only scales them.
 Extra memory is O(C x V) for the two logit chunks plus the fp32 gradients; nothing [N, V] exists.
 
-``kd_kl``: the same row kernel on given logits (no matmuls); its gradient buffer is [N, V] like
-the input.
+``kd_kl_pass`` (op ``kd_kl``): the same row kernel on given logits (no matmuls); its gradient buffer
+is [N, V] like the input.
 
 Row kernel contract (one function per backend, e.g. ``kdfast.cpu.fused_linear_kd.rows``)::
 
@@ -42,7 +43,6 @@ import torch
 from kdfast._buffers import new_output, workspace
 from kdfast._reduction import KINDS, kd_divisor, kd_factor, mlm_divisor
 from kdfast.functions.sparse_targets import SparseTargets
-from kdfast.losses.types import KDOutput
 
 RowKernel = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
 
@@ -362,138 +362,48 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
     return kd_sum, mlm_sum / sel.mlm_divisor, d_hidden, d_weight, d_bias
 
 
-class _FusedLinearKD(torch.autograd.Function):
-    """Forward computes the loss and keeps the gradients of ``loss = kd_weight*kd + mlm_weight*mlm``.
-    Backward scales them; when ``kd`` and ``mlm`` receive gradients in another ratio (a caller
-    re-weighting the parts), it recomputes the MLM gradients alone and combines the two."""
-
-    @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                opts: dict):
-        kd_weight, mlm_weight = opts["kd_weight"], opts["mlm_weight"]
-        need = tuple(ctx.needs_input_grad[:3])
-        kd, mlm, d_hidden, d_weight, d_bias = _fused_pass(
-            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, opts, need,
-            kd_weight, mlm_weight)
-        kd = (kd if kd_weight != 0 else kd * 0).float()
-        mlm = (mlm if mlm_weight != 0 else mlm * 0).float()
-        ctx.opts, ctx.need = opts, need
-        ctx.save_for_backward(d_hidden, d_weight, d_bias, student_hidden, student_weight, student_bias)
-        return kd_weight * kd + mlm_weight * mlm, kd, mlm
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_kd, grad_mlm):
-        d_hidden, d_weight, d_bias, student_hidden, student_weight, student_bias = ctx.saved_tensors
-        kd_weight, mlm_weight = ctx.opts["kd_weight"], ctx.opts["mlm_weight"]
-        coef_kd = grad_loss * kd_weight + grad_kd  # d/d kd of what is back-propagated
-        coef_mlm = grad_loss * mlm_weight + grad_mlm
-        grads = [d_hidden, d_weight, d_bias]
-        if not kd_weight and not mlm_weight:
-            scales = [grad_loss * 0]
-        elif not mlm_weight:
-            scales = [coef_kd / kd_weight]
-        elif not kd_weight or torch.equal(coef_kd * mlm_weight, coef_mlm * kd_weight):
-            scales = [coef_mlm / mlm_weight]
-        else:
-            # stored = kd_weight*dkd + mlm_weight*dmlm, so coef_kd*dkd + coef_mlm*dmlm
-            #        = (coef_kd/kd_weight)*stored + (coef_mlm - coef_kd*mlm_weight/kd_weight)*dmlm.
-            *_, m_hidden, m_weight, m_bias = _fused_pass(student_hidden, student_weight, student_bias, None, None,
-                                                         None, ctx.opts, ctx.need, 0.0, 1.0)
-            scales = [coef_kd / kd_weight, coef_mlm - coef_kd * (mlm_weight / kd_weight)]
-            grads = [(g, m) for g, m in zip(grads, (m_hidden, m_weight, m_bias))]
-        # The common backward of loss.backward(): scale 1, so the stored gradients are returned as they are
-        # (one host read of the scale; no second [V, H] buffer, which autograd would then take over).
-        unit = len(scales) == 1 and bool(scales[0] == 1)
-        out = []
-        for grad, like in zip(grads, (student_hidden, student_weight, student_bias)):
-            if isinstance(grad, tuple):
-                grad = None if grad[0] is None else grad[0] * scales[0] + grad[1] * scales[1]
-            elif grad is not None and not unit:
-                grad = grad * scales[0]
-            out.append(None if grad is None else grad.to(like.dtype))
-        return (*out, None, None, None, None)
-
-
-def chunked_fused_linear_kd(row_kernel: RowKernel, *, student_hidden, student_weight, teacher_hidden=None,
-                            teacher_weight=None, student_bias=None, teacher_bias=None, labels=None, ignore_index=-100,
-                            temperature=1.0, kd_weight=1.0, mlm_weight=0.0, kind="kl", reduction="batchmean",
-                            t2_scale=True, mask=None, row_weights=None, teacher_topk=None, teacher_targets=None,
-                            beta=0.5,
-                            chunk_rows: Optional[int] = None) -> KDOutput:
-    """``kdfast.fused_linear_kd`` (validated keyword arguments) on ``row_kernel``; ``chunk_rows``
-    forces the rows per chunk (default: from the shapes and free memory). ``teacher_targets``
-    (ids [N, K], weights [N, K]) replace the teacher head (``kdfast/functions/sparse_targets.py``)."""
-    targets = None if teacher_targets is None else SparseTargets.prepare(*teacher_targets)
-    if targets is not None:
-        row_weights = targets.mass if row_weights is None else targets.mass * row_weights.double()
-    opts = dict(row_kernel=row_kernel, labels=labels, ignore_index=ignore_index, temperature=float(temperature),
-                kd_weight=float(kd_weight), mlm_weight=float(mlm_weight), kind=kind, reduction=reduction,
-                t2_scale=bool(t2_scale), mask=mask, row_weights=row_weights, teacher_topk=teacher_topk,
-                beta=float(beta), teacher_targets=targets, chunk_rows=chunk_rows)
-    teacher_hidden = None if teacher_hidden is None else teacher_hidden.detach()
-    teacher_weight = None if teacher_weight is None else teacher_weight.detach()
-    teacher_bias = None if teacher_bias is None else teacher_bias.detach()
-    loss, kd, mlm = _FusedLinearKD.apply(student_hidden, student_weight, student_bias, teacher_hidden,
-                                         teacher_weight, teacher_bias, opts)
-    return KDOutput(loss, kd, mlm)
-
-
 # --------------------------------------------------------------------------- KD on given logits
 
 
-class _KDKL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student_logits, teacher_logits, opts: dict):
-        row_kernel: RowKernel = opts["row_kernel"]
-        rows, vocab = student_logits.shape
-        device = student_logits.device
-        sel = _select(rows, vocab, device, None, -100, opts["mask"], None, opts["temperature"], 1.0, 0.0,
-                      opts["reduction"], opts["t2_scale"])
-        need_grad = ctx.needs_input_grad[0]
-        grad = torch.zeros(student_logits.shape, dtype=student_logits.dtype, device=device) if need_grad else None
-        kd_sum = torch.zeros((), dtype=torch.float64, device=device)
-        if sel.count:
-            size = opts["chunk_rows"] or chunk_rows(sel.count, vocab, device)
-            # fp32 without a mask: the kernel works directly in the gradient buffer.
-            in_place = grad is not None and sel.index is None and grad.dtype == torch.float32
-            vanishes = _kd_vanishes(opts)
-            with workspace((1 if in_place else 2) * size * vocab, device) as chunks:
-                t_buf = chunks[: size * vocab].view(size, vocab)
-                s_buf = None if in_place else chunks[size * vocab:].view(size, vocab)
-                for start in range(0, sel.count, size):
-                    stop = min(start + size, sel.count)
-                    part = slice(start, stop)
-                    ids = None if sel.index is None else sel.index[part]
-                    s = grad[part] if in_place else s_buf[: stop - start]
-                    t = t_buf[: stop - start]
-                    s.copy_(student_logits[part] if ids is None else student_logits.index_select(0, ids))
-                    if vanishes:
-                        t.copy_(s)  # KL(q || q) = 0, the value and gradient of the vanishing JSD
+def kd_kl_pass(student_logits: torch.Tensor, teacher_logits: torch.Tensor, opts: dict,
+               need_grad: bool) -> "tuple[torch.Tensor, Optional[torch.Tensor]]":
+    """``kdfast.kd_kl`` on ``opts["row_kernel"]``: (0-dim fp32 loss, its gradient for the student
+    logits in their dtype, or None without ``need_grad``)."""
+    row_kernel: RowKernel = opts["row_kernel"]
+    rows, vocab = student_logits.shape
+    device = student_logits.device
+    sel = _select(rows, vocab, device, None, -100, opts["mask"], None, opts["temperature"], 1.0, 0.0,
+                  opts["reduction"], opts["t2_scale"])
+    grad = torch.zeros(student_logits.shape, dtype=student_logits.dtype, device=device) if need_grad else None
+    kd_sum = torch.zeros((), dtype=torch.float64, device=device)
+    if sel.count:
+        size = opts["chunk_rows"] or chunk_rows(sel.count, vocab, device)
+        # fp32 without a mask: the kernel works directly in the gradient buffer.
+        in_place = grad is not None and sel.index is None and grad.dtype == torch.float32
+        vanishes = _kd_vanishes(opts)
+        with workspace((1 if in_place else 2) * size * vocab, device) as chunks:
+            t_buf = chunks[: size * vocab].view(size, vocab)
+            s_buf = None if in_place else chunks[size * vocab:].view(size, vocab)
+            for start in range(0, sel.count, size):
+                stop = min(start + size, sel.count)
+                part = slice(start, stop)
+                ids = None if sel.index is None else sel.index[part]
+                s = grad[part] if in_place else s_buf[: stop - start]
+                t = t_buf[: stop - start]
+                s.copy_(student_logits[part] if ids is None else student_logits.index_select(0, ids))
+                if vanishes:
+                    t.copy_(s)  # KL(q || q) = 0, the value and gradient of the vanishing JSD
+                else:
+                    t.copy_(teacher_logits[part] if ids is None else teacher_logits.index_select(0, ids))
+                kd_row, _ = row_kernel(s, t, sel.labels[part], sel.kd_coef[part], sel.mlm_coef[part],
+                                       opts["temperature"], "kl" if vanishes else opts["kind"], opts["beta"])
+                kd_sum += (kd_row.double() * sel.kd_scale[part]).sum()
+                if grad is not None and not in_place:
+                    if ids is None:
+                        grad[part] = s
                     else:
-                        t.copy_(teacher_logits[part] if ids is None else teacher_logits.index_select(0, ids))
-                    kd_row, _ = row_kernel(s, t, sel.labels[part], sel.kd_coef[part], sel.mlm_coef[part],
-                                           opts["temperature"], "kl" if vanishes else opts["kind"], opts["beta"])
-                    kd_sum += (kd_row.double() * sel.kd_scale[part]).sum()
-                    if grad is not None and not in_place:
-                        if ids is None:
-                            grad[part] = s
-                        else:
-                            grad.index_copy_(0, ids, s.to(grad.dtype))
-        ctx.save_for_backward(grad)
-        return kd_sum.float()
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return (None if grad is None else grad * grad_output.to(grad.dtype)), None, None
-
-
-def chunked_kd_kl(row_kernel: RowKernel, *, student_logits, teacher_logits, temperature=1.0, mask=None, kind="kl",
-                  reduction="batchmean", t2_scale=True, beta=0.5, chunk_rows: Optional[int] = None) -> torch.Tensor:
-    """``kdfast.kd_kl`` (validated keyword arguments) on ``row_kernel``: a 0-dim fp32 loss."""
-    opts = dict(row_kernel=row_kernel, temperature=float(temperature), mask=mask, kind=kind, reduction=reduction,
-                t2_scale=bool(t2_scale), beta=float(beta), chunk_rows=chunk_rows)
-    return _KDKL.apply(student_logits, teacher_logits.detach(), opts)
+                        grad.index_copy_(0, ids, s.to(grad.dtype))
+    return kd_sum.float(), grad
 
 
 def unsupported_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:

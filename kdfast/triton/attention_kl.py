@@ -1,5 +1,5 @@
-"""MiniLM attention KL on the ``triton`` backend: launchers of the flash-style kernels and the
-autograd Function. Memory is O(B·h·L) besides the inputs and gradients: no [L, L] tensor exists.
+"""MiniLM attention KL on the ``triton`` backend: launchers of the flash-style kernels, and the
+forward and backward of op ``kdfast::attention_kl`` on them. Memory is O(B·h·L) besides the inputs and gradients: no [L, L] tensor exists.
 
 Shapes: q_s, k_s [B, h, L, d_s]; q_t, k_t [B, h, L, d_t]; key_mask [B, L] (True = real token).
 Any strides with a unit last stride are read in place (relation heads are views of x [B, L, H]).
@@ -13,6 +13,7 @@ import triton
 
 from kdfast._backends import triton_interpreting
 from kdfast._buffers import new_output
+from kdfast.ops import attention
 from kdfast.triton import _attention_kl_kernels as kernels
 from kdfast.triton.static import KernelSpec
 
@@ -117,40 +118,36 @@ def backward_grads(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t:
         *operands, dq, dk, *strides, *_strides(dk), *scalars, ADD_DQ=dk_adds_dq, **common, **cfg)
 
 
-def mean_over_valid_rows(kl: torch.Tensor, key_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, object]:
-    """Mean of the row KLs [B, h, L] over valid query rows, and its normaliser n (int or tensor;
-    kept on the device, no host sync). An all-masked batch gives 0."""
+def mean_over_valid_rows(kl: torch.Tensor, key_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of the row KLs [B, h, L] over valid query rows, and its normaliser n (0-dim fp32, kept on
+    the device: no host sync). An all-masked batch gives 0."""
     if key_mask is None:
-        n = max(kl.numel(), 1)
+        n = torch.tensor(float(max(kl.numel(), 1)), device=kl.device)
         return kl.sum() / n, n
     n = (key_mask.sum() * kl.shape[1]).clamp_min(1).to(torch.float32)
     return torch.where(key_mask[:, None, :], kl, 0.0).sum() / n, n
 
 
-def grad_scale(grad_output: torch.Tensor, n) -> torch.Tensor:
+def grad_scale(grad_output: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """grad_output / n as the one-element fp32 tensor the backward kernels read."""
     return (grad_output.to(torch.float32) / n).reshape(1)
 
 
-class AttentionKLFunction(torch.autograd.Function):
-    """loss = mean KL(p_t || p_s); saves only the inputs and the two LSEs [B, h, L]."""
+def forward(q_s, k_s, q_t, k_t, key_mask):
+    """Op ``attention_kl``'s forward: (mean KL(p_t || p_s), lse_s, lse_t [B, h, L], row count n)."""
+    q_s, k_s, q_t, k_t = (unit_last_stride(x) for x in (q_s, k_s, q_t, k_t))
+    kl, lse_s, lse_t = forward_rows(q_s, k_s, q_t, k_t, key_mask)
+    loss, n = mean_over_valid_rows(kl, key_mask)
+    return loss, lse_s, lse_t, n
 
-    @staticmethod
-    def forward(ctx, q_s, k_s, q_t, k_t, key_mask):
-        q_s, k_s, q_t, k_t = (unit_last_stride(x) for x in (q_s, k_s, q_t, k_t))
-        kl, lse_s, lse_t = forward_rows(q_s, k_s, q_t, k_t, key_mask)
-        loss, ctx.n = mean_over_valid_rows(kl, key_mask)
-        ctx.save_for_backward(q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t)
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t = ctx.saved_tensors
-        dq = new_output(q_s.shape, q_s.dtype, q_s.device)
-        dk = new_output(k_s.shape, k_s.dtype, k_s.device)
-        backward_grads(q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, grad_scale(grad_output, ctx.n),
-                       dq, dk, dk_adds_dq=False)
-        return dq, dk, None, None, None
+def backward(grad_output, q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, n):
+    """Op ``attention_kl``'s backward: (d q_s, d k_s) from the inputs and the two LSEs."""
+    q_s, k_s, q_t, k_t = (unit_last_stride(x) for x in (q_s, k_s, q_t, k_t))
+    dq = new_output(q_s.shape, q_s.dtype, q_s.device)
+    dk = new_output(k_s.shape, k_s.dtype, k_s.device)
+    backward_grads(q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, grad_scale(grad_output, n), dq, dk, dk_adds_dq=False)
+    return dq, dk
 
 
 def head_size_reason(d_s: int, d_t: int, dtypes, batch_heads: int) -> Optional[str]:
@@ -174,7 +171,7 @@ def unsupported_reason(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, 
 def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
                  key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean over (B, h, valid rows) of KL(softmax(q_t k_t^T/sqrt(d_t)) || softmax(q_s k_s^T/sqrt(d_s)))."""
-    return AttentionKLFunction.apply(q_s, k_s, q_t.detach(), k_t.detach(), key_mask)
+    return attention.attention_kl("triton", q_s, k_s, q_t, k_t, key_mask)
 
 
 def _spec(kernel: str, dtype: str, d_s: int, d_t: int) -> KernelSpec:

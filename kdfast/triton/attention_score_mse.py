@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from kdfast._buffers import new_output
-from kdfast.functions.attention_score_mse import attention_score_mse_with, decline
+from kdfast.functions.attention_score_mse import decline
+from kdfast.ops import attention
 from kdfast.triton.static import KernelSpec
 
 MAX_HEAD_DIM = 128
@@ -115,7 +116,7 @@ def _side_args(student: torch.Tensor, teacher: torch.Tensor, key_mask: Optional[
     return [*student.stride(), *teacher.stride(), *mask_strides]
 
 
-def _kernel(q_s, k_s, q_t, k_t, key_mask, alpha_s, alpha_t, grad_scale_q, grad_scale_k, with_grad):
+def kernel(q_s, k_s, q_t, k_t, key_mask, alpha_s, alpha_t, grad_scale_q, grad_scale_k, with_grad):
     batch, heads, length, d_s = q_s.shape
     d_t = q_t.shape[-1]
     n_pad = triton.cdiv(d_s + d_t, BLOCK_N) * BLOCK_N
@@ -151,7 +152,7 @@ def unsupported_reason(q_s=None, q_t=None, **_) -> Optional[str]:
 
 def attention_score_mse(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
                         key_mask: Optional[torch.Tensor], include_masked_keys: bool) -> torch.Tensor:
-    return attention_score_mse_with(_kernel, q_s, k_s, q_t, k_t, key_mask, include_masked_keys)
+    return attention.attention_score_mse("triton", q_s, k_s, q_t, k_t, key_mask, include_masked_keys)
 
 
 def _signature(fn, types: dict, constexprs: dict) -> dict:

@@ -8,12 +8,13 @@ from typing import Optional
 
 from kdfast.functions import vocab_kd
 from kdfast.losses.types import KDOutput
-from kdfast.triton.vocab_kd import rows
+from kdfast.ops import vocab
+from kdfast.triton.vocab_kd import rows  # noqa: F401  (the row kernel the op looks up)
 
 
 def fused_linear_kd(**kwargs) -> KDOutput:
     """``kdfast.fused_linear_kd`` with its validated keyword arguments (minus ``backend``)."""
-    return vocab_kd.chunked_fused_linear_kd(rows, **kwargs)
+    return vocab.fused_linear_kd("triton", **kwargs)
 
 
 def unsupported_reason(**kwargs) -> Optional[str]:

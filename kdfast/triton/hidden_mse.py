@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from kdfast._buffers import new_output
-from kdfast.functions.hidden_mse import decline, hidden_mse_with
+from kdfast.functions.hidden_mse import decline
+from kdfast.ops import hidden
 from kdfast.triton.static import KernelSpec
 
 CHUNK_ROWS = 256  # rows per program (and per deterministic partial)
@@ -53,7 +54,7 @@ def _rows_kernel(y_ptr, y_ld, t_ptr, t_ld, mask_ptr, grad_ptr, grad_ld, loss_par
         tl.store(column_part_ptr + chunk.to(tl.int64) * width + cols, column_sum, mask=col_in)
 
 
-def _rows(y, t, row_mask, grad_scale, grad, column_sum) -> torch.Tensor:
+def rows(y, t, row_mask, grad_scale, grad, column_sum) -> torch.Tensor:
     rows, width = y.shape
     grid = (triton.cdiv(rows, CHUNK_ROWS), triton.cdiv(width, BLOCK_W))
     loss_part = new_output(grid, torch.float64, y.device)
@@ -73,7 +74,7 @@ def unsupported_reason(h_s=None, h_t=None, **_) -> Optional[str]:
 
 def hidden_mse(h_s: torch.Tensor, h_t: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                mask: Optional[torch.Tensor]) -> torch.Tensor:
-    return hidden_mse_with(_rows, h_s, h_t, weight, bias, mask)
+    return hidden.hidden_mse("triton", h_s, h_t, weight, bias, mask)
 
 
 def _specs() -> list[KernelSpec]:

@@ -8,12 +8,13 @@ from typing import Optional
 import torch
 
 from kdfast.functions import vocab_kd
-from kdfast.triton.vocab_kd import rows
+from kdfast.ops import vocab
+from kdfast.triton.vocab_kd import rows  # noqa: F401  (the row kernel the op looks up)
 
 
 def kd_kl(**kwargs) -> torch.Tensor:
     """``kdfast.kd_kl`` with its validated keyword arguments (minus ``backend``): a 0-dim loss."""
-    return vocab_kd.chunked_kd_kl(rows, **kwargs)
+    return vocab.kd_kl("triton", **kwargs)
 
 
 def unsupported_reason(**kwargs) -> Optional[str]:

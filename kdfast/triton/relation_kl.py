@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from kdfast._buffers import new_output
+from kdfast.ops import attention
 from kdfast.triton.attention_kl import (
     backward_grads,
     forward_rows,
@@ -27,30 +28,26 @@ def relation_heads(x: torch.Tensor, num_relation_heads: int) -> torch.Tensor:
     return x.unflatten(2, (num_relation_heads, -1)).transpose(1, 2)
 
 
-class RelationKLFunction(torch.autograd.Function):
-    """loss = mean KL(R_t || R_s); saves only x_s, x_t and the two LSEs [B, A_r, L]."""
+def forward(x_s, x_t, num_relation_heads, key_mask):
+    """Op ``relation_kl``'s forward: (mean KL(R_t || R_s), lse_s, lse_t [B, A_r, L], row count n)."""
+    x_s, x_t = unit_last_stride(x_s), unit_last_stride(x_t)
+    heads_s, heads_t = relation_heads(x_s, num_relation_heads), relation_heads(x_t, num_relation_heads)
+    kl, lse_s, lse_t = forward_rows(heads_s, heads_s, heads_t, heads_t, key_mask)
+    loss, n = mean_over_valid_rows(kl, key_mask)
+    return loss, lse_s, lse_t, n
 
-    @staticmethod
-    def forward(ctx, x_s, x_t, num_relation_heads, key_mask):
-        x_s, x_t = unit_last_stride(x_s), unit_last_stride(x_t)
-        heads_s, heads_t = relation_heads(x_s, num_relation_heads), relation_heads(x_t, num_relation_heads)
-        kl, lse_s, lse_t = forward_rows(heads_s, heads_s, heads_t, heads_t, key_mask)
-        loss, ctx.n = mean_over_valid_rows(kl, key_mask)
-        ctx.num_relation_heads = num_relation_heads
-        ctx.save_for_backward(x_s, x_t, key_mask, lse_s, lse_t)
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        x_s, x_t, key_mask, lse_s, lse_t = ctx.saved_tensors
-        heads = ctx.num_relation_heads
-        dx = new_output(x_s.shape, x_s.dtype, x_s.device)
-        # dq goes to an fp32 buffer with dx's layout (dx itself when fp32); the key pass adds it.
-        dq = dx if dx.dtype == torch.float32 else new_output(x_s.shape, torch.float32, x_s.device)
-        heads_s, heads_t = relation_heads(x_s, heads), relation_heads(x_t, heads)
-        backward_grads(heads_s, heads_s, heads_t, heads_t, key_mask, lse_s, lse_t, grad_scale(grad_output, ctx.n),
-                       relation_heads(dq, heads), relation_heads(dx, heads), dk_adds_dq=True)
-        return dx, None, None, None
+def backward(grad_output, x_s, x_t, num_relation_heads, key_mask, lse_s, lse_t, n):
+    """Op ``relation_kl``'s backward: d x_s from x_s, x_t and the two LSEs."""
+    x_s, x_t = unit_last_stride(x_s), unit_last_stride(x_t)
+    heads = num_relation_heads
+    dx = new_output(x_s.shape, x_s.dtype, x_s.device)
+    # dq goes to an fp32 buffer with dx's layout (dx itself when fp32); the key pass adds it.
+    dq = dx if dx.dtype == torch.float32 else new_output(x_s.shape, torch.float32, x_s.device)
+    heads_s, heads_t = relation_heads(x_s, heads), relation_heads(x_t, heads)
+    backward_grads(heads_s, heads_s, heads_t, heads_t, key_mask, lse_s, lse_t, grad_scale(grad_output, n),
+                   relation_heads(dq, heads), relation_heads(dx, heads), dk_adds_dq=True)
+    return dx
 
 
 def unsupported_reason(x_s: torch.Tensor, x_t: torch.Tensor, num_relation_heads: int,
@@ -62,4 +59,4 @@ def unsupported_reason(x_s: torch.Tensor, x_t: torch.Tensor, num_relation_heads:
 def relation_kl(x_s: torch.Tensor, x_t: torch.Tensor, num_relation_heads: int,
                 key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean over (B, A_r, valid rows) of KL(softmax(x_t x_t^T/sqrt(d_t)) || softmax(x_s x_s^T/sqrt(d_s)))."""
-    return RelationKLFunction.apply(x_s, x_t.detach(), num_relation_heads, key_mask)
+    return attention.relation_kl("triton", x_s, x_t, num_relation_heads, key_mask)
