@@ -14,7 +14,6 @@ from typing import Callable, Optional
 
 import torch
 
-
 Kernel = Callable[..., tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]
 
 

@@ -1,5 +1,5 @@
-"""The kernel-backend driver of ``hidden_mse`` (op ``kdfast::hidden_mse``, ``kdfast/ops/hidden.py``), shared by the ``cpu``, ``triton`` and ``cuda``
-backends: they differ only in the row kernel they pass in.
+"""The kernel-backend driver of ``hidden_mse`` (op ``kdfast::hidden_mse``, ``kdfast/ops/hidden.py``),
+shared by the ``cpu``, ``triton`` and ``cuda`` backends: they differ only in their row kernel.
 
 The projection y = h_s W^T + b runs as one matmul; the row kernel then reads each projected row
 once, turning it into d loss / d y in place while summing the squared error and the bias

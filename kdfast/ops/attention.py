@@ -127,7 +127,8 @@ def relation_kl(backend: str, x_s: Tensor, x_t: Tensor, num_relation_heads: int,
 
 @torch.library.custom_op("kdfast::attention_score_mse", mutates_args=())
 def _attention_score_mse(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, key_mask: Optional[Tensor],
-                         include_masked_keys: bool, backend: str, need: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
+                         include_masked_keys: bool, backend: str,
+                         need: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
     kernel = backend_module("attention_score_mse", backend).kernel
     loss, grads = attention_score_mse_pass(kernel, q_s, k_s, q_t, k_t, key_mask, include_masked_keys, tuple(need))
     return loss, *(no_grad_like(q_s) if g is None else g for g in grads)

@@ -1,5 +1,6 @@
 """MiniLM attention KL on the ``triton`` backend: launchers of the flash-style kernels, and the
-forward and backward of op ``kdfast::attention_kl`` on them. Memory is O(B·h·L) besides the inputs and gradients: no [L, L] tensor exists.
+forward and backward of op ``kdfast::attention_kl`` on them. Memory is O(B·h·L) besides the inputs
+and gradients: no [L, L] tensor exists.
 
 Shapes: q_s, k_s [B, h, L, d_s]; q_t, k_t [B, h, L, d_t]; key_mask [B, L] (True = real token).
 Any strides with a unit last stride are read in place (relation heads are views of x [B, L, H]).
