@@ -56,6 +56,7 @@ def _(grad_loss, q_s, k_s, *args):
 
 def _attention_kl_setup(ctx, inputs, output):
     q_s, k_s, q_t, k_t, key_mask, ctx.backend = inputs
+    ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(q_s, k_s, q_t, k_t, key_mask, *output[1:])
 
 
@@ -103,6 +104,7 @@ def _(grad_loss, x_s, *args):
 
 def _relation_kl_setup(ctx, inputs, output):
     x_s, x_t, ctx.heads, key_mask, ctx.backend = inputs
+    ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(x_s, x_t, key_mask, *output[1:])
 
 
@@ -142,6 +144,7 @@ def _(q_s, k_s, q_t, k_t, key_mask, include_masked_keys, backend, need):
 
 
 def _score_mse_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(*output[1:])
     ctx.need = inputs[-1]
 

@@ -32,6 +32,7 @@ def _(h_s, h_t, weight, bias, mask, backend, need):
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(*output[1:])
     ctx.need = inputs[-1]
 

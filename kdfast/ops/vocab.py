@@ -76,6 +76,7 @@ _OPTION_ARGS = ("backend", "ignore_index", "temperature", "kd_weight", "mlm_weig
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, _, _, _, labels, mask, row_weights, target_ids, target_weights, *options) = inputs
     _, _, d_hidden, d_weight, d_bias = output
+    ctx.mark_non_differentiable(d_hidden, d_weight, d_bias)
     ctx.save_for_backward(d_hidden, d_weight, d_bias, hidden, weight, bias, labels, mask, row_weights, target_ids,
                           target_weights)
     ctx.options = options
@@ -190,6 +191,7 @@ def _(student_logits, teacher_logits, mask, backend, temperature, kind, reductio
 
 
 def _kd_kl_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
     ctx.need_grad = inputs[-1]
 

@@ -1,0 +1,119 @@
+"""The kernels as torch.library custom ops (kdfast/ops/): ``torch.library.opcheck`` (schema, fake
+implementation, autograd registration, AOT dispatch with dynamic shapes) for every op, on the ``cpu``
+backend and, under TRITON_INTERPRET=1, the ``triton`` one."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import interpreting_triton
+from kdfast import _ext, ops
+
+BACKENDS = ["cpu"] + (["triton"] if interpreting_triton() else [])
+N, V, HS, HT, K = 11, 37, 8, 12, 3
+B, HEADS, L, D_S, D_T = 2, 2, 5, 4, 6
+
+
+def _leaf(*shape, dtype=torch.float32, grad=True):
+    return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+
+
+def _labels():
+    labels = torch.randint(0, V, (N,))
+    labels[::3] = -100
+    return labels
+
+
+def _key_mask():
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, -2:] = False
+    return mask
+
+
+def _vocab_options(backend, kd_weight=1.0, mlm_weight=0.5, topk=None, need=(True, True, True)):
+    return [backend, -100, 2.0, kd_weight, mlm_weight, "kl", "batchmean", True, topk, 0.5, 4, list(need)]
+
+
+def _fused_samples(backend):
+    hidden, weight, bias = _leaf(N, HS), _leaf(V, HS), _leaf(V)
+    teacher = [torch.randn(N, HT), torch.randn(V, HT), torch.randn(V)]
+    ids = torch.randint(-1, V, (N, K))
+    weights = torch.rand(N, K)
+    mask = torch.rand(N) < 0.7
+    yield [hidden, weight, bias, *teacher, _labels(), None, None, None, None, *_vocab_options(backend)]
+    yield [hidden, weight, None, *teacher, None, mask, torch.rand(N), None, None,
+           *_vocab_options(backend, mlm_weight=0.0, topk=5, need=(True, True, False))]
+    yield [hidden, weight, bias, None, None, None, _labels(), None, None, ids, weights, *_vocab_options(backend)]
+
+
+def _fused_backward_samples(backend):
+    hidden, weight, bias = torch.randn(N, HS), torch.randn(V, HS), torch.randn(V)
+    stored = [torch.randn(N, HS), torch.randn(V, HS), torch.randn(V)]
+    for grad_kd, grad_mlm in ((1.0, 0.5), (0.3, 2.0)):  # in the weights' ratio, and not (recomputes the MLM part)
+        yield [torch.tensor(grad_kd), torch.tensor(grad_mlm), *stored, hidden, weight, bias, _labels(), None, None,
+               None, None, *_vocab_options(backend)]
+
+
+def _kd_kl_samples(backend):
+    mask = torch.rand(N) < 0.6
+    for kind, rows in (("kl", None), ("jsd", mask)):
+        yield [_leaf(N, V), torch.randn(N, V), rows, backend, 2.0, kind, "batchmean", True, 0.3, 4, True]
+
+
+def _attention_samples(backend):
+    q_s, k_s = _leaf(B, HEADS, L, D_S), _leaf(B, HEADS, L, D_S)
+    q_t, k_t = torch.randn(B, HEADS, L, D_T), torch.randn(B, HEADS, L, D_T)
+    for mask in (None, _key_mask()):
+        yield [q_s, k_s, q_t, k_t, mask, backend]
+
+
+def _attention_backward_samples(backend):
+    for q_s, k_s, q_t, k_t, mask, _ in _attention_samples(backend):
+        q_s, k_s = q_s.detach(), k_s.detach()
+        _, lse_s, lse_t, rows = torch.ops.kdfast.attention_kl(q_s, k_s, q_t, k_t, mask, backend)
+        yield [torch.tensor(1.7), q_s, k_s, q_t, k_t, mask, lse_s, lse_t, rows, backend]
+
+
+def _relation_samples(backend):
+    for mask in (None, _key_mask()):
+        yield [_leaf(B, L, 2 * D_S), torch.randn(B, L, 2 * D_T), 2, mask, backend]
+
+
+def _relation_backward_samples(backend):
+    for x_s, x_t, heads, mask, _ in _relation_samples(backend):
+        x_s = x_s.detach()
+        _, lse_s, lse_t, rows = torch.ops.kdfast.relation_kl(x_s, x_t, heads, mask, backend)
+        yield [torch.tensor(0.6), x_s, x_t, heads, mask, lse_s, lse_t, rows, backend]
+
+
+def _score_mse_samples(backend):
+    for q_s, k_s, q_t, k_t, mask, _ in _attention_samples(backend):
+        yield [q_s, k_s, q_t, k_t, mask, mask is None, backend, [True, True]]
+
+
+def _hidden_samples(backend):
+    mask = _key_mask()
+    yield [_leaf(B, L, HS), torch.randn(B, L, HT), _leaf(HT, HS), _leaf(HT), mask, backend, [True, True, True]]
+    yield [_leaf(B, L, HT), torch.randn(B, L, HT), None, None, None, backend, [True, False, False]]
+
+
+SAMPLES = {
+    "kdfast::fused_linear_kd": _fused_samples, "kdfast::fused_linear_kd_backward": _fused_backward_samples,
+    "kdfast::kd_kl": _kd_kl_samples, "kdfast::attention_kl": _attention_samples,
+    "kdfast::attention_kl_backward": _attention_backward_samples, "kdfast::relation_kl": _relation_samples,
+    "kdfast::relation_kl_backward": _relation_backward_samples, "kdfast::attention_score_mse": _score_mse_samples,
+    "kdfast::hidden_mse": _hidden_samples,
+}
+
+
+def test_every_op_has_samples():
+    assert set(SAMPLES) == set(ops.OPS)
+
+
+@pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ops.OPS)
+def test_opcheck(name, backend):
+    op = getattr(torch.ops.kdfast, name.split("::")[1]).default
+    for args in SAMPLES[name](backend):
+        torch.library.opcheck(op, args)
