@@ -15,7 +15,6 @@ import importlib
 import importlib.util
 import os
 import warnings
-from functools import lru_cache
 from typing import Callable, Optional
 
 import torch
@@ -32,9 +31,11 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@lru_cache(maxsize=None)
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None  # a constant, which torch.compile reads
+
+
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def backend_ready(backend: str, device: torch.device) -> Optional[str]:
@@ -58,12 +59,25 @@ def backend_ready(backend: str, device: torch.device) -> Optional[str]:
     raise ValueError(f"backend: expected one of 'auto', {', '.join(map(repr, BACKENDS))}, got {backend!r}")
 
 
-@lru_cache(maxsize=None)
+_MODULES: dict = {}  # (op, backend) -> module or None; a plain dict, which torch.compile traces once filled
+
+
 def _module(op: str, backend: str):
-    name = f"kdfast.{PACKAGES[backend]}.{op}"
-    if importlib.util.find_spec(name) is None:
-        return None
-    return importlib.import_module(name)
+    if (op, backend) not in _MODULES:
+        name = f"kdfast.{PACKAGES[backend]}.{op}"
+        _MODULES[op, backend] = None if importlib.util.find_spec(name) is None else importlib.import_module(name)
+    return _MODULES[op, backend]
+
+
+def preload() -> None:
+    """Import the op modules of every backend (triton only where it can run: CUDA present, or the
+    interpreter), so that :func:`pick` only reads the module table while torch.compile traces a loss
+    (an import inside a traced function would break the graph). ``import kdfast`` calls it."""
+    usable_triton = triton_importable() and (torch.cuda.is_available() or triton_interpreting())
+    for backend in BACKENDS:
+        if backend != "triton" or usable_triton:
+            for op in OPS:
+                _module(op, backend)
 
 
 def implemented(op: str, backend: str) -> bool:

@@ -2,6 +2,10 @@
 
 Each raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, value, device)
 with one message form: ``"<arg>: expected <what>, got <what came>"``.
+
+Checks of tensor *values* (finite entries, 0/1 masks, label ranges) read the device, so under
+``torch.compile`` (:func:`values_checked` is False) they are skipped: the compiled graph stays whole,
+and the eager call (or the first run of a model before compiling it) is where bad values are reported.
 """
 from __future__ import annotations
 
@@ -10,6 +14,11 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def values_checked() -> bool:
+    """Whether checks that read tensor values run: in eager mode, not while torch.compile traces."""
+    return not torch.compiler.is_compiling()
 
 
 def _fail(exc: type, name: str, expected: str, got: object) -> None:
@@ -55,7 +64,7 @@ def same_device(names: Sequence[str], values: Sequence[Optional[torch.Tensor]]) 
 def finite(name: str, value: torch.Tensor) -> None:
     """No NaN/inf in ``value``. A NaN or inf makes the sum non-finite, so a finite sum (one cheap pass
     with no temporary) settles it; only a non-finite sum (bad entries, or an overflow) looks closer."""
-    if bool(torch.isfinite(value.detach().sum())) or bool(torch.isfinite(value).all()):
+    if not values_checked() or bool(torch.isfinite(value.detach().sum())) or bool(torch.isfinite(value).all()):
         return
     bad = int((~torch.isfinite(value)).sum())
     _fail(ValueError, name, "finite values (no NaN/inf)", f"{bad} non-finite entries")
@@ -102,7 +111,7 @@ def mask(name: str, value: Optional[torch.Tensor], expected: Sequence[int], devi
     if value.device != device:
         _fail(ValueError, name, f"device {device}", value.device)
     if value.dtype != torch.bool:
-        if bool(((value != 0) & (value != 1)).any()):
+        if values_checked() and bool(((value != 0) & (value != 1)).any()):
             _fail(ValueError, name, "only 0/1 (or bool) entries", "other values")
         value = value.bool()
     return value
@@ -117,6 +126,8 @@ def labels(name: str, value: Optional[torch.Tensor], rows: int, vocab: int, igno
     shape(name, value, (rows,), "[N]")
     if value.device != device:
         _fail(ValueError, name, f"device {device}", value.device)
+    if not values_checked():
+        return value.long()
     kept = value[value != ignore_index]
     if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= vocab):
         bad = kept[(kept < 0) | (kept >= vocab)][0].item()

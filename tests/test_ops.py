@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import interpreting_triton
+
 from kdfast import _ext, ops
 
 BACKENDS = ["cpu"] + (["triton"] if interpreting_triton() else [])

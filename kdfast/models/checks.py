@@ -56,6 +56,8 @@ def check_batch(batch: dict, *models: tuple[str, nn.Module]) -> dict:
     batch = dict(batch)
     if batch.get("token_type_ids") is None:
         batch["token_type_ids"] = torch.zeros_like(input_ids)
+    if torch.compiler.is_compiling():  # the id checks read the device; eager calls make them
+        return batch
     top_id, top_type = int(input_ids.max()), int(batch["token_type_ids"].max())
     for name, model in models:
         config = base_model(model).config

@@ -45,11 +45,12 @@ def mlm_head(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], 
 
 
 def key_mask_of(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """[B, L] bool of real tokens, or None when there is no padding (lets SDPA use its fastest path)."""
+    """[B, L] bool of real tokens, or None when there is no padding (lets SDPA use its fastest path;
+    under torch.compile the mask is kept: whether it has padding is a value, not a shape)."""
     if attention_mask is None:
         return None
     mask = attention_mask.bool()
-    return None if bool(mask.all()) else mask
+    return None if not torch.compiler.is_compiling() and bool(mask.all()) else mask
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

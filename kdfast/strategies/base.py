@@ -29,7 +29,13 @@ class StrategyOutput:
 
 
 def mlm_cross_entropy(taps: ModelTaps, labels: torch.Tensor) -> torch.Tensor:
-    """Mean CE over positions whose label != -100; logits only for those rows; 0 when none."""
+    """Mean CE over positions whose label != -100; logits only for those rows; 0 when none.
+    Under torch.compile the logits of every row (their count would be a value, not a shape), the
+    same mean."""
+    if torch.compiler.is_compiling():
+        flat = labels.reshape(-1)
+        total = F.cross_entropy(taps.logits().float(), flat, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (flat != IGNORE_INDEX).sum().clamp_min(1)
     rows = labels != IGNORE_INDEX
     logits = taps.logits(rows)
     if logits.shape[0] == 0:

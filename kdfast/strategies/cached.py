@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
 from kdfast.cache.serve import TARGET_KEYS
@@ -13,6 +14,22 @@ from kdfast.losses.vocab import fused_linear_kd
 from kdfast.models import ModelPlan, ModelTaps, Plan
 from kdfast.strategies.base import IGNORE_INDEX, Strategy, StrategyOutput
 from kdfast.strategies.vocab import vanilla_options
+
+
+def _labelled_rows(states: torch.Tensor, labels: torch.Tensor, targets: tuple) -> tuple:
+    """(hidden [M, H], labels [M], targets) of the M labelled positions, whose targets ([M, K] ids,
+    weights) the batch brings. Under torch.compile all B*L rows instead (M would be a value, not a
+    shape): the targets are scattered to the labelled rows, the others get padding (id -1, weight 0),
+    which the loss skips like their ignored labels."""
+    rows = (labels != IGNORE_INDEX).reshape(-1)
+    hidden, flat = states.reshape(-1, states.shape[-1]), labels.reshape(-1)
+    if not torch.compiler.is_compiling():
+        return hidden[rows], flat[rows], targets
+    ids, weights = targets
+    keep = rows[:, None].expand(-1, ids.shape[1])
+    ids = ids.new_full((flat.shape[0], ids.shape[1]), -1).masked_scatter(keep, ids)
+    weights = weights.new_zeros((flat.shape[0], weights.shape[1])).masked_scatter(keep, weights)
+    return hidden, flat, (ids, weights)
 
 
 class VanillaCached(Strategy):
@@ -32,11 +49,10 @@ class VanillaCached(Strategy):
             raise ValueError(f"batch: expected cached teacher targets {TARGET_KEYS} for strategy {self.name!r} "
                              f"(serve the batches through kdfast.cache.serve.TeacherCache.attach), got keys "
                              f"{sorted(batch)}")
-        rows = (batch["labels"] != IGNORE_INDEX).reshape(-1)
-        hidden = student.decoder_input.reshape(-1, student.decoder_input.shape[-1])[rows]
-        targets = (batch[TARGET_KEYS[0]], batch[TARGET_KEYS[1]])
-        common = dict(student_bias=student.decoder_bias, labels=batch["labels"].reshape(-1)[rows],
-                      ignore_index=IGNORE_INDEX, teacher_targets=targets)
+        hidden, labels, targets = _labelled_rows(student.decoder_input, batch["labels"],
+                                                 (batch[TARGET_KEYS[0]], batch[TARGET_KEYS[1]]))
+        common = dict(student_bias=student.decoder_bias, labels=labels, ignore_index=IGNORE_INDEX,
+                      teacher_targets=targets)
         if self.formulation == "paper":
             out = fused_linear_kd(hidden, student.decoder_weight, temperature=1.0, kd_weight=1.0, mlm_weight=1.0,
                                   kind="soft_ce", reduction="mean", **common)
