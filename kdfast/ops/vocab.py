@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from kdfast.functions import vocab_kd as driver
+from kdfast.functions.outputs import KDOutput
 from kdfast.functions.sparse_targets import SparseTargets
-from kdfast.losses.types import KDOutput
 from kdfast.ops._common import backend_module, no_grad_like, tracing, wants_grad
 
 OPS = ("kdfast::fused_linear_kd", "kdfast::fused_linear_kd_backward", "kdfast::kd_kl")
