@@ -13,10 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
-from transformers import BertConfig, BertForMaskedLM
+from transformers import BertConfig, BertForMaskedLM, TrainingArguments
 
 from kdfast import _ext, models, strategies
 from kdfast.cache.serve import TARGET_KEYS
+from kdfast.integrations.transformers import DistillationTrainer
 
 VOCAB, L, TOP_K = 61, 13, 4
 STRATEGIES = ["no-kd", "vanilla", "tinybert", "minilm", "minilm_v2", "vanilla-cached-topk"]
@@ -33,7 +34,7 @@ def tiny_config(layers: int) -> BertConfig:
 @pytest.fixture(scope="module")
 def teacher():
     torch.manual_seed(0)
-    return models.load_teacher(BertForMaskedLM(tiny_config(2)), device="cpu")
+    return models.load_teacher(BertForMaskedLM(tiny_config(1)), device="cpu")
 
 
 def make_batch() -> dict:
@@ -66,7 +67,7 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_compiled_step_has_no_graph_break_and_equals_eager(teacher, name):
     torch.manual_seed(2)
-    student = models.build_student(tiny_config(2), teacher=teacher)
+    student = models.build_student(tiny_config(1), teacher=teacher)
     strategy = strategies.build(name, teacher, student)
     batch = make_batch()
 
@@ -83,3 +84,23 @@ def test_compiled_step_has_no_graph_break_and_equals_eager(teacher, name):
     assert len(compiled) == len(eager) > 1
     for got, ref in zip(compiled, eager):
         assert rel_err(got, ref) < 1e-5
+
+
+@pytest.mark.slow
+def test_distillation_trainer_runs_with_torch_compile(teacher, tmp_path):
+    """``TrainingArguments(torch_compile=True)``: HF compiles the student, DistillationTrainer its loss
+    path (the strategy step); two steps train with finite losses."""
+    torch.manual_seed(3)
+    student = models.build_student(tiny_config(1), teacher=teacher)
+    before = [p.detach().clone() for p in student.parameters()]
+    batch = make_batch()
+    data = [{k: batch[k][i] for k in ("input_ids", "attention_mask", "labels")} for i in range(2)] * 2
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2,
+                             per_device_train_batch_size=2, logging_steps=1, save_strategy="no",
+                             remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0,
+                             torch_compile=True, torch_compile_backend="aot_eager")
+    trainer = DistillationTrainer(student, args, teacher=teacher, train_dataset=data, strategy="vanilla")
+    assert trainer._strategy_fn is not trainer.strategy  # the compiled step
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(p.detach(), q) for p, q in zip(student.parameters(), before))

@@ -33,7 +33,8 @@ class DistillationTrainer(Trainer):
     :data:`kdfast.strategies.NAMES`) with ``strategy_options`` for :func:`kdfast.strategies.build`.
     The teacher is never trained nor moved; it may sit on another device or dtype (the default path;
     strategies need it on the student's device). One process on one device for now (no DDP, FSDP,
-    DataParallel).
+    DataParallel). With ``args.torch_compile`` the loss (the strategy's step, or the default vocabulary
+    KD) runs under ``torch.compile`` too, with ``args.torch_compile_backend`` and ``_mode``.
     """
 
     def __init__(self, model: nn.Module, args=None, *, teacher: nn.Module, temperature: float = 1.0,
@@ -58,6 +59,16 @@ class DistillationTrainer(Trainer):
         self.strategy = None
         if strategy is not None:
             self.strategy = self._build_strategy(strategy, strategy_options or {})
+        self._loss_fn, self._strategy_fn = distillation_loss, self.strategy
+        if self.args.torch_compile:  # the loss path calls the student's modules directly: compile it too
+            self._loss_fn, self._strategy_fn = (None if fn is None else self._compiled(fn)
+                                                for fn in (distillation_loss, self.strategy))
+
+    def _compiled(self, fn):
+        """``fn`` under torch.compile with the Trainer's backend and mode (kdfast's ops trace as single
+        nodes; a strategy step is one graph)."""
+        return torch.compile(fn, backend=self.args.torch_compile_backend or "inductor",
+                             mode=self.args.torch_compile_mode)
 
     def _build_strategy(self, name: str, options: dict) -> strategies.Strategy:
         device_s = next(self.model.parameters()).device
@@ -81,7 +92,7 @@ class DistillationTrainer(Trainer):
                      num_items_in_batch: torch.Tensor | int | None = None):
         student = self.accelerator.unwrap_model(model)
         if self.strategy is None:
-            out = distillation_loss(student, self.teacher, inputs, num_items_in_batch=num_items_in_batch,
+            out = self._loss_fn(student, self.teacher, inputs, num_items_in_batch=num_items_in_batch,
                                     **self.loss_options)
         else:
             out = self._strategy_loss(inputs, num_items_in_batch)
@@ -91,7 +102,7 @@ class DistillationTrainer(Trainer):
         """The strategy's loss (a mean over this micro-batch) weighted by its share of the label
         tokens: exact accumulation for the vocabulary terms, token-weighted for the others."""
         count = check_num_items(num_items_in_batch)
-        out = self.strategy(inputs)
+        out = self._strategy_fn(inputs)
         labelled = int((inputs["labels"] != IGNORE_INDEX).sum())
         scale = 1.0 if count is None else labelled / count.to(out.loss.device)
         ce = out.mlm_loss if out.mlm_loss is not None else torch.zeros_like(out.loss)
