@@ -2,15 +2,16 @@
 C++/OpenMP vocabulary-KD row kernel."""
 from __future__ import annotations
 
-from kdfast import _ext
-from kdfast.functions.outputs import KDOutput
-from kdfast.functions.vocab_kd import fused_unsupported_reason, pointer_row_kernel
-from kdfast.ops import vocab
+import torch
 
-# Row kernel (contract in kdfast/functions/vocab_kd.py): s [C, V] becomes d loss / d s; returns kd_row, mlm_row [C].
+from kdfast.functions.outputs import KDOutput
+from kdfast.functions.vocab_kd import fused_unsupported_reason
+from kdfast.ops import kernels, vocab
+
+# Row kernel (contract in kdfast/functions/vocab_kd.py), the custom op kdfast::vocab_kd_rows: s [C, V] becomes
+# d loss / d s; returns kd_row, mlm_row [C].
 # It takes both layouts; the fused driver fills vocab-major chunks (faster head products in MKL).
-rows = pointer_row_kernel(lambda *args: _ext.require_cpu().vocab_kd_rows(*args), with_stream=False,
-                          launch_vocab_major=lambda *args: _ext.require_cpu().vocab_kd_rows_vocab_major(*args))
+rows = kernels.row_kernel(torch.ops.kdfast.vocab_kd_rows, vocab_major=True)
 
 
 def fused_linear_kd(**kwargs) -> KDOutput:

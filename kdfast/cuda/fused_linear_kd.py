@@ -2,13 +2,15 @@
 CUDA extension (a block per row) vocabulary-KD row kernel."""
 from __future__ import annotations
 
-from kdfast import _ext
-from kdfast.functions.outputs import KDOutput
-from kdfast.functions.vocab_kd import fused_unsupported_reason, pointer_row_kernel
-from kdfast.ops import vocab
+import torch
 
-# Row kernel (contract in kdfast/functions/vocab_kd.py): s [C, V] becomes d loss / d s; returns kd_row, mlm_row [C].
-rows = pointer_row_kernel(lambda *args: _ext.require_cuda().vocab_kd_rows(*args), with_stream=True)
+from kdfast.functions.outputs import KDOutput
+from kdfast.functions.vocab_kd import fused_unsupported_reason
+from kdfast.ops import kernels, vocab
+
+# Row kernel (contract in kdfast/functions/vocab_kd.py), the custom op kdfast::vocab_kd_rows: s [C, V] becomes
+# d loss / d s; returns kd_row, mlm_row [C].
+rows = kernels.row_kernel(torch.ops.kdfast.vocab_kd_rows, vocab_major=False)
 
 
 def fused_linear_kd(**kwargs) -> KDOutput:

@@ -8,16 +8,17 @@ Two levels:
   kernel backend named by their ``backend`` argument (``cpu``, ``cuda``, ``triton``), each with a
   fake implementation and a registered autograd formula; the kernel backends' public functions
   call them;
-- kernel ops: the native row kernels (``kdfast::vocab_kd_rows``, CPU and CUDA implementations) and
-  the Triton kernels as ``torch.library.triton_op`` with ``wrap_triton`` (``kdfast.ops.triton``,
-  registered where triton imports).
+- kernel ops: the native vocabulary-KD row kernel (``kdfast::vocab_kd_rows``, CPU and CUDA
+  implementations, ``kdfast.ops.kernels``) and the Triton one as ``torch.library.triton_op`` with
+  ``wrap_triton`` (``kdfast::vocab_kd_rows_triton``, ``kdfast/triton/vocab_kd.py``, registered where
+  triton imports).
 
 :data:`OPS` lists every op for ``torch.library.opcheck`` (tests/test_ops.py).
 """
 from __future__ import annotations
 
-from kdfast.ops import attention, hidden, vocab
+from kdfast.ops import attention, hidden, kernels, vocab
 
-OPS = (*vocab.OPS, *attention.OPS, *hidden.OPS)
+OPS = (*vocab.OPS, *attention.OPS, *hidden.OPS, *kernels.OPS)
 
-__all__ = ["OPS", "attention", "hidden", "vocab"]
+__all__ = ["OPS", "attention", "hidden", "kernels", "vocab"]

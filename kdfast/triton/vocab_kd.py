@@ -11,6 +11,7 @@ One program per row walks the vocabulary in ``BLOCK_V`` chunks twice (see ``../s
 Reverse KL and JSD (``KIND`` 2, 3; the math of ``csrc/vocab_kd_math.h``): pass 1 also keeps b_ref,
 the teacher's b at the student's argmax; a second pass sums q·delta (and JSD's p terms), a third
 writes ``kd_coef·w·q·(delta - sum q·delta) + mlm_coef·(softmax(s) - onehot(y))``.
+The launcher is the ``torch.library.triton_op`` ``kdfast::vocab_kd_rows_triton`` (``wrap_triton``).
 
 Teacher entries equal to -inf have p = 0 (top-k targets). All math is fp32: loads are cast to fp32
 (the interpreter also needs this for bf16 reductions). :func:`rows` is this backend's row kernel
@@ -24,6 +25,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from kdfast._buffers import new_output
 from kdfast._reduction import KINDS
@@ -185,12 +187,10 @@ def block_size(vocab: int) -> tuple[int, int]:
     return block, (8 if block == 2048 else 4)
 
 
-def rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.Tensor, mlm_coef: torch.Tensor,
-         temperature: float, kind: str, beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row kernel (contract in kdfast/functions/vocab_kd.py): ``s``, ``t`` fp32 [C, V] with unit column
-    stride; ``labels`` [C] int64 (-1: no MLM term); ``kd_coef``, ``mlm_coef`` [C] fp32; ``kind`` in
-    ``KINDS``, ``beta`` in (0, 1) for ``"jsd"``.
-    Overwrites ``s`` with the gradient and returns (kd_row, mlm_row), both fp32 [C]."""
+@torch.library.triton_op("kdfast::vocab_kd_rows_triton", mutates_args={"s"})
+def _vocab_kd_rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.Tensor,
+                   mlm_coef: torch.Tensor, temperature: float, kind: str,
+                   beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     count, vocab = s.shape
     kd_row = new_output((count,), torch.float32, s.device)
     mlm_row = new_output((count,), torch.float32, s.device)
@@ -198,11 +198,21 @@ def rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.
         return kd_row, mlm_row
     block, warps = block_size(vocab)
     logs = (math.log(beta), math.log1p(-beta)) if 0.0 < beta < 1.0 else (0.0, 0.0)  # read by "jsd" only
-    vocab_kd_row_kernel[(count,)](
+    wrap_triton(vocab_kd_row_kernel)[(count,)](
         s, t, labels, kd_coef, mlm_coef, kd_row, mlm_row, s.stride(0), t.stride(0), vocab,
         1.0 / temperature, float(beta), *logs, KIND=KINDS.index(kind), RAW_LSE=temperature != 1.0, BLOCK_V=block,
         num_warps=warps)
     return kd_row, mlm_row
+
+
+def rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.Tensor, mlm_coef: torch.Tensor,
+         temperature: float, kind: str, beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row kernel (contract in kdfast/functions/vocab_kd.py), the triton_op ``kdfast::vocab_kd_rows_triton``:
+    ``s``, ``t`` fp32 [C, V] with unit column stride; ``labels`` [C] int64 (-1: no MLM term);
+    ``kd_coef``, ``mlm_coef`` [C] fp32; ``kind`` in ``KINDS``, ``beta`` in (0, 1) for ``"jsd"``.
+    Overwrites ``s`` with the gradient and returns (kd_row, mlm_row), both fp32 [C]."""
+    return torch.ops.kdfast.vocab_kd_rows_triton(s, t, labels, kd_coef, mlm_coef, float(temperature), kind,
+                                                 float(beta))
 
 
 _SIGNATURE = {"s_ptr": "*fp32", "t_ptr": "*fp32", "labels_ptr": "*i64", "kd_coef_ptr": "*fp32",
