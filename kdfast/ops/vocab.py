@@ -110,7 +110,7 @@ def _scaled_grads(grad_kd: Tensor, grad_mlm: Tensor, stored: Sequence[Tensor], i
     # scale; no second [V, H] buffer).
     if bool(scales[0] == 1):
         return list(stored)
-    return [g * scales[0] for g in stored]
+    return [None if g is None else g * scales[0] for g in stored]
 
 
 @torch.library.custom_op("kdfast::fused_linear_kd_backward", mutates_args=())
