@@ -149,3 +149,25 @@ def test_opcheck_triton_op(name):
     op = getattr(torch.ops.kdfast, name.split("::")[1]).default
     for args in TRITON_OPS[name]("triton"):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration"))
+
+
+@pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")
+@pytest.mark.parametrize("parts", [(2.0, 0.0, 0.0), (1.0, 0.3, 0.0)])
+def test_fused_backward_scales_and_reweights_without_a_bias(parts):
+    """loss * 2 (a scale other than 1) and loss + 0.3 kd (another ratio than the weights) on a bias-free
+    head: the eager formula equals the torch reference's autograd in float64."""
+    import kdfast
+
+    scale, extra_kd, _ = parts
+    hidden, weight = _leaf(N, HS), _leaf(V, HS)
+    teacher_hidden, teacher_weight = torch.randn(N, HT), torch.randn(V, HT)
+    labels = _labels()
+    grads = {}
+    for backend, dtype in (("cpu", torch.float32), ("torch", torch.float64)):
+        h, w = (x.detach().to(dtype).requires_grad_() for x in (hidden, weight))
+        out = kdfast.fused_linear_kd(h, w, teacher_hidden.to(dtype), teacher_weight.to(dtype), labels=labels,
+                                     mlm_weight=0.5, temperature=2.0, backend=backend)
+        (scale * out.loss + extra_kd * out.kd).backward()
+        grads[backend] = (h.grad, w.grad)
+    for got, ref in zip(grads["cpu"], grads["torch"]):
+        assert float((got.double() - ref).norm() / ref.norm()) < 1e-5
