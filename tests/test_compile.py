@@ -20,7 +20,7 @@ from kdfast.cache.serve import TARGET_KEYS
 from kdfast.integrations.transformers import DistillationTrainer
 
 VOCAB, L, TOP_K = 61, 13, 4
-STRATEGIES = ["no-kd", "vanilla", "tinybert", "minilm", "minilm_v2", "vanilla-cached-topk"]
+STRATEGIES = ["no-kd", "vanilla", "distilbert", "tinybert", "minilm", "minilm_v2", "vanilla-cached-topk"]
 
 pytestmark = pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")
 

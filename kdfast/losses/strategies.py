@@ -74,9 +74,12 @@ def cosine_hidden_loss(h_s: torch.Tensor, h_t: torch.Tensor,
                          f"got {tuple(h_t.shape)}")
     keep = _flat_mask(attention_mask, tuple(h_s.shape[:2]))
     s, t = h_s.reshape(-1, h_s.shape[-1]), h_t.detach().reshape(-1, h_t.shape[-1])
+    dtype = torch.promote_types(_fp32(s).dtype, _fp32(t).dtype)
+    if keep is not None and torch.compiler.is_compiling():  # every row, padding weighted 0: shapes stay static
+        cos = F.cosine_similarity(s.to(dtype), t.to(dtype), dim=-1)
+        return ((1 - cos) * keep).sum() / keep.sum().clamp_min(1)
     if keep is not None:
         s, t = s[keep], t[keep]
-    dtype = torch.promote_types(_fp32(s).dtype, _fp32(t).dtype)
     cos = F.cosine_similarity(s.to(dtype), t.to(dtype), dim=-1)
     return (1 - cos).sum() / max(cos.numel(), 1)
 
