@@ -12,6 +12,7 @@ class ShapeSpy(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.outputs: list[tuple[str, tuple[int, ...]]] = []
+        self.allocations: list[tuple[str, tuple[int, ...]]] = []  # the outputs that are not views of a tensor
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
@@ -23,5 +24,7 @@ class ShapeSpy(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.outputs += [(str(func), tuple(t.shape)) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        self.outputs += [(str(func), tuple(t.shape)) for t in tensors]
+        self.allocations += [(str(func), tuple(t.shape)) for t in tensors if not t._is_view()]
         return out

@@ -363,7 +363,8 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
 
 
 class _FusedLinearKD(torch.autograd.Function):
-    """Forward computes the loss and keeps the gradients of ``loss = kd_weight*kd + mlm_weight*mlm``.
+    """Forward computes the loss and keeps the gradients of ``loss = kd_weight*kd + mlm_weight*mlm``
+    (with ``_fused_pass``, or ``opts["fused_pass"]`` of the same signature: the vocabulary-parallel one).
     Backward scales them; when ``kd`` and ``mlm`` receive gradients in another ratio (a caller
     re-weighting the parts), it recomputes the MLM gradients alone and combines the two."""
 
@@ -372,7 +373,7 @@ class _FusedLinearKD(torch.autograd.Function):
                 opts: dict):
         kd_weight, mlm_weight = opts["kd_weight"], opts["mlm_weight"]
         need = tuple(ctx.needs_input_grad[:3])
-        kd, mlm, d_hidden, d_weight, d_bias = _fused_pass(
+        kd, mlm, d_hidden, d_weight, d_bias = opts.get("fused_pass", _fused_pass)(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, opts, need,
             kd_weight, mlm_weight)
         kd = (kd if kd_weight != 0 else kd * 0).float()
@@ -397,8 +398,8 @@ class _FusedLinearKD(torch.autograd.Function):
         else:
             # stored = kd_weight*dkd + mlm_weight*dmlm, so coef_kd*dkd + coef_mlm*dmlm
             #        = (coef_kd/kd_weight)*stored + (coef_mlm - coef_kd*mlm_weight/kd_weight)*dmlm.
-            *_, m_hidden, m_weight, m_bias = _fused_pass(student_hidden, student_weight, student_bias, None, None,
-                                                         None, ctx.opts, ctx.need, 0.0, 1.0)
+            *_, m_hidden, m_weight, m_bias = ctx.opts.get("fused_pass", _fused_pass)(
+                student_hidden, student_weight, student_bias, None, None, None, ctx.opts, ctx.need, 0.0, 1.0)
             scales = [coef_kd / kd_weight, coef_mlm - coef_kd * (mlm_weight / kd_weight)]
             grads = [(g, m) for g, m in zip(grads, (m_hidden, m_weight, m_bias))]
         # The common backward of loss.backward(): scale 1, so the stored gradients are returned as they are
