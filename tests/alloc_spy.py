@@ -12,7 +12,7 @@ class ShapeSpy(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.outputs: list[tuple[str, tuple[int, ...]]] = []
-        self.allocations: list[tuple[str, tuple[int, ...]]] = []  # the outputs that are not views of a tensor
+        self.allocations: list[tuple[str, tuple[int, ...]]] = []  # the outputs on memory no input holds
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
@@ -26,5 +26,7 @@ class ShapeSpy(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         self.outputs += [(str(func), tuple(t.shape)) for t in tensors]
-        self.allocations += [(str(func), tuple(t.shape)) for t in tensors if not t._is_view()]
+        held = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        self.allocations += [(str(func), tuple(t.shape)) for t in tensors
+                             if t.untyped_storage().data_ptr() not in held]
         return out

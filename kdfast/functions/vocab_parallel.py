@@ -236,13 +236,14 @@ def _keep_global_topk(t: torch.Tensor, k: int, shards: ShardedHeads) -> None:
 
 
 def _chunk_rows(s: torch.Tensor, t: Optional[torch.Tensor], labels: torch.Tensor, kd_coef: torch.Tensor,
-                mlm_coef: torch.Tensor, temperature: float, kind: str, beta: float, with_raw: bool,
-                shards: ShardedHeads) -> "tuple[torch.Tensor, torch.Tensor]":
+                mlm_coef: torch.Tensor, temperature: float, kind: str, beta: float, with_labels: bool,
+                with_raw: bool, shards: ShardedHeads) -> "tuple[torch.Tensor, torch.Tensor]":
     """The row kernel contract (``kdfast/functions/vocab_kd.py``) on a vocabulary shard: ``s``, ``t``
     [C, V_r] fp32 local logits (``t`` None: no KD term; it is overwritten), statistics combined across
     the group. ``s`` becomes d loss / d s of this shard; returns ``kd_row``, ``mlm_row`` [C] fp64, the
-    same on every rank. ``with_raw``: the softmax of raw s is needed apart from that of s / T (T != 1
-    and labelled rows); a call passes one value for all its chunks, so every rank sends the same heights."""
+    same on every rank. ``with_labels``: some rows of the call have a label; ``with_raw``: the softmax of
+    raw s is needed apart from that of s / T (T != 1 and labelled rows). A call passes the same flags for
+    all its chunks, so every rank sends statistics of the same heights."""
     T = temperature
     top = torch.stack([s.amax(1)] + ([] if t is None else [t.amax(1)]))
     top = shards.all_reduce(top, dist.ReduceOp.MAX, "all_reduce(max)")
@@ -251,9 +252,12 @@ def _chunk_rows(s: torch.Tensor, t: Optional[torch.Tensor], labels: torch.Tensor
         t.sub_(top[1, :, None]).div_(T)  # b' = b - max b (-inf off the top-k)
     column = labels - shards.offset
     owned = (labels >= 0) & (column >= 0) & (column < s.shape[1])
-    label_logit = torch.where(owned, s.gather(1, column.clamp(0, s.shape[1] - 1)[:, None]).squeeze(1) * T, 0.0)
     ea = torch.exp(s)
-    sums = [label_logit, ea.sum(1)] + ([torch.exp(s * T).sum(1)] if with_raw else [])  # Σ exp(s - max s)
+    sums = [ea.sum(1)]
+    if with_labels:  # the label's raw logit minus the max, from the rank that holds it
+        sums.append(torch.where(owned, s.gather(1, column.clamp(0, s.shape[1] - 1)[:, None]).squeeze(1) * T, 0.0))
+    if with_raw:
+        sums.append(torch.exp(s * T).sum(1))  # Σ exp(s - max s)
     if t is not None:
         eb = torch.exp(t)
         sums.append(eb.sum(1))
@@ -266,10 +270,11 @@ def _chunk_rows(s: torch.Tensor, t: Optional[torch.Tensor], labels: torch.Tensor
             holds = local_top == 0
             sums += [holds.float(), torch.where(holds, t.gather(1, at[:, None]).squeeze(1), 0.0)]
     sums = shards.all_reduce(torch.stack(sums).double(), dist.ReduceOp.SUM, "all_reduce(sum)")
-    label_logit, z_a, rest = sums[0], sums[1], list(sums[2:])
+    z_a, rest = sums[0], list(sums[1:])
     log_za = z_a.log()
+    label_logit = rest.pop(0) if with_labels else None
     log_zs = rest.pop(0).log() if with_raw else log_za
-    mlm_row = torch.where(labels >= 0, log_zs - label_logit, 0.0)
+    mlm_row = torch.where(labels >= 0, log_zs - label_logit, 0.0) if with_labels else torch.zeros_like(log_za)
     softmax_raw = torch.exp(s * T - log_zs.float()[:, None]) if with_raw else None
     q = ea.div_(z_a.float()[:, None])
     kd_row, grad_kd = torch.zeros_like(log_za), None
@@ -344,7 +349,8 @@ def _sharded_pass(student_hidden, student_weight, student_bias, teacher_hidden, 
         return kd_sum, mlm_sum, d_hidden, d_weight, d_bias
     kind, topk = effective_kind(opts["kind"], opts["beta"]), opts["teacher_topk"]
     with_teacher = kd_weight != 0
-    with_raw = opts["temperature"] != 1 and bool((sel.labels >= 0).any())
+    with_labels = bool((sel.labels >= 0).any())
+    with_raw = with_labels and opts["temperature"] != 1
     student = _Head(student_weight, student_bias)
     teacher = _Head(teacher_weight, teacher_bias) if with_teacher else None
     size = opts["chunk_rows"] or min(sel.count, shards.max_chunk_rows)
@@ -364,8 +370,8 @@ def _sharded_pass(student_hidden, student_weight, student_bias, teacher_hidden, 
                 if topk is not None and topk < shards.vocab:
                     _keep_global_topk(t, topk, shards)
             kd_row, mlm_row = _chunk_rows(s, t if with_teacher else None, sel.labels[part], sel.kd_coef[part],
-                                          sel.mlm_coef[part], opts["temperature"], kind, opts["beta"], with_raw,
-                                          shards)
+                                          sel.mlm_coef[part], opts["temperature"], kind, opts["beta"],
+                                          with_labels, with_raw, shards)
             kd_sum += (kd_row * sel.kd_scale[part]).sum()
             mlm_sum += mlm_row.sum()
             # s now holds d loss / d logits of this shard's chunk; t is spent.
