@@ -331,8 +331,8 @@ def test_docs_example_runs_under_torchrun(tmp_path):
     (block,) = TORCHRUN_BLOCK.findall(DOC.read_text())
     script = tmp_path / "vocab_parallel_kd.py"
     script.write_text(block)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(DOC.parents[1]), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
+    here = str(Path(kdfast.__file__).resolve().parents[1])  # the kdfast these tests import
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                           str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=180, env=env)
     assert run.returncode == 0, run.stderr[-4000:]

@@ -37,8 +37,8 @@ import torch.distributed as dist
 from kdfast import _backends
 from kdfast import _checks as check
 from kdfast._buffers import workspace
+from kdfast.functions.outputs import KDOutput
 from kdfast.functions.vocab_kd import _chunk_view, _FusedLinearKD, _Head, _select, chunk_rows
-from kdfast.losses.types import KDOutput
 
 # --------------------------------------------------------------------------- communication record
 
