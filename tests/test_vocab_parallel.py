@@ -229,6 +229,8 @@ def _bad_inputs(rank: int, pairs, world_mesh) -> "dict[str, str]":
         "topk_reverse": message(student_weight=torch.randn(sizes[rank], HS), teacher_weight=torch.randn(
             sizes[rank], HT), kind="jsd", beta=1.0, teacher_topk=4, process_group=dist.group.WORLD),
     }
+    out["not_a_group"] = message(student_weight=torch.randn(10, HS), teacher_weight=torch.randn(10, HT),
+                                 process_group="world")
     # this rank is outside the other pair's group (its members make no call: the group is never used)
     out["foreign_group"] = message(student_weight=torch.randn(10, HS), teacher_weight=torch.randn(10, HT),
                                    process_group=pairs[1 - rank // 2])
@@ -311,6 +313,7 @@ def test_bad_input_is_refused_on_every_rank(ranks):
         assert errors["mixed_bias"].startswith("ValueError: student_bias: expected DTensors"), errors["mixed_bias"]
         assert "Shard(0)" in errors["replicated_head"] and errors["replicated_head"].startswith("ValueError: student")
         assert errors["topk_reverse"].startswith("ValueError: teacher_topk: expected None"), errors["topk_reverse"]
+        assert errors["not_a_group"].startswith("TypeError: process_group: expected a torch.distributed.ProcessGroup")
         assert errors["foreign_group"].startswith("ValueError: process_group: expected a process group that "
                                                   f"contains this process (global rank {rank})"), errors
 

@@ -133,16 +133,19 @@ def _group_of(name: str, value: torch.Tensor) -> dist.ProcessGroup:
 
 
 def _check_group(group: object) -> dist.ProcessGroup:
+    """``process_group`` as given: a group of an initialised torch.distributed that holds this process."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("process_group: expected a group of an initialised torch.distributed "
                          "(torch.distributed.init_process_group first), got torch.distributed not initialised")
-    if group is None or group is dist.GroupMember.NON_GROUP_MEMBER or dist.get_rank(group) < 0:
-        try:
-            ranks = dist.get_process_group_ranks(group)
-        except (RuntimeError, ValueError, AttributeError, KeyError):
-            ranks = "unknown ranks (not a group this process belongs to)"
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group returns on the ranks it leaves out
         raise ValueError(f"process_group: expected a process group that contains this process (global rank "
-                         f"{dist.get_rank()}), got a group of ranks {ranks}")
+                         f"{dist.get_rank()}), got dist.new_group's placeholder for a rank outside the group")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"process_group: expected a torch.distributed.ProcessGroup (dist.group.WORLD, "
+                        f"dist.new_group(...), mesh.get_group()), got {type(group).__name__}")
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"process_group: expected a process group that contains this process (global rank "
+                         f"{dist.get_rank()}), got a group of ranks {dist.get_process_group_ranks(group)}")
     return group
 
 
@@ -235,36 +238,35 @@ def _keep_global_topk(t: torch.Tensor, k: int, shards: ShardedHeads) -> None:
     t.masked_fill_(t < kth, float("-inf"))
 
 
-def _chunk_rows(s: torch.Tensor, t: Optional[torch.Tensor], labels: torch.Tensor, kd_coef: torch.Tensor,
-                mlm_coef: torch.Tensor, temperature: float, kind: str, beta: float, with_labels: bool,
-                with_raw: bool, shards: ShardedHeads) -> "tuple[torch.Tensor, torch.Tensor]":
+def _chunk_rows(s: torch.Tensor, t: Optional[torch.Tensor], u: torch.Tensor, labels: torch.Tensor,
+                kd_coef: torch.Tensor, mlm_coef: torch.Tensor, temperature: float, kind: str, beta: float,
+                with_labels: bool, with_raw: bool, shards: ShardedHeads) -> "tuple[torch.Tensor, torch.Tensor]":
     """The row kernel contract (``kdfast/functions/vocab_kd.py``) on a vocabulary shard: ``s``, ``t``
-    [C, V_r] fp32 local logits (``t`` None: no KD term; it is overwritten), statistics combined across
-    the group. ``s`` becomes d loss / d s of this shard; returns ``kd_row``, ``mlm_row`` [C] fp64, the
-    same on every rank. ``with_labels``: some rows of the call have a label; ``with_raw``: the softmax of
-    raw s is needed apart from that of s / T (T != 1 and labelled rows). A call passes the same flags for
-    all its chunks, so every rank sends statistics of the same heights."""
+    [C, V_r] fp32 local logits (``t`` None: no KD term), ``u`` scratch of their shape; statistics
+    combined across the group. ``s`` becomes d loss / d s of this shard (``t``, ``u`` are spent); returns
+    ``kd_row``, ``mlm_row`` [C] fp64, the same on every rank. ``with_labels``: some rows of the call have a
+    label; ``with_raw``: the softmax of raw s is needed apart from that of s / T (T != 1 and labelled rows).
+    A call passes the same flags for all its chunks, so every rank sends statistics of the same heights.
+    Working memory: ``s``, ``t``, ``u``, q and, for JSD, one more chunk."""
     T = temperature
     top = torch.stack([s.amax(1)] + ([] if t is None else [t.amax(1)]))
     top = shards.all_reduce(top, dist.ReduceOp.MAX, "all_reduce(max)")
     s.sub_(top[0, :, None]).div_(T)  # a' = a - max a <= 0, a = s / T
-    if t is not None:
-        t.sub_(top[1, :, None]).div_(T)  # b' = b - max b (-inf off the top-k)
     column = labels - shards.offset
     owned = (labels >= 0) & (column >= 0) & (column < s.shape[1])
-    ea = torch.exp(s)
-    sums = [ea.sum(1)]
+    q = torch.exp(s)
+    sums = [q.sum(1)]
     if with_labels:  # the label's raw logit minus the max, from the rank that holds it
         sums.append(torch.where(owned, s.gather(1, column.clamp(0, s.shape[1] - 1)[:, None]).squeeze(1) * T, 0.0))
     if with_raw:
-        sums.append(torch.exp(s * T).sum(1))  # Σ exp(s - max s)
+        sums.append(torch.mul(s, T, out=u).exp_().sum(1))  # Σ exp(s - max s)
     if t is not None:
-        eb = torch.exp(t)
-        sums.append(eb.sum(1))
-        if kind == "kl":
-            sums.append(torch.where(eb > 0, eb * (t - s), 0.0).sum(1))
+        t.sub_(top[1, :, None]).div_(T)  # b' = b - max b (-inf off the top-k)
+        sums.append(torch.exp(t, out=u).sum(1))  # u = exp(b')
+        if kind == "kl":  # Σ exp(b') (b' - a'), 0 off the top-k (0 * -inf)
+            sums.append(t.sub_(s).mul_(u).nan_to_num_(nan=0.0).sum(1))
         elif kind == "soft_ce":
-            sums.append((eb * s).sum(1))
+            sums.append(torch.mul(u, s, out=t).sum(1))
         else:  # b' at the student's argmax (a' = 0), averaged over the ranks holding one: see _divergence
             local_top, at = s.max(1)
             holds = local_top == 0
@@ -275,21 +277,19 @@ def _chunk_rows(s: torch.Tensor, t: Optional[torch.Tensor], labels: torch.Tensor
     label_logit = rest.pop(0) if with_labels else None
     log_zs = rest.pop(0).log() if with_raw else log_za
     mlm_row = torch.where(labels >= 0, log_zs - label_logit, 0.0) if with_labels else torch.zeros_like(log_za)
-    softmax_raw = torch.exp(s * T - log_zs.float()[:, None]) if with_raw else None
-    q = ea.div_(z_a.float()[:, None])
+    q.div_(z_a.float()[:, None])
     kd_row, grad_kd = torch.zeros_like(log_za), None
     if t is not None:
         z_b = rest.pop(0)
         log_zb = z_b.log()
-        p = eb.div_(z_b.float()[:, None])
-        if kind == "kl":
-            kd_row, grad_kd = rest[0] / z_b - log_zb + log_za, q - p
-        elif kind == "soft_ce":
-            kd_row, grad_kd = -rest[0] / z_b + log_za, q - p
+        if kind in ("kl", "soft_ce"):
+            kd_row = rest[0] / z_b - log_zb + log_za if kind == "kl" else -rest[0] / z_b + log_za
+            grad_kd = torch.sub(q, u.div_(z_b.float()[:, None]), out=t)  # q - p
         else:
-            kd_row, grad_kd = _divergence(s, t, q, p, log_za, log_zb, rest[1] / rest[0], kind, beta, shards)
+            kd_row, grad_kd = _divergence(s, t, u, q, log_za, log_zb, rest[1] / rest[0], kind, beta, shards)
     # d loss / d s = kd_coef * grad_kd + mlm_coef * (softmax(s) - onehot(label)), written into s
-    torch.mul(q if softmax_raw is None else softmax_raw, mlm_coef[:, None], out=s)
+    raw = torch.mul(s, T, out=u).sub_(log_zs.float()[:, None]).exp_() if with_raw else q
+    torch.mul(raw, mlm_coef[:, None], out=s)
     if grad_kd is not None:
         s.addcmul_(grad_kd, kd_coef[:, None])
     mine = owned.nonzero().squeeze(1)
@@ -297,32 +297,34 @@ def _chunk_rows(s: torch.Tensor, t: Optional[torch.Tensor], labels: torch.Tensor
     return kd_row, mlm_row
 
 
-def _divergence(a: torch.Tensor, b: torch.Tensor, q: torch.Tensor, p: torch.Tensor, log_za: torch.Tensor,
+def _divergence(a: torch.Tensor, b: torch.Tensor, u: torch.Tensor, q: torch.Tensor, log_za: torch.Tensor,
                 log_zb: torch.Tensor, b_ref: torch.Tensor, kind: str, beta: float,
                 shards: ShardedHeads) -> "tuple[torch.Tensor, torch.Tensor]":
-    """Reverse KL or JSD_beta of the rows [C] fp64 and d/da [C, V_r] as the C++ kernel forms them
-    (csrc/vocab_kd_math.h): with D = log q - log p (reverse KL) or log q - log m (JSD), the gradient is
-    w q (D - Σ q D), computed as w q (delta - k) with delta = D - D_ref relative to the student's argmax and
-    k = Σ q delta (one more all-reduce of [C] or [2, C]), so a near one-hot student keeps its small gradient
-    without a difference of two large numbers. ``a``, ``b``: logits / T minus the row's max; ``b_ref`` the
-    teacher's at the student's argmax."""
-    lse_a, lse_b = log_za.float()[:, None], log_zb.float()[:, None]
+    """Reverse KL or JSD_beta of the rows [C] fp64 and d/da [C, V_r] (returned in ``b`` or a new chunk),
+    as the C++ kernel forms them (csrc/vocab_kd_math.h): with D = log q - log p (reverse KL) or
+    log q - log m (JSD), the gradient w q (D - Σ q D) is computed as w q (delta - k) with delta = D - D_ref
+    relative to the student's argmax and k = Σ q delta (one more all-reduce), so a near one-hot student
+    keeps its small gradient without a difference of two large numbers. ``a``, ``b``: logits / T minus
+    the row's max (``a`` is kept, ``b`` and the scratch ``u`` are spent), ``b_ref`` the teacher's at the
+    student's argmax; ``u`` holds exp(b) on entry."""
     if kind == "reverse_kl":
-        delta = a - (b - b_ref.float()[:, None])
-        sums = [(q * delta).sum(1)]
+        delta = b.sub_(a).neg_().add_(b_ref.float()[:, None])  # a' - (b' - b'_ref)
+        sums = [torch.mul(q, delta, out=u).sum(1)]
         d_ref, weight = -log_za - (b_ref - log_zb), 1.0
     else:
         shift = math.log(beta / (1 - beta))
-        z = (b - lse_b) - (a - lse_a) + shift  # log p - log q + log(beta / (1 - beta)); -inf where p = 0
+        z = b.sub_(a).add_((log_za - log_zb + shift).float()[:, None])  # log p - log q + shift; -inf where p = 0
+        p = u.mul_((-log_zb).exp().float()[:, None])
+        p_term = torch.nn.functional.softplus(z.neg_()).neg_().sub_(math.log(beta))  # log p - log m
+        p_term = p_term.mul_(p).nan_to_num_(nan=0.0).sum(1)  # 0 where p = 0 (0 * -inf)
         sp_ref = torch.nn.functional.softplus(b_ref - log_zb + log_za + shift)
-        delta = sp_ref.float()[:, None] - torch.nn.functional.softplus(z)
-        p_term = torch.where(p > 0, p * (-math.log(beta) - torch.nn.functional.softplus(-z)), 0.0)
-        sums = [(q * delta).sum(1), p_term.sum(1)]
+        delta = torch.nn.functional.softplus(z.neg_()).neg_().add_(sp_ref.float()[:, None])
+        sums = [torch.mul(q, delta, out=u).sum(1), p_term]
         d_ref, weight = -math.log1p(-beta) - sp_ref, 1 - beta
     sums = shards.all_reduce(torch.stack(sums).double(), dist.ReduceOp.SUM, "all_reduce(sum)")
     k = sums[0]
     kd_row = d_ref + k if kind == "reverse_kl" else beta * sums[1] + weight * (d_ref + k)
-    return kd_row, q.mul(delta.sub_(k.float()[:, None])).mul_(weight)
+    return kd_row, delta.sub_(k.float()[:, None]).mul_(q).mul_(weight)
 
 
 # --------------------------------------------------------------------------- the pass and the entry point
@@ -356,20 +358,20 @@ def _sharded_pass(student_hidden, student_weight, student_bias, teacher_hidden, 
     size = opts["chunk_rows"] or min(sel.count, shards.max_chunk_rows)
     # fp32 products fill vocab-major chunks, as the single-device driver on CPU: the same logits, bit for bit
     vocab_major = not student.native16 and not (teacher is not None and teacher.native16)
-    with workspace(2 * size * local_vocab, device) as chunks:
+    with workspace(3 * size * local_vocab, device) as chunks:
         for start in range(0, sel.count, size):
             stop = min(start + size, sel.count)
             part = slice(start, stop)
             ids = None if sel.index is None else sel.index[part]
             x_s = student_hidden[part] if ids is None else student_hidden.index_select(0, ids)
-            s, t = (_chunk_view(buf, stop - start, local_vocab, vocab_major)
-                    for buf in (chunks[: size * local_vocab], chunks[size * local_vocab:]))
+            s, t, u = (_chunk_view(chunks[i * size * local_vocab:], stop - start, local_vocab, vocab_major)
+                       for i in range(3))
             student.logits_into(s, x_s)
             if with_teacher:
                 teacher.logits_into(t, teacher_hidden[part] if ids is None else teacher_hidden.index_select(0, ids))
                 if topk is not None and topk < shards.vocab:
                     _keep_global_topk(t, topk, shards)
-            kd_row, mlm_row = _chunk_rows(s, t if with_teacher else None, sel.labels[part], sel.kd_coef[part],
+            kd_row, mlm_row = _chunk_rows(s, t if with_teacher else None, u, sel.labels[part], sel.kd_coef[part],
                                           sel.mlm_coef[part], opts["temperature"], kind, opts["beta"],
                                           with_labels, with_raw, shards)
             kd_sum += (kd_row * sel.kd_scale[part]).sum()
