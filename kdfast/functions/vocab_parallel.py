@@ -38,7 +38,15 @@ from kdfast import _backends
 from kdfast import _checks as check
 from kdfast._buffers import workspace
 from kdfast.functions.outputs import KDOutput
-from kdfast.functions.vocab_kd import _chunk_view, _FusedLinearKD, _Head, _select, chunk_rows
+from kdfast.functions.vocab_kd import (
+    _chunk_view,
+    _FusedLinearKD,
+    _Head,
+    _select,
+    add_chunk_grads,
+    chunk_rows,
+    pass_buffers,
+)
 
 # --------------------------------------------------------------------------- communication record
 
@@ -339,14 +347,9 @@ def _sharded_pass(student_hidden, student_weight, student_bias, teacher_hidden, 
     device = student_hidden.device
     sel = _select(rows, shards.vocab, device, opts["labels"], opts["ignore_index"], opts["mask"],
                   opts["row_weights"], opts["temperature"], kd_weight, mlm_weight, opts["reduction"], opts["t2_scale"])
-    need_dh, need_dw, need_db = need
-    d_hidden = torch.zeros(student_hidden.shape, dtype=torch.float32, device=device) if need_dh else None
-    d_weight = torch.empty(student_weight.shape, dtype=torch.float32, device=device) if need_dw else None
-    d_bias = torch.zeros(local_vocab, dtype=torch.float32, device=device) if need_db else None
-    kd_sum = torch.zeros((), dtype=torch.float64, device=device)
-    mlm_sum = torch.zeros((), dtype=torch.float64, device=device)
+    d_hidden, d_weight, d_bias, kd_sum, mlm_sum = pass_buffers(student_hidden, student_weight, need)
     if not sel.count:
-        if need_dw:
+        if d_weight is not None:
             d_weight.zero_()
         return kd_sum, mlm_sum, d_hidden, d_weight, d_bias
     kind, topk = effective_kind(opts["kind"], opts["beta"]), opts["teacher_topk"]
@@ -377,18 +380,8 @@ def _sharded_pass(student_hidden, student_weight, student_bias, teacher_hidden, 
             kd_sum += (kd_row * sel.kd_scale[part]).sum()
             mlm_sum += mlm_row.sum()
             # s now holds d loss / d logits of this shard's chunk; t is spent.
-            if need_db:
-                d_bias += s.sum(0)
-            operands = student.grad_operands(s, scratch=t) if need_dh or need_dw else []
-            if need_dh:
-                if ids is None:
-                    student.times_weight(operands, out=d_hidden[part])
-                else:
-                    d_hidden.index_copy_(0, ids, student.times_weight(
-                        operands, out=x_s.new_empty(x_s.shape, dtype=torch.float32)))
-            if need_dw:
-                student.add_weight_grad_(d_weight, operands, x_s, first=start == 0)
-    if need_dh:
+            add_chunk_grads(student, s, t, x_s, part, ids, start == 0, d_hidden, d_weight, d_bias)
+    if d_hidden is not None:
         shards.all_reduce(d_hidden, dist.ReduceOp.SUM, "all_reduce(d_hidden)")
     return kd_sum, mlm_sum / sel.mlm_divisor, d_hidden, d_weight, d_bias
 
