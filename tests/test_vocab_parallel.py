@@ -234,6 +234,9 @@ def _bad_inputs(rank: int, pairs, world_mesh) -> "dict[str, str]":
     }
     out["not_a_group"] = message(student_weight=torch.randn(10, HS), teacher_weight=torch.randn(10, HT),
                                  process_group="world")
+    out["rows_differ"] = message(student_weight=torch.randn(sizes[rank], HS), teacher_weight=torch.randn(
+        sizes[rank], HT), student_hidden=torch.randn(N + (rank == 1), HS), teacher_hidden=torch.randn(
+        N + (rank == 1), HT), process_group=dist.group.WORLD)
     # this rank is outside the other pair's group (its members make no call: the group is never used)
     out["foreign_group"] = message(student_weight=torch.randn(10, HS), teacher_weight=torch.randn(10, HT),
                                    process_group=pairs[1 - rank // 2])
@@ -303,7 +306,7 @@ def test_communication_grows_with_rows_not_vocabulary(ranks):
     assert statistics((256, 1616, None)) == 4 * statistics((64, 1616, None))
     for (rows, _, _), by_name in traffic.items():
         assert by_name["all_reduce(d_hidden)"] == rows * HS * 4
-        assert by_name["all_gather(sizes)"] == 3 * 8
+        assert by_name["all_gather(sizes)"] == 5 * 8
 
 
 def test_bad_input_is_refused_on_every_rank(ranks):
@@ -316,6 +319,7 @@ def test_bad_input_is_refused_on_every_rank(ranks):
         assert errors["mixed_bias"].startswith("ValueError: student_bias: expected DTensors"), errors["mixed_bias"]
         assert "Shard(0)" in errors["replicated_head"] and errors["replicated_head"].startswith("ValueError: student")
         assert errors["topk_reverse"].startswith("ValueError: teacher_topk: expected None"), errors["topk_reverse"]
+        assert errors["rows_differ"].startswith("ValueError: student_hidden: expected the same N rows"), errors
         assert errors["not_a_group"].startswith("TypeError: process_group: expected a torch.distributed.ProcessGroup")
         assert errors["foreign_group"].startswith("ValueError: process_group: expected a process group that "
                                                   f"contains this process (global rank {rank})"), errors

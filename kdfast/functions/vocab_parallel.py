@@ -166,7 +166,9 @@ def shard_heads(student_weight: object, teacher_weight: object, student_bias: ob
 
     Raises before any work: a mix of sharded and unsharded heads, a group without this process, shards
     that do not split one V the same way for student and teacher. The shard sizes are gathered from
-    every rank (one all-gather of 3 integers), so every rank raises the same error."""
+    every rank with the rows and whether d hidden is wanted (one all-gather of 5 integers), so every rank
+    raises the same error, also for hidden states that differ in rows or requires_grad between ranks (their
+    collectives would not match)."""
     heads = dict(student_weight=student_weight, teacher_weight=teacher_weight, student_bias=student_bias,
                  teacher_bias=teacher_bias)
     given = {name: value for name, value in heads.items() if value is not None}
@@ -206,7 +208,10 @@ def shard_heads(student_weight: object, teacher_weight: object, student_bias: ob
     s_rows, t_rows = (int(local[name].shape[0]) for name in ("student_weight", "teacher_weight"))
     device = local["student_weight"].device
     bound = chunk_rows(2**62, 2 * max(s_rows, 1), device)
-    mine = torch.tensor([s_rows, t_rows, bound], dtype=torch.int64)
+    hidden = local.get("student_hidden", student_hidden)
+    rows = int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) and hidden.dim() == 2 else -1
+    wants_grad = isinstance(hidden, torch.Tensor) and hidden.requires_grad and torch.is_grad_enabled()
+    mine = torch.tensor([s_rows, t_rows, bound, rows, int(wants_grad)], dtype=torch.int64)
     backend_device = device if dist.get_backend(group) != "gloo" else torch.device("cpu")
     shards = ShardedHeads(group=group, sizes=[], rank=dist.get_rank(group), max_chunk_rows=bound)
     table = torch.stack([part.cpu() for part in shards.all_gather(mine.to(backend_device), "all_gather(sizes)")])
@@ -216,6 +221,12 @@ def shard_heads(student_weight: object, teacher_weight: object, student_bias: ob
                          f"the same V, split the same way over the {len(student_sizes)} ranks (at least one row "
                          f"each), got student shards {student_sizes} (V={sum(student_sizes)}) and teacher shards "
                          f"{teacher_sizes} (V={sum(teacher_sizes)})")
+    # every rank must run the same chunks and collectives: the same rows, and d hidden wanted on all or none
+    for column, name, what in ((3, "student_hidden", "the same N rows"),
+                               (4, "student_hidden", "requires_grad (under grad mode) the same")):
+        if len(set(table[:, column].tolist())) > 1:
+            raise ValueError(f"{name}: expected {what} on every rank of the group (hidden states are replicated), "
+                             f"got {table[:, column].tolist()} by rank")
     shards.sizes, shards.max_chunk_rows = student_sizes, int(table[:, 2].min())
     return shards, local
 
