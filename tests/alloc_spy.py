@@ -12,6 +12,7 @@ class ShapeSpy(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.outputs: list[tuple[str, tuple[int, ...]]] = []
+        self.allocations: list[tuple[str, tuple[int, ...]]] = []  # the outputs on memory no input holds
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
@@ -23,5 +24,9 @@ class ShapeSpy(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.outputs += [(str(func), tuple(t.shape)) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        self.outputs += [(str(func), tuple(t.shape)) for t in tensors]
+        held = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        self.allocations += [(str(func), tuple(t.shape)) for t in tensors
+                             if t.untyped_storage().data_ptr() not in held]
         return out

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -228,6 +228,42 @@ class _Selection:
         return self.labels.shape[0]
 
 
+def pass_buffers(hidden: torch.Tensor, weight: torch.Tensor, need: "tuple[bool, bool, bool]") -> tuple:
+    """A fused pass's accumulators: fp32 d_hidden [N, H] (zeros), d_weight [V, H] (unwritten: the first
+    chunk overwrites it), d_bias [V] (zeros), each None unless ``need`` (hidden, weight, bias) asks for it,
+    and the 0-dim fp64 kd and mlm sums."""
+    device = hidden.device
+    d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=device) if need[0] else None
+    d_weight = torch.empty(weight.shape, dtype=torch.float32, device=device) if need[1] else None
+    d_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=device) if need[2] else None
+    sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(2)]
+    return d_hidden, d_weight, d_bias, *sums
+
+
+def add_chunk_grads(student: _Head, g: torch.Tensor, scratch: torch.Tensor, x: torch.Tensor, part: slice,
+                    ids: Optional[torch.Tensor], first: bool, d_hidden: Optional[torch.Tensor],
+                    d_weight: Optional[torch.Tensor], d_bias: Optional[torch.Tensor],
+                    mark: Optional[Callable[[str], None]] = None) -> None:
+    """Add a chunk's d loss / d logits ``g`` [C, V] fp32 (consumed; ``scratch``: a spent chunk of its
+    size) into the student's gradients that are not None: d_bias [V], d_hidden [N, H] at rows ``part``
+    of the selection (``ids`` [C] the row ids, None when every row is selected), d_weight [V, H] from the
+    chunk's hidden states ``x`` [C, H] (``first`` overwrites it). ``mark``: the phase hook."""
+    if d_bias is not None:
+        d_bias += g.sum(0)
+    operands = student.grad_operands(g, scratch=scratch) if d_hidden is not None or d_weight is not None else []
+    if d_hidden is not None:
+        if ids is None:
+            student.times_weight(operands, out=d_hidden[part])
+        else:
+            d_hidden.index_copy_(0, ids, student.times_weight(operands, out=x.new_empty(x.shape, dtype=torch.float32)))
+    if mark:
+        mark("d_hidden")
+    if d_weight is not None:
+        student.add_weight_grad_(d_weight, operands, x, first=first)
+    if mark:
+        mark("d_weight")
+
+
 def _select(rows: int, vocab: int, device: torch.device, labels: Optional[torch.Tensor], ignore_index: int,
             mask: Optional[torch.Tensor], row_weights: Optional[torch.Tensor], temperature: float,
             kd_weight: float, mlm_weight: float, reduction: str, t2_scale: bool) -> _Selection:
@@ -292,12 +328,7 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
     device = student_hidden.device
     sel = _select(rows, vocab, device, opts["labels"], opts["ignore_index"], opts["mask"], opts["row_weights"],
                   opts["temperature"], kd_weight, mlm_weight, opts["reduction"], opts["t2_scale"])
-    need_dh, need_dw, need_db = need
-    d_hidden = torch.zeros(student_hidden.shape, dtype=torch.float32, device=device) if need_dh else None
-    d_weight = torch.empty(student_weight.shape, dtype=torch.float32, device=device) if need_dw else None
-    d_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_db else None
-    kd_sum = torch.zeros((), dtype=torch.float64, device=device)
-    mlm_sum = torch.zeros((), dtype=torch.float64, device=device)
+    d_hidden, d_weight, d_bias, kd_sum, mlm_sum = pass_buffers(student_hidden, student_weight, need)
     if sel.count:
         with_teacher = kd_weight != 0 and not _kd_vanishes(opts)
         targets: Optional[SparseTargets] = opts.get("teacher_targets")
@@ -339,27 +370,36 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
                 if mark:
                     mark("row_kernel")
                 # s now holds d loss / d student logits for this chunk; t is spent.
-                if need_db:
-                    d_bias += s.sum(0)
-                operands = student.grad_operands(s, scratch=t) if need_dh or need_dw else []
-                if need_dh:
-                    if ids is None:
-                        student.times_weight(operands, out=d_hidden[part])
-                    else:
-                        rows_grad = student.times_weight(operands, out=x_s.new_empty(x_s.shape, dtype=torch.float32))
-                        d_hidden.index_copy_(0, ids, rows_grad)
-                if mark:
-                    mark("d_hidden")
-                if need_dw:
-                    student.add_weight_grad_(d_weight, operands, x_s, first=start == 0)
-                if mark:
-                    mark("d_weight")
+                add_chunk_grads(student, s, t, x_s, part, ids, start == 0, d_hidden, d_weight, d_bias, mark)
         if with_teacher and targets is not None and opts["kind"] == "kl":
             offset = targets.kl_offset()
             kd_sum += (sel.kd_scale * (offset if sel.index is None else offset[sel.index])).sum()
-    if need_dw and not sel.count:
+    if d_weight is not None and not sel.count:
         d_weight.zero_()  # no chunk wrote it
     return kd_sum, mlm_sum / sel.mlm_divisor, d_hidden, d_weight, d_bias
+
+
+def scale_stored_grads(grad_kd: torch.Tensor, grad_mlm: torch.Tensor, stored: "Sequence[Optional[torch.Tensor]]",
+                       kd_weight: float, mlm_weight: float,
+                       mlm_grads: "Callable[[], Sequence[Optional[torch.Tensor]]]") -> list:
+    """Input gradients from the incoming gradients of ``kd`` and ``mlm``, given ``stored`` = the forward's
+    gradients of ``kd_weight * kd + mlm_weight * mlm``. Only when the parts are re-weighted (another ratio
+    than their weights) is ``mlm_grads()`` (the MLM part's own gradients, one more pass) called. At scale 1
+    the stored tensors themselves are returned (one host read of the scale; no second [V, H] buffer)."""
+    if not kd_weight and not mlm_weight:
+        scale = grad_kd * 0
+    elif not mlm_weight:
+        scale = grad_kd / kd_weight
+    elif not kd_weight or torch.equal(grad_kd * mlm_weight, grad_mlm * kd_weight):
+        scale = grad_mlm / mlm_weight
+    else:
+        # stored = kd_weight*dkd + mlm_weight*dmlm, so grad_kd*dkd + grad_mlm*dmlm
+        #        = (grad_kd/kd_weight)*stored + (grad_mlm - grad_kd*mlm_weight/kd_weight)*dmlm.
+        first, second = grad_kd / kd_weight, grad_mlm - grad_kd * (mlm_weight / kd_weight)
+        return [g if m is None or g is None else g * first + m * second for g, m in zip(stored, mlm_grads())]
+    if bool(scale == 1):
+        return list(stored)
+    return [None if g is None else g * scale for g in stored]
 
 
 # --------------------------------------------------------------------------- KD on given logits

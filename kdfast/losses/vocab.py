@@ -12,6 +12,7 @@ from torch import nn
 from kdfast import _backends
 from kdfast import _checks as check
 from kdfast._reduction import KINDS, REDUCTIONS
+from kdfast.functions import vocab_parallel
 from kdfast.losses.types import KDOutput
 
 
@@ -81,7 +82,8 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                     mlm_weight: float = 0.0, kind: str = "kl", reduction: str = "batchmean",
                     t2_scale: bool = True, mask: Optional[torch.Tensor] = None,
                     row_weights: Optional[torch.Tensor] = None, teacher_topk: Optional[int] = None,
-                    teacher_targets: Optional[tuple] = None, backend: str = "auto", beta: float = 0.5) -> KDOutput:
+                    teacher_targets: Optional[tuple] = None, backend: str = "auto", beta: float = 0.5,
+                    process_group: Optional[object] = None) -> KDOutput:
     """Vocabulary KD plus MLM cross-entropy through both LM heads, without [N, V] logits in memory
     on the kernel backends.
 
@@ -99,15 +101,31 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     Σ p̂ (log p̂ - log q) (``kl``), q = softmax(student logits / T) over the full vocabulary.
     Returns ``KDOutput(loss, kd, mlm)`` with ``loss = kd_weight*kd + mlm_weight*mlm``.
     The teacher tensors are constants: they receive no gradient.
+
+    Vocabulary-parallel heads: both heads' weights (and biases) as DTensors with placement ``Shard(0)``,
+    or as this rank's plain ``[V_r, H]`` shards with ``process_group=``; hidden states, labels, mask and
+    row weights the same on every rank. Every rank gets the whole loss and d hidden, and the gradient of
+    its own shard; only ``[N]``-sized row statistics and d hidden cross the wire
+    (``kdfast/functions/vocab_parallel.py``, docs/losses.md).
     """
     temperature, beta = _check_options(temperature, kind, reduction, backend, beta)
+    sharded = vocab_parallel.shard_heads(student_weight, teacher_weight, student_bias, teacher_bias, process_group,
+                                         student_hidden, teacher_hidden)
+    if sharded is not None:
+        shards, local = sharded
+        student_weight, teacher_weight = local["student_weight"], local["teacher_weight"]
+        student_bias, teacher_bias = local.get("student_bias"), local.get("teacher_bias")
+        student_hidden = local.get("student_hidden", student_hidden)
+        teacher_hidden = local.get("teacher_hidden", teacher_hidden)
     kd_weight = check.non_negative("kd_weight", kd_weight)
     mlm_weight = check.non_negative("mlm_weight", mlm_weight)
     check.tensor("student_hidden", student_hidden, ndim=2)
     check.tensor("student_weight", student_weight, ndim=2)
     rows, width_s = student_hidden.shape
-    vocab = student_weight.shape[0]
-    check.shape("student_weight", student_weight, (vocab, width_s), "[V, Hs] matching student_hidden's Hs")
+    vocab = local_vocab = student_weight.shape[0]  # V, or this rank's V_r of sharded heads
+    if sharded is not None:
+        vocab = shards.vocab
+    check.shape("student_weight", student_weight, (local_vocab, width_s), "[V, Hs] matching student_hidden's Hs")
     check.same_dtype(("student_hidden", "student_weight"), (student_hidden, student_weight))
     if teacher_targets is not None:
         teacher_targets = _check_teacher_targets(
@@ -121,7 +139,7 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         check.tensor("teacher_hidden", teacher_hidden, ndim=2)
         check.tensor("teacher_weight", teacher_weight, ndim=2)
         check.shape("teacher_hidden", teacher_hidden, (rows, None), "[N, Ht] with the N of student_hidden")
-        check.shape("teacher_weight", teacher_weight, (vocab, teacher_hidden.shape[1]),
+        check.shape("teacher_weight", teacher_weight, (local_vocab, teacher_hidden.shape[1]),
                     "[V, Ht] with the V of student_weight and the Ht of teacher_hidden")
         check.same_dtype(("teacher_hidden", "teacher_weight"), (teacher_hidden, teacher_weight))
         teachers = (teacher_hidden, teacher_weight)
@@ -133,7 +151,7 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
         if bias is not None:
             check.tensor(name, bias, ndim=1)
-            check.shape(name, bias, (vocab,), "[V]")
+            check.shape(name, bias, (local_vocab,), "[V]")
             check.finite(name, bias)
     if row_weights is not None:
         check.tensor("row_weights", row_weights, ndim=1)
@@ -161,6 +179,8 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                   labels=labels, ignore_index=ignore_index, temperature=temperature, kd_weight=kd_weight,
                   mlm_weight=mlm_weight, kind=kind, reduction=reduction, t2_scale=bool(t2_scale), mask=mask,
                   row_weights=row_weights, teacher_topk=teacher_topk, teacher_targets=teacher_targets, beta=beta)
+    if sharded is not None:
+        return vocab_parallel.fused_linear_kd(shards, backend, **kwargs)
     return _backends.call("fused_linear_kd", device, backend, **kwargs)
 
 
@@ -187,12 +207,15 @@ class FusedLinearKDLoss(nn.Module):
 
     def __init__(self, temperature: float = 1.0, kd_weight: float = 1.0, mlm_weight: float = 0.0,
                  kind: str = "kl", reduction: str = "batchmean", t2_scale: bool = True, ignore_index: int = -100,
-                 teacher_topk: Optional[int] = None, backend: str = "auto", beta: float = 0.5):
+                 teacher_topk: Optional[int] = None, backend: str = "auto", beta: float = 0.5,
+                 process_group: Optional[object] = None):
         super().__init__()
         _check_options(temperature, kind, reduction, backend, beta)
         self.options = dict(temperature=temperature, kd_weight=kd_weight, mlm_weight=mlm_weight, kind=kind,
                             reduction=reduction, t2_scale=t2_scale, ignore_index=ignore_index,
                             teacher_topk=teacher_topk, backend=backend, beta=beta)
+        if process_group is not None:
+            self.options["process_group"] = process_group
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,

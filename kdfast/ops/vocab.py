@@ -85,32 +85,18 @@ def _setup_context(ctx, inputs, output):
 
 def _scaled_grads(grad_kd: Tensor, grad_mlm: Tensor, stored: Sequence[Tensor], inputs: Sequence[Optional[Tensor]],
                   options: Sequence) -> list:
-    """The input gradients given the gradients of kd and mlm. ``stored`` = the forward's
-    kd_weight * d kd + mlm_weight * d mlm; the result may be ``stored`` itself (scale 1)."""
+    """The input gradients given the gradients of kd and mlm (``driver.scale_stored_grads``); the MLM
+    part's own gradients, when re-weighting needs them, come from one more pass without the teacher."""
     backend, ignore_index, temperature, kd_weight, mlm_weight, kind, reduction, t2_scale, topk, beta, chunk, need = \
         options
-    if not kd_weight and not mlm_weight:
-        scales = [grad_kd * 0]
-    elif not mlm_weight:
-        scales = [grad_kd / kd_weight]
-    elif not kd_weight or torch.equal(grad_kd * mlm_weight, grad_mlm * kd_weight):
-        scales = [grad_mlm / mlm_weight]
-    else:
-        # stored = kd_weight*dkd + mlm_weight*dmlm, so grad_kd*dkd + grad_mlm*dmlm
-        #        = (grad_kd/kd_weight)*stored + (grad_mlm - grad_kd*mlm_weight/kd_weight)*dmlm.
+
+    def mlm_grads() -> list:
         hidden, weight, bias, labels, mask, row_weights, target_ids, target_weights = inputs
         opts = _options(backend, labels, mask, row_weights, target_ids, target_weights, ignore_index, temperature,
                         kind, reduction, t2_scale, topk, beta, chunk)
-        *_, m_hidden, m_weight, m_bias = driver._fused_pass(hidden, weight, bias, None, None, None, opts, tuple(need),
-                                                            0.0, 1.0)
-        scales = [grad_kd / kd_weight, grad_mlm - grad_kd * (mlm_weight / kd_weight)]
-        return [g if m is None else g * scales[0] + m * scales[1]
-                for g, m in zip(stored, (m_hidden, m_weight, m_bias))]
-    # loss.backward(): scale 1, so the stored gradients are returned as they are (one host read of the
-    # scale; no second [V, H] buffer).
-    if bool(scales[0] == 1):
-        return list(stored)
-    return [None if g is None else g * scales[0] for g in stored]
+        return driver._fused_pass(hidden, weight, bias, None, None, None, opts, tuple(need), 0.0, 1.0)[2:]
+
+    return driver.scale_stored_grads(grad_kd, grad_mlm, stored, kd_weight, mlm_weight, mlm_grads)
 
 
 @torch.library.custom_op("kdfast::fused_linear_kd_backward", mutates_args=())
