@@ -1,6 +1,7 @@
 """``kdfast teacher-cache build``: build (or find, when its fingerprint matches) the sparse-target
 cache of a teacher over the run's unique, statically masked corpus; ``ensure`` is what
-``kdfast pretrain``/``compare`` call for the cached arms."""
+``kdfast pretrain``/``compare`` call for the cached arms. A causal-LM teacher goes to
+``kdfast.cache.causal_cli`` (every target position of the packed corpus, no masking)."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +10,8 @@ from pathlib import Path
 from typing import Optional
 
 from kdfast.cache import build as builder
+from kdfast.cache import causal_cli, store
 from kdfast.cache import fingerprint as fingerprints
-from kdfast.cache import store
 from kdfast.cache.serve import TeacherCache
 from kdfast.cache.sparse import SparseSpec
 from kdfast.train import distributed
@@ -52,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="KD temperature T of p = softmax(t/T)")
     parser.add_argument("--proposal-temperature", type=float, default=None,
                         help="sample only: proposal r = softmax(t/tau) (default tau = T, so r = p)")
-    parser.add_argument("--batch-size", type=int, default=64, help="sequences per teacher forward")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sequences per teacher forward (default: 64 for a masked LM, 4096 tokens for a causal LM)")
     add_common_arguments(parser)
 
 
@@ -61,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
 
     spec = SparseSpec.parse(args.sparse, args.proposal_temperature)
     config = setup.resolve_auto(setup.load_config(args))
+    if config["teacher"]["path"] and causal_cli.is_causal_teacher(config["teacher"]["path"]):
+        return causal_cli.run(config, spec, args.temperature, args.batch_size)
     if config["data"]["masking"] != "static":
         raise SystemExit(f"kdfast teacher-cache build: error: {builder.DYNAMIC_REFUSAL}")
     if not config["teacher"]["path"]:
@@ -70,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = setup.tokenizer_for(config, out / "tokenizer", context)
     data = setup.load_data(config, tokenizer)
     teacher = setup.load_teacher_checked(config["teacher"]["path"], tokenizer, context.device)
-    cache = ensure(out, teacher, tokenizer, data, config["seed"], spec, args.temperature, context, args.batch_size)
+    cache = ensure(out, teacher, tokenizer, data, config["seed"], spec, args.temperature, context,
+                   args.batch_size or 64)
     index = cache.index
     if context.is_main:
         print(f"teacher cache {out}: {index['sparse']}, {index['sequences']:,} sequences, "

@@ -25,8 +25,8 @@ from kdfast.train.checkpoint import atomic_open
 
 INDEX = "cache.json"
 FORMAT = 1
-_NUMPY = {"I16": np.int16, "I32": np.int32, "I64": np.int64, "F16": np.float16}
-_TORCH = {torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.float16: "F16"}
+_NUMPY = {"U8": np.uint8, "I16": np.int16, "I32": np.int32, "I64": np.int64, "F16": np.float16}
+_TORCH = {torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.float16: "F16"}
 
 
 def shard_name(rank: int, part: int) -> str:
