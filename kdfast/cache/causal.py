@@ -18,6 +18,7 @@ import torch
 
 from kdfast.cache import codec, store
 from kdfast.cache import fingerprint as fingerprints
+from kdfast.cache.sparse import SparseSpec
 
 LAYOUT = "causal"
 COLUMNS = {"sequence", "offsets", "input_ids", "ids", "weights"}
@@ -68,7 +69,7 @@ class CausalTeacherCache:
         self.check(tokenizer=tokenizer, teacher=teacher, seq_len=seq_len)
         self.k, self.vocab = self.index["k"], self.index["vocab"]
         self.seq_len, self.temperature = self.index["seq_len"], self.index["temperature"]
-        self.kind = self.index["fingerprint"]["sparse"]["kind"]
+        self.kind = SparseSpec.parse(self.index["sparse"]).kind
         self.shards = [store.read_shard(self.directory / e["file"], e, verify) for e in self.index["shards"]]
         count = self.index["sequences"]
         self._shard = np.full(count, -1, dtype=np.int32)

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-FIELDS = ("tokenizer", "teacher", "corpus", "masking_seed", "masking", "seq_len", "sparse", "temperature")
+FIELDS = ("tokenizer", "teacher", "seq_len", "corpus", "masking_seed", "masking", "sparse", "temperature")
 
 
 def _sha(chunks) -> str:

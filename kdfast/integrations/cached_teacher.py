@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from transformers import default_data_collator
 
 from kdfast.cache.causal import CausalTeacherCache
 from kdfast.integrations.lm_head import is_causal_lm
@@ -26,7 +27,8 @@ class CachedTeacher:
     def for_trainer(cls, teacher_cache, student: nn.Module, teacher: Optional[nn.Module], temperature: float,
                     teacher_topk: Optional[int], strategy: Optional[str], trainer_kwargs: dict) -> "CachedTeacher":
         """Open and check ``teacher_cache`` (a folder or a ``CausalTeacherCache``) for this trainer; sets
-        ``trainer_kwargs['train_dataset']`` to the cache's dataset when none is given."""
+        ``trainer_kwargs['train_dataset']`` to the cache's dataset and ``data_collator`` to stacking when
+        not given."""
         for name, value in (("teacher", teacher), ("teacher_topk", teacher_topk), ("strategy", strategy)):
             if value is not None:
                 got = "a model" if name == "teacher" else repr(value)
@@ -50,6 +52,7 @@ class CachedTeacher:
             raise ValueError(f"temperature: expected the cache's T={cache.temperature:g} (its targets are "
                              f"softmax(teacher_logits / T)), got {temperature:g}; rebuild with --temperature")
         dataset = trainer_kwargs.setdefault("train_dataset", cache.dataset())
+        trainer_kwargs.setdefault("data_collator", default_data_collator)   # full sequences: stacked, never padded
         cls._check_dataset(dataset, cache)
         return cls(cache)
 
