@@ -280,3 +280,23 @@ def test_jsonl_and_causal_packing(tmp_path):
     with pytest.raises(ValueError, match="seq_len: expected an int >= 2"):
         causal_packing.pack(["x"], tokenizer, 1)
     assert causal.LAYOUT == "causal"
+
+
+def test_docs_causal_commands_and_training_run_as_written(built, tmp_path, monkeypatch):
+    """docs/teacher_cache.md's causal blocks, verbatim, beside a folder `llama-teacher` and `corpus.jsonl`."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "teacher_cache.md").read_text()
+    commands = re.search(r"<!-- tested: causal commands -->\n```bash\n(.*?)```", doc, re.S).group(1)
+    training = re.search(r"<!-- tested: causal training -->\n```python\n(.*?)```", doc, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "llama-teacher").symlink_to(built["teacher"])
+    (tmp_path / "corpus.jsonl").symlink_to(built["jsonl"])
+    for line in commands.replace("\\\n", " ").splitlines():
+        argv = shlex.split(line)
+        assert argv[:3] == ["kdfast", "teacher-cache", "build"]
+        assert main(argv[1:]) == 0
+    assert CausalTeacherCache("cache-sample32").index["proposal"]["tau"] == 1.0
+    exec(compile(training, "docs/teacher_cache.md: causal training", "exec"), {"__name__": "__doc_example__"})
