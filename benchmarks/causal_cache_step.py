@@ -115,8 +115,8 @@ def main() -> None:
               flush=True)
     medians = {name: statistics.median(clock.times) for name, clock in clocks.items()}
     result = {
-        "benchmark": "causal_cache_step", "device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(), "python": platform.python_version(),
+        "benchmark": "causal_cache_step", "device": "cpu", "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "python": platform.python_version(),
         "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "shape": {"student": "Llama 4L/512 (intermediate 1408, 8 heads)",
                   "teacher": "Llama 8L/1024 (intermediate 2816, 16 heads)", "vocab": VOCAB, "batch": BATCH,

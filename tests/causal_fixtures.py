@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from trainer_fixtures import write_corpus
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from kdfast.data import causal_packing
 from kdfast.data.corpus import documents
-from trainer_fixtures import write_corpus
 
 VOCAB = 32_000   # the model's vocabulary (head rows); the tokenizer uses its first TOKENS ids
 TOKENS = 400

@@ -10,9 +10,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from causal_fixtures import SEQ_LEN, VOCAB, save_teacher, student
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 
-from causal_fixtures import SEQ_LEN, VOCAB, save_teacher, student
 from kdfast.cache import causal, causal_build, sparse, store
 from kdfast.cache.causal import CausalTeacherCache
 from kdfast.cli import main

@@ -71,15 +71,8 @@ class CausalTeacherCache:
         self.seq_len, self.temperature = self.index["seq_len"], self.index["temperature"]
         self.kind = SparseSpec.parse(self.index["sparse"]).kind
         self.shards = [store.read_shard(self.directory / e["file"], e, verify) for e in self.index["shards"]]
-        count = self.index["sequences"]
-        self._shard = np.full(count, -1, dtype=np.int32)
-        self._local = np.zeros(count, dtype=np.int64)
-        for number, (entry, shard) in enumerate(zip(self.index["shards"], self.shards)):
-            self._place(number, entry, shard)
-        missing = np.flatnonzero(self._shard < 0)
-        if missing.size:
-            raise store.CacheFileError(self.directory / store.INDEX, f"expected targets for all {count} sequences, "
-                                                                    f"got none for sequence {int(missing[0])}")
+        self._local = np.zeros(self.index["sequences"], dtype=np.int64)
+        self._shard = store.shard_of_sequences(self.directory, self.index, self.shards, self._place)
 
     def __len__(self) -> int:
         return int(self.index["sequences"])
@@ -96,7 +89,8 @@ class CausalTeacherCache:
             wanted["seq_len"] = int(seq_len)
         fingerprints.check(found, wanted, str(self.directory))
 
-    def _place(self, number: int, entry: dict, shard: dict) -> None:
+    def _place(self, number: int, entry: dict, shard: dict) -> np.ndarray:
+        """Check one shard; record where each of its sequences sits in it; return their indices."""
         path = self.directory / entry["file"]
         if set(shard) != COLUMNS:
             raise store.CacheFileError(path, f"expected tensors {sorted(COLUMNS)}, got {sorted(shard)}")
@@ -106,11 +100,11 @@ class CausalTeacherCache:
         if (tuple(shard["input_ids"].shape) != (count, self.seq_len, width)
                 or tuple(shard["ids"].shape) != (count * targets, self.k, width)
                 or tuple(shard["weights"].shape) != (count * targets, self.k, codec.WEIGHT_BYTES)
-                or np.any((sequence < 0) | (sequence >= self._shard.shape[0]))):
+                or np.any((sequence < 0) | (sequence >= self._local.shape[0]))):
             raise store.CacheFileError(path, "expected consistent sequence/input_ids/ids/weights tensors, got "
                                              "mismatched shapes or out-of-range sequences")
-        self._shard[sequence] = number
         self._local[sequence] = np.arange(count)
+        return sequence
 
     def _where(self, sequence: int) -> "tuple[dict, int]":
         if not 0 <= sequence < len(self):

@@ -101,6 +101,20 @@ def read_shard(path: Path, entry: dict, verify: bool = True) -> dict:
     return tensors
 
 
+def shard_of_sequences(directory: Path, index: dict, shards: list, place) -> np.ndarray:
+    """[S] int32: the number of the shard holding each of ``index``'s S sequences. ``place(number, entry,
+    shard)`` checks one shard and returns the sequence indices it holds; a sequence no shard holds is refused."""
+    count = index["sequences"]
+    owner = np.full(count, -1, dtype=np.int32)
+    for number, (entry, shard) in enumerate(zip(index["shards"], shards)):
+        owner[place(number, entry, shard)] = number
+    missing = np.flatnonzero(owner < 0)
+    if missing.size:
+        raise CacheFileError(Path(directory) / INDEX, f"expected targets for all {count} sequences, got none for "
+                                                      f"sequence {int(missing[0])}")
+    return owner
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
