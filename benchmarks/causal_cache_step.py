@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from kdfast.cache import causal_build, sparse
+from kdfast.apps import causal_teacher_cache_build as causal_build
+from kdfast.cache import sparse
 from kdfast.cache.causal import CausalTeacherCache
 from kdfast.integrations.transformers import DistillationTrainer
 

@@ -13,14 +13,16 @@ import torch.nn.functional as F
 from causal_fixtures import SEQ_LEN, VOCAB, save_teacher, student
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 
-from kdfast.cache import causal, causal_build, sparse, store
+from kdfast.apps import causal_teacher_cache_build as causal_build
+from kdfast.cache import causal, sparse, store
 from kdfast.cache.causal import CausalTeacherCache
-from kdfast.cli import main
+from kdfast.cli import main, run_command
 from kdfast.data import causal_packing
 from kdfast.data.corpus import documents
 from kdfast.integrations.transformers import DistillationTrainer, distillation_loss
-from kdfast.train import distributed
-from kdfast.train.distributed import Context
+from kdfast.runtime import distributed
+from kdfast.runtime.distributed import Context
+from kdfast.runtime.io import write_json
 
 K = 8
 MAX_TOKENS = 12 * SEQ_LEN      # 12 sequences
@@ -206,7 +208,7 @@ def test_each_rank_builds_its_own_shards(built, tmp_path, monkeypatch):
     assert torch.allclose(sharded.targets(index)[1], single.targets(index)[1], rtol=1e-5, atol=0)
 
 
-def test_a_cache_for_another_tokenizer_teacher_or_length_is_refused_naming_the_field(built, tmp_path):
+def test_a_cache_for_another_tokenizer_teacher_or_length_is_refused_naming_the_field(built, tmp_path, capsys):
     other_teacher = tmp_path / "other"
     student().save_pretrained(other_teacher)
     AutoTokenizer.from_pretrained(built["teacher"]).save_pretrained(other_teacher)
@@ -227,10 +229,14 @@ def test_a_cache_for_another_tokenizer_teacher_or_length_is_refused_naming_the_f
                      f"topk:{K}", "--temperature", "2", "--out", str(built["cache"]), f"data.seq_len={seq_len}",
                      f"data.max_tokens={MAX_TOKENS}", "device=cpu"])
 
+    assert rebuild(other_teacher, SEQ_LEN) == 2
+    assert "kdfast: error: teacher cache: " in capsys.readouterr().err   # one line, no traceback
     with pytest.raises(ValueError, match="different teacher"):
-        rebuild(other_teacher, SEQ_LEN)
-    with pytest.raises(ValueError, match="different seq_len: expected 12, got 16"):
-        rebuild(built["teacher"], 12)
+        run_command(["teacher-cache", "build", "--teacher", str(other_teacher), "--data", str(built["jsonl"]),
+                     "--sparse", f"topk:{K}", "--temperature", "2", "--out", str(built["cache"]),
+                     f"data.seq_len={SEQ_LEN}", f"data.max_tokens={MAX_TOKENS}", "device=cpu"])
+    assert rebuild(built["teacher"], 12) == 2
+    assert "different seq_len: expected 12, got 16" in capsys.readouterr().err
     assert rebuild(built["teacher"], SEQ_LEN) == 0   # the same inputs reuse it
 
 
@@ -260,7 +266,7 @@ def test_datasets_the_cache_cannot_serve_are_refused(built, tmp_path):
 
 
 def test_a_masked_lm_cache_folder_is_refused(tmp_path):
-    store.write_json(tmp_path / store.INDEX, {"format": store.FORMAT, "fingerprint": {}, "shards": []})
+    write_json(tmp_path / store.INDEX, {"format": store.FORMAT, "fingerprint": {}, "shards": []})
     with pytest.raises(ValueError, match="teacher_cache: expected a cache built from a causal LM"):
         CausalTeacherCache(tmp_path)
 

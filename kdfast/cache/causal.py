@@ -9,7 +9,6 @@ has ``"layout": "causal"``, the fingerprint and the build statistics.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Optional, Union
 
@@ -19,6 +18,7 @@ import torch
 from kdfast.cache import codec, store
 from kdfast.cache import fingerprint as fingerprints
 from kdfast.cache.sparse import SparseSpec
+from kdfast.runtime.fingerprint import digest, tokenizer_hash, tokens_hash
 
 LAYOUT = "causal"
 COLUMNS = {"sequence", "offsets", "input_ids", "ids", "weights"}
@@ -33,21 +33,21 @@ def teacher_files_hash(folder: Union[str, Path]) -> str:
     if not any(p.name != "config.json" for p in files):
         raise ValueError(f"teacher: expected a saved HF model folder (config.json and weight files), got "
                          f"{str(folder)!r} with none of {', '.join(TEACHER_FILES[1:])}")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        with open(path, "rb") as f:
-            while block := f.read(1 << 24):
-                digest.update(block)
-    return digest.hexdigest()[:32]
+    def chunks():
+        for path in files:
+            yield path.name.encode()
+            with open(path, "rb") as f:
+                while block := f.read(1 << 24):
+                    yield block
+    return digest(chunks())
 
 
 def make_fingerprint(tokenizer, teacher_folder: Union[str, Path], sequences: torch.Tensor, spec,
                      temperature: float) -> dict:
     """What a causal cache was built from: tokenizer vocabulary, teacher files, packed corpus [N, L],
     sequence length, sparse spec (a ``SparseSpec``) and temperature."""
-    return {"tokenizer": fingerprints.tokenizer_hash(tokenizer), "teacher": teacher_files_hash(teacher_folder),
-            "corpus": fingerprints.corpus_hash(sequences), "seq_len": int(sequences.shape[1]),
+    return {"tokenizer": tokenizer_hash(tokenizer), "teacher": teacher_files_hash(teacher_folder),
+            "corpus": tokens_hash(sequences), "seq_len": int(sequences.shape[1]),
             "sparse": {"kind": spec.kind, "k": spec.k, "proposal_temperature": spec.proposal_temperature},
             "temperature": float(temperature)}
 
@@ -82,7 +82,7 @@ class CausalTeacherCache:
         found = self.index["fingerprint"]
         wanted = dict(found)
         if tokenizer is not None:
-            wanted["tokenizer"] = fingerprints.tokenizer_hash(tokenizer)
+            wanted["tokenizer"] = tokenizer_hash(tokenizer)
         if teacher is not None:
             wanted["teacher"] = teacher_files_hash(teacher)
         if seq_len is not None:

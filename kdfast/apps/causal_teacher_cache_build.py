@@ -14,10 +14,11 @@ from typing import Optional
 import torch
 
 from kdfast.cache import causal, codec, sparse, store
-from kdfast.cache.build import ShardWriter, rank_file
+from kdfast.apps.teacher_cache_build import ShardWriter, rank_file
 from kdfast.data.masking import seeded
-from kdfast.train import distributed
-from kdfast.train.distributed import Context
+from kdfast.runtime import distributed
+from kdfast.runtime.distributed import Context
+from kdfast.runtime.io import write_json
 
 _SAMPLING_STREAM = -3   # the generator's stream id (the masked-LM cache draws from stream -2)
 
@@ -66,12 +67,13 @@ def build(teacher: torch.nn.Module, sequences: torch.Tensor, out: Path, spec: sp
                     "ids": codec.encode_ids(ids, vocab), "weights": codec.encode_weights(weights)})
     writer.flush()
     seconds = time.perf_counter() - start
-    store.write_json(out / rank_file(context.rank), {"shards": writer.entries, "seconds": seconds, "vocab": vocab,
+    write_json(out / rank_file(context.rank), {"shards": writer.entries, "seconds": seconds, "vocab": vocab,
                                                      "sequences": int(mine.numel()),
                                                      "tokens": int(mine.numel()) * sequences.shape[1]})
     distributed.barrier(context)
     if context.is_main:
-        store.write_json(out / store.INDEX, _index(out, context.world, fingerprint, spec, temperature, about or {}))
+        write_json(out / store.INDEX, _index(out, context.world, fingerprint, spec, temperature, about or {}),
+                   sort_keys=True)
     distributed.barrier(context)
 
 

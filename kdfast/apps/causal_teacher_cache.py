@@ -9,12 +9,13 @@ from typing import Optional
 
 import torch
 
-from kdfast.cache import causal, causal_build, store
+from kdfast.apps import causal_teacher_cache_build as causal_build
+from kdfast.cache import causal, store
 from kdfast.cache import fingerprint as fingerprints
 from kdfast.cache.sparse import SparseSpec
 from kdfast.data import causal_packing
 from kdfast.data import tokenizer as tokenizers
-from kdfast.train import distributed
+from kdfast.runtime import distributed
 
 TOKENS_PER_BATCH = 4096   # default teacher batch: sequences of L tokens holding about this many tokens
 
