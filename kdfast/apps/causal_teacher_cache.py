@@ -65,6 +65,10 @@ def run(config: dict, spec: SparseSpec, temperature: float, batch_size: Optional
                       None)
     context = distributed.init(config["device"])
     out = Path(config["out"])
+    if context.is_main:
+        print(f"kdfast: causal teacher cache of {', '.join(map(str, data['train']))} (all of it: no held-out split), "
+              f"{seq_len}-token sequences" + (f", at most {max_tokens:,} tokens" if max_tokens else ""),
+              file=sys.stderr, flush=True)
     tokenizer = tokenizers.load(config["teacher"]["tokenizer"] or path)
     sequences = causal_packing.load(data["train"], tokenizer, seq_len, max_tokens)
     wanted = causal.make_fingerprint(tokenizer, path, sequences, spec, temperature)

@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from kdfast.cache import causal, codec, sparse, store
 from kdfast.apps.teacher_cache_build import ShardWriter, rank_file
+from kdfast.cache import causal, codec, sparse, store
 from kdfast.data.masking import seeded
 from kdfast.runtime import distributed
 from kdfast.runtime.distributed import Context

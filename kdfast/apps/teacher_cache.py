@@ -63,9 +63,11 @@ def run(args: argparse.Namespace) -> int:
     from kdfast.train import setup
 
     spec = SparseSpec.parse(args.sparse, args.proposal_temperature)
-    config = setup.resolve_auto(setup.load_config(args))
+    config = setup.load_config(args)
     if config["teacher"]["path"] and causal_teacher_cache.is_causal_teacher(config["teacher"]["path"]):
+        setup.resolve_auto(config, announce=lambda line: None)   # the causal build announces its own corpus use
         return causal_teacher_cache.run(config, spec, args.temperature, args.batch_size)
+    config = setup.resolve_auto(config)
     if config["data"]["masking"] != "static":
         raise ValueError(DYNAMIC_REFUSAL)
     if not config["teacher"]["path"]:
