@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
@@ -59,6 +60,18 @@ class StepClock(TrainerCallback):
         if self._last is not None:
             self.times.append(now - self._last)
         self._last = now
+
+
+def ratio_interval(arm: list, base: list, level: float = 0.95) -> list:
+    """Bootstrap interval (scipy, percentile, 10,000 resamples of each arm) of median(arm) / median(base)."""
+    from scipy.stats import bootstrap
+
+    def ratio(a, b, axis=-1):
+        return np.median(a, axis=axis) / np.median(b, axis=axis)
+
+    result = bootstrap((np.asarray(arm), np.asarray(base)), ratio, n_resamples=10_000, confidence_level=level,
+                       method="percentile", random_state=0)
+    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
 
 
 def load() -> str:
@@ -127,6 +140,8 @@ def main() -> None:
         "step_seconds": {name: clock.times for name, clock in clocks.items()},
         "median_step_seconds": medians,
         "ratio_vs_ce": {name: medians[name] / medians["ce"] for name in medians},
+        "ratio_vs_ce_95ci": {name: ratio_interval(clocks[name].times, clocks["ce"].times) for name in medians
+                             if name != "ce"},
         "load": loads,
     }
     Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
