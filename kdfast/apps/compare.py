@@ -72,7 +72,7 @@ def dry_build(config: dict, teacher, tokenizer, seq_len: int) -> None:
 
 
 def teacher_model(config: dict, context: Context, data, tokenizer, out: Path, resume: bool):
-    """(frozen teacher, its report row). Pretrains and caches a small teacher when no path is given."""
+    """(frozen teacher, its report row). Pretrains (and keeps) a small teacher when no path is given."""
     if config["teacher"]["path"]:
         teacher = setup.load_teacher_checked(config["teacher"]["path"], tokenizer, context.device)
         loss = pretrain.heldout_mlm_loss(teacher, data.heldout, data, config["train"]["batch_size"],
