@@ -1,6 +1,7 @@
 """``kdfast teacher-cache build``: build (or find, when its fingerprint matches) the sparse-target
 cache of a teacher over the run's unique, statically masked corpus; ``ensure`` is what
-``kdfast pretrain``/``compare`` call for the cached arms."""
+``kdfast pretrain``/``compare`` call for the cached arms. A causal-LM teacher goes to
+``kdfast.apps.causal_teacher_cache`` (every target position of the packed corpus, no masking)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from kdfast.apps import causal_teacher_cache
 from kdfast.apps import teacher_cache_build as builder
 from kdfast.cache import fingerprint as fingerprints
 from kdfast.cache import store
@@ -52,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="KD temperature T of p = softmax(t/T)")
     parser.add_argument("--proposal-temperature", type=float, default=None,
                         help="sample only: proposal r = softmax(t/tau) (default tau = T, so r = p)")
-    parser.add_argument("--batch-size", type=int, default=64, help="sequences per teacher forward")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sequences per teacher forward (default: 64 for a masked LM, 4096 tokens for a causal LM)")
     add_common_arguments(parser)
 
 
@@ -60,7 +63,11 @@ def run(args: argparse.Namespace) -> int:
     from kdfast.train import setup
 
     spec = SparseSpec.parse(args.sparse, args.proposal_temperature)
-    config = setup.resolve_auto(setup.load_config(args))
+    config = setup.load_config(args)
+    if config["teacher"]["path"] and causal_teacher_cache.is_causal_teacher(config["teacher"]["path"]):
+        setup.resolve_auto(config, announce=lambda line: None)   # the causal build announces its own corpus use
+        return causal_teacher_cache.run(config, spec, args.temperature, args.batch_size)
+    config = setup.resolve_auto(config)
     if config["data"]["masking"] != "static":
         raise ValueError(DYNAMIC_REFUSAL)
     if not config["teacher"]["path"]:
@@ -70,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = setup.tokenizer_for(config, out / "tokenizer", context)
     data = setup.load_data(config, tokenizer)
     teacher = setup.load_teacher_checked(config["teacher"]["path"], tokenizer, context.device)
-    cache = ensure(out, teacher, tokenizer, data, config["seed"], spec, args.temperature, context, args.batch_size)
+    cache = ensure(out, teacher, tokenizer, data, config["seed"], spec, args.temperature, context,
+                   args.batch_size or 64)
     index = cache.index
     if context.is_main:
         print(f"teacher cache {out}: {index['sparse']}, {index['sequences']:,} sequences, "

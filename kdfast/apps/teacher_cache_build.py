@@ -26,7 +26,7 @@ from kdfast.runtime.io import write_json
 SHARD_ROWS = 1 << 20  # masked positions per shard file (~134 MB at K=32)
 
 
-def _rank_file(rank: int) -> str:
+def rank_file(rank: int) -> str:
     return f"rank-{rank:04d}.json"
 
 
@@ -41,8 +41,9 @@ def _targets(logits: torch.Tensor, spec: sparse.SparseSpec, temperature: float, 
     return {"ids": ids.to("cpu", store.id_dtype(logits.shape[1])), "weights": weights.to("cpu", torch.float16), **extra}
 
 
-class _ShardWriter:
-    """Collects per-batch columns and writes a shard each time ``SHARD_ROWS`` masked rows are held."""
+class ShardWriter:
+    """Collects per-batch columns (``counts`` [S]: target rows per sequence, kept as ``offsets`` [S+1]) and
+    writes a shard each time ``SHARD_ROWS`` target rows are held."""
 
     def __init__(self, out: Path, rank: int):
         self.out, self.rank = out, rank
@@ -52,7 +53,7 @@ class _ShardWriter:
 
     def add(self, columns: dict) -> None:
         self.parts.append(columns)
-        self.rows += columns["positions"].shape[0]
+        self.rows += int(columns["counts"].sum())
         if self.rows >= SHARD_ROWS:
             self.flush()
 
@@ -82,7 +83,7 @@ def build(teacher: torch.nn.Module, sequences: torch.Tensor, masking, out: Path,
     out.mkdir(parents=True, exist_ok=True)
     device = next(teacher.parameters()).device
     plan = ModelPlan(decoder=True)
-    writer = _ShardWriter(out, context.rank)
+    writer = ShardWriter(out, context.rank)
     mine = torch.arange(context.rank, sequences.shape[0], context.world)
     masked = 0
     start = time.perf_counter()
@@ -105,7 +106,7 @@ def build(teacher: torch.nn.Module, sequences: torch.Tensor, masking, out: Path,
     shape = EncoderShape.of(teacher.config)
     tokens = mine.numel() * sequences.shape[1]
     flops = shape.encoder_forward(tokens, sequences.shape[1]) + shape.head_forward(masked)
-    write_json(out / _rank_file(context.rank), {"shards": writer.entries, "seconds": seconds, "teacher_flops": flops,
+    write_json(out / rank_file(context.rank), {"shards": writer.entries, "seconds": seconds, "teacher_flops": flops,
                                                 "masked": masked, "sequences": int(mine.numel()), "tokens": tokens},
                sort_keys=True)
     distributed.barrier(context)
@@ -117,17 +118,12 @@ def build(teacher: torch.nn.Module, sequences: torch.Tensor, masking, out: Path,
 def _index(out: Path, world: int, fingerprint: dict, spec: sparse.SparseSpec, temperature: float,
            vocab: int) -> dict:
     """cache.json from the ranks' reports: shards, fingerprint, proposal, and the build's cost."""
-    ranks = [store.read_json(out / _rank_file(rank)) for rank in range(world)]
+    ranks = [store.read_json(out / rank_file(rank)) for rank in range(world)]
     shards = [entry for rank in ranks for entry in rank["shards"]]
     masked = sum(r["masked"] for r in ranks)
     total_bytes = sum(s["bytes"] for s in shards)
-    proposal = None
-    if spec.kind == "sample":
-        tau = temperature if spec.proposal_temperature is None else spec.proposal_temperature
-        proposal = {"name": "softmax(teacher_logits / tau)", "tau": tau,
-                    "weights": "count/K * p/r, p = softmax(teacher_logits / temperature)"}
     return {"format": store.FORMAT, "fingerprint": fingerprint, "sparse": str(spec), "k": spec.k,
-            "temperature": temperature, "proposal": proposal, "vocab": vocab,
+            "temperature": temperature, "proposal": spec.proposal(temperature), "vocab": vocab,
             "id_dtype": str(store.id_dtype(vocab)).replace("torch.", ""), "weight_dtype": "float16",
             "targets": "top-K probabilities, renormalised over the K ids when served" if spec.kind == "topk"
             else "distinct sampled ids with importance weights, served as stored",

@@ -6,7 +6,7 @@ import torch
 
 from kdfast.runtime.fingerprint import teacher_hash, tokenizer_hash, tokens_hash
 
-FIELDS = ("tokenizer", "teacher", "corpus", "masking_seed", "masking", "seq_len", "sparse", "temperature")
+FIELDS = ("tokenizer", "teacher", "seq_len", "corpus", "masking_seed", "masking", "sparse", "temperature")
 
 
 def make(tokenizer, teacher, sequences: torch.Tensor, masking, seed: int, spec, temperature: float) -> dict:

@@ -49,15 +49,9 @@ class TeacherCache:
         self.temperature = self.index["temperature"]
         self.shards = [store.read_shard(self.directory / e["file"], e, verify) for e in self.index["shards"]]
         count = self.index["sequences"]
-        self._shard = np.full(count, -1, dtype=np.int32)
         self._start = np.zeros(count, dtype=np.int64)
         self._stop = np.zeros(count, dtype=np.int64)
-        for number, (entry, shard) in enumerate(zip(self.index["shards"], self.shards)):
-            self._place(number, entry, shard)
-        missing = np.flatnonzero(self._shard < 0)
-        if missing.size:
-            raise store.CacheFileError(self.directory / store.INDEX, f"expected targets for all {count} sequences, "
-                                                                    f"got none for sequence {int(missing[0])}")
+        self._shard = store.shard_of_sequences(self.directory, self.index, self.shards, self._place)
 
     def cost(self, unit: str) -> float:
         return build_cost(self.index, unit)
@@ -68,7 +62,7 @@ class TeacherCache:
                 "bytes_per_masked_token", "build_seconds", "build_device_seconds", "teacher_flops", "world_size")
         return {"directory": str(self.directory), **{k: self.index.get(k) for k in keys}}
 
-    def _place(self, number: int, entry: dict, shard: dict) -> None:
+    def _place(self, number: int, entry: dict, shard: dict) -> np.ndarray:
         path = self.directory / entry["file"]
         need = {"sequence", "offsets", "positions", "ids", "weights"} | ({"leftover"} if self.kind == "topk" else set())
         if set(shard) != need:
@@ -78,11 +72,11 @@ class TeacherCache:
         if (offsets.shape != (sequence.shape[0] + 1,) or offsets[0] != 0 or offsets[-1] != rows
                 or np.any(np.diff(offsets) < 0) or tuple(shard["ids"].shape) != (rows, self.k)
                 or tuple(shard["weights"].shape) != (rows, self.k)
-                or np.any((sequence < 0) | (sequence >= self._shard.shape[0]))):
+                or np.any((sequence < 0) | (sequence >= self._start.shape[0]))):
             raise store.CacheFileError(path, "expected consistent sequence/offsets/positions/ids/weights tensors, "
                                              "got mismatched shapes or out-of-range entries")
-        self._shard[sequence] = number
         self._start[sequence], self._stop[sequence] = offsets[:-1], offsets[1:]
+        return sequence
 
     def targets(self, sequence_index: torch.Tensor, labels: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
         """(ids [M, K] int64, -1 padding; weights [M, K] fp32) for the M labelled positions of

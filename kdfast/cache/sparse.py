@@ -43,6 +43,14 @@ class SparseSpec:
     def __str__(self) -> str:
         return f"{self.kind}:{self.k}"
 
+    def proposal(self, temperature: float) -> Optional[dict]:
+        """What ``sample`` draws from at KD temperature T, as recorded in ``cache.json`` (None for top-K)."""
+        if self.kind != "sample":
+            return None
+        tau = temperature if self.proposal_temperature is None else self.proposal_temperature
+        return {"name": "softmax(teacher_logits / tau)", "tau": tau,
+                "weights": "count/K * p/r, p = softmax(teacher_logits / temperature)"}
+
     def check_vocab(self, vocab: int) -> None:
         if self.k > vocab:
             raise ValueError(f"sparse: expected K <= the teacher's vocabulary size {vocab}, got K={self.k}")

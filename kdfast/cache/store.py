@@ -25,8 +25,8 @@ from kdfast.runtime.io import atomic_open
 
 INDEX = "cache.json"
 FORMAT = 1
-_NUMPY = {"I16": np.int16, "I32": np.int32, "I64": np.int64, "F16": np.float16}
-_TORCH = {torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.float16: "F16"}
+_NUMPY = {"U8": np.uint8, "I16": np.int16, "I32": np.int32, "I64": np.int64, "F16": np.float16}
+_TORCH = {torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64", torch.float16: "F16"}
 
 
 def shard_name(rank: int, part: int) -> str:
@@ -94,6 +94,20 @@ def read_shard(path: Path, entry: dict, verify: bool = True) -> dict:
         raise CacheFileError(path, f"expected a kdfast cache shard of format {FORMAT}, got metadata "
                                    f"{header.get('__metadata__')}")
     return tensors
+
+
+def shard_of_sequences(directory: Path, index: dict, shards: list, place) -> np.ndarray:
+    """[S] int32: the number of the shard holding each of ``index``'s S sequences. ``place(number, entry,
+    shard)`` checks one shard and returns the sequence indices it holds; a sequence no shard holds is refused."""
+    count = index["sequences"]
+    owner = np.full(count, -1, dtype=np.int32)
+    for number, (entry, shard) in enumerate(zip(index["shards"], shards)):
+        owner[place(number, entry, shard)] = number
+    missing = np.flatnonzero(owner < 0)
+    if missing.size:
+        raise CacheFileError(Path(directory) / INDEX, f"expected targets for all {count} sequences, got none for "
+                                                      f"sequence {int(missing[0])}")
+    return owner
 
 
 def read_json(path: Path) -> dict:

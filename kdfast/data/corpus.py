@@ -2,6 +2,7 @@
 
 A source is one of:
 - a local text file or a directory of ``*.txt`` files (UTF-8; empty or binary files are refused);
+- a ``.jsonl`` file: one JSON object per line, its ``text`` field a document;
 - ``hf:NAME[/CONFIG][:SPLIT]``, an HF ``datasets`` corpus, streamed (column ``text``);
 - ``builtin:python-docs``, the Python documentation that ships with every CPython: the reference
   topics (``pydoc_data.topics``) and the docstrings of the standard library's modules, classes and
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import json
 import sysconfig
 import zlib
 from pathlib import Path
@@ -81,7 +83,7 @@ def documents(sources: Sequence[str]) -> Iterator[str]:
             yield from _hf_documents(source)
         else:
             for file in resolve_files(source):
-                yield from _file_documents(file)
+                yield from (_jsonl_documents if file.suffix == ".jsonl" else _file_documents)(file)
 
 
 def _file_documents(path: Path) -> Iterator[str]:
@@ -95,6 +97,23 @@ def _file_documents(path: Path) -> Iterator[str]:
                 block = []
     if block:
         yield " ".join(block)
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"data: expected a JSON object with a 'text' string on each line of {str(path)!r}, "
+                                 f"got line {number}: {line.strip()[:80]!r} ({type(err).__name__})") from None
+            if not isinstance(text, str):
+                raise ValueError(f"data: expected a 'text' string on line {number} of {str(path)!r}, got "
+                                 f"{type(text).__name__}")
+            if text.strip():
+                yield text.strip()
 
 
 def _python_docs() -> Iterator[str]:

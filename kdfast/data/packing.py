@@ -6,7 +6,7 @@ padding. The result is an int32 tensor [N, seq_len].
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 
@@ -24,26 +24,25 @@ def special_ids(tokenizer) -> dict:
     return ids
 
 
-def pack(docs: Iterable[str], tokenizer, seq_len: int = 128, max_sequences: Optional[int] = None) -> torch.Tensor:
-    """[N, seq_len] int32 token ids; stops after ``max_sequences`` full sequences when given."""
-    if seq_len < 8:
-        raise ValueError(f"seq_len: expected an int >= 8, got {seq_len}")
-    ids = special_ids(tokenizer)
-    body = seq_len - 2
+def token_blocks(docs: Iterable[str], tokenizer, size: int, max_blocks: Optional[int] = None,
+                 prefix: Sequence[int] = (), suffix: Sequence[int] = ()) -> List[List[int]]:
+    """Each document's tokens as ``prefix + tokens + suffix``, concatenated into one stream and cut into
+    blocks of ``size`` tokens (the incomplete tail is dropped); at most ``max_blocks`` blocks."""
     stream: List[int] = []
     blocks: List[List[int]] = []
     batch: List[str] = []
 
     def flush() -> bool:
         for tokens in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            stream.extend(prefix)
             stream.extend(tokens)
-            stream.append(ids["sep"])
+            stream.extend(suffix)
         batch.clear()
         start = 0
-        while len(stream) - start >= body:
-            blocks.append([ids["cls"], *stream[start:start + body], ids["sep"]])
-            start += body
-            if max_sequences is not None and len(blocks) >= max_sequences:
+        while len(stream) - start >= size:
+            blocks.append(stream[start:start + size])
+            start += size
+            if max_blocks is not None and len(blocks) >= max_blocks:
                 return True
         del stream[:start]
         return False
@@ -56,6 +55,15 @@ def pack(docs: Iterable[str], tokenizer, seq_len: int = 128, max_sequences: Opti
         if batch:
             flush()
     if not blocks:
-        raise ValueError(f"data: expected enough text for one sequence of {seq_len} tokens, got "
+        raise ValueError(f"data: expected enough text for one sequence of {size} tokens, got "
                          f"{len(stream)} tokens in total")
-    return torch.tensor(blocks[:max_sequences], dtype=torch.int32)
+    return blocks[:max_blocks]
+
+
+def pack(docs: Iterable[str], tokenizer, seq_len: int = 128, max_sequences: Optional[int] = None) -> torch.Tensor:
+    """[N, seq_len] int32 token ids; stops after ``max_sequences`` full sequences when given."""
+    if seq_len < 8:
+        raise ValueError(f"seq_len: expected an int >= 8, got {seq_len}")
+    ids = special_ids(tokenizer)
+    blocks = token_blocks(docs, tokenizer, seq_len - 2, max_sequences, suffix=(ids["sep"],))
+    return torch.tensor([[ids["cls"], *block, ids["sep"]] for block in blocks], dtype=torch.int32)

@@ -30,14 +30,19 @@ class DistillationOutput(NamedTuple):
     num_items: int
 
 
+def check_model(model: nn.Module, who: str) -> LMHead:
+    """The LM head of ``model`` (``who``: "student" or "teacher"), after checking its weights are real."""
+    head = find_lm_head(model, who)
+    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"{who}: expected weights on a real device, got parameter {meta!r} on the meta device; "
+                         f"load the {who} with its weights (from_pretrained, or to_empty() then load_state_dict)")
+    return head
+
+
 def check_models(student: nn.Module, teacher: nn.Module) -> tuple[LMHead, LMHead]:
     """Both LM heads, after checking the pair can be distilled token by token."""
-    heads = find_lm_head(student, "student"), find_lm_head(teacher, "teacher")
-    for who, model in (("student", student), ("teacher", teacher)):
-        meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
-        if meta is not None:
-            raise ValueError(f"{who}: expected weights on a real device, got parameter {meta!r} on the meta device; "
-                             f"load the {who} with its weights (from_pretrained, or to_empty() then load_state_dict)")
+    heads = check_model(student, "student"), check_model(teacher, "teacher")
     vocab_s, vocab_t = heads[0].vocab_size, heads[1].vocab_size
     if vocab_s != vocab_t:
         raise ValueError(f"teacher: expected the student's vocabulary size V={vocab_s} (its LM head rows), got "
@@ -91,6 +96,28 @@ def _rows(states: torch.Tensor, positions: torch.Tensor, causal: bool) -> torch.
     return states.reshape(-1, states.shape[-1])[positions.to(states.device)]
 
 
+def target_rows(teacher_targets: object, targets: torch.Tensor, positions: torch.Tensor,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sparse targets (ids, weights) of the labelled rows, from per-position pairs [B, L', K] aligned
+    with ``targets`` [B, L'] (what a causal teacher cache serves) or per-row pairs [N, K]."""
+    if not (isinstance(teacher_targets, (tuple, list)) and len(teacher_targets) == 2
+            and all(isinstance(t, torch.Tensor) for t in teacher_targets)):
+        raise TypeError(f"teacher_targets: expected a pair of tensors (ids, weights), got "
+                        f"{type(teacher_targets).__name__}")
+    ids, weights = teacher_targets
+    if ids.shape != weights.shape:
+        raise ValueError(f"teacher_targets: expected ids and weights of one shape, got {tuple(ids.shape)} and "
+                         f"{tuple(weights.shape)}")
+    if ids.dim() == 3 and tuple(ids.shape[:2]) == tuple(targets.shape):
+        index = positions.to(ids.device)
+        ids, weights = ids.reshape(-1, ids.shape[2])[index], weights.reshape(-1, ids.shape[2])[index]
+    elif not (ids.dim() == 2 and ids.shape[0] == positions.numel()):
+        raise ValueError(f"teacher_targets: expected (ids, weights) of shape [B, L', K] with [B, L'] = "
+                         f"{tuple(targets.shape)} (one row per target position) or [N={positions.numel()}, K] (one "
+                         f"per labelled target), got {tuple(ids.shape)}")
+    return ids.to(device), weights.to(device)
+
+
 def _common_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """Autocast's dtype when it is on for this device, else the head weight's."""
     if torch.is_autocast_enabled(hidden.device.type):
@@ -112,11 +139,11 @@ def teacher_rows(teacher: nn.Module, head: LMHead, inputs: dict, positions: torc
     return hidden.to(device, dtype), head.weight.detach().to(device), bias
 
 
-def distillation_loss(student: nn.Module, teacher: nn.Module, inputs: dict, temperature: float = 1.0,
+def distillation_loss(student: nn.Module, teacher: Optional[nn.Module], inputs: dict, temperature: float = 1.0,
                       kd_weight: float = 1.0, ce_weight: float = 1.0, kind: str = "kl",
                       beta: Optional[float] = None, teacher_topk: Optional[int] = None,
                       num_items_in_batch: Union[int, torch.Tensor, None] = None, causal: Optional[bool] = None,
-                      backend: str = "auto") -> DistillationOutput:
+                      backend: str = "auto", teacher_targets: Optional[tuple] = None) -> DistillationOutput:
     """``kd_weight * T² * KL(teacher || student at T)`` (``kind="kl"``; or ``"soft_ce"``, and
     whatever further kinds :func:`kdfast.fused_linear_kd` accepts, with ``beta``) plus
     ``ce_weight * CE(student, labels)``, over the labelled tokens of ``inputs``.
@@ -128,9 +155,21 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, inputs: dict, temp
     accumulated micro-batches: the gradient equals that of one large batch), else by this batch's
     labelled tokens (a mean). The teacher runs in eval mode under ``torch.no_grad`` on its own device
     and dtype; its states and head move to the student's device.
+
+    ``teacher_targets=(ids, weights)`` (with ``teacher=None``) replaces the teacher by sparse targets,
+    e.g. from a teacher cache (``kdfast.cache.causal.CausalTeacherCache.targets``): [B, L', K] per
+    target position (L' = L - 1 for causal LMs; rows of unlabelled positions are skipped) or [N, K] per
+    labelled target; ids -1 are padding. See :func:`kdfast.fused_linear_kd` for the loss on them
+    (``kind`` "kl" or "soft_ce").
     """
     check_options(temperature, kd_weight, ce_weight, kind, backend)
-    student_head, teacher_head = check_models(student, teacher)
+    if teacher_targets is None:
+        student_head, teacher_head = check_models(student, teacher)
+    elif teacher is not None or teacher_topk is not None:
+        raise ValueError(f"teacher_targets: expected alone, with teacher=None and teacher_topk=None (sparse targets "
+                         f"replace the teacher), got teacher={type(teacher).__name__}, teacher_topk={teacher_topk}")
+    else:
+        student_head = check_model(student, "student")
     count = check_num_items(num_items_in_batch)
     causal = is_causal_lm(student) if causal is None else causal
     targets = target_labels(inputs, causal)
@@ -140,12 +179,15 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, inputs: dict, temp
     dtype = _common_dtype(hidden_s, student_head.weight)
     weight_s = student_head.weight.to(dtype)
     bias_s = None if student_head.bias is None else student_head.bias.to(dtype)
-    hidden_t, weight_t, bias_t = teacher_rows(teacher, teacher_head, inputs, positions, causal, hidden_s.device)
+    if teacher_targets is None:
+        rows = teacher_rows(teacher, teacher_head, inputs, positions, causal, hidden_s.device)
+        teacher_args = dict(zip(("teacher_hidden", "teacher_weight", "teacher_bias"), rows), teacher_topk=teacher_topk)
+    else:
+        teacher_args = dict(teacher_targets=target_rows(teacher_targets, targets, positions, hidden_s.device))
     extra = {} if beta is None else {"beta": beta}
-    out = fused_linear_kd(hidden_s.to(dtype), weight_s, hidden_t, weight_t, bias_s, bias_t,
-                          labels=flat[positions].to(hidden_s.device), temperature=temperature, kd_weight=kd_weight,
-                          mlm_weight=ce_weight, kind=kind, reduction="sum", teacher_topk=teacher_topk,
-                          backend=backend, **extra)
+    out = fused_linear_kd(hidden_s.to(dtype), weight_s, student_bias=bias_s, labels=flat[positions].to(hidden_s.device),
+                          temperature=temperature, kd_weight=kd_weight, mlm_weight=ce_weight, kind=kind,
+                          reduction="sum", backend=backend, **teacher_args, **extra)
     divisor = count.to(out.loss.device) if count is not None else max(positions.numel(), 1)
     return DistillationOutput(out.loss / divisor, out.kd / divisor, out.mlm / divisor,
                               int(count) if count is not None else positions.numel())

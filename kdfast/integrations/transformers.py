@@ -15,6 +15,7 @@ from torch import nn
 from transformers import Trainer
 
 from kdfast import strategies
+from kdfast.integrations.cached_teacher import CachedTeacher
 from kdfast.integrations.loss import (
     IGNORE_INDEX,
     DistillationOutput,
@@ -35,14 +36,26 @@ class DistillationTrainer(Trainer):
     strategies need it on the student's device). One process on one device for now (no DDP, FSDP,
     DataParallel). With ``args.torch_compile`` the loss (the strategy's step, or the default vocabulary
     KD) runs under ``torch.compile`` too, with ``args.torch_compile_backend`` and ``_mode``.
+
+    ``teacher_cache`` (a folder built by ``kdfast teacher-cache build`` from a causal LM, or a
+    :class:`kdfast.cache.causal.CausalTeacherCache`) replaces ``teacher``: no teacher model is loaded,
+    each batch's targets are read from the cache by its ``sequence_index``. The training set defaults
+    to the cache's own dataset (the packed ``input_ids`` it was built from); see
+    :mod:`kdfast.integrations.cached_teacher` for the checks.
     """
 
-    def __init__(self, model: nn.Module, args=None, *, teacher: nn.Module, temperature: float = 1.0,
+    def __init__(self, model: nn.Module, args=None, *, teacher: Optional[nn.Module] = None,
+                 teacher_cache=None, temperature: float = 1.0,
                  kd_weight: float = 1.0, ce_weight: float = 1.0, kind: str = "kl", beta: Optional[float] = None,
                  teacher_topk: Optional[int] = None, backend: str = "auto", strategy: Optional[str] = None,
                  strategy_options: Optional[dict] = None, **trainer_kwargs):
         check_options(temperature, kd_weight, ce_weight, kind, backend)
-        check_models(model, teacher)
+        self.cached_teacher = None
+        if teacher_cache is not None:
+            self.cached_teacher = CachedTeacher.for_trainer(teacher_cache, model, teacher, temperature, teacher_topk,
+                                                            strategy, trainer_kwargs)
+        else:
+            check_models(model, teacher)
         if strategy is not None and strategy not in strategies.NAMES:
             raise ValueError(f"strategy: expected None or one of {', '.join(map(repr, strategies.NAMES))}, "
                              f"got {strategy!r}")
@@ -88,12 +101,22 @@ class DistillationTrainer(Trainer):
                 optimizer.add_param_group({"params": extra, "weight_decay": 0.0})
         return optimizer
 
+    def _set_signature_columns_if_needed(self) -> None:
+        """Trainer's model-input columns, plus the ``sequence_index`` a teacher cache looks targets up by."""
+        super()._set_signature_columns_if_needed()
+        if self.cached_teacher is not None and "sequence_index" not in self._signature_columns:
+            self._signature_columns.append("sequence_index")
+
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
         student = self.accelerator.unwrap_model(model)
-        if self.strategy is None:
+        if self.cached_teacher is not None:
+            inputs, targets = self.cached_teacher.split(inputs)
+            out = self._loss_fn(student, None, inputs, num_items_in_batch=num_items_in_batch,
+                                teacher_targets=targets, **self.loss_options)
+        elif self.strategy is None:
             out = self._loss_fn(student, self.teacher, inputs, num_items_in_batch=num_items_in_batch,
-                                    **self.loss_options)
+                                **self.loss_options)
         else:
             out = self._strategy_loss(inputs, num_items_in_batch)
         return (out.loss, {"loss": out.loss, "kd": out.kd, "ce": out.ce}) if return_outputs else out.loss
