@@ -84,8 +84,10 @@ class KDFastGKDTrainer(_TRLGKDTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         student = self.accelerator.unwrap_model(model)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
-        loss = generalized_jsd_loss(student, teacher, inputs, beta=self.beta, num_items_in_batch=num_items_in_batch,
-                                    backend=self.kdfast_backend)
+        # TRL calls the accelerate-wrapped models, which autocast under bf16/fp16; the base models are not wrapped.
+        with self.accelerator.autocast():
+            loss = generalized_jsd_loss(student, teacher, inputs, beta=self.beta,
+                                        num_items_in_batch=num_items_in_batch, backend=self.kdfast_backend)
         return (loss, {"loss": loss}) if return_outputs else loss
 
 
