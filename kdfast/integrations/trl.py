@@ -97,7 +97,7 @@ def completion_inputs(inputs: dict) -> dict:
     and ``labels`` [B, P + C], the labels -100 outside the trained completion tokens."""
     input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
     attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-    trained = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+    trained = inputs["completion_mask"] * inputs.get("tool_mask", 1)
     trained = torch.cat([torch.zeros_like(inputs["prompt_mask"]), trained], dim=1)
     return {"input_ids": input_ids, "attention_mask": attention_mask,
             "labels": input_ids.masked_fill(trained == 0, IGNORE_INDEX)}
