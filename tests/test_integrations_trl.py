@@ -2,6 +2,9 @@
 Llama models built here, against TRL's own losses (float64 where the reference is TRL's formula)."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -214,3 +217,12 @@ def test_distillation_trainer_needs_a_teacher(tmp_path):
     with pytest.raises(ValueError, match="teacher_model"):
         KDFastDistillationTrainer(model=tiny_llama(16, seed=0), teacher_model=None, args=args,
                                   train_dataset=prompts, processing_class=tokenizer())
+
+
+def test_docs_example_runs(tmp_path, monkeypatch):
+    """The block of docs/losses.md marked ``<!-- tested with trl -->`` runs as written."""
+    doc = Path(__file__).resolve().parents[1] / "docs" / "losses.md"
+    blocks = re.findall(r"^<!-- tested with trl -->\n```python\n(.*?)^```", doc.read_text(), re.S | re.M)
+    assert len(blocks) == 1 and "KDFastDistillationTrainer" in blocks[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], f"{doc}:trl block", "exec"), {"__name__": "__doc_example__"})
