@@ -200,10 +200,24 @@ def test_distillation_trainer_steps_match_trl(tmp_path, beta, temperature):
 
 
 def test_version_outside_tested_range_warns():
-    with pytest.warns(UserWarning, match=str(TESTED_TRL).replace("<", ".").replace(">", ".")):
+    with pytest.warns(UserWarning, match=re.escape(f"tested with trl{TESTED_TRL}, got trl 0.9.6")):
         assert check_trl_version("0.9.6") is False
     with pytest.warns(UserWarning, match="got trl 2.0.0"):
         assert check_trl_version("2.0.0") is False
+
+
+def test_import_with_trl_outside_range_warns_and_works(monkeypatch):
+    import importlib
+
+    import trl
+
+    import kdfast.integrations.trl as module
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    with pytest.warns(UserWarning, match=re.escape(f"tested with trl{TESTED_TRL}, got trl 1.17.0")):
+        importlib.reload(module)
+    assert issubclass(module.KDFastGKDTrainer, GKDTrainer)
+    monkeypatch.undo()
+    importlib.reload(module)
 
 
 def test_installed_version_in_range_is_quiet(recwarn):

@@ -12,7 +12,6 @@ import warnings
 from typing import Optional, Union
 
 import torch
-import trl
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from torch import nn
@@ -21,13 +20,19 @@ from kdfast import _checks as check
 from kdfast.integrations.loss import IGNORE_INDEX, distillation_loss
 
 # The TRL releases whose trainers these classes were tested against (pyproject's ``trl`` extra).
-TESTED_TRL = SpecifierSet(">=1.16,<1.17")
+TESTED_TRL = ">=1.16,<1.17"
+
+try:
+    import trl
+except ImportError as error:
+    raise ImportError(f"trl: expected TRL installed for kdfast.integrations.trl (pip install 'kdfast[trl]' "
+                      f"installs trl{TESTED_TRL}), got {error}") from error
 
 
 def check_trl_version(version: Optional[str] = None) -> bool:
     """Warn when the installed TRL (or ``version``) is outside :data:`TESTED_TRL`; True when inside."""
     version = trl.__version__ if version is None else version
-    if Version(version) in TESTED_TRL:
+    if Version(version) in SpecifierSet(TESTED_TRL):
         return True
     warnings.warn(f"trl: kdfast.integrations.trl was tested with trl{TESTED_TRL}, got trl {version}; the trainers "
                   f"override TRL's loss methods, which may have changed (pip install 'kdfast[trl]' pins the range)",
@@ -37,8 +42,12 @@ def check_trl_version(version: Optional[str] = None) -> bool:
 
 check_trl_version()
 
-from trl import DistillationTrainer as _TRLDistillationTrainer  # noqa: E402
-from trl.experimental.gkd import GKDTrainer as _TRLGKDTrainer  # noqa: E402
+try:
+    from trl import DistillationTrainer as _TRLDistillationTrainer
+    from trl.experimental.gkd import GKDTrainer as _TRLGKDTrainer
+except ImportError as error:
+    raise ImportError(f"trl: expected trl.DistillationTrainer and trl.experimental.gkd.GKDTrainer (trl{TESTED_TRL}), "
+                      f"got trl {trl.__version__} without them: {error}") from error
 
 
 def trl_divergence(beta: float) -> dict:
