@@ -151,8 +151,7 @@ class RecordingGKDTrainer(KDFastGKDTrainer):
         return loss
 
 
-@pytest.mark.parametrize("beta, bf16, tolerance", [(0.0, False, 1e-5), (0.4, False, 1e-5), (1.0, False, 1e-5),
-                                                  (0.4, True, 2e-2)])
+@pytest.mark.parametrize("beta, bf16, tolerance", [(0.4, False, 1e-5), (1.0, False, 1e-5), (0.4, True, 2e-2)])
 def test_gkd_trainer_on_policy_steps_match_trl(tmp_path, beta, bf16, tolerance):
     student, teacher = tiny_llama(16, seed=0), tiny_llama(24, seed=1)
     before = student.lm_head.weight.detach().clone()
@@ -183,7 +182,7 @@ class RecordingDistillationTrainer(KDFastDistillationTrainer):
         return loss, entropy, n_valid
 
 
-@pytest.mark.parametrize("beta, temperature", [(0.0, 1.5), (0.3, 0.8), (1.0, 2.0)])
+@pytest.mark.parametrize("beta, temperature", [(0.0, 1.5), (0.3, 0.8)])
 def test_distillation_trainer_steps_match_trl(tmp_path, beta, temperature):
     student, teacher = tiny_llama(16, seed=0), tiny_llama(24, seed=1)
     prompts = Dataset.from_list([{"prompt": " ".join(f"w{2 + (5 * i + j) % 59}" for j in range(3 + i % 3))}
