@@ -95,7 +95,7 @@ def loss_step(trainer, batch: dict):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--completion", type=int, default=240)
     parser.add_argument("--student", default="2x256", help="layers x hidden")
