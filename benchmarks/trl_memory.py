@@ -21,7 +21,6 @@ Run (CPU, the acceptance shape):
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import platform
 import sys
