@@ -15,6 +15,14 @@ from kdfast import _backends
 from kdfast import _checks as check
 from kdfast._reduction import KINDS
 from kdfast.integrations.lm_head import LMHead, find_lm_head, head_states, is_causal_lm
+from kdfast.integrations.wrapped import (
+    check_fsdp_layout,
+    gathered,
+    gathered_head,
+    reshard,
+    run_as_forward,
+    unwrap,
+)
 from kdfast.losses.vocab import fused_linear_kd
 
 IGNORE_INDEX = -100
@@ -101,15 +109,20 @@ def _common_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 def teacher_rows(teacher: nn.Module, head: LMHead, inputs: dict, positions: torch.Tensor, causal: bool,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Teacher (hidden [N, Ht], weight [V, Ht], bias) at ``positions``, computed without autograd on
-    the teacher's device (that of its input embeddings) and moved to ``device``, in the teacher's dtype."""
+    the teacher's device (that of its input embeddings) and moved to ``device``, in the teacher's dtype.
+    The states come from the teacher's own forward (an FSDP2-sharded teacher gathers its layers there and
+    is resharded after); a sharded head is gathered."""
     teacher_device = teacher.get_input_embeddings().weight.device
     moved = {k: v.to(teacher_device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     teacher.eval()
     with torch.no_grad():
-        hidden = _rows(head_states(teacher, head, moved), positions, causal)
-    dtype = head.weight.dtype
-    bias = None if head.bias is None else head.bias.detach().to(device, dtype)
-    return hidden.to(device, dtype), head.weight.detach().to(device), bias
+        hidden = run_as_forward(teacher, teacher, lambda **batch: _rows(head_states(teacher, head, batch), positions,
+                                                                         causal), moved)
+        reshard(teacher)
+        weight, bias = gathered(head.weight), None if head.bias is None else gathered(head.bias)
+    dtype = weight.dtype
+    bias = None if bias is None else bias.to(device, dtype)
+    return hidden.to(device, dtype), weight.to(device), bias
 
 
 def distillation_loss(student: nn.Module, teacher: nn.Module, inputs: dict, temperature: float = 1.0,
@@ -128,24 +141,39 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, inputs: dict, temp
     accumulated micro-batches: the gradient equals that of one large batch), else by this batch's
     labelled tokens (a mean). The teacher runs in eval mode under ``torch.no_grad`` on its own device
     and dtype; its states and head move to the student's device.
+
+    ``student`` may be wrapped in ``DistributedDataParallel`` or sharded by FSDP2's ``fully_shard``
+    (applied to the whole model), ``teacher`` replicated or sharded: the loss runs as the student's
+    forward, through the wrapper. Across ranks, pass the count summed over all ranks and multiply the
+    loss by the world size, since DDP and FSDP average gradients over ranks (as HF Trainer does).
     """
     check_options(temperature, kd_weight, ce_weight, kind, backend)
-    student_head, teacher_head = check_models(student, teacher)
+    caller, model = unwrap(student) if isinstance(student, nn.Module) else (student, student)
+    check_models(model, teacher)
+    check_fsdp_layout(model, "student")
+    check_fsdp_layout(teacher, "teacher")
     count = check_num_items(num_items_in_batch)
-    causal = is_causal_lm(student) if causal is None else causal
+    causal = is_causal_lm(model) if causal is None else causal
     targets = target_labels(inputs, causal)
     flat = targets.reshape(-1)
     positions = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-    hidden_s = _rows(head_states(student, student_head, inputs), positions, causal)
-    dtype = _common_dtype(hidden_s, student_head.weight)
-    weight_s = student_head.weight.to(dtype)
-    bias_s = None if student_head.bias is None else student_head.bias.to(dtype)
-    hidden_t, weight_t, bias_t = teacher_rows(teacher, teacher_head, inputs, positions, causal, hidden_s.device)
+    hidden_t, weight_t, bias_t = teacher_rows(teacher, find_lm_head(teacher, "teacher"), inputs, positions, causal,
+                                              model.get_input_embeddings().weight.device)
     extra = {} if beta is None else {"beta": beta}
-    out = fused_linear_kd(hidden_s.to(dtype), weight_s, hidden_t, weight_t, bias_s, bias_t,
-                          labels=flat[positions].to(hidden_s.device), temperature=temperature, kd_weight=kd_weight,
-                          mlm_weight=ce_weight, kind=kind, reduction="sum", teacher_topk=teacher_topk,
-                          backend=backend, **extra)
-    divisor = count.to(out.loss.device) if count is not None else max(positions.numel(), 1)
-    return DistillationOutput(out.loss / divisor, out.kd / divisor, out.mlm / divisor,
+
+    def fused_loss(**batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        states = head_states(model, find_lm_head(model, "student"), batch)
+        head = gathered_head(model, "student")  # inside the forward, after the base model: gathered by FSDP2
+        hidden_s = _rows(states, positions, causal)
+        dtype = _common_dtype(hidden_s, head.weight)
+        bias_s = None if head.bias is None else head.bias.to(dtype)
+        out = fused_linear_kd(hidden_s.to(dtype), head.weight.to(dtype), hidden_t, weight_t,
+                              bias_s, bias_t, labels=flat[positions].to(hidden_s.device), temperature=temperature,
+                              kd_weight=kd_weight, mlm_weight=ce_weight, kind=kind, reduction="sum",
+                              teacher_topk=teacher_topk, backend=backend, **extra)
+        return out.loss, out.kd, out.mlm
+
+    loss, kd, ce = run_as_forward(caller, model, fused_loss, inputs)
+    divisor = count.to(loss.device) if count is not None else max(positions.numel(), 1)
+    return DistillationOutput(loss / divisor, kd / divisor, ce / divisor,
                               int(count) if count is not None else positions.numel())
