@@ -24,7 +24,14 @@ from kdfast.integrations.loss import (
     check_options,
     distillation_loss,
 )
-from kdfast.integrations.wrapped import check_fsdp_layout, is_sharded, run_as_forward, unwrap
+from kdfast.integrations.wrapped import (
+    check_fsdp_layout,
+    check_one_unit,
+    is_fsdp_module,
+    is_sharded,
+    run_as_forward,
+    unwrap,
+)
 from kdfast.strategies.base import StrategyOutput
 
 
@@ -115,6 +122,8 @@ class DistillationTrainer(Trainer):
         count = check_num_items(num_items_in_batch)
         caller, student = unwrap(model)
         check_fsdp_layout(student, "model")
+        if is_fsdp_module(student):
+            check_one_unit(student, "model", "strategies call the layers' projections, whose units would not gather")
         taps = self.strategy.teacher_pass(inputs)
 
         def student_pass(**batch) -> tuple:

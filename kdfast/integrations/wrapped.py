@@ -100,3 +100,33 @@ def reshard(model: nn.Module) -> None:
     for module in model.modules():
         if is_fsdp_module(module):
             module.reshard()
+
+
+def transformer_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules of the classes in the model's ``_no_split_modules`` except any holding the LM head
+    weight (BERT's embeddings hold the tied decoder weight, which must stay in the root unit)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    head = getattr(model.get_output_embeddings(), "weight", None)
+    return [m for m in model.modules() if type(m).__name__ in names and m is not model
+            and all(p is not head for p in m.parameters())]
+
+
+def fully_shard_model(model: nn.Module, layers: bool = True, **fsdp_options) -> nn.Module:
+    """FSDP2's layout for the fused loss: ``fully_shard`` on each transformer layer (``layers``), then on
+    the whole model, which holds embeddings and LM head; for a student in a custom loop, or a teacher
+    kept 1/P per rank. ``layers=False`` makes the model one unit, as strategies need (they call the
+    layers' projections, not the layers). ``fsdp_options`` go to ``fully_shard``. Returns the model."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in transformer_layers(model) if layers else ():
+        fully_shard(layer, **fsdp_options)
+    return fully_shard(model, **fsdp_options)
+
+
+def check_one_unit(model: nn.Module, who: str, why: str) -> None:
+    """Refuse FSDP2 units below the root of ``model``, whose hooks a tapped forward would not fire."""
+    inner = next((name for name, m in model.named_modules() if name and is_fsdp_module(m)), None)
+    if inner is not None:
+        raise ValueError(f"{who}: expected one FSDP unit for the whole model ({why}), got a unit of its own at "
+                         f"{inner!r}; shard it with kdfast.integrations.wrapped.fully_shard_model(model, "
+                         f"layers=False), that is fully_shard(model) alone, before the Trainer")
