@@ -17,13 +17,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+import distil_many_devices as example  # noqa: E402
 from test_integrations_transformers import examples, stack, tiny_bert, tiny_llama  # noqa: E402
 
 from kdfast.integrations.transformers import DistillationTrainer, distillation_loss  # noqa: E402
 from kdfast.integrations.wrapped import fully_shard_model, is_sharded  # noqa: E402
 
-STEPS, MICRO, GLOBAL_BATCH, LR = 3, 2, 8, 0.5
+STEPS, MICRO, LR, GLOBAL_BATCH = 3, 2, 0.5, example.GLOBAL_BATCH  # LR: the example loop's
 TRAINER_CASES = {  # name: (causal, tied student, strategy)
     "llama-tied": (True, True, None),
     "llama-untied": (True, False, None),
@@ -89,9 +91,9 @@ def full_parameters(model: torch.nn.Module) -> dict:
 
 
 def loop_case(rank: int, world: int, shard_teacher: bool, head_unit: bool) -> tuple[torch.nn.Module, list]:
-    """A custom loop with ``distillation_loss`` on a tiny untied Llama; with ``world`` > 1 the student is
-    sharded by ``fully_shard_model`` (``head_unit``: the LM head an FSDP unit of its own), the teacher too
-    when ``shard_teacher``. Micro-batch j of each step goes to rank j mod world, as the Trainer deals them."""
+    """The docs' custom loop (examples/distil_many_devices.py) on a tiny untied Llama; with ``world`` > 1
+    the student is sharded by ``fully_shard_model`` (``head_unit``: the LM head an FSDP unit of its own),
+    the teacher too when ``shard_teacher``."""
     from torch.distributed.fsdp import fully_shard
 
     student, teacher = models(causal=True, tied=False)
@@ -101,24 +103,7 @@ def loop_case(rank: int, world: int, shard_teacher: bool, head_unit: bool) -> tu
         fully_shard_model(student)
         if shard_teacher:
             fully_shard_model(teacher)
-    optimizer = torch.optim.SGD(student.parameters(), lr=LR)
-    data, losses = examples(STEPS * GLOBAL_BATCH, causal=True), []
-    for step in range(STEPS):
-        chunk = data[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH]
-        micro = [stack(chunk[i:i + MICRO]) for i in range(0, GLOBAL_BATCH, MICRO)][rank::world]
-        count = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro))
-        if world > 1:
-            dist.all_reduce(count)  # the global count, as HF Trainer's average_tokens_across_devices
-        total = torch.zeros(())
-        for batch in micro:
-            loss = distillation_loss(student, teacher, batch, temperature=2.0, num_items_in_batch=count).loss
-            (loss * world).backward()  # FSDP averages gradients over ranks
-            total += loss.detach()
-        if world > 1:
-            dist.all_reduce(total)
-        losses.append(float(total))
-        optimizer.step()
-        optimizer.zero_grad()
+    losses = example.with_loop(student, teacher, examples(STEPS * GLOBAL_BATCH, causal=True), rank, world, STEPS)
     return student, losses
 
 

@@ -92,6 +92,16 @@ def target_labels(inputs: dict, causal: bool) -> torch.Tensor:
     return labels[:, 1:] if causal else labels
 
 
+def count_targets(batches: list, causal: bool) -> torch.Tensor:
+    """HF's ``num_items_in_batch`` for a custom loop: the targets (labels != -100; ``labels[:, 1:]`` for
+    causal LMs) of this rank's accumulated micro-batches, summed over all ranks when a process group is up."""
+    count = sum((target_labels(batch, causal) != IGNORE_INDEX).sum() for batch in batches)
+    count = torch.as_tensor(count)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(count)
+    return count
+
+
 def _rows(states: torch.Tensor, positions: torch.Tensor, causal: bool) -> torch.Tensor:
     """The [N, H] states at ``positions`` (flat indices into the [B, L'] targets)."""
     if causal:

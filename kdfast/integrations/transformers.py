@@ -22,6 +22,7 @@ from kdfast.integrations.loss import (
     check_models,
     check_num_items,
     check_options,
+    count_targets,
     distillation_loss,
 )
 from kdfast.integrations.wrapped import (
@@ -139,4 +140,4 @@ class DistillationTrainer(Trainer):
                                   labelled if count is None else int(count))
 
 
-__all__ = ["DistillationTrainer", "DistillationOutput", "distillation_loss"]
+__all__ = ["DistillationTrainer", "DistillationOutput", "count_targets", "distillation_loss"]

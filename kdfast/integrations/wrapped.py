@@ -61,8 +61,8 @@ def is_fsdp_module(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-HOW_TO_WRAP = ("apply fully_shard to the decoder layers and then to the whole model, fully_shard(model), as "
-               "HF Trainer's fsdp options and accelerate's FSDP plugin do, and not to the LM head on its own")
+HOW_TO_WRAP = ("apply fully_shard to the layers and then to the whole model, fully_shard(model), as accelerate's "
+               "FSDP2 plugin does (kdfast.integrations.wrapped.fully_shard_model(model) does both)")
 
 
 def check_fsdp_layout(model: nn.Module, who: str) -> None:
