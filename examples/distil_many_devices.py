@@ -6,6 +6,7 @@ number of processes, so every launch gives the same losses. Rank 0 writes them t
     torchrun --nproc_per_node 2 examples/distil_many_devices.py --out runs/ddp      # DistillationTrainer, DDP
     torchrun --nproc_per_node 2 examples/distil_many_devices.py --fsdp2 --out runs/fsdp2
     torchrun --nproc_per_node 2 examples/distil_many_devices.py --loop --out runs/loop   # fully_shard + loop
+    torchrun --nproc_per_node 2 examples/distil_many_devices.py --steps 60 --save-steps 10 --out runs/ckpt [--resume]
 """
 from __future__ import annotations
 
@@ -41,16 +42,19 @@ def sequences(count: int) -> list[dict]:
     return out
 
 
-def with_trainer(student, teacher, data, out: Path, world: int, steps: int, fsdp2: bool) -> list[float]:
-    """DistillationTrainer: DDP under torchrun / accelerate launch, FSDP2 with ``fsdp2``."""
+def with_trainer(student, teacher, data, out: Path, world: int, steps: int, fsdp2: bool, save_steps: int,
+                 resume: bool) -> list[float]:
+    """DistillationTrainer: DDP under torchrun / accelerate launch, FSDP2 with ``fsdp2``; a checkpoint every
+    ``save_steps`` steps (0: none), ``resume`` from the newest one in ``out``."""
     fsdp = {"fsdp": True, "fsdp_config": {"version": 2}} if fsdp2 else {}
+    saving = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {"save_strategy": "no"}
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=GLOBAL_BATCH // (ACCUMULATION * world),
                              gradient_accumulation_steps=ACCUMULATION, max_steps=steps, learning_rate=0.5,
                              optim="sgd", lr_scheduler_type="constant", train_sampling_strategy="sequential",
-                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
-                             disable_tqdm=True, **fsdp)
+                             logging_steps=1, report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+                             ddp_timeout=120, **saving, **fsdp)
     trainer = DistillationTrainer(student, args, teacher=teacher, train_dataset=data, temperature=2.0)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume or None)
     engine = ("FSDP2" if any(is_sharded(p) for p in trainer.model.parameters()) else
               type(trainer.model_wrapped).__name__)
     print(f"rank {trainer.args.process_index}: student trained under {engine}")
@@ -86,6 +90,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--fsdp2", action="store_true", help="the Trainer's FSDP2 (accelerate's FSDP plugin)")
     parser.add_argument("--loop", action="store_true", help="a custom loop over fully_shard + distillation_loss")
+    parser.add_argument("--save-steps", type=int, default=0, help="Trainer: a checkpoint every N steps in --out")
+    parser.add_argument("--resume", action="store_true", help="Trainer: continue from the newest checkpoint")
     args = parser.parse_args()
     out = Path(args.out)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -99,7 +105,7 @@ def main() -> None:
             fully_shard_model(teacher)       # the teacher too: 1/P of it per rank
         losses = with_loop(student, teacher, data, rank, world, args.steps)
     else:
-        losses = with_trainer(student, teacher, data, out, world, args.steps, args.fsdp2)
+        losses = with_trainer(student, teacher, data, out, world, args.steps, args.fsdp2, args.save_steps, args.resume)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "losses.json").write_text(json.dumps(losses))

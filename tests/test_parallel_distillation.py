@@ -4,6 +4,7 @@ FSDP2; a sharded teacher holds 1/P of its parameters per rank and gives the repl
 a student sharded without the model around its head is refused before any step."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -28,12 +29,28 @@ def torchrun(*args: str, cwd: Path, timeout: int = TIMEOUT_S) -> subprocess.Comp
     return done
 
 
-@pytest.fixture(scope="module", params=["ddp", "fsdp2"])
-def parallel_run(request, tmp_path_factory) -> tuple[str, dict, dict]:
-    """(engine, parameters per case, report) of one 2-rank run of every case."""
-    out = tmp_path_factory.mktemp(request.param)
-    torchrun(str(WORKER), request.param, str(out), cwd=out)
-    return request.param, torch.load(out / "parameters.pt"), json.loads((out / "report.json").read_text())
+@pytest.fixture(scope="module")
+def parallel_run(tmp_path_factory):
+    """``parallel_run(engine)``: (parameters per case, report) of one 2-rank run of every case under
+    ``engine`` (ddp | fsdp2), launched once per module."""
+    runs = {}
+
+    def run(engine: str) -> tuple[dict, dict]:
+        if engine not in runs:
+            out = tmp_path_factory.mktemp(engine)
+            torchrun(str(WORKER), engine, str(out), cwd=out)
+            runs[engine] = torch.load(out / "parameters.pt"), json.loads((out / "report.json").read_text())
+        return runs[engine]
+
+    return run
+
+
+@functools.lru_cache(maxsize=None)
+def one_process_loop() -> tuple[dict, dict, list]:
+    """(start, end, per-step losses) of the custom loop in this process."""
+    start = {n: p.detach().clone() for n, p in worker.models(causal=True, tied=False)[0].named_parameters()}
+    model, losses = worker.loop_case(rank=0, world=1, shard_teacher=False, head_unit=False)
+    return start, worker.full_parameters(model), losses
 
 
 def one_process_parameters(name: str, out: Path) -> tuple[dict, dict]:
@@ -54,9 +71,10 @@ def assert_same_steps(start: dict, expected: dict, got: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("name", list(worker.TRAINER_CASES))
-def test_trainer_on_two_ranks_equals_one_process(parallel_run, name, tmp_path):
-    engine, parameters, _ = parallel_run
+def test_trainer_on_two_ranks_equals_one_process(parallel_run, engine, name, tmp_path):
+    parameters, _ = parallel_run(engine)
     start, expected = one_process_parameters(name, tmp_path)
     assert_same_steps(start, expected, parameters[name])
 
@@ -66,29 +84,21 @@ def test_trainer_on_two_ranks_equals_one_process(parallel_run, name, tmp_path):
 def test_fully_shard_custom_loop_equals_one_process(parallel_run, name):
     """distillation_loss in a loop: student sharded (head in the root unit, or a unit of its own),
     teacher sharded or replicated; the same steps and per-step losses as one process."""
-    engine, parameters, report = parallel_run
-    if engine != "fsdp2":
-        pytest.skip("the custom loop runs in the FSDP2 launch")
-    start = {n: p.detach().clone() for n, p in worker.models(causal=True, tied=False)[0].named_parameters()}
-    model, losses = worker.loop_case(rank=0, world=1, shard_teacher=False, head_unit=False)
-    assert_same_steps(start, worker.full_parameters(model), parameters[name])
+    parameters, report = parallel_run("fsdp2")
+    start, expected, losses = one_process_loop()
+    assert_same_steps(start, expected, parameters[name])
     assert report[f"{name}-losses"] == pytest.approx(losses, rel=1e-5)
 
 
 @pytest.mark.slow
 def test_sharded_teacher_holds_its_share_and_gives_the_replicated_loss(parallel_run):
-    engine, _, report = parallel_run
-    if engine != "fsdp2":
-        pytest.skip("measured in the FSDP2 launch")
-    for rank in report["teacher"]:
+    for rank in parallel_run("fsdp2")[1]["teacher"]:
         assert rank["share"] == pytest.approx(1 / WORLD, abs=0.02), rank
         assert rank["sharded"] == pytest.approx(rank["replicated"], rel=1e-6), rank
 
 
 @pytest.mark.slow
 def test_student_sharded_without_its_root_is_refused(parallel_run):
-    engine, _, report = parallel_run
-    if engine != "fsdp2":
-        pytest.skip("checked in the FSDP2 launch")
+    report = parallel_run("fsdp2")[1]
     assert report["bad_layout"].startswith("student: expected fully_shard applied to the whole model"), report
     assert "fully_shard(model)" in report["bad_layout"]
