@@ -120,18 +120,26 @@ def teacher_share_and_loss(rank: int, world: int) -> dict:
     return {"rank": rank, "share": local / total, "replicated": replicated, "sharded": sharded}
 
 
-def bad_layout_message() -> str:
-    """The error for a student whose layers are sharded but not the model around its LM head."""
+def bad_layout_messages() -> dict:
+    """The errors for a student whose layers are sharded but not the model around its LM head, and for
+    a strategy's student sharded layer by layer."""
     from torch.distributed.fsdp import fully_shard
+
+    from kdfast.integrations.wrapped import check_one_unit
 
     student, teacher = models(causal=True, tied=False)
     for layer in student.model.layers:
         fully_shard(layer)
+    messages = {"no_root": "no error", "layer_units": "no error"}
     try:
         distillation_loss(student, teacher, stack(examples(2, causal=True)))
     except ValueError as error:
-        return str(error)
-    return "no error"
+        messages["no_root"] = str(error)
+    try:
+        check_one_unit(fully_shard_model(models(causal=False, tied=True)[0]), "model", "strategies")
+    except ValueError as error:
+        messages["layer_units"] = str(error)
+    return messages
 
 
 def main(engine: str, out: Path) -> None:
@@ -150,7 +158,7 @@ def main(engine: str, out: Path) -> None:
         shares = [None] * world
         dist.all_gather_object(shares, teacher_share_and_loss(rank, world))
         report["teacher"] = shares
-        report["bad_layout"] = bad_layout_message()
+        report["bad_layout"] = bad_layout_messages()
     if rank == 0:
         torch.save(results, out / "parameters.pt")
         (out / "report.json").write_text(json.dumps(report))

@@ -98,7 +98,16 @@ def test_sharded_teacher_holds_its_share_and_gives_the_replicated_loss(parallel_
 
 
 @pytest.mark.slow
-def test_student_sharded_without_its_root_is_refused(parallel_run):
-    report = parallel_run("fsdp2")[1]
-    assert report["bad_layout"].startswith("student: expected fully_shard applied to the whole model"), report
-    assert "fully_shard(model)" in report["bad_layout"]
+def test_bad_fsdp_layouts_are_refused_with_how_to_wrap(parallel_run):
+    messages = parallel_run("fsdp2")[1]["bad_layout"]
+    assert messages["no_root"].startswith("student: expected fully_shard applied to the whole model"), messages
+    assert "fully_shard(model)" in messages["no_root"] and "fully_shard_model" in messages["no_root"]
+    assert messages["layer_units"].startswith("model: expected one FSDP unit for the whole model"), messages
+    assert "layers=False" in messages["layer_units"]
+
+
+def test_zero3_partitioned_student_is_refused():
+    student, teacher = worker.models(causal=True, tied=False)
+    student.lm_head.weight.ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+    with pytest.raises(ValueError, match=r"student: expected a model not partitioned by DeepSpeed ZeRO-3.*lm_head"):
+        worker.distillation_loss(student, teacher, worker.stack(worker.examples(2, causal=True)))

@@ -17,6 +17,7 @@ from kdfast._reduction import KINDS
 from kdfast.integrations.lm_head import LMHead, find_lm_head, head_states, is_causal_lm
 from kdfast.integrations.wrapped import (
     check_fsdp_layout,
+    check_not_zero3,
     gathered,
     gathered_head,
     reshard,
@@ -159,6 +160,9 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, inputs: dict, temp
     """
     check_options(temperature, kd_weight, ce_weight, kind, backend)
     caller, model = unwrap(student) if isinstance(student, nn.Module) else (student, student)
+    for who, each in (("student", model), ("teacher", teacher)):
+        if isinstance(each, nn.Module):
+            check_not_zero3(each, who)
     check_models(model, teacher)
     check_fsdp_layout(model, "student")
     check_fsdp_layout(teacher, "teacher")

@@ -65,6 +65,15 @@ HOW_TO_WRAP = ("apply fully_shard to the layers and then to the whole model, ful
                "FSDP2 plugin does (kdfast.integrations.wrapped.fully_shard_model(model) does both)")
 
 
+def check_not_zero3(model: nn.Module, who: str) -> None:
+    """DeepSpeed ZeRO-3 partitions parameters outside their module's forward (``ds_id`` marks them):
+    the fused loss reads the head weight without calling the head, so such models are refused."""
+    partitioned = next((name for name, p in model.named_parameters() if hasattr(p, "ds_id")), None)
+    if partitioned is not None:
+        raise ValueError(f"{who}: expected a model not partitioned by DeepSpeed ZeRO-3, got parameter {partitioned!r} "
+                         f"partitioned by it; use ZeRO stage 0-2, DDP or FSDP2 (docs/losses.md, Many devices)")
+
+
 def check_fsdp_layout(model: nn.Module, who: str) -> None:
     """A model with FSDP2-sharded parameters must itself be the root FSDP module, else its root
     parameters (the LM head's among them) are neither gathered in its forward nor reduced after."""
