@@ -287,7 +287,7 @@ def load_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> dict:
 def run_reported(config: dict, command: Callable[[dict, Context, bool], dict], resume: bool, stem: str) -> int:
     """Run ``command`` (``compare`` or ``sweep``); a crash writes ``OUT/crash.json``, success prints
     ``OUT/<stem>.md`` and the files written."""
-    context = distributed.init(config["device"])
+    context = distributed.init(config["device"], config["dist_timeout"])
     out = Path(config["out"])
     try:
         result = command(config, context, resume)

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from kdfast.train import setup
 
     config = setup.resolve_auto(setup.load_config(args))
-    context = distributed.init(config["device"])
+    context = distributed.init(config["device"], config["dist_timeout"])
     run_dir = Path(config["out"])
     try:
         check_strategy(args.strategy)

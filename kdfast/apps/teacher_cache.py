@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(DYNAMIC_REFUSAL)
     if not config["teacher"]["path"]:
         raise ValueError("teacher: expected --teacher PATH, got none")
-    context = distributed.init(config["device"])
+    context = distributed.init(config["device"], config["dist_timeout"])
     out = Path(config["out"])
     tokenizer = setup.tokenizer_for(config, out / "tokenizer", context)
     data = setup.load_data(config, tokenizer)

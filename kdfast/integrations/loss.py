@@ -15,6 +15,15 @@ from kdfast import _backends
 from kdfast import _checks as check
 from kdfast._reduction import KINDS
 from kdfast.integrations.lm_head import LMHead, find_lm_head, head_states, is_causal_lm
+from kdfast.integrations.wrapped import (
+    check_fsdp_layout,
+    check_not_zero3,
+    gathered,
+    gathered_head,
+    reshard,
+    run_as_forward,
+    unwrap,
+)
 from kdfast.losses.vocab import fused_linear_kd
 
 IGNORE_INDEX = -100
@@ -89,6 +98,16 @@ def target_labels(inputs: dict, causal: bool) -> torch.Tensor:
     return labels[:, 1:] if causal else labels
 
 
+def count_targets(batches: list, causal: bool) -> torch.Tensor:
+    """HF's ``num_items_in_batch`` for a custom loop: the targets (labels != -100; ``labels[:, 1:]`` for
+    causal LMs) of this rank's accumulated micro-batches, summed over all ranks when a process group is up."""
+    count = sum((target_labels(batch, causal) != IGNORE_INDEX).sum() for batch in batches)
+    count = torch.as_tensor(count)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(count)
+    return count
+
+
 def _rows(states: torch.Tensor, positions: torch.Tensor, causal: bool) -> torch.Tensor:
     """The [N, H] states at ``positions`` (flat indices into the [B, L'] targets)."""
     if causal:
@@ -128,15 +147,20 @@ def _common_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 def teacher_rows(teacher: nn.Module, head: LMHead, inputs: dict, positions: torch.Tensor, causal: bool,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Teacher (hidden [N, Ht], weight [V, Ht], bias) at ``positions``, computed without autograd on
-    the teacher's device (that of its input embeddings) and moved to ``device``, in the teacher's dtype."""
+    the teacher's device (that of its input embeddings) and moved to ``device``, in the teacher's dtype.
+    The states come from the teacher's own forward (an FSDP2-sharded teacher gathers its layers there and
+    is resharded after); a sharded head is gathered."""
     teacher_device = teacher.get_input_embeddings().weight.device
     moved = {k: v.to(teacher_device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     teacher.eval()
     with torch.no_grad():
-        hidden = _rows(head_states(teacher, head, moved), positions, causal)
-    dtype = head.weight.dtype
-    bias = None if head.bias is None else head.bias.detach().to(device, dtype)
-    return hidden.to(device, dtype), head.weight.detach().to(device), bias
+        hidden = run_as_forward(teacher, teacher, lambda **batch: _rows(head_states(teacher, head, batch), positions,
+                                                                         causal), moved)
+        reshard(teacher)
+        weight, bias = gathered(head.weight), None if head.bias is None else gathered(head.bias)
+    dtype = weight.dtype
+    bias = None if bias is None else bias.to(device, dtype)
+    return hidden.to(device, dtype), weight.to(device), bias
 
 
 def distillation_loss(student: nn.Module, teacher: Optional[nn.Module], inputs: dict, temperature: float = 1.0,
@@ -161,33 +185,52 @@ def distillation_loss(student: nn.Module, teacher: Optional[nn.Module], inputs: 
     target position (L' = L - 1 for causal LMs; rows of unlabelled positions are skipped) or [N, K] per
     labelled target; ids -1 are padding. See :func:`kdfast.fused_linear_kd` for the loss on them
     (``kind`` "kl" or "soft_ce").
+
+    ``student`` may be wrapped in ``DistributedDataParallel`` or sharded by FSDP2's ``fully_shard``
+    (applied to the whole model), ``teacher`` replicated or sharded: the loss runs as the student's
+    forward, through the wrapper. Across ranks, pass the count summed over all ranks and multiply the
+    loss by the world size, since DDP and FSDP average gradients over ranks (as HF Trainer does).
     """
     check_options(temperature, kd_weight, ce_weight, kind, backend)
+    caller, model = unwrap(student) if isinstance(student, nn.Module) else (student, student)
+    for who, each in (("student", model), ("teacher", teacher)):
+        if isinstance(each, nn.Module):
+            check_not_zero3(each, who)
     if teacher_targets is None:
-        student_head, teacher_head = check_models(student, teacher)
+        check_models(model, teacher)
+        check_fsdp_layout(teacher, "teacher")
     elif teacher is not None or teacher_topk is not None:
         raise ValueError(f"teacher_targets: expected alone, with teacher=None and teacher_topk=None (sparse targets "
                          f"replace the teacher), got teacher={type(teacher).__name__}, teacher_topk={teacher_topk}")
     else:
-        student_head = check_model(student, "student")
+        check_model(model, "student")
+    check_fsdp_layout(model, "student")
     count = check_num_items(num_items_in_batch)
-    causal = is_causal_lm(student) if causal is None else causal
+    causal = is_causal_lm(model) if causal is None else causal
     targets = target_labels(inputs, causal)
     flat = targets.reshape(-1)
     positions = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-    hidden_s = _rows(head_states(student, student_head, inputs), positions, causal)
-    dtype = _common_dtype(hidden_s, student_head.weight)
-    weight_s = student_head.weight.to(dtype)
-    bias_s = None if student_head.bias is None else student_head.bias.to(dtype)
+    device = model.get_input_embeddings().weight.device
     if teacher_targets is None:
-        rows = teacher_rows(teacher, teacher_head, inputs, positions, causal, hidden_s.device)
+        rows = teacher_rows(teacher, find_lm_head(teacher, "teacher"), inputs, positions, causal, device)
         teacher_args = dict(zip(("teacher_hidden", "teacher_weight", "teacher_bias"), rows), teacher_topk=teacher_topk)
     else:
-        teacher_args = dict(teacher_targets=target_rows(teacher_targets, targets, positions, hidden_s.device))
+        teacher_args = dict(teacher_targets=target_rows(teacher_targets, targets, positions, device))
     extra = {} if beta is None else {"beta": beta}
-    out = fused_linear_kd(hidden_s.to(dtype), weight_s, student_bias=bias_s, labels=flat[positions].to(hidden_s.device),
-                          temperature=temperature, kd_weight=kd_weight, mlm_weight=ce_weight, kind=kind,
-                          reduction="sum", backend=backend, **teacher_args, **extra)
-    divisor = count.to(out.loss.device) if count is not None else max(positions.numel(), 1)
-    return DistillationOutput(out.loss / divisor, out.kd / divisor, out.mlm / divisor,
+
+    def fused_loss(**batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        states = head_states(model, find_lm_head(model, "student"), batch)
+        head = gathered_head(model, "student")  # inside the forward, after the base model: gathered by FSDP2
+        hidden_s = _rows(states, positions, causal)
+        dtype = _common_dtype(hidden_s, head.weight)
+        bias_s = None if head.bias is None else head.bias.to(dtype)
+        out = fused_linear_kd(hidden_s.to(dtype), head.weight.to(dtype), student_bias=bias_s,
+                              labels=flat[positions].to(hidden_s.device), temperature=temperature,
+                              kd_weight=kd_weight, mlm_weight=ce_weight, kind=kind, reduction="sum", backend=backend,
+                              **teacher_args, **extra)
+        return out.loss, out.kd, out.mlm
+
+    loss, kd, ce = run_as_forward(caller, model, fused_loss, inputs)
+    divisor = count.to(loss.device) if count is not None else max(positions.numel(), 1)
+    return DistillationOutput(loss / divisor, kd / divisor, ce / divisor,
                               int(count) if count is not None else positions.numel())

@@ -4,7 +4,8 @@ loops, :func:`distillation_loss`.
 Default: vocabulary KD (``kdfast.fused_linear_kd``: no logits) plus the student's CE for masked or
 causal LMs. ``strategy=`` trains any :mod:`kdfast.strategies` strategy (BERT-style masked LMs).
 The loss of a micro-batch is normalised by HF's ``num_items_in_batch`` (the label tokens of all
-accumulated micro-batches), so gradient accumulation gives the gradient of one large batch.
+accumulated micro-batches, summed over ranks), so gradient accumulation and data parallelism give the
+gradient of one large batch. Under DDP and FSDP2 the loss runs as the student's forward, through the wrapper.
 """
 from __future__ import annotations
 
@@ -22,8 +23,18 @@ from kdfast.integrations.loss import (
     check_models,
     check_num_items,
     check_options,
+    count_targets,
     distillation_loss,
 )
+from kdfast.integrations.wrapped import (
+    check_fsdp_layout,
+    check_one_unit,
+    is_fsdp_module,
+    is_sharded,
+    run_as_forward,
+    unwrap,
+)
+from kdfast.strategies.base import StrategyOutput
 
 
 class DistillationTrainer(Trainer):
@@ -33,9 +44,11 @@ class DistillationTrainer(Trainer):
     ``kind``, ``beta``, ``teacher_topk``, ``backend``), or ``strategy`` (a name of
     :data:`kdfast.strategies.NAMES`) with ``strategy_options`` for :func:`kdfast.strategies.build`.
     The teacher is never trained nor moved; it may sit on another device or dtype (the default path;
-    strategies need it on the student's device). One process on one device for now (no DDP, FSDP,
-    DataParallel). With ``args.torch_compile`` the loss (the strategy's step, or the default vocabulary
-    KD) runs under ``torch.compile`` too, with ``args.torch_compile_backend`` and ``_mode``.
+    strategies need it on the student's device), replicated or sharded by FSDP2. Runs in one process or
+    under torchrun / accelerate launch with the Trainer's DDP or FSDP2 (``fsdp_config={"fsdp_version": 2}``);
+    not under ``DataParallel`` (several GPUs in one process). With ``args.torch_compile`` the loss (the
+    strategy's passes, or the default vocabulary KD) runs under ``torch.compile`` too, with
+    ``args.torch_compile_backend`` and ``_mode``.
 
     ``teacher_cache`` (a folder built by ``kdfast teacher-cache build`` from a causal LM, or a
     :class:`kdfast.cache.causal.CausalTeacherCache`) replaces ``teacher``: no teacher model is loaded,
@@ -60,10 +73,9 @@ class DistillationTrainer(Trainer):
             raise ValueError(f"strategy: expected None or one of {', '.join(map(repr, strategies.NAMES))}, "
                              f"got {strategy!r}")
         super().__init__(model, args, **trainer_kwargs)
-        if self.args.world_size > 1 or self.args.n_gpu > 1:
-            raise ValueError(f"args: expected one process on one device, got world_size={self.args.world_size}, "
-                             f"n_gpu={self.args.n_gpu}; the loss calls the student's base model and LM head "
-                             f"directly, which would bypass DDP/DataParallel (use distillation_loss in your loop)")
+        if self.args.n_gpu > 1:
+            raise ValueError(f"args: expected one device per process, got n_gpu={self.args.n_gpu} (DataParallel); "
+                             f"launch one process per GPU with torchrun or accelerate launch (DDP or FSDP2)")
         # The loss is normalised by num_items_in_batch: ask Trainer to count it and not to rescale.
         self.model_accepts_loss_kwargs = True
         self.teacher = teacher
@@ -72,10 +84,12 @@ class DistillationTrainer(Trainer):
         self.strategy = None
         if strategy is not None:
             self.strategy = self._build_strategy(strategy, strategy_options or {})
-        self._loss_fn, self._strategy_fn = distillation_loss, self.strategy
+            self._check_strategy_parallel(strategy)
+        self._loss_fn = distillation_loss
+        self._passes = None if self.strategy is None else (self.strategy.teacher_pass, self.strategy.student_pass)
         if self.args.torch_compile:  # the loss path calls the student's modules directly: compile it too
-            self._loss_fn, self._strategy_fn = (None if fn is None else self._compiled(fn)
-                                                for fn in (distillation_loss, self.strategy))
+            self._loss_fn = self._compiled(distillation_loss)
+            self._passes = None if self._passes is None else tuple(map(self._compiled, self._passes))
 
     def _compiled(self, fn):
         """``fn`` under torch.compile with the Trainer's backend and mode (kdfast's ops trace as single
@@ -83,12 +97,25 @@ class DistillationTrainer(Trainer):
         return torch.compile(fn, backend=self.args.torch_compile_backend or "inductor",
                              mode=self.args.torch_compile_mode)
 
+    def _check_strategy_parallel(self, name: str) -> None:
+        """Parameters a strategy owns outside the student are not in the DDP/FSDP wrapper: refused across ranks."""
+        own = {id(p) for p in self.model.parameters()}
+        if self.args.world_size > 1 and any(id(p) not in own for p in self.strategy.trainable_parameters()):
+            raise ValueError(f"strategy: expected one whose trainable parameters all belong to the student for "
+                             f"world_size={self.args.world_size}, got {name!r}, which owns a projection that DDP/FSDP "
+                             f"would not synchronise across ranks; run it in one process or pick another strategy")
+
     def _build_strategy(self, name: str, options: dict) -> strategies.Strategy:
         device_s = next(self.model.parameters()).device
         device_t = next(self.teacher.parameters()).device
         if device_t != device_s:
             raise ValueError(f"teacher: expected the student's device {device_s} for strategy {name!r}, got "
                              f"{device_t}; move the teacher there or use the default vocabulary KD (strategy=None)")
+        sharded = next((n for n, p in self.teacher.named_parameters() if is_sharded(p)), None)
+        if sharded is not None:
+            raise ValueError(f"teacher: expected a replicated teacher for strategy {name!r}, got FSDP-sharded "
+                             f"parameter {sharded!r}; strategies read the teacher's layers directly (the default "
+                             f"vocabulary KD takes a sharded teacher)")
         return strategies.build(name, self.teacher, self.model, **options)
 
     def create_optimizer(self, *args, **kwargs):
@@ -109,23 +136,40 @@ class DistillationTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
-        student = self.accelerator.unwrap_model(model)
         if self.cached_teacher is not None:
             inputs, targets = self.cached_teacher.split(inputs)
-            out = self._loss_fn(student, None, inputs, num_items_in_batch=num_items_in_batch,
+            out = self._loss_fn(model, None, inputs, num_items_in_batch=num_items_in_batch,
                                 teacher_targets=targets, **self.loss_options)
         elif self.strategy is None:
-            out = self._loss_fn(student, self.teacher, inputs, num_items_in_batch=num_items_in_batch,
+            out = self._loss_fn(model, self.teacher, inputs, num_items_in_batch=num_items_in_batch,
                                 **self.loss_options)
         else:
-            out = self._strategy_loss(inputs, num_items_in_batch)
+            out = self._strategy_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every rank's tokens and DDP/FSDP average gradients over ranks: as
+            # Trainer.compute_loss does, scale by the number of processes.
+            scale = self.accelerator.num_processes
+            out = DistillationOutput(out.loss * scale, out.kd * scale, out.ce * scale, out.num_items)
         return (out.loss, {"loss": out.loss, "kd": out.kd, "ce": out.ce}) if return_outputs else out.loss
 
-    def _strategy_loss(self, inputs: dict, num_items_in_batch) -> DistillationOutput:
+    def _strategy_loss(self, model: nn.Module, inputs: dict, num_items_in_batch) -> DistillationOutput:
         """The strategy's loss (a mean over this micro-batch) weighted by its share of the label
-        tokens: exact accumulation for the vocabulary terms, token-weighted for the others."""
+        tokens: exact accumulation for the vocabulary terms, token-weighted for the others. The
+        student's pass runs as its forward, through the DDP/FSDP wrapper ``model``."""
         count = check_num_items(num_items_in_batch)
-        out = self._strategy_fn(inputs)
+        caller, student = unwrap(model)
+        check_fsdp_layout(student, "model")
+        if is_fsdp_module(student):
+            check_one_unit(student, "model", "strategies call the layers' projections, whose units would not gather")
+        teacher_pass, student_pass_fn = self._passes
+        taps = teacher_pass(inputs)
+
+        def student_pass(**batch) -> tuple:
+            result = student_pass_fn(batch, taps)
+            return result.loss, result.mlm_loss, dict(result.parts)
+
+        loss, mlm_loss, parts = run_as_forward(caller, student, student_pass, inputs)
+        out = StrategyOutput(loss, parts, mlm_loss)
         labelled = int((inputs["labels"] != IGNORE_INDEX).sum())
         scale = 1.0 if count is None else labelled / count.to(out.loss.device)
         ce = out.mlm_loss if out.mlm_loss is not None else torch.zeros_like(out.loss)
@@ -133,4 +177,4 @@ class DistillationTrainer(Trainer):
                                   labelled if count is None else int(count))
 
 
-__all__ = ["DistillationTrainer", "DistillationOutput", "distillation_loss"]
+__all__ = ["DistillationTrainer", "DistillationOutput", "count_targets", "distillation_loss"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -37,8 +38,11 @@ def pick_device(preference: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init(preference: str = "auto") -> Context:
-    """Join the torchrun group when WORLD_SIZE > 1 (idempotent)."""
+def init(preference: str = "auto", timeout_s: float = 1800.0) -> Context:
+    """Join the torchrun group when WORLD_SIZE > 1 (idempotent). A collective that waits more than
+    ``timeout_s`` seconds for a rank (stuck, or gone without torchrun noticing) raises instead of hanging."""
+    if not timeout_s > 0:
+        raise ValueError(f"dist_timeout: expected seconds > 0, got {timeout_s!r}")
     device = pick_device(preference)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -46,7 +50,7 @@ def init(preference: str = "auto") -> Context:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return Context(dist.get_rank(), dist.get_world_size(), device)
 
 

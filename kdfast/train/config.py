@@ -18,6 +18,7 @@ DEFAULTS: Dict[str, Any] = {
     "out": "runs/compare",
     "seed": 0,
     "device": "auto",                     # auto | cpu | cuda
+    "dist_timeout": 1800,                 # torchrun: seconds a collective waits for the other ranks, then fails
     "strategies": ["no-kd", "vanilla", "tinybert", "minilm"],
     "formulation": "canonical",           # canonical | paper
     "teacher": {
