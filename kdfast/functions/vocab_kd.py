@@ -40,7 +40,7 @@ from typing import Callable, Optional
 import torch
 
 from kdfast._buffers import new_output, workspace
-from kdfast._reduction import KINDS, kd_divisor, kd_factor, mlm_divisor
+from kdfast._reduction import KINDS, kd_divisor, kd_factor, kd_term, mlm_divisor
 from kdfast.functions.sparse_targets import SparseTargets
 from kdfast.losses.types import KDOutput
 
@@ -274,11 +274,6 @@ def _keep_topk(t: torch.Tensor, k: int) -> None:
         t.masked_fill_(t < kth, float("-inf"))
 
 
-def _kd_vanishes(opts: dict) -> bool:
-    """JSD at beta = 0 (m = q) or beta = 1 (m = p) is 0 with 0 gradient; row kernels are not asked for it."""
-    return opts["kind"] == "jsd" and opts["beta"] in (0.0, 1.0)
-
-
 def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 opts: dict, need: "tuple[bool, bool, bool]", kd_weight: float, mlm_weight: float):
     """Loss sums and fp32 gradients of ``kd_weight * kd + mlm_weight * mlm``, chunk by chunk.
@@ -299,7 +294,7 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
     kd_sum = torch.zeros((), dtype=torch.float64, device=device)
     mlm_sum = torch.zeros((), dtype=torch.float64, device=device)
     if sel.count:
-        with_teacher = kd_weight != 0 and not _kd_vanishes(opts)
+        with_teacher = kd_weight != 0
         targets: Optional[SparseTargets] = opts.get("teacher_targets")
         student = _Head(student_weight, student_bias)
         teacher = _Head(teacher_weight, teacher_bias) if with_teacher and targets is None else None
@@ -427,7 +422,7 @@ def chunked_fused_linear_kd(row_kernel: RowKernel, *, student_hidden, student_we
     if targets is not None:
         row_weights = targets.mass if row_weights is None else targets.mass * row_weights.double()
     opts = dict(row_kernel=row_kernel, labels=labels, ignore_index=ignore_index, temperature=float(temperature),
-                kd_weight=float(kd_weight), mlm_weight=float(mlm_weight), kind=kind, reduction=reduction,
+                kd_weight=float(kd_weight), mlm_weight=float(mlm_weight), kind=kd_term(kind, beta), reduction=reduction,
                 t2_scale=bool(t2_scale), mask=mask, row_weights=row_weights, teacher_topk=teacher_topk,
                 beta=float(beta), teacher_targets=targets, chunk_rows=chunk_rows)
     teacher_hidden = None if teacher_hidden is None else teacher_hidden.detach()
@@ -456,7 +451,6 @@ class _KDKL(torch.autograd.Function):
             size = opts["chunk_rows"] or chunk_rows(sel.count, vocab, device)
             # fp32 without a mask: the kernel works directly in the gradient buffer.
             in_place = grad is not None and sel.index is None and grad.dtype == torch.float32
-            vanishes = _kd_vanishes(opts)
             with workspace((1 if in_place else 2) * size * vocab, device) as chunks:
                 t_buf = chunks[: size * vocab].view(size, vocab)
                 s_buf = None if in_place else chunks[size * vocab:].view(size, vocab)
@@ -467,12 +461,9 @@ class _KDKL(torch.autograd.Function):
                     s = grad[part] if in_place else s_buf[: stop - start]
                     t = t_buf[: stop - start]
                     s.copy_(student_logits[part] if ids is None else student_logits.index_select(0, ids))
-                    if vanishes:
-                        t.copy_(s)  # KL(q || q) = 0, the value and gradient of the vanishing JSD
-                    else:
-                        t.copy_(teacher_logits[part] if ids is None else teacher_logits.index_select(0, ids))
+                    t.copy_(teacher_logits[part] if ids is None else teacher_logits.index_select(0, ids))
                     kd_row, _ = row_kernel(s, t, sel.labels[part], sel.kd_coef[part], sel.mlm_coef[part],
-                                           opts["temperature"], "kl" if vanishes else opts["kind"], opts["beta"])
+                                           opts["temperature"], opts["kind"], opts["beta"])
                     kd_sum += (kd_row.double() * sel.kd_scale[part]).sum()
                     if grad is not None and not in_place:
                         if ids is None:
@@ -491,8 +482,8 @@ class _KDKL(torch.autograd.Function):
 def chunked_kd_kl(row_kernel: RowKernel, *, student_logits, teacher_logits, temperature=1.0, mask=None, kind="kl",
                   reduction="batchmean", t2_scale=True, beta=0.5, chunk_rows: Optional[int] = None) -> torch.Tensor:
     """``kdfast.kd_kl`` (validated keyword arguments) on ``row_kernel``: a 0-dim fp32 loss."""
-    opts = dict(row_kernel=row_kernel, temperature=float(temperature), mask=mask, kind=kind, reduction=reduction,
-                t2_scale=bool(t2_scale), beta=float(beta), chunk_rows=chunk_rows)
+    opts = dict(row_kernel=row_kernel, temperature=float(temperature), mask=mask, kind=kd_term(kind, beta),
+                reduction=reduction, t2_scale=bool(t2_scale), beta=float(beta), chunk_rows=chunk_rows)
     return _KDKL.apply(student_logits, teacher_logits.detach(), opts)
 
 

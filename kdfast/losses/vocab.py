@@ -11,7 +11,7 @@ from torch import nn
 
 from kdfast import _backends
 from kdfast import _checks as check
-from kdfast._reduction import KINDS, REDUCTIONS
+from kdfast._reduction import KINDS, REDUCTIONS, kd_term
 from kdfast.losses.types import KDOutput
 
 
@@ -29,8 +29,9 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
     """A divergence between p = softmax(t/T) (teacher) and q = softmax(s/T) (student) over rows of
     [N, V] logits, times T**2 when ``t2_scale``. ``kind``: ``"kl"`` KL(p || q), ``"soft_ce"``
     -sum p log q, ``"reverse_kl"`` KL(q || p), ``"jsd"`` the generalised JSD of GKD (Agarwal et al.
-    2024): beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q (0 at beta = 0 and 1;
-    ``beta`` in [0, 1] is read by ``"jsd"`` only). See docs/losses.md.
+    2024): beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q for 0 < beta < 1, and as in
+    TRL's ``generalized_jsd_loss`` and Liger's ``LigerJSD`` forward KL(p || q) at beta = 0 and reverse
+    KL(q || p) at beta = 1 (``beta`` in [0, 1] is read by ``"jsd"`` only). See docs/losses.md.
 
     ``mask`` [N] keeps rows (True). ``batchmean`` divides by kept rows, ``mean`` by kept rows x V,
     ``sum`` not at all. The teacher is a constant. No kept rows gives 0 with zero gradients.
@@ -143,9 +144,10 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         if isinstance(teacher_topk, bool) or not isinstance(teacher_topk, int) or not 0 < teacher_topk:
             raise ValueError(f"teacher_topk: expected None or an int in [1, V={vocab}], got {teacher_topk!r}")
         teacher_topk = min(teacher_topk, vocab)
-        if kind == "reverse_kl" and teacher_topk < vocab:
-            raise ValueError(f"teacher_topk: expected None with kind='reverse_kl' (KL(q || p) is infinite where the "
-                             f"top-k teacher has p = 0; kind='jsd' or 'kl' take top-k targets), got {teacher_topk}")
+        if kd_term(kind, beta) == "reverse_kl" and teacher_topk < vocab:
+            raise ValueError(f"teacher_topk: expected None with kind='reverse_kl' or kind='jsd' at beta=1 (KL(q || p) is "
+                             f"infinite where the top-k teacher has p = 0; kind='jsd' at beta < 1 or 'kl' take top-k "
+                             f"targets), got {teacher_topk}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     labels = check.labels("labels", labels, rows, vocab, ignore_index, device)

@@ -7,13 +7,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kdfast._reduction import kd_divisor, kd_factor
+from kdfast._reduction import kd_divisor, kd_factor, kd_term
 from kdfast.reference._common import compute_dtype
 
 
 def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
             kind: str, teacher_topk: Optional[int] = None, beta: float = 0.5) -> torch.Tensor:
-    """Per-row KL(p || q), soft CE, KL(q || p) or JSD_beta, [N]; p the (constant) teacher, q the student."""
+    """Per-row KL(p || q), soft CE, KL(q || p) or JSD_beta, [N]; p the (constant) teacher, q the student.
+    JSD at beta = 0 and 1 is forward and reverse KL (``kdfast._reduction.kd_term``)."""
+    kind = kd_term(kind, beta)
     dtype = compute_dtype(student_logits, teacher_logits)
     log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     b = teacher_logits.detach().to(dtype) / temperature
@@ -29,8 +31,6 @@ def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     q = log_q.exp()
     if kind == "reverse_kl":
         return (q * (log_q - log_p)).sum(-1)
-    if beta in (0.0, 1.0):
-        return (log_q * 0).sum(-1)  # m = q or m = p: both KL terms vanish (GKD's definition, literally)
     log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
     return beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
 
