@@ -145,9 +145,9 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
             raise ValueError(f"teacher_topk: expected None or an int in [1, V={vocab}], got {teacher_topk!r}")
         teacher_topk = min(teacher_topk, vocab)
         if kd_term(kind, beta) == "reverse_kl" and teacher_topk < vocab:
-            raise ValueError(f"teacher_topk: expected None with kind='reverse_kl' or kind='jsd' at beta=1 (KL(q || p) is "
-                             f"infinite where the top-k teacher has p = 0; kind='jsd' at beta < 1 or 'kl' take top-k "
-                             f"targets), got {teacher_topk}")
+            raise ValueError(f"teacher_topk: expected None with kind='reverse_kl' or kind='jsd' at beta=1 (KL(q || p) "
+                             f"is infinite where the top-k teacher has p = 0; kind='jsd' at beta < 1 or 'kl' take "
+                             f"top-k targets), got {teacher_topk}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     labels = check.labels("labels", labels, rows, vocab, ignore_index, device)
