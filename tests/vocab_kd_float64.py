@@ -44,13 +44,20 @@ def kd_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, kind: str, top
     return beta * kl_pm + (1 - beta) * kl_qm
 
 
+def head_logits(hidden, weight, bias=None, softcap=None, logit_scale=1.0) -> torch.Tensor:
+    """u = hidden @ weight^T + bias, then z = softcap * tanh(u * logit_scale / softcap) (or u * logit_scale)."""
+    u = (hidden @ weight.t() + (0 if bias is None else bias)) * logit_scale
+    return u if softcap is None else torch.tanh(u / softcap) * softcap
+
+
 def loss(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None, teacher_bias=None,
          labels=None, ignore_index=-100, temperature=1.0, kd_weight=1.0, mlm_weight=0.0, kind="kl",
          reduction="batchmean", t2_scale=True, mask=None, row_weights=None, teacher_topk=None,
-         beta=0.5) -> torch.Tensor:
+         beta=0.5, student_softcap=None, student_logit_scale=1.0, teacher_softcap=None,
+         teacher_logit_scale=1.0) -> torch.Tensor:
     """The fused_linear_kd loss in float64 (differentiable w.r.t. the float64 student tensors)."""
-    s = student_hidden @ student_weight.t() + (0 if student_bias is None else student_bias)
-    t = teacher_hidden @ teacher_weight.t() + (0 if teacher_bias is None else teacher_bias)
+    s = head_logits(student_hidden, student_weight, student_bias, student_softcap, student_logit_scale)
+    t = head_logits(teacher_hidden, teacher_weight, teacher_bias, teacher_softcap, teacher_logit_scale)
     n, vocab = s.shape
     labelled = torch.ones(n, dtype=torch.bool) if labels is None else labels != ignore_index
     kd_sel = mask if mask is not None else labelled

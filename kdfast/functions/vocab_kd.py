@@ -41,6 +41,7 @@ import torch
 
 from kdfast._buffers import new_output, workspace
 from kdfast._reduction import KINDS, kd_divisor, kd_factor, kd_term, mlm_divisor
+from kdfast.functions.logit_map import LogitMap
 from kdfast.functions.sparse_targets import SparseTargets
 from kdfast.losses.types import KDOutput
 
@@ -70,10 +71,11 @@ def _free_bytes(device: torch.device) -> Optional[int]:
     return None
 
 
-def chunk_rows(rows: int, vocab: int, device: torch.device) -> int:
-    """Rows per chunk so the teacher and student fp32 logit chunks [C, V] fit the memory budget: the
-    smaller of ``CUDA_CHUNK_BYTES`` (CUDA) or, on CPU, ``CPU_CHUNK_BYTES`` raised to hold
-    ``CPU_MIN_CHUNK_ROWS`` rows, and a quarter of free memory. Independent of the number of rows.
+def chunk_rows(rows: int, vocab: int, device: torch.device, buffers: int = 2) -> int:
+    """Rows per chunk so ``buffers`` fp32 chunks [C, V] (teacher and student logits, and a softcapped
+    student's dz/du) fit the memory budget: the smaller of ``CUDA_CHUNK_BYTES`` (CUDA) or, on CPU,
+    ``CPU_CHUNK_BYTES`` raised to hold ``CPU_MIN_CHUNK_ROWS`` rows, and a quarter of free memory, both
+    sized for two chunks and scaled by buffers / 2. Independent of the number of rows.
     ``KDFAST_VOCAB_CHUNK_ROWS`` overrides it (for experiments)."""
     forced = os.environ.get("KDFAST_VOCAB_CHUNK_ROWS")
     if forced:
@@ -82,13 +84,13 @@ def chunk_rows(rows: int, vocab: int, device: torch.device) -> int:
     free = _free_bytes(device)
     if free is not None:
         budget = min(budget, free // 4)
-    return rows_within(rows, vocab, budget)
+    return rows_within(rows, vocab, budget * 2 // buffers, buffers)
 
 
-def rows_within(rows: int, vocab: int, budget: int) -> int:
-    """Rows per chunk (a multiple of 16, at least 16, at most ``rows``) whose two fp32 [C, V] logit
+def rows_within(rows: int, vocab: int, budget: int, buffers: int = 2) -> int:
+    """Rows per chunk (a multiple of 16, at least 16, at most ``rows``) whose ``buffers`` fp32 [C, V]
     chunks fit ``budget`` bytes: fewer rows for a larger vocabulary, the same bytes."""
-    chunk = max(16, (budget // (2 * vocab * 4)) // 16 * 16)
+    chunk = max(16, (budget // (buffers * vocab * 4)) // 16 * 16)
     return max(1, min(rows, chunk))
 
 
@@ -298,13 +300,16 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
         targets: Optional[SparseTargets] = opts.get("teacher_targets")
         student = _Head(student_weight, student_bias)
         teacher = _Head(teacher_weight, teacher_bias) if with_teacher and targets is None else None
-        size = opts["chunk_rows"] or chunk_rows(sel.count, vocab, device)
+        student_map: LogitMap = opts["student_map"]
+        teacher_map: LogitMap = opts["teacher_map"]
+        buffers = 3 if student_map.needs_slope else 2  # the third: the capped student's dz/du
+        size = opts["chunk_rows"] or chunk_rows(sel.count, vocab, device, buffers)
         # Vocab-major chunks only for fp32 products (16-bit ones run on CUDA, where kernels are row-major).
         vocab_major = getattr(row_kernel, "vocab_major", False) and not student.native16 and not (
             teacher is not None and teacher.native16)
         mark = _PHASE_HOOK[0]
-        with workspace(2 * size * vocab, device) as chunks:
-            s_buf, t_buf = chunks[: size * vocab], chunks[size * vocab:]
+        with workspace(buffers * size * vocab, device) as chunks:
+            s_buf, t_buf, slope_buf = (chunks[i * size * vocab:(i + 1) * size * vocab] for i in range(3))
             for start in range(0, sel.count, size):
                 if mark:
                     mark("start")
@@ -313,7 +318,9 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
                 ids = None if sel.index is None else sel.index[part]
                 x_s = student_hidden[part] if ids is None else student_hidden.index_select(0, ids)
                 s, t = (_chunk_view(buf, stop - start, vocab, vocab_major) for buf in (s_buf, t_buf))
+                slope = _chunk_view(slope_buf, stop - start, vocab, vocab_major) if buffers == 3 else None
                 student.logits_into(s, x_s)
+                student_map.apply_(s, slope)
                 if mark:
                     mark("student_logits")
                 if with_teacher and targets is not None:
@@ -321,6 +328,7 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
                 elif with_teacher:
                     x_t = teacher_hidden[part] if ids is None else teacher_hidden.index_select(0, ids)
                     teacher.logits_into(t, x_t)
+                    teacher_map.apply_(t)
                     if opts["teacher_topk"] is not None:
                         _keep_topk(t, opts["teacher_topk"])
                 else:
@@ -334,6 +342,7 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
                 if mark:
                     mark("row_kernel")
                 # s now holds d loss / d student logits for this chunk; t is spent.
+                student_map.backward_(s, slope)
                 if need_db:
                     d_bias += s.sum(0)
                 operands = student.grad_operands(s, scratch=t) if need_dh or need_dw else []
@@ -413,18 +422,21 @@ def chunked_fused_linear_kd(row_kernel: RowKernel, *, student_hidden, student_we
                             teacher_weight=None, student_bias=None, teacher_bias=None, labels=None, ignore_index=-100,
                             temperature=1.0, kd_weight=1.0, mlm_weight=0.0, kind="kl", reduction="batchmean",
                             t2_scale=True, mask=None, row_weights=None, teacher_topk=None, teacher_targets=None,
-                            beta=0.5,
-                            chunk_rows: Optional[int] = None) -> KDOutput:
+                            beta=0.5, student_softcap=None, student_logit_scale=1.0, teacher_softcap=None,
+                            teacher_logit_scale=1.0, chunk_rows: Optional[int] = None) -> KDOutput:
     """``kdfast.fused_linear_kd`` (validated keyword arguments) on ``row_kernel``; ``chunk_rows``
     forces the rows per chunk (default: from the shapes and free memory). ``teacher_targets``
-    (ids [N, K], weights [N, K]) replace the teacher head (``kdfast/functions/sparse_targets.py``)."""
+    (ids [N, K], weights [N, K]) replace the teacher head (``kdfast/functions/sparse_targets.py``).
+    Softcaps and logit scales map each head's logits (``kdfast/functions/logit_map.py``)."""
     targets = None if teacher_targets is None else SparseTargets.prepare(*teacher_targets)
     if targets is not None:
         row_weights = targets.mass if row_weights is None else targets.mass * row_weights.double()
     opts = dict(row_kernel=row_kernel, labels=labels, ignore_index=ignore_index, temperature=float(temperature),
                 kd_weight=float(kd_weight), mlm_weight=float(mlm_weight), kind=kd_term(kind, beta), reduction=reduction,
                 t2_scale=bool(t2_scale), mask=mask, row_weights=row_weights, teacher_topk=teacher_topk,
-                beta=float(beta), teacher_targets=targets, chunk_rows=chunk_rows)
+                beta=float(beta), teacher_targets=targets, chunk_rows=chunk_rows,
+                student_map=LogitMap(student_softcap, float(student_logit_scale)),
+                teacher_map=LogitMap(teacher_softcap, float(teacher_logit_scale)))
     teacher_hidden = None if teacher_hidden is None else teacher_hidden.detach()
     teacher_weight = None if teacher_weight is None else teacher_weight.detach()
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()

@@ -49,6 +49,16 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
     return _backends.call("kd_kl", device, backend, **kwargs)
 
 
+def _check_logit_maps(student_softcap, student_logit_scale, teacher_softcap, teacher_logit_scale) -> dict:
+    """Validated softcaps (None or > 0) and logit scales (> 0), as keyword arguments."""
+    out = {}
+    for who, cap, scale in (("student", student_softcap, student_logit_scale),
+                            ("teacher", teacher_softcap, teacher_logit_scale)):
+        out[f"{who}_softcap"] = None if cap is None else check.positive(f"{who}_softcap", cap)
+        out[f"{who}_logit_scale"] = check.positive(f"{who}_logit_scale", scale)
+    return out
+
+
 def _check_teacher_targets(value: object, rows: int, vocab: int, kind: str, teacher: dict) -> tuple:
     """Sparse targets (ids [N, K] int, -1 = padding; weights [N, K] float, finite, >= 0) given
     instead of every tensor in ``teacher`` (name -> value); returns (ids int64, weights)."""
@@ -82,7 +92,9 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                     mlm_weight: float = 0.0, kind: str = "kl", reduction: str = "batchmean",
                     t2_scale: bool = True, mask: Optional[torch.Tensor] = None,
                     row_weights: Optional[torch.Tensor] = None, teacher_topk: Optional[int] = None,
-                    teacher_targets: Optional[tuple] = None, backend: str = "auto", beta: float = 0.5) -> KDOutput:
+                    teacher_targets: Optional[tuple] = None, backend: str = "auto", beta: float = 0.5,
+                    student_softcap: Optional[float] = None, student_logit_scale: float = 1.0,
+                    teacher_softcap: Optional[float] = None, teacher_logit_scale: float = 1.0) -> KDOutput:
     """Vocabulary KD plus MLM cross-entropy through both LM heads, without [N, V] logits in memory
     on the kernel backends.
 
@@ -98,12 +110,16 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     p̂ = Σ_k weights[n, k]·onehot(ids[n, k]) (ids -1 are padding; cached top-K probabilities or
     importance-weighted samples, docs/teacher_cache.md), the KD row is -Σ p̂ log q (``soft_ce``) or
     Σ p̂ (log p̂ - log q) (``kl``), q = softmax(student logits / T) over the full vocabulary.
+    Softcapped / rescaled heads (Gemma 2, Cohere, Granite): each side's logits are
+    ``cap * tanh((h @ W^T + b) * logit_scale / cap)`` when its ``*_softcap`` is set, else
+    ``(h @ W^T + b) * logit_scale``; temperature, KD, MLM CE and T² act on them (docs/losses.md).
     Returns ``KDOutput(loss, kd, mlm)`` with ``loss = kd_weight*kd + mlm_weight*mlm``.
     The teacher tensors are constants: they receive no gradient.
     """
     temperature, beta = _check_options(temperature, kind, reduction, backend, beta)
     kd_weight = check.non_negative("kd_weight", kd_weight)
     mlm_weight = check.non_negative("mlm_weight", mlm_weight)
+    maps = _check_logit_maps(student_softcap, student_logit_scale, teacher_softcap, teacher_logit_scale)
     check.tensor("student_hidden", student_hidden, ndim=2)
     check.tensor("student_weight", student_weight, ndim=2)
     rows, width_s = student_hidden.shape
@@ -113,7 +129,10 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     if teacher_targets is not None:
         teacher_targets = _check_teacher_targets(
             teacher_targets, rows, vocab, kind, dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                                                     teacher_bias=teacher_bias, teacher_topk=teacher_topk))
+                                                     teacher_bias=teacher_bias, teacher_topk=teacher_topk,
+                                                     teacher_softcap=maps["teacher_softcap"],
+                                                     teacher_logit_scale=None if maps["teacher_logit_scale"] == 1
+                                                     else maps["teacher_logit_scale"]))
         teachers = teacher_targets
     else:
         if teacher_hidden is None and teacher_weight is None:
@@ -162,7 +181,8 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                   teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias,
                   labels=labels, ignore_index=ignore_index, temperature=temperature, kd_weight=kd_weight,
                   mlm_weight=mlm_weight, kind=kind, reduction=reduction, t2_scale=bool(t2_scale), mask=mask,
-                  row_weights=row_weights, teacher_topk=teacher_topk, teacher_targets=teacher_targets, beta=beta)
+                  row_weights=row_weights, teacher_topk=teacher_topk, teacher_targets=teacher_targets, beta=beta,
+                  **maps)
     return _backends.call("fused_linear_kd", device, backend, **kwargs)
 
 
@@ -189,12 +209,15 @@ class FusedLinearKDLoss(nn.Module):
 
     def __init__(self, temperature: float = 1.0, kd_weight: float = 1.0, mlm_weight: float = 0.0,
                  kind: str = "kl", reduction: str = "batchmean", t2_scale: bool = True, ignore_index: int = -100,
-                 teacher_topk: Optional[int] = None, backend: str = "auto", beta: float = 0.5):
+                 teacher_topk: Optional[int] = None, backend: str = "auto", beta: float = 0.5,
+                 student_softcap: Optional[float] = None, student_logit_scale: float = 1.0,
+                 teacher_softcap: Optional[float] = None, teacher_logit_scale: float = 1.0):
         super().__init__()
         _check_options(temperature, kind, reduction, backend, beta)
+        maps = _check_logit_maps(student_softcap, student_logit_scale, teacher_softcap, teacher_logit_scale)
         self.options = dict(temperature=temperature, kd_weight=kd_weight, mlm_weight=mlm_weight, kind=kind,
                             reduction=reduction, t2_scale=t2_scale, ignore_index=ignore_index,
-                            teacher_topk=teacher_topk, backend=backend, beta=beta)
+                            teacher_topk=teacher_topk, backend=backend, beta=beta, **maps)
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
