@@ -145,7 +145,9 @@ def distillation_loss(student: nn.Module, teacher: nn.Module, inputs: dict, temp
     out = fused_linear_kd(hidden_s.to(dtype), weight_s, hidden_t, weight_t, bias_s, bias_t,
                           labels=flat[positions].to(hidden_s.device), temperature=temperature, kd_weight=kd_weight,
                           mlm_weight=ce_weight, kind=kind, reduction="sum", teacher_topk=teacher_topk,
-                          backend=backend, **extra)
+                          backend=backend, student_softcap=student_head.softcap,
+                          student_logit_scale=student_head.logit_scale, teacher_softcap=teacher_head.softcap,
+                          teacher_logit_scale=teacher_head.logit_scale, **extra)
     divisor = count.to(out.loss.device) if count is not None else max(positions.numel(), 1)
     return DistillationOutput(out.loss / divisor, out.kd / divisor, out.mlm / divisor,
                               int(count) if count is not None else positions.numel())
