@@ -18,10 +18,11 @@ Row kernel contract (one function per backend, e.g. ``kdfast.cpu.fused_linear_kd
   with ``q = softmax(a)``, ``p = softmax(t / T)`` and ``m = beta p + (1 - beta) q``:
   ``kl``, ``soft_ce``: ``d/da = q - p``; ``reverse_kl`` (KL(q || p)): ``q * ((log q - log p) - KL(q || p))``;
   ``jsd`` (beta KL(p || m) + (1 - beta) KL(q || m)): ``(1 - beta) * q * ((log q - log m) - KL(q || m))``;
-- ``t`` [C, V] fp32 teacher logits with the strides of ``s`` (read only; -inf entries have p = 0: top-k,
-  never with ``reverse_kl``);
+- ``t`` [C, V] fp32 teacher logits with the strides of ``s`` (scratch: ``jsd`` overwrites it; -inf entries
+  have p = 0: top-k, never with ``reverse_kl``);
 - ``labels`` [C] int64, -1 means no MLM term for the row; ``kd_coef``, ``mlm_coef`` [C] fp32;
-  ``kind`` one of ``kdfast._reduction.KINDS``; ``beta`` read by ``jsd``;
+  ``kind`` one of ``kdfast._reduction.KINDS`` (the driver passes ``kd_term(kind, beta)``: ``jsd`` only
+  with 0 < beta < 1); ``beta`` read by ``jsd``;
 - returns ``kd_row`` [C] fp32, the row's divergence (``kind``), unscaled, and ``mlm_row`` [C] fp32,
   ``lse(s) - s[label]`` (0 for rows without a label).
 
