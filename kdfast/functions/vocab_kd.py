@@ -301,8 +301,8 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
         targets: Optional[SparseTargets] = opts.get("teacher_targets")
         student = _Head(student_weight, student_bias)
         teacher = _Head(teacher_weight, teacher_bias) if with_teacher and targets is None else None
-        student_map: LogitMap = opts["student_map"]
-        teacher_map: LogitMap = opts["teacher_map"]
+        student_map: LogitMap = opts.get("student_map", LogitMap())  # plain heads when a caller gives none
+        teacher_map: LogitMap = opts.get("teacher_map", LogitMap())
         buffers = 3 if student_map.needs_slope else 2  # the third: the capped student's dz/du
         size = opts["chunk_rows"] or chunk_rows(sel.count, vocab, device, buffers)
         # Vocab-major chunks only for fp32 products (16-bit ones run on CUDA, where kernels are row-major).
