@@ -227,11 +227,14 @@ VOCAB_KD_HD DivSum div_add(DivSum acc, float x, float y, float inv_t) {
 
 // Combine two partial states; the larger max's reference (a's on ties) is kept.
 VOCAB_KD_HD DivSum div_merge(DivSum a, DivSum b, float inv_t) {
-  const bool take_b = b.max > a.max;
-  const DivSum hi = take_b ? b : a, lo = take_b ? a : b;
-  const float d = ((lo.max - hi.max) - (lo.t_ref - hi.t_ref)) * inv_t;  // delta_hi = delta_lo + d
-  const float e = vocab_exp((lo.max - hi.max) * inv_t);
-  return {hi.max, hi.sum + lo.sum * e, hi.acc + (lo.sum > 0.0f ? (lo.acc + lo.sum * d) * e : 0.0f), hi.t_ref};
+  const bool take_b = b.max > a.max;  // field by field (a select of whole structs goes to local memory on GPUs)
+  const float hi_max = take_b ? b.max : a.max, lo_max = take_b ? a.max : b.max;
+  const float hi_sum = take_b ? b.sum : a.sum, lo_sum = take_b ? a.sum : b.sum;
+  const float hi_acc = take_b ? b.acc : a.acc, lo_acc = take_b ? a.acc : b.acc;
+  const float hi_ref = take_b ? b.t_ref : a.t_ref, lo_ref = take_b ? a.t_ref : b.t_ref;
+  const float d = ((lo_max - hi_max) - (lo_ref - hi_ref)) * inv_t;  // delta_hi = delta_lo + d
+  const float e = vocab_exp((lo_max - hi_max) * inv_t);
+  return {hi_max, hi_sum + lo_sum * e, hi_acc + (lo_sum > 0.0f ? (lo_acc + lo_sum * d) * e : 0.0f), hi_ref};
 }
 
 // The row's statistics from its pass-1 states: a over s/T, b over t/T, raw over s (read only when
