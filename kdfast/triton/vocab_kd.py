@@ -209,6 +209,16 @@ def block_size(vocab: int) -> tuple[int, int]:
     return block, (8 if block == 2048 else 4)
 
 
+# Reverse KL keeps more state across pass 1 (the online delta sums): at 2048 columns it spills 8 bytes on
+# sm_90 (raw_lse), at 1024 none.
+REVERSE_KL_MAX_BLOCK = (1024, 4)
+
+
+def kind_block(kind: str, block: int, warps: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for ``kind`` from :func:`block_size`'s choice."""
+    return REVERSE_KL_MAX_BLOCK if kind == "reverse_kl" and block > REVERSE_KL_MAX_BLOCK[0] else (block, warps)
+
+
 def rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.Tensor, mlm_coef: torch.Tensor,
          temperature: float, kind: str, beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Row kernel (contract in kdfast/functions/vocab_kd.py): ``s``, ``t`` fp32 [C, V] with unit column
@@ -220,7 +230,7 @@ def rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.
     mlm_row = new_output((count,), torch.float32, s.device)
     if count == 0:
         return kd_row, mlm_row
-    block, warps = block_size(vocab)
+    block, warps = kind_block(kind, *block_size(vocab))
     logs = (math.log(beta), math.log1p(-beta)) if 0.0 < beta < 1.0 else (0.0, 0.0)  # read by "jsd" only
     vocab_kd_row_kernel[(count,)](
         s, t, labels, kd_coef, mlm_coef, kd_row, mlm_row, s.stride(0), t.stride(0), vocab,
@@ -234,8 +244,9 @@ _SIGNATURE = {"s_ptr": "*fp32", "t_ptr": "*fp32", "labels_ptr": "*i64", "kd_coef
               "stride_t": "i32", "V": "i32", "inv_temperature": "fp32", "beta": "fp32", "log_beta": "fp32",
               "log_1m_beta": "fp32", "KIND": "constexpr", "RAW_LSE": "constexpr", "BLOCK_V": "constexpr"}
 
-STATIC_COMPILE_SPECS = [
+STATIC_COMPILE_SPECS = list({spec.name: spec for spec in [  # reverse KL's two vocabularies share one block
     KernelSpec(f"vocab_kd_row[{kind},raw_lse={raw},block={block}]", vocab_kd_row_kernel,
                _SIGNATURE, {"KIND": KINDS.index(kind), "RAW_LSE": raw, "BLOCK_V": block}, num_warps=warps)
-    for kind in KINDS for raw in (False, True) for block, warps in (block_size(30522), block_size(1000))
-]
+    for kind in KINDS for raw in (False, True)
+    for block, warps in (kind_block(kind, *block_size(30522)), kind_block(kind, *block_size(1000)))
+]}.values())
