@@ -37,11 +37,13 @@ inline float block_exp_sum(const float* x, index_t n, float max, float scale) {
   return sum;
 }
 
-// Index of the first element of a block equal to its maximum m.
-inline index_t first_index_of(const float* x, index_t n, float m) {
-  index_t i = 0;
-  while (i + 1 < n && x[i] != m) ++i;
-  return i;
+// The largest y[i] among the elements with x[i] == m (the block's maximum): the teacher logit at the student's
+// argmax, one of them on ties. Vectorised, unlike a search for the index.
+inline float value_at_max(const float* x, const float* y, index_t n, float m) {
+  float out = -FLT_MAX;
+#pragma omp simd reduction(max : out)
+  for (index_t i = 0; i < n; ++i) out = std::max(out, x[i] == m ? y[i] : -FLT_MAX);
+  return out;
 }
 
 struct RowResult {
@@ -49,39 +51,71 @@ struct RowResult {
   float mlm;
 };
 
-using DivElementFn = vocab_kd::DivElement (*)(float, float, const RowStats&);
+// Reverse KL pass 1 over a block: sum exp((x - max)/T) and the exp-weighted deltas relative to (max, t_ref).
+inline vocab_kd::DivSum block_div_sum(const float* x, const float* y, index_t n, float max, float t_ref,
+                                      float inv_t) {
+  float sum = 0.0f, acc = 0.0f;
+#pragma omp simd reduction(+ : sum, acc)
+  for (index_t i = 0; i < n; ++i) {
+    const float d = x[i] - max;
+    const float e = vocab_kd::vocab_exp(d * inv_t);
+    sum += e;
+    acc += e * ((d - (y[i] - t_ref)) * inv_t);
+  }
+  return {max, sum, acc, t_ref};
+}
 
-// Reverse KL / JSD passes 2 and 3 of one row-major row; returns the row's KD term.
-template <DivElementFn Element>
-inline __attribute__((always_inline)) float div_passes(float* s, const float* t, index_t vocab,
-                                                       const RowStats& st) {
+// Reverse KL pass 2 of one row-major row (k = sum q*delta from pass 1). Raw: raw_softmax_mode.
+template <int Raw>
+inline __attribute__((always_inline)) void reverse_kl_pass(float* s, const float* t, index_t vocab,
+                                                           const RowStats& st, float k) {
+  const RowStats row = st;  // a local copy: the stores to s cannot alias it
+#pragma omp simd
+  for (index_t v = 0; v < vocab; ++v) s[v] = vocab_kd::reverse_kl_grad_as<Raw>(s[v], t[v], row, k);
+}
+
+// JSD passes 2 and 3 of one row-major row (t becomes scratch); returns the row's KD term.
+template <int Raw>
+inline __attribute__((always_inline)) float jsd_pass(float* s, float* t, index_t vocab, const RowStats& st) {
   float sum_q_delta = 0.0f, sum_p_term = 0.0f;
   for (index_t start = 0; start < vocab; start += kBlock) {
     float q_delta = 0.0f, p_term = 0.0f;
 #pragma omp simd reduction(+ : q_delta, p_term)
     for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
-      const vocab_kd::DivElement e = Element(s[v], t[v], st);
-      q_delta += e.q * e.delta;
+      const vocab_kd::JsdElement e = vocab_kd::jsd_element_as<Raw>(s[v], t[v], st);
+      s[v] = e.grad;
+      t[v] = e.q_coef;
+      q_delta += e.q_delta;
       p_term += e.p_term;
     }
     sum_q_delta += q_delta, sum_p_term += p_term;
   }
   const vocab_kd::DivTotals totals = vocab_kd::div_finish(st, sum_q_delta, sum_p_term);
 #pragma omp simd
-  for (index_t v = 0; v < vocab; ++v) s[v] = vocab_kd::div_grad(s[v], Element(s[v], t[v], st), st, totals.k);
+  for (index_t v = 0; v < vocab; ++v) s[v] -= totals.k * t[v];
   return totals.kd;
 }
 
 // Out of line (and cloned per instruction set, with the passes inlined into each clone), so kd_row stays
 // small enough for GCC to inline and vectorise its element math.
 __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
-float reverse_kl_passes(float* s, const float* t, index_t vocab, const RowStats& st) {
-  return div_passes<vocab_kd::reverse_kl_element>(s, t, vocab, st);
+void reverse_kl_passes(float* s, const float* t, index_t vocab, const RowStats& st, float k) {
+  const int raw = vocab_kd::raw_softmax_mode(st);
+  if (raw == vocab_kd::kRawIsQ) {
+    reverse_kl_pass<vocab_kd::kRawIsQ>(s, t, vocab, st, k);
+  } else if (raw == vocab_kd::kRawSquared) {
+    reverse_kl_pass<vocab_kd::kRawSquared>(s, t, vocab, st, k);
+  } else {
+    reverse_kl_pass<vocab_kd::kRawExp>(s, t, vocab, st, k);
+  }
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
-float jsd_passes(float* s, const float* t, index_t vocab, const RowStats& st) {
-  return div_passes<vocab_kd::jsd_element>(s, t, vocab, st);
+float jsd_passes(float* s, float* t, index_t vocab, const RowStats& st) {
+  const int raw = vocab_kd::raw_softmax_mode(st);
+  return raw == vocab_kd::kRawIsQ      ? jsd_pass<vocab_kd::kRawIsQ>(s, t, vocab, st)
+         : raw == vocab_kd::kRawSquared ? jsd_pass<vocab_kd::kRawSquared>(s, t, vocab, st)
+                                        : jsd_pass<vocab_kd::kRawExp>(s, t, vocab, st);
 }
 
 // Forward KL / soft CE pass 2 of one row-major row; returns the row's KD term. Raw: raw_softmax_mode.
@@ -101,33 +135,42 @@ inline __attribute__((always_inline)) float kl_pass(float* s, const float* t, in
   return kd;
 }
 
-// One row-major row: s [V] (overwritten with the gradient), t [V]. Pass 1 walks the row a block at a
-// time: the block's maxima, its exp sums relative to them, then one online merge per softmax. Pass 2
-// writes the gradient and sums the KD terms (reverse KL / JSD: div_passes). target_clones keeps the wheel
-// portable while the hot loops get AVX-512/AVX2 code where the CPU has it.
+// One row-major row: s [V] (overwritten with the gradient), t [V] (scratch for JSD). Pass 1 walks the row a
+// block at a time: the block's maxima, its exp sums relative to them (reverse KL: with its deltas), then one
+// online merge per softmax. Pass 2 writes the gradient and sums the KD terms (JSD: jsd_passes). target_clones
+// keeps the wheel portable while the hot loops get AVX-512/AVX2 code where the CPU has it.
 __attribute__((target_clones("avx512f", "avx2", "default")))
-RowResult kd_row(float* s, const float* t, index_t vocab, int64_t label, float kd_coef, float mlm_coef,
+RowResult kd_row(float* s, float* t, index_t vocab, int64_t label, float kd_coef, float mlm_coef,
                  float temperature, int kind, float beta) {
   const float inv_t = 1.0f / temperature;
   const bool has_label = label >= 0;
   const bool raw_softmax = has_label && temperature != 1.0f;
-  const bool divergence = kind >= vocab_kd::kReverseKL;
+  const bool reverse = kind == vocab_kd::kReverseKL;
   OnlineSum a = vocab_kd::online_empty(), b = vocab_kd::online_empty(), raw = vocab_kd::online_empty();
+  vocab_kd::DivSum a_div = vocab_kd::div_empty();
   float t_ref = 0.0f;
   for (index_t start = 0; start < vocab; start += kBlock) {
     const index_t n = std::min(kBlock, vocab - start);
     const float s_max = block_max(s + start, n), t_max = block_max(t + start, n);
-    if (divergence && s_max > a.max) t_ref = t[start + first_index_of(s + start, n, s_max)];
-    a = vocab_kd::online_merge(a, {s_max, block_exp_sum(s + start, n, s_max, inv_t)}, inv_t);
+    if (reverse) {
+      const float t_at = value_at_max(s + start, t + start, n, s_max);
+      a_div = vocab_kd::div_merge(a_div, block_div_sum(s + start, t + start, n, s_max, t_at, inv_t), inv_t);
+    } else {
+      if (kind == vocab_kd::kJSD && s_max > a.max) t_ref = value_at_max(s + start, t + start, n, s_max);
+      a = vocab_kd::online_merge(a, {s_max, block_exp_sum(s + start, n, s_max, inv_t)}, inv_t);
+    }
     b = vocab_kd::online_merge(b, {t_max, block_exp_sum(t + start, n, t_max, inv_t)}, inv_t);
     if (raw_softmax) raw = vocab_kd::online_merge(raw, {s_max, block_exp_sum(s + start, n, s_max, 1.0f)}, 1.0f);
   }
+  if (reverse) a = {a_div.max, a_div.sum}, t_ref = a_div.t_ref;
   const RowStats st = vocab_kd::row_stats(a, b, raw, temperature, has_label, kd_coef, mlm_coef, kind, beta, t_ref);
   const float mlm = has_label ? vocab_kd::mlm_loss(st, s[label]) : 0.0f;
 
   float kd = 0.0f;
-  if (kind == vocab_kd::kReverseKL) {
-    kd = reverse_kl_passes(s, t, vocab, st);
+  if (reverse) {
+    const float k = a_div.acc / a_div.sum;
+    kd = vocab_kd::div_finish(st, k, 0.0f).kd;
+    reverse_kl_passes(s, t, vocab, st, k);
   } else if (kind == vocab_kd::kJSD) {
     kd = jsd_passes(s, t, vocab, st);
   } else {
@@ -180,6 +223,31 @@ struct LaneSums {
   }
 };
 
+// Reverse KL pass 1 states (vocab_kd::DivSum) of kLanes rows, one array per field.
+struct LaneDivSums {
+  float max[kLanes], sum[kLanes], acc[kLanes], t_ref[kLanes];
+
+  LaneDivSums() {
+    for (index_t l = 0; l < kLanes; ++l) max[l] = -FLT_MAX, sum[l] = acc[l] = t_ref[l] = 0.0f;
+  }
+  // Add element (x[l], y[l]) to lane l for the first n lanes.
+  void add(const float* x, const float* y, index_t n, float inv_t) {
+#pragma omp simd
+    for (index_t l = 0; l < n; ++l) {
+      const vocab_kd::DivSum out = vocab_kd::div_add({max[l], sum[l], acc[l], t_ref[l]}, x[l], y[l], inv_t);
+      max[l] = out.max, sum[l] = out.sum, acc[l] = out.acc, t_ref[l] = out.t_ref;
+    }
+  }
+  void merge(const LaneDivSums& o, index_t n, float inv_t) {
+#pragma omp simd
+    for (index_t l = 0; l < n; ++l) {
+      const vocab_kd::DivSum out = vocab_kd::div_merge({max[l], sum[l], acc[l], t_ref[l]},
+                                                       {o.max[l], o.sum[l], o.acc[l], o.t_ref[l]}, inv_t);
+      max[l] = out.max, sum[l] = out.sum, acc[l] = out.acc, t_ref[l] = out.t_ref;
+    }
+  }
+};
+
 // Per-row statistics of kLanes rows (RowStats fields that differ between rows), one array per field,
 // and the fields shared by all lanes.
 // raw_softmax is one flag for all lanes (T != 1 and some lane has a label): a lane without a label has
@@ -188,10 +256,12 @@ struct LaneStats {
   float s_max[kLanes], t_max[kLanes], log_sum_a[kLanes], log_sum_b[kLanes], log_sum_s[kLanes];
   float inv_sum_a[kLanes], inv_sum_b[kLanes], inv_sum_s[kLanes];
   float kd_coef[kLanes], mlm_coef[kLanes], t_ref[kLanes], sp_ref[kLanes];
-  float k[kLanes];  // sum q*delta of the row, after pass 2 (reverse KL / JSD)
+  float k[kLanes];  // sum q*delta of the row (reverse KL: after pass 1; JSD: after pass 2)
   float inv_t, beta, log_beta, log_1m_beta, div_w;
   bool raw_softmax;
   int kind;
+
+  float one_m_beta;
 
   void set(index_t l, const RowStats& st) {
     s_max[l] = st.s_max, t_max[l] = st.t_max, log_sum_a[l] = st.log_sum_a, log_sum_b[l] = st.log_sum_b;
@@ -199,28 +269,45 @@ struct LaneStats {
     inv_sum_s[l] = st.inv_sum_s, kd_coef[l] = st.kd_coef, mlm_coef[l] = st.mlm_coef;
     t_ref[l] = st.t_ref, sp_ref[l] = st.sp_ref;
     inv_t = st.inv_t, beta = st.beta, log_beta = st.log_beta, log_1m_beta = st.log_1m_beta, div_w = st.div_w;
-    kind = st.kind;
+    one_m_beta = st.one_m_beta, kind = st.kind;
   }
   // Built field by field (not copied from a RowStats), which keeps the lane loops vectorised.
   RowStats at(index_t l) const {
     return {inv_t,        s_max[l],     t_max[l],   log_sum_a[l], log_sum_b[l], log_sum_s[l], inv_sum_a[l],
             inv_sum_b[l], inv_sum_s[l], kd_coef[l], mlm_coef[l],  raw_softmax,  kind,         t_ref[l],
-            beta,         log_beta,     log_1m_beta, div_w,       sp_ref[l]};
+            beta,         log_beta,     log_1m_beta, one_m_beta,  div_w,       sp_ref[l]};
   }
 };
 
-// Reverse KL / JSD passes 2 and 3 of n <= kLanes vocab-major rows; writes the rows' KD terms to kd.
-template <DivElementFn Element>
-inline __attribute__((always_inline)) void div_lane_passes(float* s, const float* t, index_t n, index_t vocab, index_t ld, LaneStats& st,
-                            float* kd) {
+// Reverse KL pass 2 of n <= kLanes vocab-major rows (st.k from pass 1).
+template <int Raw>
+inline __attribute__((always_inline)) void reverse_kl_lane_pass(float* s, const float* t, index_t n, index_t vocab,
+                                                                index_t ld, const LaneStats& st) {
+  for (index_t v = 0; v < vocab; ++v) {
+    float* sv = s + v * ld;
+    const float* tv = t + v * ld;
+#pragma omp simd
+    for (index_t l = 0; l < n; ++l) sv[l] = vocab_kd::reverse_kl_grad_as<Raw>(sv[l], tv[l], st.at(l), st.k[l]);
+  }
+}
+
+// JSD passes 2 and 3 of n <= kLanes vocab-major rows (t becomes scratch); writes the rows' KD terms to kd.
+template <int Raw>
+inline __attribute__((always_inline)) void jsd_lane_passes(float* s, float* t, index_t n, index_t vocab, index_t ld,
+                                                           LaneStats& st_out, float* kd) {
+  const LaneStats st = st_out;  // a local copy: the stores to s and t cannot alias it
   float sum_q_delta[kLanes] = {}, sum_p_term[kLanes] = {};
   for (index_t start = 0; start < vocab; start += kBlock) {
     float q_delta[kLanes] = {}, p_term[kLanes] = {};
     for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+      float* sv = s + v * ld;
+      float* tv = t + v * ld;
 #pragma omp simd
       for (index_t l = 0; l < n; ++l) {
-        const vocab_kd::DivElement e = Element(s[l + v * ld], t[l + v * ld], st.at(l));
-        q_delta[l] += e.q * e.delta;
+        const vocab_kd::JsdElement e = vocab_kd::jsd_element_as<Raw>(sv[l], tv[l], st.at(l));
+        sv[l] = e.grad;
+        tv[l] = e.q_coef;
+        q_delta[l] += e.q_delta;
         p_term[l] += e.p_term;
       }
     }
@@ -229,27 +316,40 @@ inline __attribute__((always_inline)) void div_lane_passes(float* s, const float
   for (index_t l = 0; l < n; ++l) {
     const vocab_kd::DivTotals totals = vocab_kd::div_finish(st.at(l), sum_q_delta[l], sum_p_term[l]);
     kd[l] = totals.kd;
-    st.k[l] = totals.k;
+    st_out.k[l] = totals.k;
   }
+  float k[kLanes];
+  for (index_t l = 0; l < n; ++l) k[l] = st_out.k[l];
   for (index_t v = 0; v < vocab; ++v) {
     float* sv = s + v * ld;
     const float* tv = t + v * ld;
 #pragma omp simd
-    for (index_t l = 0; l < n; ++l) {
-      const RowStats row = st.at(l);
-      sv[l] = vocab_kd::div_grad(sv[l], Element(sv[l], tv[l], row), row, st.k[l]);
-    }
+    for (index_t l = 0; l < n; ++l) sv[l] -= k[l] * tv[l];
   }
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
-void reverse_kl_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, LaneStats& st, float* kd) {
-  div_lane_passes<vocab_kd::reverse_kl_element>(s, t, n, vocab, ld, st, kd);
+void reverse_kl_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, const LaneStats& st) {
+  const int raw = vocab_kd::raw_softmax_mode(st.at(0));
+  if (raw == vocab_kd::kRawIsQ) {
+    reverse_kl_lane_pass<vocab_kd::kRawIsQ>(s, t, n, vocab, ld, st);
+  } else if (raw == vocab_kd::kRawSquared) {
+    reverse_kl_lane_pass<vocab_kd::kRawSquared>(s, t, n, vocab, ld, st);
+  } else {
+    reverse_kl_lane_pass<vocab_kd::kRawExp>(s, t, n, vocab, ld, st);
+  }
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
-void jsd_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, LaneStats& st, float* kd) {
-  div_lane_passes<vocab_kd::jsd_element>(s, t, n, vocab, ld, st, kd);
+void jsd_lanes(float* s, float* t, index_t n, index_t vocab, index_t ld, LaneStats& st, float* kd) {
+  const int raw = vocab_kd::raw_softmax_mode(st.at(0));
+  if (raw == vocab_kd::kRawIsQ) {
+    jsd_lane_passes<vocab_kd::kRawIsQ>(s, t, n, vocab, ld, st, kd);
+  } else if (raw == vocab_kd::kRawSquared) {
+    jsd_lane_passes<vocab_kd::kRawSquared>(s, t, n, vocab, ld, st, kd);
+  } else {
+    jsd_lane_passes<vocab_kd::kRawExp>(s, t, n, vocab, ld, st, kd);
+  }
 }
 
 // Forward KL / soft CE pass 2 of n <= kLanes vocab-major rows; adds the rows' KD terms to kd. Raw:
@@ -277,24 +377,29 @@ inline __attribute__((always_inline)) void kl_lane_pass(float* s, const float* t
 // lane array, so each step over v is one vector operation across the rows. The arithmetic per element is
 // the row-major kernel's (online_add instead of block merges: the same sums up to rounding).
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void kd_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, const int64_t* label,
+void kd_lanes(float* s, float* t, index_t n, index_t vocab, index_t ld, const int64_t* label,
               const float* kd_coef, const float* mlm_coef, float temperature, int kind, float beta, float* kd_out,
               float* mlm_out) {
   const float inv_t = 1.0f / temperature;
-  const bool divergence = kind >= vocab_kd::kReverseKL;
+  const bool reverse = kind == vocab_kd::kReverseKL, jsd = kind == vocab_kd::kJSD;
   bool raw_softmax = false;
   for (index_t l = 0; l < n; ++l) raw_softmax |= label[l] >= 0 && temperature != 1.0f;
   LaneSums a, b, raw;
+  LaneDivSums a_div;  // reverse KL's pass-1 states, in place of a
   float t_ref[kLanes] = {};
   for (index_t start = 0; start < vocab; start += kBlock) {
     LaneSums pa, pb, praw;  // this block's partial states
+    LaneDivSums pa_div;
     float t_ref_block[kLanes] = {};
     for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
-      if (divergence) {
+      if (jsd) {
 #pragma omp simd
         for (index_t l = 0; l < n; ++l) t_ref_block[l] = s[l + v * ld] > pa.max[l] ? t[l + v * ld] : t_ref_block[l];
       }
-      if (raw_softmax && vocab_kd::raw_is_square(inv_t)) {
+      if (reverse) {
+        pa_div.add(s + v * ld, t + v * ld, n, inv_t);
+        if (raw_softmax) praw.add(s + v * ld, n, 1.0f);
+      } else if (raw_softmax && vocab_kd::raw_is_square(inv_t)) {
         pa.add_squared(s + v * ld, n, praw);
       } else {
         pa.add(s + v * ld, n, inv_t);
@@ -302,9 +407,10 @@ void kd_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, co
       }
       pb.add(t + v * ld, n, inv_t);
     }
-    if (divergence) {
+    if (jsd) {
       for (index_t l = 0; l < n; ++l) t_ref[l] = pa.max[l] > a.max[l] ? t_ref_block[l] : t_ref[l];
     }
+    if (reverse) a_div.merge(pa_div, n, inv_t);
     a.merge(pa, n, inv_t);
     b.merge(pb, n, inv_t);
     if (raw_softmax) raw.merge(praw, n, 1.0f);
@@ -314,14 +420,16 @@ void kd_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, co
   float kd[kLanes];
   for (index_t l = 0; l < n; ++l) {
     const bool has_label = label[l] >= 0;
-    RowStats row = vocab_kd::row_stats(a.at(l), b.at(l), raw.at(l), temperature, has_label, kd_coef[l], mlm_coef[l],
-                                       kind, beta, t_ref[l]);
+    const OnlineSum a_row = reverse ? OnlineSum{a_div.max[l], a_div.sum[l]} : a.at(l);
+    RowStats row = vocab_kd::row_stats(a_row, b.at(l), raw.at(l), temperature, has_label, kd_coef[l], mlm_coef[l],
+                                       kind, beta, reverse ? a_div.t_ref[l] : t_ref[l]);
     st.set(l, row);
     mlm_out[l] = has_label ? vocab_kd::mlm_loss(row, s[l + label[l] * ld]) : 0.0f;
-    kd[l] = 0.0f;
+    st.k[l] = reverse ? a_div.acc[l] / a_div.sum[l] : 0.0f;
+    kd[l] = reverse ? vocab_kd::div_finish(row, st.k[l], 0.0f).kd : 0.0f;
   }
-  if (kind == vocab_kd::kReverseKL) {
-    reverse_kl_lanes(s, t, n, vocab, ld, st, kd);
+  if (reverse) {
+    reverse_kl_lanes(s, t, n, vocab, ld, st);
   } else if (kind == vocab_kd::kJSD) {
     jsd_lanes(s, t, n, vocab, ld, st, kd);
   } else {
@@ -342,7 +450,7 @@ void kd_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, co
 
 struct RowArgs {
   float* s;
-  const float* t;
+  float* t;  // scratch for JSD
   const int64_t* labels;
   const float* kd_coef;
   const float* mlm_coef;
@@ -352,7 +460,7 @@ struct RowArgs {
 
 RowArgs row_args(std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels, std::uintptr_t kd_coef,
                  std::uintptr_t mlm_coef, std::uintptr_t kd_row_out, std::uintptr_t mlm_row_out) {
-  return {reinterpret_cast<float*>(s),          reinterpret_cast<const float*>(t),
+  return {reinterpret_cast<float*>(s),          reinterpret_cast<float*>(t),
           reinterpret_cast<const int64_t*>(labels), reinterpret_cast<const float*>(kd_coef),
           reinterpret_cast<const float*>(mlm_coef), reinterpret_cast<float*>(kd_row_out),
           reinterpret_cast<float*>(mlm_row_out)};

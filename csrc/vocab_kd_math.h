@@ -7,18 +7,22 @@
 //   pass 1: online (max, sum) of exp for a, b and (when T != 1 and the row has a label) s;
 //   pass 2: per element, grad = kd_coef*(q - p) + mlm_coef*(softmax(s) - onehot(y)) and the KD term
 //           p*(log p - log q) (KL) or -p*log q (soft CE), summed into the row's loss.
-// Reverse KL and generalised JSD (three passes; pass 1 also keeps t_ref, the teacher logit at the
-// student's argmax r):
-//   pass 2: sums of q*delta (and of p*(log p - log m) for JSD), see div_element;
-//   pass 3: grad = kd_coef*w*q*(delta - k) + mlm_coef*(softmax(s) - onehot(y)), see div_grad.
+// Reverse KL (two passes): pass 1 also keeps k = sum q*delta online (DivSum: exp-weighted sums of delta
+//   relative to the running argmax, moved to a new reference when the max moves), so
+//   pass 2 writes grad = kd_coef*q*(delta - k) + mlm_coef*(softmax(s) - onehot(y)) (reverse_kl_grad_as): one exp.
+// Generalised JSD (two passes and a light third): pass 1 as for KL, plus t_ref;
+//   pass 2 (jsd_element_as) writes grad without the k term into s, kd_coef*w*q into t (t is scratch), and
+//   sums q*delta and the teacher terms; pass 3: s -= k*t, no transcendental.
 // Both gradients have the form w*q*(D - sum q D) with D = log q - log p (reverse KL, w = 1) or
 // D = log q - log m (JSD_beta = beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q, w = 1-beta).
 // delta = D - D_r is taken relative to the student's argmax r, k = sum q*delta: a near one-hot student
 // then keeps its small gradient q_r*(delta_r - k) = -q_r*k (no difference of two large numbers).
-// Reverse KL R = D_r + k. For JSD, with z = log p - log q + log(beta/(1-beta)) and sp = softplus:
-// D = -log(1-beta) - sp(z) and log p - log m = -log(beta) - sp(-z), so delta = sp(z_r) - sp(z) stays
-// accurate (to its own size) where p << q, and JSD = beta sum p (-log beta - sp(-z)) + (1-beta) (D_r + k).
-// JSD needs 0 < beta < 1 (at 0 and 1 it is 0: the driver does not call the kernel for it).
+// Reverse KL R = D_r + k. For JSD, with zeta = log p - log q + log(beta/(1-beta)) and sp = softplus:
+// D = -log(1-beta) - sp(zeta) and log p - log m = -log(beta) - sp(-zeta), so delta = sp(zeta_r) - sp(zeta) stays
+// accurate (to its own size) where p << q, and JSD = beta sum p (-log beta - sp(-zeta)) + (1-beta) (D_r + k).
+// sp(+-zeta) = max(+-zeta, 0) + log1p(exp(-|zeta|)), and exp(-|zeta|) = min(beta p, (1-beta) q) / max(...) from
+// the element's two exps: per element two exps, one log and two divisions (was six transcendentals).
+// JSD needs 0 < beta < 1 (beta = 0 and 1 are forward and reverse KL: kdfast._reduction.kd_term).
 #pragma once
 #include <cfloat>
 #include <cmath>
@@ -136,6 +140,7 @@ struct RowStats {
   float beta;        // JSD mixture weight of p, 0 < beta < 1
   float log_beta;    // log beta
   float log_1m_beta; // log(1 - beta)
+  float one_m_beta;  // 1 - beta
   float div_w;       // w: 1 (reverse KL) or 1 - beta (JSD)
   float sp_ref;      // JSD: sp(z_r)
 };
@@ -182,14 +187,54 @@ VOCAB_KD_HD float vocab_log1p(float x) {
   return d == 0.0f ? x : log_u * (x / (d == 0.0f ? 1.0f : d));
 }
 
-// softplus(z) = log(1 + exp(z)); 0 at z = -inf.
-VOCAB_KD_HD float softplus(float z) {
-  return (z > 0.0f ? z : 0.0f) + vocab_log1p(vocab_exp(z > 0.0f ? -z : z));
+// JSD: softplus(zeta) and softplus(-zeta) of one element, zeta = log p - log q + log(beta/(1-beta)) (-inf where
+// p = 0), from a = (s - s_max)/T, b = (t - t_max)/T and q, p; exp(-|zeta|) is min/max of beta p and (1-beta) q.
+// row_stats takes sp_ref from it too, so the argmax's delta is exactly 0.
+struct JsdSoftplus {
+  float pos;
+  float neg;
+};
+
+VOCAB_KD_HD JsdSoftplus jsd_softplus(float a, float b, float q, float p, const RowStats& st) {
+  const float zeta = ((b - st.log_sum_b) - (a - st.log_sum_a)) + (st.log_beta - st.log_1m_beta);
+  const float bp = st.beta * p, bq = st.one_m_beta * q;
+  const float hi = bp > bq ? bp : bq, lo = bp > bq ? bq : bp;
+  const float log1p_e = vocab_log1p(lo / (hi > 0.0f ? hi : 1.0f));  // 0 when both are 0
+  return {(zeta > 0.0f ? zeta : 0.0f) + log1p_e, (zeta < 0.0f ? -zeta : 0.0f) + log1p_e};
 }
 
-// JSD: z = log p - log q + log(beta / (1 - beta)) (-inf where p = 0).
-VOCAB_KD_HD float jsd_z(float log_p, float log_q, const RowStats& st) {
-  return (log_p - log_q) + (st.log_beta - st.log_1m_beta);
+// Reverse KL pass 1: the online softmax normaliser of s/T (max, sum) and acc = sum exp((s - max)/T)*delta, with
+// delta = ((s - max) - (t - t_ref))/T relative to the element holding the max (teacher logit t_ref).
+struct DivSum {
+  float max;
+  float sum;
+  float acc;
+  float t_ref;
+};
+
+VOCAB_KD_HD DivSum div_empty() { return {-FLT_MAX, 0.0f, 0.0f, 0.0f}; }
+
+// Add element (x, y) = (student, teacher) logits. Branch-free. When x becomes the max, the old terms move to
+// the new reference (each delta drops by x's delta d w.r.t. the old one) and scale by exp((old max - x)/T).
+VOCAB_KD_HD DivSum div_add(DivSum acc, float x, float y, float inv_t) {
+  const bool up = x > acc.max;
+  const float d = ((x - acc.max) - (y - acc.t_ref)) * inv_t;
+  const float e = vocab_exp((up ? acc.max - x : x - acc.max) * inv_t);
+  const float moved = acc.acc - (acc.sum > 0.0f ? acc.sum * d : 0.0f);  // an empty state has d = +-huge
+  return {up ? x : acc.max, up ? acc.sum * e + 1.0f : acc.sum + e, up ? moved * e : acc.acc + e * d,
+          up ? y : acc.t_ref};
+}
+
+// Combine two partial states; the larger max's reference (a's on ties) is kept.
+VOCAB_KD_HD DivSum div_merge(DivSum a, DivSum b, float inv_t) {
+  const bool take_b = b.max > a.max;  // field by field (a select of whole structs goes to local memory on GPUs)
+  const float hi_max = take_b ? b.max : a.max, lo_max = take_b ? a.max : b.max;
+  const float hi_sum = take_b ? b.sum : a.sum, lo_sum = take_b ? a.sum : b.sum;
+  const float hi_acc = take_b ? b.acc : a.acc, lo_acc = take_b ? a.acc : b.acc;
+  const float hi_ref = take_b ? b.t_ref : a.t_ref, lo_ref = take_b ? a.t_ref : b.t_ref;
+  const float d = ((lo_max - hi_max) - (lo_ref - hi_ref)) * inv_t;  // delta_hi = delta_lo + d
+  const float e = vocab_exp((lo_max - hi_max) * inv_t);
+  return {hi_max, hi_sum + lo_sum * e, hi_acc + (lo_sum > 0.0f ? (lo_acc + lo_sum * d) * e : 0.0f), hi_ref};
 }
 
 // The row's statistics from its pass-1 states: a over s/T, b over t/T, raw over s (read only when
@@ -214,9 +259,12 @@ VOCAB_KD_HD RowStats row_stats(OnlineSum a, OnlineSum b, OnlineSum raw, float te
   st.beta = beta;
   st.log_beta = logf(beta);
   st.log_1m_beta = logf(1.0f - beta);
+  st.one_m_beta = 1.0f - beta;
   st.div_w = kind == kReverseKL ? 1.0f : 1.0f - beta;
-  // The student's argmax: log q_r = -log_sum_a, log p_r from t_ref.
-  st.sp_ref = kind == kJSD ? softplus(jsd_z((t_ref - st.t_max) * st.inv_t - st.log_sum_b, -st.log_sum_a, st)) : 0.0f;
+  // The student's argmax r (a = 0), as jsd_element_as computes it there.
+  const float b_r = (t_ref - st.t_max) * st.inv_t;
+  st.sp_ref = kind == kJSD ? jsd_softplus(0.0f, b_r, vocab_exp(0.0f) * st.inv_sum_a, vocab_exp(b_r) * st.inv_sum_b,
+                                          st).pos : 0.0f;
   return st;
 }
 
@@ -236,7 +284,16 @@ VOCAB_KD_HD int raw_softmax_mode(const RowStats& st) {
   return !st.raw_softmax ? kRawIsQ : (raw_is_square(st.inv_t) ? kRawSquared : kRawExp);
 }
 
-// One element; Raw = raw_softmax_mode(st), a template argument so loops over elements stay branch-free.
+// softmax(s) of one element from e_a = exp((s - s_max)/T) and q = e_a/sum; Raw = raw_softmax_mode(st), a
+// template argument so loops over elements stay branch-free.
+template <int Raw>
+VOCAB_KD_HD float raw_softmax_as(float s, float e_a, float q, const RowStats& st) {
+  if (Raw == kRawSquared) return e_a * e_a * st.inv_sum_s;
+  if (Raw == kRawExp) return vocab_exp((s - st.s_max) - st.log_sum_s);
+  return q;
+}
+
+// One element of forward KL / soft CE.
 // q and p are exp(relative logit) / sum: the exps lose nothing to the rounding of the log sums.
 template <int Raw>
 VOCAB_KD_HD ElementOut element_grad_as(float s, float t, const RowStats& st) {
@@ -246,11 +303,8 @@ VOCAB_KD_HD ElementOut element_grad_as(float s, float t, const RowStats& st) {
   const float q = e_a * st.inv_sum_a;
   const float p = vocab_exp(b) * st.inv_sum_b;
   const float log_q = a - st.log_sum_a, log_p = b - st.log_sum_b;
-  float softmax_s = q;
-  if (Raw == kRawSquared) softmax_s = e_a * e_a * st.inv_sum_s;
-  if (Raw == kRawExp) softmax_s = vocab_exp((s - st.s_max) - st.log_sum_s);
   const float kd_term = p > 0.0f ? p * (st.kind == kSoftCE ? -log_q : log_p - log_q) : 0.0f;
-  return {st.kd_coef * (q - p) + st.mlm_coef * softmax_s, kd_term};
+  return {st.kd_coef * (q - p) + st.mlm_coef * raw_softmax_as<Raw>(s, e_a, q, st), kd_term};
 }
 
 VOCAB_KD_HD ElementOut element_grad(float s, float t, const RowStats& st) {
@@ -260,29 +314,38 @@ VOCAB_KD_HD ElementOut element_grad(float s, float t, const RowStats& st) {
                               : element_grad_as<kRawExp>(s, t, st);
 }
 
-// Reverse KL / JSD: what passes 2 and 3 need of one element.
-struct DivElement {
-  float q;       // softmax(s/T)
-  float delta;   // see the header comment
-  float p_term;  // JSD: p*(log p - log m) (0 where p = 0); reverse KL: 0
+// Reverse KL pass 2: d loss / d s of one element (without the -mlm_coef at the label); k = sum q*delta from
+// pass 1 (DivSum acc / sum), t_ref the teacher logit at s_max.
+template <int Raw>
+VOCAB_KD_HD float reverse_kl_grad_as(float s, float t, const RowStats& st, float k) {
+  const float a = (s - st.s_max) * st.inv_t;
+  const float e_a = vocab_exp(a);
+  const float q = e_a * st.inv_sum_a;
+  const float delta = a - (t - st.t_ref) * st.inv_t;
+  return st.kd_coef * q * (delta - k) + st.mlm_coef * raw_softmax_as<Raw>(s, e_a, q, st);
+}
+
+// JSD pass 2, one element: ``grad`` = kd_coef*w*q*delta + mlm_coef*softmax(s) (pass 3 subtracts k*``q_coef``),
+// ``q_coef`` = kd_coef*w*q, and the row sums' terms q*delta and p*(log p - log m) (0 where p = 0).
+struct JsdElement {
+  float grad;
+  float q_coef;
+  float q_delta;
+  float p_term;
 };
 
-VOCAB_KD_HD DivElement reverse_kl_element(float s, float t, const RowStats& st) {
+template <int Raw>
+VOCAB_KD_HD JsdElement jsd_element_as(float s, float t, const RowStats& st) {
   const float a = (s - st.s_max) * st.inv_t;  // log q + log_sum_a
-  return {vocab_exp(a - st.log_sum_a), a - (t - st.t_ref) * st.inv_t, 0.0f};
-}
-
-VOCAB_KD_HD DivElement jsd_element(float s, float t, const RowStats& st) {
-  const float log_q = (s - st.s_max) * st.inv_t - st.log_sum_a;
-  const float log_p = (t - st.t_max) * st.inv_t - st.log_sum_b;  // -inf for a teacher logit dropped by top-k
-  const float p = vocab_exp(log_p);
-  const float z = jsd_z(log_p, log_q, st);
-  const float log_p_over_m = -st.log_beta - softplus(-z);  // +-inf where p = 0; computed outside the select
-  return {vocab_exp(log_q), st.sp_ref - softplus(z), p > 0.0f ? p * log_p_over_m : 0.0f};
-}
-
-VOCAB_KD_HD DivElement div_element(float s, float t, const RowStats& st) {
-  return st.kind == kReverseKL ? reverse_kl_element(s, t, st) : jsd_element(s, t, st);
+  const float b = (t - st.t_max) * st.inv_t;  // log p + log_sum_b; -inf for a teacher logit dropped by top-k
+  const float e_a = vocab_exp(a);
+  const float q = e_a * st.inv_sum_a, p = vocab_exp(b) * st.inv_sum_b;
+  const JsdSoftplus sp = jsd_softplus(a, b, q, p, st);
+  const float delta = st.sp_ref - sp.pos;
+  const float log_p_over_m = -st.log_beta - sp.neg;  // -inf where p = 0
+  const float q_coef = st.kd_coef * st.div_w * q;
+  return {q_coef * delta + st.mlm_coef * raw_softmax_as<Raw>(s, e_a, q, st), q_coef, q * delta,
+          p > 0.0f ? p * log_p_over_m : 0.0f};
 }
 
 // After pass 2, from the row's sums of q*delta and p_term: its KD term and k = sum q*delta.
@@ -297,12 +360,6 @@ VOCAB_KD_HD DivTotals div_finish(const RowStats& st, float sum_q_delta, float su
     return {sum_q_delta - st.log_sum_a - (st.t_ref - st.t_max) * st.inv_t + st.log_sum_b, sum_q_delta};
   }
   return {st.beta * sum_p_term + st.div_w * ((-st.log_1m_beta - st.sp_ref) + sum_q_delta), sum_q_delta};
-}
-
-// Pass 3: d loss / d s of one element (without the -mlm_coef at the label); k from div_finish.
-VOCAB_KD_HD float div_grad(float s, const DivElement& e, const RowStats& st, float k) {
-  const float softmax_s = st.raw_softmax ? vocab_exp((s - st.s_max) - st.log_sum_s) : e.q;
-  return st.kd_coef * st.div_w * e.q * (e.delta - k) + st.mlm_coef * softmax_s;
 }
 
 // MLM cross-entropy of the row: logsumexp(s) - s[y] = log_sum_s - (s[y] - s_max).

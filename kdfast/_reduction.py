@@ -6,6 +6,15 @@ REDUCTIONS = ("batchmean", "sum", "mean")
 KINDS = ("kl", "soft_ce", "reverse_kl", "jsd")
 
 
+def kd_term(kind: str, beta: float) -> str:
+    """The KD term a backend computes for ``kind`` and ``beta``: ``"jsd"`` at beta = 0 is forward KL(p || q)
+    and at beta = 1 reverse KL(q || p), the endpoints of TRL's ``generalized_jsd_loss`` and Liger-Kernel's
+    ``LigerJSD`` (the mixture's own limits would be 0 with no gradient); any other pair is ``kind``."""
+    if kind == "jsd" and beta in (0.0, 1.0):
+        return "kl" if beta == 0.0 else "reverse_kl"
+    return kind
+
+
 def kd_divisor(reduction: str, rows: int, vocab: int) -> float:
     """``sum``: 1; ``batchmean``: kept rows; ``mean``: kept rows x V (the study's form).
     Never 0, so an empty selection gives a loss of exactly 0."""

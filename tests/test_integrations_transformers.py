@@ -65,8 +65,8 @@ def stack(batch: list[dict]) -> dict:
 
 
 def reference_loss(student, teacher, inputs: dict, temperature: float, kind: str, causal: bool,
-                   kd_weight: float = 1.0, ce_weight: float = 1.0) -> torch.Tensor:
-    """Plain PyTorch: full HF logits, then T² KL (or soft CE) + CE in float64 over the targets,
+                   kd_weight: float = 1.0, ce_weight: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+    """Plain PyTorch: full HF logits, then T² KL (or soft CE, or JSD_beta) + CE in float64 over the targets,
     summed and divided by the number of targets."""
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     s = student(**model_inputs).logits.double()
@@ -78,7 +78,12 @@ def reference_loss(student, teacher, inputs: dict, temperature: float, kind: str
     keep = labels != -100
     s, t, labels = s[keep], t[keep], labels[keep]
     log_q, p = F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1)
-    rows = (p * (p.log() - log_q)).sum(-1) if kind == "kl" else -(p * log_q).sum(-1)
+    if kind == "jsd":
+        q = log_q.exp()
+        m = beta * p + (1 - beta) * q
+        rows = beta * (p * (p / m).log()).sum(-1) + (1 - beta) * (q * (q / m).log()).sum(-1)
+    else:
+        rows = (p * (p.log() - log_q)).sum(-1) if kind == "kl" else -(p * log_q).sum(-1)
     kd = temperature ** 2 * rows.sum()
     ce = F.cross_entropy(s, labels, reduction="sum")
     return (kd_weight * kd + ce_weight * ce) / keep.sum()

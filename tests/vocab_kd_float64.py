@@ -1,6 +1,7 @@
 """Independent float64 formulas for the vocabulary-KD tests (not kdfast.reference): explicit
-log-softmaxes, KL / soft CE / reverse KL / JSD (mixture m = beta p + (1 - beta) q formed explicitly),
-MLM CE, reductions, top-k teacher, row weights."""
+log-softmaxes, KL / soft CE / reverse KL / JSD (mixture m = beta p + (1 - beta) q formed explicitly; forward
+and reverse KL at beta = 0 and 1, TRL's and Liger's endpoints), MLM CE, reductions, top-k teacher, row
+weights, softcapped / rescaled heads."""
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,8 @@ def _plogx(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def kd_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, kind: str, topk=None, beta=0.5) -> torch.Tensor:
     """Per-row KL(p || q), -sum p log q, KL(q || p) or beta KL(p || m) + (1 - beta) KL(q || m) with
-    m = beta p + (1 - beta) q, float64, p = softmax(t/T) (top-k renormalised), q = softmax(s/T)."""
+    m = beta p + (1 - beta) q (KL(p || q) at beta = 0, KL(q || p) at beta = 1), float64,
+    p = softmax(t/T) (top-k renormalised), q = softmax(s/T)."""
     log_q = _log_softmax(s / temperature)
     b = t / temperature
     if topk is not None and topk < b.shape[1]:
@@ -32,21 +34,30 @@ def kd_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, kind: str, top
     if kind == "soft_ce":
         return -(p * log_q).sum(1)
     q = log_q.exp()
-    if kind == "reverse_kl":
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1):
         return (q * (log_q - log_p)).sum(1)
+    if kind == "jsd" and beta == 0:
+        return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(1)
     m = beta * p + (1 - beta) * q
     kl_pm = (_plogx(p, p) - _plogx(p, m)).sum(1)
     kl_qm = (_plogx(q, q) - _plogx(q, m)).sum(1)
     return beta * kl_pm + (1 - beta) * kl_qm
 
 
+def head_logits(hidden, weight, bias=None, softcap=None, logit_scale=1.0) -> torch.Tensor:
+    """u = hidden @ weight^T + bias, then z = softcap * tanh(u * logit_scale / softcap) (or u * logit_scale)."""
+    u = (hidden @ weight.t() + (0 if bias is None else bias)) * logit_scale
+    return u if softcap is None else torch.tanh(u / softcap) * softcap
+
+
 def loss(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=None, teacher_bias=None,
          labels=None, ignore_index=-100, temperature=1.0, kd_weight=1.0, mlm_weight=0.0, kind="kl",
          reduction="batchmean", t2_scale=True, mask=None, row_weights=None, teacher_topk=None,
-         beta=0.5) -> torch.Tensor:
+         beta=0.5, student_softcap=None, student_logit_scale=1.0, teacher_softcap=None,
+         teacher_logit_scale=1.0) -> torch.Tensor:
     """The fused_linear_kd loss in float64 (differentiable w.r.t. the float64 student tensors)."""
-    s = student_hidden @ student_weight.t() + (0 if student_bias is None else student_bias)
-    t = teacher_hidden @ teacher_weight.t() + (0 if teacher_bias is None else teacher_bias)
+    s = head_logits(student_hidden, student_weight, student_bias, student_softcap, student_logit_scale)
+    t = head_logits(teacher_hidden, teacher_weight, teacher_bias, teacher_softcap, teacher_logit_scale)
     n, vocab = s.shape
     labelled = torch.ones(n, dtype=torch.bool) if labels is None else labels != ignore_index
     kd_sel = mask if mask is not None else labelled

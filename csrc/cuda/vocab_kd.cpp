@@ -14,7 +14,7 @@ void register_vocab_kd(pybind11::module_& m) {
       [](std::uintptr_t s, std::uintptr_t t, std::uintptr_t labels, std::uintptr_t kd_coef, std::uintptr_t mlm_coef,
          std::uintptr_t kd_row, std::uintptr_t mlm_row, int64_t rows, int64_t vocab, int64_t ld, float temperature,
          int kind, float beta, std::uintptr_t stream) {
-        const char* err = vocab_kd_rows(reinterpret_cast<float*>(s), reinterpret_cast<const float*>(t),
+        const char* err = vocab_kd_rows(reinterpret_cast<float*>(s), reinterpret_cast<float*>(t),
                                         reinterpret_cast<const int64_t*>(labels),
                                         reinterpret_cast<const float*>(kd_coef),
                                         reinterpret_cast<const float*>(mlm_coef), reinterpret_cast<float*>(kd_row),

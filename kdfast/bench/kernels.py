@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from kdfast._buffers import release_workspaces
+from kdfast._reduction import KINDS
 from kdfast.bench import measure
 from kdfast.bench.ops import FLOOR, OPS
 from kdfast.runtime.environment import environment as runtime_environment
@@ -46,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only these impls (repeatable; 'floor' is always timed)")
     parser.add_argument("--shape", action="append", default=None, metavar="KEY=VALUE",
                         help="only the shapes with this value (repeatable, e.g. --shape rows=2048 --shape Hs=384)")
+    parser.add_argument("--kind", default=None, choices=KINDS,
+                        help="the KD divergence of ops that take one (vocab_kd; default: its own, kl)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls (default 2, quick 1)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results here")
@@ -73,8 +76,9 @@ def _shape_filter(pairs: Optional[list]) -> Callable[[dict], bool]:
 
 def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick: bool, only: Optional[list],
              warmup: int, repeats: int, log: Callable[[str], None] = print,
-             keep: Callable[[dict], bool] = lambda shape: True) -> list[dict]:
-    """Time every impl of ``op`` on each of its shapes; one result dict per (shape, impl)."""
+             keep: Callable[[dict], bool] = lambda shape: True, kind: Optional[str] = None) -> list[dict]:
+    """Time every impl of ``op`` on each of its shapes; one result dict per (shape, impl). ``kind`` goes into
+    each shape (``"kind"``) of an op whose module sets ``TAKES_KIND``."""
     module = importlib.import_module(f"kdfast.bench.ops.{op}")
     dtype = dtype or getattr(module, "DEFAULT_DTYPES", DEFAULT_DTYPES)[device.type]
     impls = module.impls(device)
@@ -83,7 +87,10 @@ def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick:
     if only:
         impls = {k: f for k, f in impls.items() if k == FLOOR or _split(k)[0] in only or k in only}
     results = []
-    for shape in filter(keep, module.shapes(quick, device)):
+    shapes = module.shapes(quick, device)
+    if kind is not None and getattr(module, "TAKES_KIND", False):
+        shapes = [dict(shape, kind=kind) for shape in shapes]
+    for shape in filter(keep, shapes):
         torch.manual_seed(SEED)
         inputs = module.inputs(shape, dtype, device)
         reference = module.reference(inputs)
@@ -148,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"kdfast bench kernels: no benchmark module for {op} yet (kdfast/bench/ops/{op}.py)", file=sys.stderr)
             continue
         results += bench_op(op, device, dtype, args.quick, args.impl, warmup, repeats,
-                            log=lambda msg: print(msg, file=sys.stderr, flush=True), keep=_shape_filter(args.shape))
+                            log=lambda msg: print(msg, file=sys.stderr, flush=True), keep=_shape_filter(args.shape),
+                            kind=args.kind)
     print(format_table(results))
     if args.json:
         path = Path(args.json)

@@ -19,10 +19,11 @@ Row kernel contract (one function per backend, e.g. ``kdfast.cpu.fused_linear_kd
   with ``q = softmax(a)``, ``p = softmax(t / T)`` and ``m = beta p + (1 - beta) q``:
   ``kl``, ``soft_ce``: ``d/da = q - p``; ``reverse_kl`` (KL(q || p)): ``q * ((log q - log p) - KL(q || p))``;
   ``jsd`` (beta KL(p || m) + (1 - beta) KL(q || m)): ``(1 - beta) * q * ((log q - log m) - KL(q || m))``;
-- ``t`` [C, V] fp32 teacher logits with the strides of ``s`` (read only; -inf entries have p = 0: top-k,
-  never with ``reverse_kl``);
+- ``t`` [C, V] fp32 teacher logits with the strides of ``s`` (scratch: ``jsd`` overwrites it; -inf entries
+  have p = 0: top-k, never with ``reverse_kl``);
 - ``labels`` [C] int64, -1 means no MLM term for the row; ``kd_coef``, ``mlm_coef`` [C] fp32;
-  ``kind`` one of ``kdfast._reduction.KINDS``; ``beta`` read by ``jsd``;
+  ``kind`` one of ``kdfast._reduction.KINDS`` (the driver passes ``kd_term(kind, beta)``: ``jsd`` only
+  with 0 < beta < 1); ``beta`` read by ``jsd``;
 - returns ``kd_row`` [C] fp32, the row's divergence (``kind``), unscaled, and ``mlm_row`` [C] fp32,
   ``lse(s) - s[label]`` (0 for rows without a label).
 
@@ -42,6 +43,7 @@ import torch
 
 from kdfast._buffers import new_output, workspace
 from kdfast._reduction import KINDS, kd_divisor, kd_factor, mlm_divisor
+from kdfast.functions.logit_map import LogitMap
 from kdfast.functions.sparse_targets import SparseTargets
 
 RowKernel = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
@@ -70,10 +72,11 @@ def _free_bytes(device: torch.device) -> Optional[int]:
     return None
 
 
-def chunk_rows(rows: int, vocab: int, device: torch.device) -> int:
-    """Rows per chunk so the teacher and student fp32 logit chunks [C, V] fit the memory budget: the
-    smaller of ``CUDA_CHUNK_BYTES`` (CUDA) or, on CPU, ``CPU_CHUNK_BYTES`` raised to hold
-    ``CPU_MIN_CHUNK_ROWS`` rows, and a quarter of free memory. Independent of the number of rows.
+def chunk_rows(rows: int, vocab: int, device: torch.device, buffers: int = 2) -> int:
+    """Rows per chunk so ``buffers`` fp32 chunks [C, V] (teacher and student logits, and a softcapped
+    student's dz/du) fit the memory budget: the smaller of ``CUDA_CHUNK_BYTES`` (CUDA) or, on CPU,
+    ``CPU_CHUNK_BYTES`` raised to hold ``CPU_MIN_CHUNK_ROWS`` rows, and a quarter of free memory, both
+    sized for two chunks and scaled by buffers / 2. Independent of the number of rows.
     ``KDFAST_VOCAB_CHUNK_ROWS`` overrides it (for experiments)."""
     forced = os.environ.get("KDFAST_VOCAB_CHUNK_ROWS")
     if forced:
@@ -82,13 +85,13 @@ def chunk_rows(rows: int, vocab: int, device: torch.device) -> int:
     free = _free_bytes(device)
     if free is not None:
         budget = min(budget, free // 4)
-    return rows_within(rows, vocab, budget)
+    return rows_within(rows, vocab, budget * 2 // buffers, buffers)
 
 
-def rows_within(rows: int, vocab: int, budget: int) -> int:
-    """Rows per chunk (a multiple of 16, at least 16, at most ``rows``) whose two fp32 [C, V] logit
+def rows_within(rows: int, vocab: int, budget: int, buffers: int = 2) -> int:
+    """Rows per chunk (a multiple of 16, at least 16, at most ``rows``) whose ``buffers`` fp32 [C, V]
     chunks fit ``budget`` bytes: fewer rows for a larger vocabulary, the same bytes."""
-    chunk = max(16, (budget // (2 * vocab * 4)) // 16 * 16)
+    chunk = max(16, (budget // (buffers * vocab * 4)) // 16 * 16)
     return max(1, min(rows, chunk))
 
 
@@ -310,11 +313,6 @@ def _keep_topk(t: torch.Tensor, k: int) -> None:
         t.masked_fill_(t < kth, float("-inf"))
 
 
-def _kd_vanishes(opts: dict) -> bool:
-    """JSD at beta = 0 (m = q) or beta = 1 (m = p) is 0 with 0 gradient; row kernels are not asked for it."""
-    return opts["kind"] == "jsd" and opts["beta"] in (0.0, 1.0)
-
-
 def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 opts: dict, need: "tuple[bool, bool, bool]", kd_weight: float, mlm_weight: float):
     """Loss sums and fp32 gradients of ``kd_weight * kd + mlm_weight * mlm``, chunk by chunk.
@@ -330,17 +328,20 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
                   opts["temperature"], kd_weight, mlm_weight, opts["reduction"], opts["t2_scale"])
     d_hidden, d_weight, d_bias, kd_sum, mlm_sum = pass_buffers(student_hidden, student_weight, need)
     if sel.count:
-        with_teacher = kd_weight != 0 and not _kd_vanishes(opts)
+        with_teacher = kd_weight != 0
         targets: Optional[SparseTargets] = opts.get("teacher_targets")
         student = _Head(student_weight, student_bias)
         teacher = _Head(teacher_weight, teacher_bias) if with_teacher and targets is None else None
-        size = opts["chunk_rows"] or chunk_rows(sel.count, vocab, device)
+        student_map: LogitMap = opts.get("student_map", LogitMap())  # plain heads when a caller gives none
+        teacher_map: LogitMap = opts.get("teacher_map", LogitMap())
+        buffers = 3 if student_map.needs_slope else 2  # the third: the capped student's dz/du
+        size = opts["chunk_rows"] or chunk_rows(sel.count, vocab, device, buffers)
         # Vocab-major chunks only for fp32 products (16-bit ones run on CUDA, where kernels are row-major).
         vocab_major = getattr(row_kernel, "vocab_major", False) and not student.native16 and not (
             teacher is not None and teacher.native16)
         mark = _PHASE_HOOK[0]
-        with workspace(2 * size * vocab, device) as chunks:
-            s_buf, t_buf = chunks[: size * vocab], chunks[size * vocab:]
+        with workspace(buffers * size * vocab, device) as chunks:
+            s_buf, t_buf, slope_buf = (chunks[i * size * vocab:(i + 1) * size * vocab] for i in range(3))
             for start in range(0, sel.count, size):
                 if mark:
                     mark("start")
@@ -349,7 +350,9 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
                 ids = None if sel.index is None else sel.index[part]
                 x_s = student_hidden[part] if ids is None else student_hidden.index_select(0, ids)
                 s, t = (_chunk_view(buf, stop - start, vocab, vocab_major) for buf in (s_buf, t_buf))
+                slope = _chunk_view(slope_buf, stop - start, vocab, vocab_major) if buffers == 3 else None
                 student.logits_into(s, x_s)
+                student_map.apply_(s, slope)
                 if mark:
                     mark("student_logits")
                 if with_teacher and targets is not None:
@@ -357,6 +360,7 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
                 elif with_teacher:
                     x_t = teacher_hidden[part] if ids is None else teacher_hidden.index_select(0, ids)
                     teacher.logits_into(t, x_t)
+                    teacher_map.apply_(t)
                     if opts["teacher_topk"] is not None:
                         _keep_topk(t, opts["teacher_topk"])
                 else:
@@ -370,6 +374,7 @@ def _fused_pass(student_hidden, student_weight, student_bias, teacher_hidden, te
                 if mark:
                     mark("row_kernel")
                 # s now holds d loss / d student logits for this chunk; t is spent.
+                student_map.backward_(s, slope)
                 add_chunk_grads(student, s, t, x_s, part, ids, start == 0, d_hidden, d_weight, d_bias, mark)
         if with_teacher and targets is not None and opts["kind"] == "kl":
             offset = targets.kl_offset()
@@ -420,7 +425,6 @@ def kd_kl_pass(student_logits: torch.Tensor, teacher_logits: torch.Tensor, opts:
         size = opts["chunk_rows"] or chunk_rows(sel.count, vocab, device)
         # fp32 without a mask: the kernel works directly in the gradient buffer.
         in_place = grad is not None and sel.index is None and grad.dtype == torch.float32
-        vanishes = _kd_vanishes(opts)
         with workspace((1 if in_place else 2) * size * vocab, device) as chunks:
             t_buf = chunks[: size * vocab].view(size, vocab)
             s_buf = None if in_place else chunks[size * vocab:].view(size, vocab)
@@ -431,12 +435,9 @@ def kd_kl_pass(student_logits: torch.Tensor, teacher_logits: torch.Tensor, opts:
                 s = grad[part] if in_place else s_buf[: stop - start]
                 t = t_buf[: stop - start]
                 s.copy_(student_logits[part] if ids is None else student_logits.index_select(0, ids))
-                if vanishes:
-                    t.copy_(s)  # KL(q || q) = 0, the value and gradient of the vanishing JSD
-                else:
-                    t.copy_(teacher_logits[part] if ids is None else teacher_logits.index_select(0, ids))
+                t.copy_(teacher_logits[part] if ids is None else teacher_logits.index_select(0, ids))
                 kd_row, _ = row_kernel(s, t, sel.labels[part], sel.kd_coef[part], sel.mlm_coef[part],
-                                       opts["temperature"], "kl" if vanishes else opts["kind"], opts["beta"])
+                                       opts["temperature"], opts["kind"], opts["beta"])
                 kd_sum += (kd_row.double() * sel.kd_scale[part]).sum()
                 if grad is not None and not in_place:
                     if ids is None:

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from kdfast import _backends
 from kdfast import _checks as check
 from kdfast._buffers import workspace
+from kdfast._reduction import kd_term
 from kdfast.functions.outputs import KDOutput
 from kdfast.functions.vocab_kd import (
     _chunk_view,
@@ -234,12 +235,14 @@ def shard_heads(student_weight: object, teacher_weight: object, student_bias: ob
 # --------------------------------------------------------------------------- kinds
 
 
-def effective_kind(kind: str, beta: float) -> str:
-    """The divergence computed: JSD at beta = 0 is forward KL and at beta = 1 reverse KL (the endpoints of
-    TRL's ``generalized_jsd_loss`` and Liger's ``LigerJSD``)."""
-    if kind == "jsd" and beta in (0.0, 1.0):
-        return "kl" if beta == 0.0 else "reverse_kl"
-    return kind
+def check_plain_heads(student_softcap, student_logit_scale, teacher_softcap, teacher_logit_scale) -> None:
+    """Softcapped or rescaled heads are not served vocabulary-parallel yet: refused by name."""
+    given = (("student_softcap", student_softcap, None), ("student_logit_scale", student_logit_scale, 1.0),
+             ("teacher_softcap", teacher_softcap, None), ("teacher_logit_scale", teacher_logit_scale, 1.0))
+    for name, value, plain in given:
+        if value != plain:
+            raise ValueError(f"{name}: expected {plain} with vocabulary-parallel heads (softcapped or rescaled heads "
+                             f"run on unsharded heads only), got {value!r}")
 
 
 # --------------------------------------------------------------------------- one chunk
@@ -363,7 +366,7 @@ def _sharded_pass(student_hidden, student_weight, student_bias, teacher_hidden, 
         if d_weight is not None:
             d_weight.zero_()
         return kd_sum, mlm_sum, d_hidden, d_weight, d_bias
-    kind, topk = effective_kind(opts["kind"], opts["beta"]), opts["teacher_topk"]
+    kind, topk = kd_term(opts["kind"], opts["beta"]), opts["teacher_topk"]
     with_teacher = kd_weight != 0
     with_labels = bool((sel.labels >= 0).any())
     with_raw = with_labels and opts["temperature"] != 1
@@ -439,7 +442,7 @@ def fused_linear_kd(shards: ShardedHeads, backend: str, *, student_hidden, stude
     reason = None if backend == "auto" else _backends.backend_ready(backend, student_hidden.device)
     if reason is not None:
         raise ValueError(f"backend={backend!r} cannot run fused_linear_kd: {reason}. backend='torch' always works")
-    if effective_kind(kind, beta) == "reverse_kl" and teacher_topk is not None and teacher_topk < shards.vocab:
+    if kd_term(kind, beta) == "reverse_kl" and teacher_topk is not None and teacher_topk < shards.vocab:
         raise ValueError(f"teacher_topk: expected None with kind={kind!r}, beta={beta} (reverse KL: KL(q || p) is "
                          f"infinite where the top-k teacher has p = 0), got {teacher_topk}")
     opts = dict(shards=shards, labels=labels, ignore_index=ignore_index,

@@ -1,7 +1,10 @@
-"""The LM head of a Hugging Face model as (transform, weight, bias), and the states it reads.
+"""The LM head of a Hugging Face model as (transform, weight, bias, softcap, logit scale), and the states it reads.
 
-``logits = head_states(model, head, inputs) @ head.weight.T + head.bias``: the pre-decoder states
-come from the base model plus the head's transform, so the fused losses read them without logits.
+``u = head_states(model, head, inputs) @ head.weight.T + head.bias``: the pre-decoder states come from
+the base model plus the head's transform, so the fused losses read them without logits. The model's
+logits are ``softcap * tanh(u * logit_scale / softcap)`` (or ``u * logit_scale`` without a cap), from
+its config: Gemma 2's ``final_logit_softcapping``, Cohere's ``logit_scale`` (multiplies), Granite's
+``logits_scaling`` (divides).
 """
 from __future__ import annotations
 
@@ -14,19 +17,18 @@ from torch import nn
 
 from kdfast.models import mlm_head
 
-# Config fields that rescale logits after the decoder (Gemma 2, Cohere, Granite): the fused
-# losses would distil other logits than the model's, so such models are refused.
-LOGIT_RESCALING_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
 
 @dataclass
 class LMHead:
     """``transform`` maps the base model's last hidden state [B, L, H] to the decoder input;
-    ``weight`` [V, H] and ``bias`` [V] (or None) are the decoder's."""
+    ``weight`` [V, H] and ``bias`` [V] (or None) are the decoder's; ``softcap`` (None = no tanh) and
+    ``logit_scale`` map the decoder's output to the model's logits."""
 
     transform: Callable[[torch.Tensor], torch.Tensor]
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
+    softcap: Optional[float] = None
+    logit_scale: float = 1.0
 
     @property
     def vocab_size(self) -> int:
@@ -35,6 +37,31 @@ class LMHead:
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def _config_number(config: object, field: str, who: str) -> Optional[float]:
+    """``config.field`` as a float, None when absent or None; a clear error for anything else."""
+    value = getattr(config, field, None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{who}: expected config.{field} to be None or a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def logit_map(model: nn.Module, who: str) -> tuple[Optional[float], float]:
+    """(softcap, logit_scale) of ``model``'s logits from its config: ``final_logit_softcapping`` (Gemma 2, the
+    cap), ``logit_scale`` (Cohere, multiplies) and ``logits_scaling`` (Granite, divides)."""
+    config = getattr(model, "config", None)
+    softcap = _config_number(config, "final_logit_softcapping", who)
+    scale = 1.0
+    multiplier = _config_number(config, "logit_scale", who)
+    divisor = _config_number(config, "logits_scaling", who)
+    if multiplier is not None:
+        scale *= multiplier
+    if divisor is not None:
+        scale /= divisor
+    return softcap, scale
 
 
 def find_lm_head(model: nn.Module, who: str) -> LMHead:
@@ -50,14 +77,9 @@ def find_lm_head(model: nn.Module, who: str) -> LMHead:
         raise TypeError(f"{who}: expected a model with an LM head (get_output_embeddings() returning a layer with a "
                         f"[V, H] weight), got {type(model).__name__} whose get_output_embeddings() gives "
                         f"{type(decoder).__name__}; use an *ForMaskedLM or *ForCausalLM model")
-    config = getattr(model, "config", None)
-    for field in LOGIT_RESCALING_FIELDS:
-        if getattr(config, field, None) not in (None, 1, 1.0):
-            raise ValueError(f"{who}: expected logits = decoder(hidden), got a model whose config sets {field}="
-                             f"{getattr(config, field)!r} (logits rescaled after the decoder), which the fused loss "
-                             f"does not reproduce")
+    softcap, scale = logit_map(model, who)
     if any(child is decoder for child in model.children()):
-        return LMHead(_identity, weight, getattr(decoder, "bias", None))
+        return LMHead(_identity, weight, getattr(decoder, "bias", None), softcap, scale)
     try:
         transform, known_decoder = mlm_head(model)
     except TypeError:
@@ -66,7 +88,7 @@ def find_lm_head(model: nn.Module, who: str) -> LMHead:
         raise TypeError(f"{who}: expected a BERT/RoBERTa masked LM or a causal LM whose LM head is a direct child "
                         f"layer, got {type(model).__name__}, whose head kdfast does not know how to split into "
                         f"transform and decoder")
-    return LMHead(transform, weight, decoder.bias)
+    return LMHead(transform, weight, decoder.bias, softcap, scale)
 
 
 def is_causal_lm(model: nn.Module) -> bool:

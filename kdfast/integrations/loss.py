@@ -212,14 +212,17 @@ def distillation_loss(student: nn.Module, teacher: Optional[nn.Module], inputs: 
     positions = (flat != IGNORE_INDEX).nonzero().squeeze(1)
     device = model.get_input_embeddings().weight.device
     if teacher_targets is None:
-        rows = teacher_rows(teacher, find_lm_head(teacher, "teacher"), inputs, positions, causal, device)
-        teacher_args = dict(zip(("teacher_hidden", "teacher_weight", "teacher_bias"), rows), teacher_topk=teacher_topk)
+        teacher_head = find_lm_head(teacher, "teacher")
+        rows = teacher_rows(teacher, teacher_head, inputs, positions, causal, device)
+        teacher_args = dict(zip(("teacher_hidden", "teacher_weight", "teacher_bias"), rows), teacher_topk=teacher_topk,
+                            teacher_softcap=teacher_head.softcap, teacher_logit_scale=teacher_head.logit_scale)
     else:
         teacher_args = dict(teacher_targets=target_rows(teacher_targets, targets, positions, device))
     extra = {} if beta is None else {"beta": beta}
 
     def fused_loss(**batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        states = head_states(model, find_lm_head(model, "student"), batch)
+        student_head = find_lm_head(model, "student")
+        states = head_states(model, student_head, batch)
         head = gathered_head(model, "student")  # inside the forward, after the base model: gathered by FSDP2
         hidden_s = _rows(states, positions, causal)
         dtype = _common_dtype(hidden_s, head.weight)
@@ -227,6 +230,7 @@ def distillation_loss(student: nn.Module, teacher: Optional[nn.Module], inputs: 
         out = fused_linear_kd(hidden_s.to(dtype), head.weight.to(dtype), student_bias=bias_s,
                               labels=flat[positions].to(hidden_s.device), temperature=temperature,
                               kd_weight=kd_weight, mlm_weight=ce_weight, kind=kind, reduction="sum", backend=backend,
+                              student_softcap=student_head.softcap, student_logit_scale=student_head.logit_scale,
                               **teacher_args, **extra)
         return out.loss, out.kd, out.mlm
 

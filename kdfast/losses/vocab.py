@@ -11,7 +11,7 @@ from torch import nn
 
 from kdfast import _backends
 from kdfast import _checks as check
-from kdfast._reduction import KINDS, REDUCTIONS
+from kdfast._reduction import KINDS, REDUCTIONS, kd_term
 from kdfast.functions import vocab_parallel
 from kdfast.losses.types import KDOutput
 
@@ -30,8 +30,9 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
     """A divergence between p = softmax(t/T) (teacher) and q = softmax(s/T) (student) over rows of
     [N, V] logits, times T**2 when ``t2_scale``. ``kind``: ``"kl"`` KL(p || q), ``"soft_ce"``
     -sum p log q, ``"reverse_kl"`` KL(q || p), ``"jsd"`` the generalised JSD of GKD (Agarwal et al.
-    2024): beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q (0 at beta = 0 and 1;
-    ``beta`` in [0, 1] is read by ``"jsd"`` only). See docs/losses.md.
+    2024): beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q for 0 < beta < 1, and as in
+    TRL's ``generalized_jsd_loss`` and Liger's ``LigerJSD`` forward KL(p || q) at beta = 0 and reverse
+    KL(q || p) at beta = 1 (``beta`` in [0, 1] is read by ``"jsd"`` only). See docs/losses.md.
 
     ``mask`` [N] keeps rows (True). ``batchmean`` divides by kept rows, ``mean`` by kept rows x V,
     ``sum`` not at all. The teacher is a constant. No kept rows gives 0 with zero gradients.
@@ -47,6 +48,16 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
     kwargs = dict(student_logits=student_logits, teacher_logits=teacher_logits, temperature=temperature,
                   mask=mask, kind=kind, reduction=reduction, t2_scale=bool(t2_scale), beta=beta)
     return _backends.call("kd_kl", device, backend, **kwargs)
+
+
+def _check_logit_maps(student_softcap, student_logit_scale, teacher_softcap, teacher_logit_scale) -> dict:
+    """Validated softcaps (None or > 0) and logit scales (> 0), as keyword arguments."""
+    out = {}
+    for who, cap, scale in (("student", student_softcap, student_logit_scale),
+                            ("teacher", teacher_softcap, teacher_logit_scale)):
+        out[f"{who}_softcap"] = None if cap is None else check.positive(f"{who}_softcap", cap)
+        out[f"{who}_logit_scale"] = check.positive(f"{who}_logit_scale", scale)
+    return out
 
 
 def _check_teacher_targets(value: object, rows: int, vocab: int, kind: str, teacher: dict) -> tuple:
@@ -83,6 +94,8 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                     t2_scale: bool = True, mask: Optional[torch.Tensor] = None,
                     row_weights: Optional[torch.Tensor] = None, teacher_topk: Optional[int] = None,
                     teacher_targets: Optional[tuple] = None, backend: str = "auto", beta: float = 0.5,
+                    student_softcap: Optional[float] = None, student_logit_scale: float = 1.0,
+                    teacher_softcap: Optional[float] = None, teacher_logit_scale: float = 1.0,
                     process_group: Optional[object] = None) -> KDOutput:
     """Vocabulary KD plus MLM cross-entropy through both LM heads, without [N, V] logits in memory
     on the kernel backends.
@@ -99,6 +112,9 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     p̂ = Σ_k weights[n, k]·onehot(ids[n, k]) (ids -1 are padding; cached top-K probabilities or
     importance-weighted samples, docs/teacher_cache.md), the KD row is -Σ p̂ log q (``soft_ce``) or
     Σ p̂ (log p̂ - log q) (``kl``), q = softmax(student logits / T) over the full vocabulary.
+    Softcapped / rescaled heads (Gemma 2, Cohere, Granite): each side's logits are
+    ``cap * tanh((h @ W^T + b) * logit_scale / cap)`` when its ``*_softcap`` is set, else
+    ``(h @ W^T + b) * logit_scale``; temperature, KD, MLM CE and T² act on them (docs/losses.md).
     Returns ``KDOutput(loss, kd, mlm)`` with ``loss = kd_weight*kd + mlm_weight*mlm``.
     The teacher tensors are constants: they receive no gradient.
 
@@ -119,6 +135,7 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         teacher_hidden = local.get("teacher_hidden", teacher_hidden)
     kd_weight = check.non_negative("kd_weight", kd_weight)
     mlm_weight = check.non_negative("mlm_weight", mlm_weight)
+    maps = _check_logit_maps(student_softcap, student_logit_scale, teacher_softcap, teacher_logit_scale)
     check.tensor("student_hidden", student_hidden, ndim=2)
     check.tensor("student_weight", student_weight, ndim=2)
     rows, width_s = student_hidden.shape
@@ -130,7 +147,10 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     if teacher_targets is not None:
         teacher_targets = _check_teacher_targets(
             teacher_targets, rows, vocab, kind, dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                                                     teacher_bias=teacher_bias, teacher_topk=teacher_topk))
+                                                     teacher_bias=teacher_bias, teacher_topk=teacher_topk,
+                                                     teacher_softcap=maps["teacher_softcap"],
+                                                     teacher_logit_scale=None if maps["teacher_logit_scale"] == 1
+                                                     else maps["teacher_logit_scale"]))
         teachers = teacher_targets
     else:
         if teacher_hidden is None and teacher_weight is None:
@@ -161,9 +181,10 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         if isinstance(teacher_topk, bool) or not isinstance(teacher_topk, int) or not 0 < teacher_topk:
             raise ValueError(f"teacher_topk: expected None or an int in [1, V={vocab}], got {teacher_topk!r}")
         teacher_topk = min(teacher_topk, vocab)
-        if kind == "reverse_kl" and teacher_topk < vocab:
-            raise ValueError(f"teacher_topk: expected None with kind='reverse_kl' (KL(q || p) is infinite where the "
-                             f"top-k teacher has p = 0; kind='jsd' or 'kl' take top-k targets), got {teacher_topk}")
+        if kd_term(kind, beta) == "reverse_kl" and teacher_topk < vocab:
+            raise ValueError(f"teacher_topk: expected None with kind='reverse_kl' or kind='jsd' at beta=1 (KL(q || p) "
+                             f"is infinite where the top-k teacher has p = 0; kind='jsd' at beta < 1 or 'kl' take "
+                             f"top-k targets), got {teacher_topk}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     labels = check.labels("labels", labels, rows, vocab, ignore_index, device)
@@ -178,8 +199,11 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                   teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias,
                   labels=labels, ignore_index=ignore_index, temperature=temperature, kd_weight=kd_weight,
                   mlm_weight=mlm_weight, kind=kind, reduction=reduction, t2_scale=bool(t2_scale), mask=mask,
-                  row_weights=row_weights, teacher_topk=teacher_topk, teacher_targets=teacher_targets, beta=beta)
+                  row_weights=row_weights, teacher_topk=teacher_topk, teacher_targets=teacher_targets, beta=beta,
+                  **maps)
     if sharded is not None:
+        vocab_parallel.check_plain_heads(kwargs.pop("student_softcap"), kwargs.pop("student_logit_scale"),
+                                         kwargs.pop("teacher_softcap"), kwargs.pop("teacher_logit_scale"))
         return vocab_parallel.fused_linear_kd(shards, backend, **kwargs)
     return _backends.call("fused_linear_kd", device, backend, **kwargs)
 
@@ -208,12 +232,15 @@ class FusedLinearKDLoss(nn.Module):
     def __init__(self, temperature: float = 1.0, kd_weight: float = 1.0, mlm_weight: float = 0.0,
                  kind: str = "kl", reduction: str = "batchmean", t2_scale: bool = True, ignore_index: int = -100,
                  teacher_topk: Optional[int] = None, backend: str = "auto", beta: float = 0.5,
+                 student_softcap: Optional[float] = None, student_logit_scale: float = 1.0,
+                 teacher_softcap: Optional[float] = None, teacher_logit_scale: float = 1.0,
                  process_group: Optional[object] = None):
         super().__init__()
         _check_options(temperature, kind, reduction, backend, beta)
+        maps = _check_logit_maps(student_softcap, student_logit_scale, teacher_softcap, teacher_logit_scale)
         self.options = dict(temperature=temperature, kd_weight=kd_weight, mlm_weight=mlm_weight, kind=kind,
                             reduction=reduction, t2_scale=t2_scale, ignore_index=ignore_index,
-                            teacher_topk=teacher_topk, backend=backend, beta=beta)
+                            teacher_topk=teacher_topk, backend=backend, beta=beta, **maps)
         if process_group is not None:
             self.options["process_group"] = process_group
 

@@ -15,7 +15,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from kdfast._reduction import kd_term
 from kdfast.functions import vocab_kd as driver
+from kdfast.functions.logit_map import LogitMap
 from kdfast.functions.outputs import KDOutput
 from kdfast.functions.sparse_targets import SparseTargets
 from kdfast.ops._common import backend_module, no_grad_like, tracing, wants_grad
@@ -25,15 +27,19 @@ OPS = ("kdfast::fused_linear_kd", "kdfast::fused_linear_kd_backward", "kdfast::k
 
 def _options(backend: str, labels, mask, row_weights, target_ids, target_weights, ignore_index: int,
              temperature: float, kind: str, reduction: str, t2_scale: bool, teacher_topk: Optional[int],
-             beta: float, chunk_rows: Optional[int]) -> dict:
-    """The chunked driver's ``opts`` (sparse targets prepared, their masses folded into row_weights)."""
+             beta: float, chunk_rows: Optional[int], student_softcap: Optional[float], student_logit_scale: float,
+             teacher_softcap: Optional[float], teacher_logit_scale: float) -> dict:
+    """The chunked driver's ``opts`` (sparse targets prepared, their masses folded into row_weights; the
+    KD term of ``kind`` at ``beta``; each head's logit map)."""
     targets = None if target_ids is None else SparseTargets.prepare(target_ids, target_weights)
     if targets is not None:
         row_weights = targets.mass if row_weights is None else targets.mass * row_weights.double()
     return dict(row_kernel=backend_module("fused_linear_kd", backend).rows, labels=labels,
-                ignore_index=ignore_index, temperature=temperature, kind=kind, reduction=reduction,
+                ignore_index=ignore_index, temperature=temperature, kind=kd_term(kind, beta), reduction=reduction,
                 t2_scale=t2_scale, mask=mask, row_weights=row_weights, teacher_topk=teacher_topk, beta=beta,
-                teacher_targets=targets, chunk_rows=chunk_rows)
+                teacher_targets=targets, chunk_rows=chunk_rows,
+                student_map=LogitMap(student_softcap, student_logit_scale),
+                teacher_map=LogitMap(teacher_softcap, teacher_logit_scale))
 
 
 @torch.library.custom_op("kdfast::fused_linear_kd", mutates_args=())
@@ -43,10 +49,12 @@ def _fused_linear_kd(student_hidden: Tensor, student_weight: Tensor, student_bia
                      row_weights: Optional[Tensor], target_ids: Optional[Tensor], target_weights: Optional[Tensor],
                      backend: str, ignore_index: int, temperature: float, kd_weight: float, mlm_weight: float,
                      kind: str, reduction: str, t2_scale: bool, teacher_topk: Optional[int], beta: float,
-                     chunk_rows: Optional[int], need: Sequence[bool]
+                     chunk_rows: Optional[int], student_softcap: Optional[float], student_logit_scale: float,
+                     teacher_softcap: Optional[float], teacher_logit_scale: float, need: Sequence[bool]
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     opts = _options(backend, labels, mask, row_weights, target_ids, target_weights, ignore_index, temperature,
-                    kind, reduction, t2_scale, teacher_topk, beta, chunk_rows)
+                    kind, reduction, t2_scale, teacher_topk, beta, chunk_rows, student_softcap, student_logit_scale,
+                    teacher_softcap, teacher_logit_scale)
     kd, mlm, *grads = driver._fused_pass(student_hidden, student_weight, student_bias, teacher_hidden,
                                          teacher_weight, teacher_bias, opts, tuple(need), kd_weight, mlm_weight)
     kd = (kd if kd_weight != 0 else kd * 0).float()
@@ -67,12 +75,6 @@ def _(student_hidden, student_weight, *args):
     return scalar, scalar.clone(), *_grad_shapes(student_hidden, student_weight, need)
 
 
-_TENSOR_ARGS = ("student_hidden", "student_weight", "student_bias", "labels", "mask", "row_weights", "target_ids",
-                "target_weights")
-_OPTION_ARGS = ("backend", "ignore_index", "temperature", "kd_weight", "mlm_weight", "kind", "reduction", "t2_scale",
-                "teacher_topk", "beta", "chunk_rows", "need")
-
-
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, _, _, _, labels, mask, row_weights, target_ids, target_weights, *options) = inputs
     _, _, d_hidden, d_weight, d_bias = output
@@ -87,13 +89,13 @@ def _scaled_grads(grad_kd: Tensor, grad_mlm: Tensor, stored: Sequence[Tensor], i
                   options: Sequence) -> list:
     """The input gradients given the gradients of kd and mlm (``driver.scale_stored_grads``); the MLM
     part's own gradients, when re-weighting needs them, come from one more pass without the teacher."""
-    backend, ignore_index, temperature, kd_weight, mlm_weight, kind, reduction, t2_scale, topk, beta, chunk, need = \
-        options
+    backend, ignore_index, temperature, kd_weight, mlm_weight, kind, reduction, t2_scale, topk, beta, chunk, *maps, \
+        need = options
 
     def mlm_grads() -> list:
         hidden, weight, bias, labels, mask, row_weights, target_ids, target_weights = inputs
         opts = _options(backend, labels, mask, row_weights, target_ids, target_weights, ignore_index, temperature,
-                        kind, reduction, t2_scale, topk, beta, chunk)
+                        kind, reduction, t2_scale, topk, beta, chunk, *maps)
         return driver._fused_pass(hidden, weight, bias, None, None, None, opts, tuple(need), 0.0, 1.0)[2:]
 
     return driver.scale_stored_grads(grad_kd, grad_mlm, stored, kd_weight, mlm_weight, mlm_grads)
@@ -107,11 +109,13 @@ def _fused_linear_kd_backward(grad_kd: Tensor, grad_mlm: Tensor, d_hidden: Tenso
                               target_weights: Optional[Tensor], backend: str, ignore_index: int, temperature: float,
                               kd_weight: float, mlm_weight: float, kind: str, reduction: str, t2_scale: bool,
                               teacher_topk: Optional[int], beta: float, chunk_rows: Optional[int],
+                              student_softcap: Optional[float], student_logit_scale: float,
+                              teacher_softcap: Optional[float], teacher_logit_scale: float,
                               need: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
     stored = (d_hidden, d_weight, d_bias)
     inputs = (student_hidden, student_weight, student_bias, labels, mask, row_weights, target_ids, target_weights)
     options = (backend, ignore_index, temperature, kd_weight, mlm_weight, kind, reduction, t2_scale, teacher_topk,
-               beta, chunk_rows, need)
+               beta, chunk_rows, student_softcap, student_logit_scale, teacher_softcap, teacher_logit_scale, need)
     grads = _scaled_grads(grad_kd, grad_mlm, [g if wanted else None for g, wanted in zip(stored, need)], inputs,
                           options)
     return tuple(no_grad_like(d_hidden) if g is None else g.clone() if g is s else g for g, s in zip(grads, stored))
@@ -132,7 +136,7 @@ def _backward(ctx, grad_kd, grad_mlm, *_):
         grads = _scaled_grads(grad_kd, grad_mlm, [g if wanted else None for g, wanted in
                                                    zip((d_hidden, d_weight, d_bias), need)], inputs, ctx.options)
     out = [g.to(dtype) if wanted and g is not None else None for g, dtype, wanted in zip(grads, ctx.dtypes, need)]
-    return (*out, *([None] * 20))
+    return (*out, *([None] * 24))
 
 
 _fused_linear_kd.register_autograd(_backward, setup_context=_setup_context)
@@ -141,7 +145,8 @@ _fused_linear_kd.register_autograd(_backward, setup_context=_setup_context)
 def fused_linear_kd(backend: str, *, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
                     student_bias=None, teacher_bias=None, labels=None, ignore_index=-100, temperature=1.0,
                     kd_weight=1.0, mlm_weight=0.0, kind="kl", reduction="batchmean", t2_scale=True, mask=None,
-                    row_weights=None, teacher_topk=None, teacher_targets=None, beta=0.5,
+                    row_weights=None, teacher_topk=None, teacher_targets=None, beta=0.5, student_softcap=None,
+                    student_logit_scale=1.0, teacher_softcap=None, teacher_logit_scale=1.0,
                     chunk_rows: Optional[int] = None) -> KDOutput:
     """``kdfast.fused_linear_kd`` (validated keyword arguments) through ``kdfast::fused_linear_kd`` on
     ``backend``; ``chunk_rows`` forces the rows per chunk. ``teacher_targets`` (ids [N, K], weights
@@ -152,7 +157,9 @@ def fused_linear_kd(backend: str, *, student_hidden, student_weight, teacher_hid
     kd, mlm, *_ = torch.ops.kdfast.fused_linear_kd(
         student_hidden, student_weight, student_bias, *detached, labels, mask, row_weights, target_ids,
         target_weights, backend, ignore_index, float(temperature), float(kd_weight), float(mlm_weight), kind,
-        reduction, bool(t2_scale), teacher_topk, float(beta), chunk_rows, need)
+        reduction, bool(t2_scale), teacher_topk, float(beta), chunk_rows,
+        None if student_softcap is None else float(student_softcap), float(student_logit_scale),
+        None if teacher_softcap is None else float(teacher_softcap), float(teacher_logit_scale), need)
     return KDOutput(kd_weight * kd + mlm_weight * mlm, kd, mlm)
 
 
@@ -163,7 +170,8 @@ def fused_linear_kd(backend: str, *, student_hidden, student_weight, teacher_hid
 def _kd_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor], backend: str, temperature: float,
            kind: str, reduction: str, t2_scale: bool, beta: float, chunk_rows: Optional[int],
            need_grad: bool) -> tuple[Tensor, Tensor]:
-    opts = dict(row_kernel=backend_module("kd_kl", backend).rows, temperature=temperature, mask=mask, kind=kind,
+    opts = dict(row_kernel=backend_module("kd_kl", backend).rows, temperature=temperature, mask=mask,
+                kind=kd_term(kind, beta),
                 reduction=reduction, t2_scale=t2_scale, beta=beta, chunk_rows=chunk_rows)
     loss, grad = driver.kd_kl_pass(student_logits, teacher_logits, opts, need_grad)
     return loss, no_grad_like(student_logits) if grad is None else grad

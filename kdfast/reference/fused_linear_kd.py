@@ -12,9 +12,11 @@ from kdfast.reference._common import compute_dtype
 from kdfast.reference.kd_kl import kd_rows
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-            dtype: torch.dtype) -> torch.Tensor:
-    return F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype,
+            softcap: Optional[float] = None, logit_scale: float = 1.0) -> torch.Tensor:
+    """The head's logits as the model reports them: cap·tanh((h·W + b)·scale / cap), or (h·W + b)·scale."""
+    logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)) * logit_scale
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 def sparse_kd_rows(student_logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, temperature: float,
@@ -33,7 +35,8 @@ def sparse_kd_rows(student_logits: torch.Tensor, ids: torch.Tensor, weights: tor
 def fused_linear_kd(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, student_bias=None,
                     teacher_bias=None, labels=None, ignore_index=-100, temperature=1.0, kd_weight=1.0,
                     mlm_weight=0.0, kind="kl", reduction="batchmean", t2_scale=True, mask=None,
-                    row_weights=None, teacher_topk=None, teacher_targets=None, beta=0.5) -> KDOutput:
+                    row_weights=None, teacher_topk=None, teacher_targets=None, beta=0.5, student_softcap=None,
+                    student_logit_scale=1.0, teacher_softcap=None, teacher_logit_scale=1.0) -> KDOutput:
     dtype = compute_dtype(*(t for t in (student_hidden, student_weight, teacher_hidden, teacher_weight)
                             if t is not None))
     kd_rows_mask = mask if mask is not None else (None if labels is None else labels != ignore_index)
@@ -42,13 +45,15 @@ def fused_linear_kd(student_hidden, student_weight, teacher_hidden=None, teacher
     kd = zero
     if kd_weight != 0:
         sel = slice(None) if kd_rows_mask is None else kd_rows_mask
-        s_logits = _logits(student_hidden[sel], student_weight, student_bias, dtype)
+        s_logits = _logits(student_hidden[sel], student_weight, student_bias, dtype, student_softcap,
+                           student_logit_scale)
         if teacher_targets is not None:
             ids, weights = teacher_targets
             rows = sparse_kd_rows(s_logits, ids[sel], weights[sel].detach(), temperature, kind)
         else:
             with torch.no_grad():
-                t_logits = _logits(teacher_hidden[sel], teacher_weight, teacher_bias, dtype)
+                t_logits = _logits(teacher_hidden[sel], teacher_weight, teacher_bias, dtype, teacher_softcap,
+                               teacher_logit_scale)
             rows = kd_rows(s_logits, t_logits, temperature, kind, teacher_topk, beta)
         if row_weights is not None:
             rows = rows * row_weights[sel].to(dtype)
@@ -57,6 +62,7 @@ def fused_linear_kd(student_hidden, student_weight, teacher_hidden=None, teacher
     mlm = zero
     if mlm_weight != 0 and labels is not None:
         kept = labels != ignore_index
-        s_logits = _logits(student_hidden[kept], student_weight, student_bias, dtype)
+        s_logits = _logits(student_hidden[kept], student_weight, student_bias, dtype, student_softcap,
+                           student_logit_scale)
         mlm = F.cross_entropy(s_logits, labels[kept], reduction="sum") / mlm_divisor(reduction, int(kept.sum()))
     return KDOutput(kd_weight * kd + mlm_weight * mlm, kd, mlm)

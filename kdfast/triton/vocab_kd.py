@@ -8,9 +8,11 @@ One program per row walks the vocabulary in ``BLOCK_V`` chunks twice (see ``../s
    (soft CE), all rescaled whenever a running max moves;
 2. a second pass writes ``kd_coef·(q - p) + mlm_coef·(softmax(s) - onehot(y))`` over ``s``.
 
-Reverse KL and JSD (``KIND`` 2, 3; the math of ``csrc/vocab_kd_math.h``): pass 1 also keeps b_ref,
-the teacher's b at the student's argmax; a second pass sums q·delta (and JSD's p terms), a third
-writes ``kd_coef·w·q·(delta - sum q·delta) + mlm_coef·(softmax(s) - onehot(y))``.
+Reverse KL and JSD (``KIND`` 2, 3; the math of ``csrc/vocab_kd_math.h``). Reverse KL: pass 1 also keeps
+k = sum q·delta online (deltas relative to the running argmax, moved when the max moves), so its second pass
+writes ``kd_coef·q·(delta - k) + mlm_coef·(softmax(s) - onehot(y))``. JSD: pass 1 also keeps b_ref, the
+teacher's b at the student's argmax; pass 2 writes the gradient without its k term into ``s`` and
+``kd_coef·w·q`` into ``t`` (scratch) while summing q·delta and the p terms; pass 3 subtracts k·t.
 The launcher is the ``torch.library.triton_op`` ``kdfast::vocab_kd_rows_triton`` (``wrap_triton``).
 
 Teacher entries equal to -inf have p = 0 (top-k targets). All math is fp32: loads are cast to fp32
@@ -44,31 +46,17 @@ def _online_update(m, total, x):
 
 
 @triton.jit
-def _softplus(z):
-    """log(1 + exp(z)), 0 at z = -inf; log1p in Goldberg's form so tiny exp(z) stay exact."""
-    e = tl.exp(tl.where(z > 0.0, -z, z))
-    u = 1.0 + e
-    return tl.maximum(z, 0.0) + tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
-
-
-@triton.jit
-def _divergence_terms(s, t, in_row, inv_temperature, m_a, log_l_a, m_b, log_l_b, b_ref, sp_ref, log_beta, log_odds,
-                      KIND: tl.constexpr):
-    """Reverse KL (KIND 2) / JSD (3) per element: (q, delta, p_term), 0 past V. Log-softmaxes are taken
-    as (x - max) - log(sum), which keeps them exact next to logits of 1e4."""
-    a_shift = tl.where(in_row, s * inv_temperature - m_a, float("-inf"))
-    b = t * inv_temperature
-    q = tl.exp(a_shift - log_l_a)
-    if KIND == 2:
-        delta = a_shift - (b - b_ref)
-        p_term = tl.zeros_like(q)
-    else:
-        log_p = (b - m_b) - log_l_b
-        p = tl.exp(log_p)
-        z = (log_p - (a_shift - log_l_a)) + log_odds
-        delta = sp_ref - _softplus(z)
-        p_term = tl.where(p > 0.0, p * (-log_beta - _softplus(-z)), 0.0)
-    return q, tl.where(in_row, delta, 0.0), p_term
+def _jsd_softplus(log_q, log_p, q, p, beta, log_odds):
+    """(softplus(zeta), softplus(-zeta)), zeta = log p - log q + log(beta / (1 - beta)); exp(-|zeta|) is the
+    ratio of the smaller to the larger of beta·p and (1 - beta)·q, log1p in Goldberg's form."""
+    zeta = (log_p - log_q) + log_odds
+    bp = beta * p
+    bq = (1.0 - beta) * q
+    hi = tl.maximum(bp, bq)
+    x = tl.minimum(bp, bq) / tl.where(hi > 0.0, hi, 1.0)
+    u = 1.0 + x
+    log1p = tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+    return tl.maximum(zeta, 0.0) + log1p, tl.maximum(-zeta, 0.0) + log1p
 
 
 @triton.jit
@@ -95,6 +83,7 @@ def vocab_kd_row_kernel(
     m_s = float("-inf")
     l_s = 0.0
     b_ref = 0.0
+    k = 0.0  # reverse KL: sum exp(a - m_a)·delta, then sum q·delta
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < V
@@ -103,10 +92,29 @@ def vocab_kd_row_kernel(
         a = s * inv_temperature
         b = t * inv_temperature
         a_in = tl.where(in_row, a, float("-inf"))
-        if KIND >= 2:  # b at the student's argmax
+        if KIND >= 2:  # b at the block's student argmax
             block_max = tl.max(a_in, axis=0)
-            b_ref = tl.where(block_max > m_a, tl.max(tl.where(a_in == block_max, b, float("-inf")), axis=0), b_ref)
-        m_a, l_a, _, _ = _online_update(m_a, l_a, a_in)
+            b_at = tl.max(tl.where(a_in == block_max, b, float("-inf")), axis=0)
+        if KIND == 2:  # the block's sums relative to (block_max, b_at), merged into the row's
+            e = tl.exp(a_in - block_max)
+            sum_blk = tl.sum(e, axis=0)
+            acc_blk = tl.sum(tl.where(in_row, e * ((a_in - block_max) - (b - b_at)), 0.0), axis=0)
+            up = block_max > m_a
+            lo_m = tl.where(up, m_a, block_max)
+            hi_m = tl.where(up, block_max, m_a)
+            lo_sum = tl.where(up, l_a, sum_blk)
+            lo_acc = tl.where(up, k, acc_blk)
+            shift = (lo_m - hi_m) - (tl.where(up, b_ref, b_at) - tl.where(up, b_at, b_ref))
+            f = tl.exp(lo_m - hi_m)
+            moved = tl.where(lo_sum > 0.0, (lo_acc + lo_sum * shift) * f, 0.0)
+            k = tl.where(up, acc_blk, k) + moved
+            l_a = tl.where(up, sum_blk, l_a) + lo_sum * f
+            b_ref = tl.where(up, b_at, b_ref)
+            m_a = hi_m
+        else:
+            if KIND == 3:
+                b_ref = tl.where(block_max > m_a, b_at, b_ref)
+            m_a, l_a, _, _ = _online_update(m_a, l_a, a_in)
         m_b, l_b, rescale_b, e_b = _online_update(m_b, l_b, b)
         if KIND < 2:
             if KIND == 1:
@@ -125,58 +133,74 @@ def vocab_kd_row_kernel(
     else:
         lse_s = lse_a
     log_odds = log_beta - log_1m_beta
-    sp_ref = 0.0
-    k = 0.0
-    if KIND == 3:  # z at the student's argmax: log p_r - log q_r + log(beta / (1 - beta)), log q_r = -log l_a
-        sp_ref = _softplus(((b_ref - m_b) - tl.log(l_b)) + tl.log(l_a) + log_odds)
-    if KIND >= 2:
-        # Pass 2: k = sum q·delta (and JSD's sum of p terms).
+    log_l_a = tl.log(l_a)
+    log_l_b = tl.log(l_b)
+    s_label = tl.load(s_row + tl.maximum(label, 0)).to(tl.float32)  # before any pass overwrites it
+    if KIND == 2:  # R = D_r + k, D_r = log q_r - log p_r
+        k = k / l_a
+        kd_row = k - log_l_a - ((b_ref - m_b) - log_l_b)
+    elif KIND == 3:
+        # The argmax's softplus as pass 2 computes it there (a - m_a = 0), so its delta is exactly 0.
+        log_q_r = -log_l_a
+        log_p_r = (b_ref - m_b) - log_l_b
+        sp_ref, _ = _jsd_softplus(log_q_r, log_p_r, tl.exp(log_q_r), tl.exp(log_p_r), beta, log_odds)
+        # Pass 2: the gradient without its k term into s, kd_coef·(1 - beta)·q into t; sums.
+        sum_q_delta = 0.0
         sum_p = 0.0
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             in_row = cols < V
             s = tl.load(s_row + cols, mask=in_row, other=0.0).to(tl.float32)
             t = tl.load(t_row + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-            q, delta, p_term = _divergence_terms(s, t, in_row, inv_temperature, m_a, tl.log(l_a), m_b, tl.log(l_b),
-                                                 b_ref, sp_ref, log_beta, log_odds, KIND)
-            k += tl.sum(q * delta, axis=0)
-            sum_p += tl.sum(p_term, axis=0)
-        if KIND == 2:  # R = D_r + k, D_r = log q_r - log p_r
-            kd_row = k - tl.log(l_a) - ((b_ref - m_b) - tl.log(l_b))
-        else:
-            kd_row = beta * sum_p + (1.0 - beta) * ((-log_1m_beta - sp_ref) + k)
+            log_q = tl.where(in_row, s * inv_temperature - m_a, float("-inf")) - log_l_a
+            log_p = (t * inv_temperature - m_b) - log_l_b
+            q = tl.exp(log_q)
+            p = tl.exp(log_p)
+            sp_pos, sp_neg = _jsd_softplus(log_q, log_p, q, p, beta, log_odds)
+            delta = tl.where(in_row, sp_ref - sp_pos, 0.0)
+            sum_q_delta += tl.sum(q * delta, axis=0)
+            sum_p += tl.sum(tl.where(p > 0.0, p * (-log_beta - sp_neg), 0.0), axis=0)
+            q_coef = kd_coef * (1.0 - beta) * q
+            if RAW_LSE:
+                softmax_s = tl.exp(s - lse_s)
+            else:
+                softmax_s = q
+            grad = q_coef * delta + mlm_coef * (softmax_s - tl.where(cols == label, 1.0, 0.0))
+            tl.store(s_row + cols, grad, mask=in_row)
+            tl.store(t_row + cols, q_coef, mask=in_row)
+        k = sum_q_delta
+        kd_row = beta * sum_p + (1.0 - beta) * ((-log_1m_beta - sp_ref) + k)
     elif KIND == 1:
         kd_row = acc / l_b + lse_a
     else:
         kd_row = acc / l_b - lse_b + lse_a
 
-    s_label = tl.load(s_row + tl.maximum(label, 0)).to(tl.float32)
     mlm_row = tl.where(label >= 0, lse_s - s_label, 0.0)
     tl.store(kd_row_ptr + row, kd_row)
     tl.store(mlm_row_ptr + row, mlm_row)
 
-    # Last pass: d loss / d s = kd_coef·d kd_row / d a + mlm_coef·(softmax(s) - onehot(label)), over s.
-    if KIND == 2:
-        div_w = 1.0
-    else:
-        div_w = 1.0 - beta
+    # Last pass: d loss / d s = kd_coef·d kd_row / d a + mlm_coef·(softmax(s) - onehot(label)), over s
+    # (JSD: s -= k·t, the rest written by pass 2).
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < V
         s = tl.load(s_row + cols, mask=in_row, other=0.0).to(tl.float32)
         t = tl.load(t_row + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-        if KIND >= 2:
-            q, delta, _ = _divergence_terms(s, t, in_row, inv_temperature, m_a, tl.log(l_a), m_b, tl.log(l_b), b_ref,
-                                            sp_ref, log_beta, log_odds, KIND)
-            d_kd = div_w * q * (delta - k)
+        if KIND == 3:
+            grad = s - k * t
         else:
-            q = tl.exp(s * inv_temperature - lse_a)
-            d_kd = q - tl.exp(t * inv_temperature - lse_b)
-        if RAW_LSE:
-            softmax_s = tl.exp(s - lse_s)
-        else:
-            softmax_s = q
-        grad = kd_coef * d_kd + mlm_coef * (softmax_s - tl.where(cols == label, 1.0, 0.0))
+            if KIND == 2:
+                a_shift = tl.where(in_row, s * inv_temperature - m_a, float("-inf"))
+                q = tl.exp(a_shift - log_l_a)
+                d_kd = q * (tl.where(in_row, a_shift - (t * inv_temperature - b_ref), 0.0) - k)
+            else:
+                q = tl.exp(s * inv_temperature - lse_a)
+                d_kd = q - tl.exp(t * inv_temperature - lse_b)
+            if RAW_LSE:
+                softmax_s = tl.exp(s - lse_s)
+            else:
+                softmax_s = q
+            grad = kd_coef * d_kd + mlm_coef * (softmax_s - tl.where(cols == label, 1.0, 0.0))
         tl.store(s_row + cols, grad, mask=in_row)
 
 
@@ -185,6 +209,16 @@ def block_size(vocab: int) -> tuple[int, int]:
     i.e. 8 fp32 per thread per operand: 48-60 registers, no spills on sm_80/sm_90, high occupancy."""
     block = min(triton.next_power_of_2(max(vocab, 16)), 2048)
     return block, (8 if block == 2048 else 4)
+
+
+# Reverse KL keeps more state across pass 1 (the online delta sums): at 2048 columns it spills 8 bytes on
+# sm_90 (raw_lse), at 1024 none.
+REVERSE_KL_MAX_BLOCK = (1024, 4)
+
+
+def kind_block(kind: str, block: int, warps: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for ``kind`` from :func:`block_size`'s choice."""
+    return REVERSE_KL_MAX_BLOCK if kind == "reverse_kl" and block > REVERSE_KL_MAX_BLOCK[0] else (block, warps)
 
 
 @torch.library.triton_op("kdfast::vocab_kd_rows_triton", mutates_args={"s"})
@@ -196,7 +230,7 @@ def _vocab_kd_rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_co
     mlm_row = new_output((count,), torch.float32, s.device)
     if count == 0:
         return kd_row, mlm_row
-    block, warps = block_size(vocab)
+    block, warps = kind_block(kind, *block_size(vocab))
     logs = (math.log(beta), math.log1p(-beta)) if 0.0 < beta < 1.0 else (0.0, 0.0)  # read by "jsd" only
     wrap_triton(vocab_kd_row_kernel)[(count,)](
         s, t, labels, kd_coef, mlm_coef, kd_row, mlm_row, s.stride(0), t.stride(0), vocab,
@@ -220,8 +254,9 @@ _SIGNATURE = {"s_ptr": "*fp32", "t_ptr": "*fp32", "labels_ptr": "*i64", "kd_coef
               "stride_t": "i32", "V": "i32", "inv_temperature": "fp32", "beta": "fp32", "log_beta": "fp32",
               "log_1m_beta": "fp32", "KIND": "constexpr", "RAW_LSE": "constexpr", "BLOCK_V": "constexpr"}
 
-STATIC_COMPILE_SPECS = [
+STATIC_COMPILE_SPECS = list({spec.name: spec for spec in [  # reverse KL's two vocabularies share one block
     KernelSpec(f"vocab_kd_row[{kind},raw_lse={raw},block={block}]", vocab_kd_row_kernel,
                _SIGNATURE, {"KIND": KINDS.index(kind), "RAW_LSE": raw, "BLOCK_V": block}, num_warps=warps)
-    for kind in KINDS for raw in (False, True) for block, warps in (block_size(30522), block_size(1000))
-]
+    for kind in KINDS for raw in (False, True)
+    for block, warps in (kind_block(kind, *block_size(30522)), kind_block(kind, *block_size(1000)))
+]}.values())

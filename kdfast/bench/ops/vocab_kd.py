@@ -1,5 +1,6 @@
-"""Benchmark op ``vocab_kd``: KD (KL at T=2, batchmean, T^2) + MLM cross-entropy through both LM heads,
-fwd+bwd, returning (loss, d student_hidden, d student_weight).
+"""Benchmark op ``vocab_kd``: KD (KL at T=2, batchmean, T^2; or the shape's ``kind``: ``kdfast bench kernels
+--kind reverse_kl``, JSD at beta = 0.5) + MLM cross-entropy through both LM heads, fwd+bwd, returning
+(loss, d student_hidden, d student_weight).
 
 Impls: ``kdfast:<backend>`` per kernel backend available, ``eager`` (materialised logits,
 F.log_softmax + F.kl_div + F.cross_entropy, autograd), ``compile`` (torch.compile of eager),
@@ -16,6 +17,7 @@ in the driver's phases, measured with its phase hook.
 from __future__ import annotations
 
 import importlib.util
+import math
 from typing import Callable
 
 import torch
@@ -34,6 +36,8 @@ LLM_VOCABS = (128256, 151936, 262144)  # Llama 3, Qwen2, Gemma 3
 LLM_WIDTHS = (2048, 4096)  # (Hs, Ht)
 LLM_ROWS = {"cpu": 2048, "cuda": 8192}  # CPU: ~15 min a vocabulary on 2 cores (eager's logits must dwarf a chunk)
 REFERENCE_CHUNK = 512  # rows per float64 reference chunk
+BETA = 0.5  # kind "jsd"
+TAKES_KIND = True  # kdfast bench kernels --kind puts "kind" into every shape
 PHASES = ("student_logits", "teacher_logits", "row_kernel", "d_hidden", "d_weight")
 
 
@@ -54,7 +58,7 @@ def inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
 
     return {"student_hidden": randn(n, hs, grad=True), "student_weight": randn(v, hs, scale=2 / hs**0.5, grad=True),
             "teacher_hidden": randn(n, ht), "teacher_weight": randn(v, ht, scale=2 / ht**0.5),
-            "labels": torch.randint(0, v, (n,), device=device)}
+            "labels": torch.randint(0, v, (n,), device=device), "kind": shape.get("kind", "kl")}
 
 
 def _grads(loss: torch.Tensor, x: dict) -> tuple:
@@ -66,14 +70,22 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def eager_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels) -> torch.Tensor:
-    """What one writes without kdfast: both logit tensors in memory, fp32 softmaxes."""
+def eager_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, kind="kl") -> torch.Tensor:
+    """What one writes without kdfast: both logit tensors in memory, fp32 softmaxes (JSD: TRL's logsumexp
+    mixture)."""
     s = _at_least_fp32(F.linear(student_hidden, student_weight))
     with torch.no_grad():
         t = _at_least_fp32(F.linear(teacher_hidden, teacher_weight))
-    kd = F.kl_div(F.log_softmax(s / TEMPERATURE, dim=-1), F.log_softmax(t / TEMPERATURE, dim=-1),
-                  reduction="batchmean", log_target=True) * TEMPERATURE**2
-    return kd + F.cross_entropy(s, labels)
+    log_q, log_p = F.log_softmax(s / TEMPERATURE, dim=-1), F.log_softmax(t / TEMPERATURE, dim=-1)
+    if kind == "kl":
+        kd = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    elif kind == "reverse_kl":
+        kd = F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)
+    else:
+        log_m = torch.logaddexp(log_q + math.log(1 - BETA), log_p + math.log(BETA))
+        kd = (BETA * F.kl_div(log_m, log_p, reduction="batchmean", log_target=True)
+              + (1 - BETA) * F.kl_div(log_m, log_q, reduction="batchmean", log_target=True))
+    return kd * TEMPERATURE**2 + F.cross_entropy(s, labels)
 
 
 def _eager(x: dict) -> tuple:
@@ -92,7 +104,7 @@ def _kdfast(backend: str) -> Callable[[dict], tuple]:
     def run(x: dict) -> tuple:
         out = kdfast.fused_linear_kd(x["student_hidden"], x["student_weight"], x["teacher_hidden"],
                                      x["teacher_weight"], labels=x["labels"], temperature=TEMPERATURE,
-                                     kd_weight=1.0, mlm_weight=1.0, backend=backend)
+                                     kd_weight=1.0, mlm_weight=1.0, kind=x["kind"], beta=BETA, backend=backend)
         return _grads(out.loss, x)
     return run
 
@@ -208,7 +220,7 @@ def reference(x: dict) -> tuple:
         part = slice(start, start + REFERENCE_CHUNK)
         hidden = x["student_hidden"][part].detach().double().requires_grad_(True)
         chunk_loss = eager_loss(hidden, weight, x["teacher_hidden"][part].double(), teacher_weight,
-                                x["labels"][part]) * (hidden.shape[0] / n)
+                                x["labels"][part], x["kind"]) * (hidden.shape[0] / n)
         g_hidden, g_weight = torch.autograd.grad(chunk_loss, (hidden, weight))
         loss += chunk_loss.detach()
         d_hidden.append(g_hidden)
