@@ -100,7 +100,7 @@ def test_distillation_trainer_runs_with_torch_compile(teacher, tmp_path):
                              remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0,
                              torch_compile=True, torch_compile_backend="aot_eager")
     trainer = DistillationTrainer(student, args, teacher=teacher, train_dataset=data, strategy="vanilla")
-    assert trainer._strategy_fn is not trainer.strategy  # the compiled step
+    assert trainer._passes[1] is not trainer.strategy.student_pass  # the compiled passes
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     assert any(not torch.equal(p.detach(), q) for p, q in zip(student.parameters(), before))

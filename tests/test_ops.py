@@ -30,8 +30,10 @@ def _key_mask():
     return mask
 
 
-def _vocab_options(backend, kd_weight=1.0, mlm_weight=0.5, topk=None, need=(True, True, True)):
-    return [backend, -100, 2.0, kd_weight, mlm_weight, "kl", "batchmean", True, topk, 0.5, 4, list(need)]
+def _vocab_options(backend, kd_weight=1.0, mlm_weight=0.5, topk=None, need=(True, True, True),
+                   maps=(None, 1.0, None, 1.0)):
+    """Options after the tensors: ..., chunk_rows, (student cap, scale, teacher cap, scale), need."""
+    return [backend, -100, 2.0, kd_weight, mlm_weight, "kl", "batchmean", True, topk, 0.5, 4, *maps, list(need)]
 
 
 def _fused_samples(backend):
@@ -44,6 +46,8 @@ def _fused_samples(backend):
     yield [hidden, weight, None, *teacher, None, mask, torch.rand(N), None, None,
            *_vocab_options(backend, mlm_weight=0.0, topk=5, need=(True, True, False))]
     yield [hidden, weight, bias, None, None, None, _labels(), None, None, ids, weights, *_vocab_options(backend)]
+    yield [hidden, weight, bias, *teacher, _labels(), None, None, None, None,
+           *_vocab_options(backend, maps=(3.0, 0.5, 30.0, 2.0))]  # softcapped and rescaled heads
 
 
 def _fused_backward_samples(backend):

@@ -1,8 +1,8 @@
 """The native vocabulary-KD row kernel as the custom op ``kdfast::vocab_kd_rows`` (contract in
 ``kdfast/functions/vocab_kd.py``): the C++/OpenMP kernel of ``kdfast._C`` for CPU tensors (row- or
 vocab-major ``s``, ``t``) and the CUDA kernel of ``kdfast._cuda`` for CUDA tensors (row-major). It
-overwrites ``s`` with d loss / d s (``mutates_args``) and returns (kd_row, mlm_row) [C] fp32; it is
-not differentiable (the loss ops call it inside their forward). The Triton kernel is the
+overwrites ``s`` with d loss / d s and uses ``t`` as scratch (both ``mutates_args``) and returns
+(kd_row, mlm_row) [C] fp32; it is not differentiable (the loss ops call it inside their forward). The Triton kernel is the
 ``triton_op`` ``kdfast::vocab_kd_rows_triton`` (``kdfast/triton/vocab_kd.py``)."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ _CPU = pointer_row_kernel(lambda *args: _ext.require_cpu().vocab_kd_rows(*args),
 _CUDA = pointer_row_kernel(lambda *args: _ext.require_cuda().vocab_kd_rows(*args), with_stream=True)
 
 
-@torch.library.custom_op("kdfast::vocab_kd_rows", mutates_args=("s",), device_types="cpu")
+@torch.library.custom_op("kdfast::vocab_kd_rows", mutates_args=("s", "t"), device_types="cpu")
 def _vocab_kd_rows(s: Tensor, t: Tensor, labels: Tensor, kd_coef: Tensor, mlm_coef: Tensor, temperature: float,
                    kind: str, beta: float) -> tuple[Tensor, Tensor]:
     return _CPU(s, t, labels, kd_coef, mlm_coef, temperature, kind, beta)

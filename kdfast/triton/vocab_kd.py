@@ -221,7 +221,7 @@ def kind_block(kind: str, block: int, warps: int) -> tuple[int, int]:
     return REVERSE_KL_MAX_BLOCK if kind == "reverse_kl" and block > REVERSE_KL_MAX_BLOCK[0] else (block, warps)
 
 
-@torch.library.triton_op("kdfast::vocab_kd_rows_triton", mutates_args={"s"})
+@torch.library.triton_op("kdfast::vocab_kd_rows_triton", mutates_args={"s", "t"})
 def _vocab_kd_rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.Tensor,
                    mlm_coef: torch.Tensor, temperature: float, kind: str,
                    beta: float) -> tuple[torch.Tensor, torch.Tensor]:
