@@ -149,7 +149,8 @@ def _effect_size(replicates: int, alpha: float) -> float:
     return float(TTestPower().solve_power(nobs=replicates, alpha=alpha, power=POWER, alternative="two-sided"))
 
 
-def detectable(sd_difference: Optional[float], replicates: int, level: float = 0.95, family: int = 1) -> Optional[float]:
+def detectable(sd_difference: Optional[float], replicates: int, level: float = 0.95,
+               family: int = 1) -> Optional[float]:
     """The difference a two-sided one-sample/paired t-test on ``replicates`` replicate-mean differences of
     SD ``sd_difference`` finds with power ``POWER`` (statsmodels, noncentral t) at alpha = (1 - level) /
     ``family``: the Bonferroni level, which Benjamini-Hochberg over a family of that size never falls
