@@ -91,7 +91,7 @@ def _cell(estimate: Optional[dict], digits: int = 3) -> str:
     return f"{estimate['mean']:.{digits}f} [{estimate['low']:.{digits}f}, {estimate['high']:.{digits}f}]"
 
 
-def _number(value, digits: int = 2) -> str:
+def number(value, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
@@ -129,9 +129,9 @@ def _verdicts_section(analysis: dict, level: int) -> List[str]:
     for v in found:
         t = "–" if v.get("t_low") is None else f"[{v['t_low']:+.3f}, {v['t_high']:+.3f}]"
         lines.append(f"| {v['arm']} | {v['metric']} | {v['difference']:+.3f} | [{v['low']:+.3f}, {v['high']:+.3f}] | "
-                     f"{t} | {_number(v.get('p_value'), 3)} | {_number(v.get('p_adjusted'), 3)} | **{v['verdict']}** "
+                     f"{t} | {number(v.get('p_value'), 3)} | {number(v.get('p_adjusted'), 3)} | **{v['verdict']}** "
                      f"| "
-                     f"{_number(v.get('min_detectable'), 3)} |")
+                     f"{number(v.get('min_detectable'), 3)} |")
     return lines + ["", "A call needs the Benjamini-Hochberg-adjusted p of the replicate-level test below "
                     f"{1 - level / 100:.2g} and R >= {nested.MIN_REPLICATES} replicates per arm. The nested bootstrap "
                     "interval resamples replicates, then seeds, then examples; with few replicates it is narrower than "
@@ -201,9 +201,9 @@ def markdown(report: dict) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["arm"], row["strategy"], row.get("shape", "–"),
-                 _number(row.get("budget_used"), 2 if unit == "s" else 0), _steps(row),
-                 f"{row['tokens']:,}" if row.get("tokens") is not None else "–", _number(row.get("epochs")),
-                 _number(_replicate_mean(row, "final_mlm_loss") if row.get("trains_mlm_head", True) else None, 4)]
+                 number(row.get("budget_used"), 2 if unit == "s" else 0), _steps(row),
+                 f"{row['tokens']:,}" if row.get("tokens") is not None else "–", number(row.get("epochs")),
+                 number(_replicate_mean(row, "final_mlm_loss") if row.get("trains_mlm_head", True) else None, 4)]
         cells += [_cell(row["metrics"].get(m)) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *_verdicts_section(analysis, level)]
@@ -212,7 +212,7 @@ def markdown(report: dict) -> str:
               "|---|---|---|---|---|---|"]
     for c in analysis["checks"]:
         lines.append(f"| {c['arm']} | {c['metric']} | {c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] | "
-                     f"{'yes' if c['separated'] else 'no'} | {_number(c['p_adjusted'], 3)} | {c['verdict']} |")
+                     f"{'yes' if c['separated'] else 'no'} | {number(c['p_adjusted'], 3)} | {c['verdict']} |")
     power = _power_notes(report)
     if power:
         lines += ["", "Power:"] + [f"- {note}" for note in power]
