@@ -1,4 +1,4 @@
-// CPU row kernels of the chunked vocabulary KD (kdfast/chunked_vocab.py), OpenMP over rows, with the
+// CPU row kernels of the chunked vocabulary KD (driver: kdfast/functions/vocab_kd.py), OpenMP over rows, with the
 // arithmetic of vocab_kd_math.h. Two layouts of the [C, V] logits:
 //   row-major (element (r, v) at r*ld + v): two vectorised passes over V per row (kd_row);
 //   vocab-major (element (r, v) at r + v*ld): kLanes neighbouring rows at a time, one SIMD lane per row,
@@ -384,7 +384,8 @@ void rows_vocab_major(const RowArgs& x, index_t n_rows, index_t vocab, index_t l
 }  // namespace
 
 void register_vocab_kd(pybind11::module_& m) {
-  // Raw pointers from torch (fp32 / int64); see the row kernel contract in kdfast/chunked_vocab.py.
+  // Raw pointers from torch (fp32 / int64); see the row kernel contract in DEVELOPING.md
+  // ("Vocabulary KD chunked driver") and kdfast/functions/vocab_kd.py.
   using Layout = void (*)(const RowArgs&, index_t, index_t, index_t, float, int, float);
   const auto bind = [&m](const char* name, Layout layout, const char* doc) {
     m.def(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,7 +24,8 @@ from torch import nn
 import kdfast
 from kdfast import _backends
 
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -192,12 +193,14 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check(device: str | torch.device | None = None, seed: Optional[int] = None) -> list[Result]:
-    """Check every (op, available backend, dtype) on ``device``: fp32 everywhere, bf16 too on CUDA.
-    ``seed`` fixes the inputs (default: fresh random ones)."""
+def check(device: str | torch.device | None = None, seed: Optional[int] = None,
+          dtypes: Optional[Sequence[torch.dtype]] = None) -> list[Result]:
+    """Check every (op, available backend, dtype) on ``device``; ``dtypes`` default: fp32 everywhere, bf16 too
+    on CUDA. ``seed`` fixes the inputs (default: fresh random ones)."""
     device = torch.device(device or default_device())
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
-    dtypes = (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
+    if dtypes is None:
+        dtypes = (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
     results = []
     for op, case in cases(seed).items():
         for backend in available_backends(op, device):
@@ -220,13 +223,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device(),
                         help="where to run (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=None, help="fix the random inputs (default: fresh)")
+    parser.add_argument("--dtypes", default=None, help="comma-separated among fp32, bf16, fp16 (default: fp32, "
+                        "and bf16 on CUDA)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("selftest: --device cuda requested but torch sees no CUDA device")
         return 2
-    results = check(args.device, args.seed)
+    dtypes = None
+    if args.dtypes:
+        names = [name.strip() for name in args.dtypes.split(",") if name.strip()]
+        if not names or any(name not in DTYPES for name in names):
+            raise ValueError(f"dtypes: expected comma-separated names among {', '.join(DTYPES)}, got {args.dtypes!r}")
+        dtypes = [DTYPES[name] for name in names]
+    results = check(args.device, args.seed, dtypes)
     print(format_table(results))
     failed = [r for r in results if r.failed]
     checked = [r for r in results if r.status != "skipped"]

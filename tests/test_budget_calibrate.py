@@ -1,4 +1,4 @@
-"""`kdfast bench budget` (kdfast/budget/calibrate.py): a tiny --quick run, the report, bad input."""
+"""`kdfast bench budget` (kdfast/apps/calibrate.py): a tiny --quick run, the report, bad input."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +9,9 @@ import torch
 
 pytest.importorskip("kdfast.strategies", reason="the calibration builds kdfast.strategies arms")
 
-from kdfast.budget import calibrate, memory  # noqa: E402
-from kdfast.budget.units import Budget, Calibration, parse_budget  # noqa: E402
+from kdfast.apps import calibrate  # noqa: E402
+from kdfast.budget import memory  # noqa: E402
+from kdfast.budget.units import Budget, Calibration, charge_fraction, parse_budget  # noqa: E402
 from kdfast.cli import main  # noqa: E402
 from kdfast.train.step import PHASES  # noqa: E402
 
@@ -114,7 +115,7 @@ def test_teacher_charge_reduces_or_exhausts_the_budget():
     assert steps == 7_500 and "teacher charge 2.5e+15 FLOPs" in notes[0]
     steps, exact, notes = calibrate.budget_for(calibration, budget, 1e17, "vanilla")
     assert steps == 0 and exact == 0 and "exceeds the budget" in notes[0]
-    assert calibrate.parse_charge("amortized:4") == 0.25 and calibrate.parse_charge("full") == 1.0
+    assert charge_fraction("amortized:4") == 0.25 and charge_fraction("full") == 1.0
 
 
 def test_a_failing_selftest_stops_the_calibration(monkeypatch):

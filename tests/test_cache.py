@@ -9,15 +9,15 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from kdfast.cache import build as builder
+from kdfast.apps import teacher_cache_build as builder
+from kdfast.apps.teacher_cache import ensure
 from kdfast.cache import fingerprint, sparse, store
-from kdfast.cache.cli import ensure
 from kdfast.cache.serve import TeacherCache
 from kdfast.data.dataset import PretrainData
 from kdfast.data.stream import BatchStream, MaskingConfig
 from kdfast.models import ModelPlan, run_model
-from kdfast.train import distributed
-from kdfast.train.distributed import Context
+from kdfast.runtime import distributed
+from kdfast.runtime.distributed import Context
 
 V, L, N = 120, 24, 21
 

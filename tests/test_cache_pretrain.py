@@ -8,7 +8,7 @@ import pytest
 from trainer_fixtures import TINY_MODEL, write_corpus
 from transformers import BertConfig, BertForMaskedLM
 
-from kdfast.cli import main
+from kdfast.cli import main, run_command
 from kdfast.data.tokenizer import build_wordpiece
 
 
@@ -25,7 +25,7 @@ def _pretrain(tmp_path, teacher_dir, *extra):
     args = ["pretrain", "--strategy", "vanilla-cached-sample", "--teacher", str(teacher_dir), "--data",
             str(tmp_path / "corpus.txt"), "--unique-tokens", "1024", "--budget", "4096tok", "--out",
             str(tmp_path / "run"), "--device", "cpu", *TINY_MODEL, "teacher.cache_k=8", *extra]
-    return main(args)
+    return run_command(args)
 
 
 def test_cached_arm_trains_over_epochs_from_one_cache(tmp_path, teacher_dir):
@@ -55,6 +55,25 @@ def test_cli_build_then_pretrain_reuses_it(tmp_path, teacher_dir, capsys):
                      "--teacher-cache", str(root)) == 0
     assert (root / "topk-8" / "cache.json").read_text() == index          # reused, not rebuilt
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["teacher_cache"]["sparse"] == "topk:8"
-    with pytest.raises(SystemExit, match="expected 'static'"):
-        main(["teacher-cache", "build", "--sparse", "topk:8", "--out", str(tmp_path / "x"), *common[:-3],
+    with pytest.raises(ValueError, match="expected 'static'"):
+        run_command(["teacher-cache", "build", "--sparse", "topk:8", "--out", str(tmp_path / "x"), *common[:-3],
               "--masking", "dynamic"])
+
+
+def test_a_corrupt_shard_prints_one_error_line_and_exits_2(tmp_path, teacher_dir, capsys, monkeypatch):
+    monkeypatch.delenv("KDFAST_DEBUG", raising=False)
+    out = tmp_path / "topk-8"
+    command = ["teacher-cache", "build", "--sparse", "topk:8", "--out", str(out), "--teacher", str(teacher_dir),
+               "--data", str(tmp_path / "corpus.txt"), "--unique-tokens", "1024", "--masking", "static",
+               "--device", "cpu", "data.seq_len=32"]
+    assert main(command) == 0
+    shard = next(out.glob("shard-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("kdfast: error:")]
+    assert f"teacher cache: {shard}: expected CRC-32" in line and "rebuild it with `kdfast teacher-cache build`" in line

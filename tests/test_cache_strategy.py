@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_strategies import VOCAB, make_batch, teacher, tiny_config  # noqa: F401  (fixture)
+from strategy_fixtures import VOCAB, make_batch, tiny_config, tiny_teacher
 
 from kdfast import models, strategies
 from kdfast.models import ModelPlan, run_model
 
 
+@pytest.fixture
+def teacher():
+    return tiny_teacher()
+
+
 @pytest.mark.parametrize("name", list(strategies.CACHED))
 @pytest.mark.parametrize("formulation", ["canonical", "paper"])
-def test_full_distribution_targets_give_live_vanilla(teacher, name, formulation):  # noqa: F811
+def test_full_distribution_targets_give_live_vanilla(teacher, name, formulation):
     torch.manual_seed(0)
     student = models.build_student(tiny_config(layers=2), teacher=teacher)
     live = strategies.build("vanilla", teacher, student, formulation=formulation).eval()

@@ -5,15 +5,16 @@ import os
 import pytest
 from trainer_fixtures import TINY_MODEL, write_corpus
 
-from kdfast.cli import main
+from kdfast.cli import run_command
 
 
 def _compare(tmp_path, *extra):
     """The tiny preset on a miniature model; KEY=VALUE overrides go together after the options."""
     overrides = [e for e in extra if "=" in e and not e.startswith("-")]
     options = [e for e in extra if e not in overrides]
-    return main(["compare", "--preset", "tiny", "--data", str(write_corpus(tmp_path)), "--out", str(tmp_path / "out"),
-                 "--budget", "1024tok", *options, *TINY_MODEL, "teacher.budget=2048tok", "glue.tasks=[]", *overrides])
+    return run_command(["compare", "--preset", "tiny", "--data", str(write_corpus(tmp_path)), "--out",
+                        str(tmp_path / "out"), "--budget", "1024tok", *options, *TINY_MODEL, "teacher.budget=2048tok",
+                        "glue.tasks=[]", *overrides])
 
 
 def _no_training_happened(tmp_path):
@@ -45,7 +46,8 @@ def test_empty_corpus_and_glue_dir_without_split_fail_before_training(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(ValueError, match="data: expected a non-empty text corpus"):
-        main(["compare", "--preset", "tiny", "--data", str(empty), "--out", str(tmp_path / "out"), *TINY_MODEL])
+        run_command(["compare", "--preset", "tiny", "--data", str(empty), "--out", str(tmp_path / "out"),
+                     *TINY_MODEL])
     _no_training_happened(tmp_path)
     (tmp_path / "glue" / "sst2").mkdir(parents=True)
     (tmp_path / "glue" / "sst2" / "train.jsonl").write_text('{"sentence": "good", "label": 1}\n')

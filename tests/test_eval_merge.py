@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from kdfast.cli import main
+from kdfast.cli import main, run_command
 
 FINGERPRINT = {"corpus": {"sha256": "c0", "describe": "wiki"}, "tokenizer": {"sha256": "t0", "describe": "4096"},
                "teacher": {"sha256": "a0", "describe": "4L/256 pretrained here"}}
@@ -55,7 +55,7 @@ def test_folders_with_another_corpus_tokenizer_or_teacher_are_refused(tmp_path, 
     with pytest.raises(ValueError, match=f"b/results.json: expected the {field} of .*a/results.json, .* "
                                          f"\\(sha256 {FINGERPRINT[field]['sha256']}"
                                          f"\\), got something else \\(sha256 ff\\)"):
-        main(["report", first, second, "--out", str(tmp_path / "report")])
+        run_command(["report", first, second, "--out", str(tmp_path / "report")])
     assert not (tmp_path / "report").exists()
 
 
@@ -63,6 +63,6 @@ def test_the_same_cell_twice_or_a_folder_without_results_is_refused(tmp_path):
     first, second = _compare_folder(tmp_path / "a", 50), _compare_folder(tmp_path / "b", 50)
     with pytest.raises(ValueError, match="b/results.json: expected cells not already in .*a/results.json, got "
                                          "50s/no-kd in both"):
-        main(["report", first, second])
+        run_command(["report", first, second])
     with pytest.raises(ValueError, match="report: expected sweep.json or results.json in"):
-        main(["report", first, str(tmp_path)])
+        run_command(["report", first, str(tmp_path)])

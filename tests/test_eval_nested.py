@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kdfast.eval import nested, stats
+from kdfast.train import replicates
 
 SD_REPLICATE, SD_SEED, SD_EXAMPLE, SD_NOISE = 0.05, 0.01, 0.3, 0.3
 R, S, N = 3, 2, 60
@@ -87,10 +88,10 @@ def test_estimate_components_recover_the_simulated_split():
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True, "3"])
 def test_bad_replicate_counts(bad):
     with pytest.raises(ValueError, match="train.replicates: expected an integer >= 1"):
-        nested.check_replicates(bad)
+        replicates.check_replicates(bad)
 
 
 def test_replicates_above_the_cap():
     with pytest.raises(ValueError, match="train.replicates: expected at most 5"):
-        nested.check_replicates(6, cap=5)
-    assert nested.check_replicates(5, cap=5) == 5
+        replicates.check_replicates(6, cap=5)
+    assert replicates.check_replicates(5, cap=5) == 5

@@ -72,7 +72,7 @@ def test_custom_task_specs_are_checked_before_training(tmp_path):
 def test_custom_task_from_a_spec_file_runs_end_to_end(tmp_path):
     from transformers import BertConfig, BertForMaskedLM
 
-    from kdfast.cli import main
+    from kdfast.cli import main, run_command
     from kdfast.data.tokenizer import build_wordpiece
 
     words = ["good", "great", "fine", "bad", "awful", "poor"]
@@ -94,8 +94,8 @@ def test_custom_task_from_a_spec_file_runs_end_to_end(tmp_path):
                                                                    for g in mood["grid"])
     assert mood["lr"] == max(mood["grid"], key=lambda g: g["mean"]["accuracy"])["lr"]
     with pytest.raises(ValueError, match=r"level: expected an interval level in \(0, 1\)"):
-        main(["glue", "--model", str(tmp_path / "model"), "--tasks", "mood", "--task-spec", str(tmp_path / "spec.yaml"),
-              "--data-dir", str(tmp_path / "data"), "--level", "95"])
+        run_command(["glue", "--model", str(tmp_path / "model"), "--tasks", "mood", "--task-spec",
+                     str(tmp_path / "spec.yaml"), "--data-dir", str(tmp_path / "data"), "--level", "95"])
     assert stats.RESAMPLES >= 1000
 
 

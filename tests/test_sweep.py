@@ -5,9 +5,9 @@ import time
 import pytest
 from trainer_fixtures import TINY_MODEL, write_corpus
 
+from kdfast.apps import compare, sweep
 from kdfast.budget.units import Budget
-from kdfast.cli import main
-from kdfast.train import compare, sweep
+from kdfast.cli import main, run_command
 from kdfast.train.clock import lr_factor
 
 STEP_TOKENS = 8 * 32                                           # TINY_MODEL: batch 8 x seq 32
@@ -21,9 +21,9 @@ def corpus(tmp_path_factory):
 def _sweep(tmp_path, corpus, budgets, *extra):
     overrides = [e for e in extra if "=" in e and not e.startswith("-")]
     options = [e for e in extra if e not in overrides]
-    return main(["sweep", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "out"),
-                 "--budgets", budgets, *options, *TINY_MODEL, "teacher.budget=2048tok", "glue.tasks=[]",
-                 "strategies=[no-kd, vanilla]", "sweep.draws=50", "train.checkpoint_steps=4", *overrides])
+    return run_command(["sweep", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "out"),
+                        "--budgets", budgets, *options, *TINY_MODEL, "teacher.budget=2048tok", "glue.tasks=[]",
+                        "strategies=[no-kd, vanilla]", "sweep.draws=50", "train.checkpoint_steps=4", *overrides])
 
 
 @pytest.mark.parametrize("spec, expected", [

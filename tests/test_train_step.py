@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import kdfast
-from kdfast.budget.probe import observe_ops
+from kdfast.budget.observe import observe_ops
 from kdfast.train.step import PHASES, TrainStep
 
 VOCAB, LENGTH = 37, 9

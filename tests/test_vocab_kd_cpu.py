@@ -6,6 +6,7 @@ import pytest
 import torch
 import vocab_kd_float64 as f64
 from torch.utils._python_dispatch import TorchDispatchMode
+from vocab_kd_inputs import HS, HT, N, V, assert_close, make  # noqa: F401
 
 import kdfast
 from kdfast import _ext
@@ -13,23 +14,6 @@ from kdfast import _ext
 pytestmark = pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")
 
 BACKEND = "cpu"
-N, HS, HT, V = 29, 8, 12, 1100  # V spans two full 512-element blocks and a partial one
-
-
-def make(n=N, hs=HS, ht=HT, v=V, dtype=torch.float32, scale=1.0, bias=True, ignored=True):
-    """Fresh inputs; logits have a std of about 2*scale. Every third label ignored when ``ignored``."""
-    def randn(*size, s=1.0):
-        return (torch.randn(*size, dtype=torch.float64) * s).to(dtype)
-    labels = torch.randint(0, v, (n,))
-    if ignored:
-        labels[::3] = -100
-    return dict(student_hidden=randn(n, hs, s=scale).requires_grad_(True),
-                student_weight=randn(v, hs, s=2 / hs**0.5).requires_grad_(True),
-                teacher_hidden=randn(n, ht, s=scale), teacher_weight=randn(v, ht, s=2 / ht**0.5),
-                student_bias=randn(v, s=0.5).requires_grad_(True) if bias else None,
-                teacher_bias=randn(v, s=0.5) if bias else None, labels=labels)
-
-
 def run_kdfast(inputs: dict, grad_scale: float = 1.0, **options) -> tuple:
     out = kdfast.fused_linear_kd(**inputs, **options, backend=BACKEND)
     tensors = [inputs["student_hidden"], inputs["student_weight"]]
@@ -37,12 +21,6 @@ def run_kdfast(inputs: dict, grad_scale: float = 1.0, **options) -> tuple:
         tensors.append(inputs["student_bias"])
     grads = torch.autograd.grad(out.loss * grad_scale, tensors)
     return (out.loss.detach() * grad_scale, *grads)
-
-
-def assert_close(got: tuple, ref: tuple, tol: float) -> None:
-    names = ("loss", "d_hidden", "d_weight", "d_bias")
-    errors = {name: f64.rel_err(g, r) for name, g, r in zip(names, got, ref)}
-    assert all(e <= tol for e in errors.values()), errors
 
 
 @pytest.fixture(params=[None, 5], ids=["auto_chunk", "chunk5"])

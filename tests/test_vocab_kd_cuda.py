@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import vocab_kd_float64 as f64
-from test_vocab_kd_cpu import assert_close, make
+from vocab_kd_inputs import assert_close, make
 
 import kdfast
 from kdfast import _ext

@@ -9,7 +9,7 @@ import pytest
 import torch
 import vocab_kd_float64 as f64
 from conftest import needs_triton_interpreter
-from test_vocab_kd_cpu import assert_close, make
+from vocab_kd_inputs import assert_close, make
 
 import kdfast
 from kdfast import _ext

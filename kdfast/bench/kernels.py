@@ -7,7 +7,8 @@ calls (kdfast's CPU chunk workspace) is freed before the peak is taken, so the p
 calls reuse it, as a training loop does. The repeats of
 all implementations of a shape run in rotation, so drifting machine load biases none of them.
 
-JSON: ``{"device", "device_name", "torch", "triton", "git_commit", "seed", "threads", "quick",
+JSON: ``{"device", "device_name", "driver", "cuda", "torch", "triton", "transformers", "python", "threads",
+"git_commit", "seed", "quick",
 "results": [{"op", "impl", "backend", "shape", "dtype", "median_ms", "peak_mb", "outputs_mb",
 "working_mb", "max_rel_err", "vs_floor", "peak_vs_eager", "working_vs_eager", ...}]}``, ``...`` being
 what an op module's optional ``extra_fields`` adds. The op modules live in kdfast/bench/ops/
@@ -20,8 +21,6 @@ import functools
 import importlib
 import importlib.util
 import json
-import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -31,6 +30,7 @@ import torch
 from kdfast._buffers import release_workspaces
 from kdfast.bench import measure
 from kdfast.bench.ops import FLOOR, OPS
+from kdfast.runtime.environment import environment as runtime_environment
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}
@@ -53,19 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def environment(device: torch.device, quick: bool) -> dict:
     """Where and with what the numbers were taken."""
-    triton_version = None
-    if importlib.util.find_spec("triton") is not None:
-        import triton
-        triton_version = triton.__version__
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    return {"device": device.type, "device_name": name, "torch": torch.__version__, "triton": triton_version,
-            "git_commit": commit, "seed": SEED, "threads": torch.get_num_threads(), "quick": quick,
-            "python": sys.version.split()[0]}
+    return {**runtime_environment(device), "seed": SEED, "quick": quick}
 
 
 def _split(key: str) -> tuple[str, Optional[str]]:

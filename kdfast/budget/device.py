@@ -1,15 +1,14 @@
 """What the calibration needs to know about the device: identity, peak FLOP/s, free memory."""
 from __future__ import annotations
 
-import importlib.metadata
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from kdfast.runtime.environment import device_name
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendor data sheets, matched on the device name.
 PEAK_BF16 = (
@@ -34,12 +33,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def available_bytes(device: torch.device) -> int:
@@ -82,47 +75,3 @@ def matmul_ceiling(device: torch.device, quick: bool = False) -> tuple[float, st
 
 def peak_flops(device: torch.device, quick: bool = False) -> tuple[float, str]:
     return table_peak(device) or matmul_ceiling(device, quick)
-
-
-def _version(package: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _driver() -> Optional[str]:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-
-
-def git_commit() -> Optional[str]:
-    """HEAD of the checkout kdfast is imported from (None outside a git checkout)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
-
-
-def environment(device: torch.device) -> dict:
-    """Device, driver and versions recorded in every report."""
-    return {
-        "device": device_name(device),
-        "device_type": device.type,
-        "driver": _driver() if device.type == "cuda" else None,
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
-        "python": platform.python_version(),
-        "cpu_threads": torch.get_num_threads(),
-        "git_commit": git_commit(),
-    }

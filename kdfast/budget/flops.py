@@ -27,15 +27,12 @@ from torch.utils import flop_counter
 from torch.utils._python_dispatch import _disable_current_modes
 
 from kdfast import _backends
-from kdfast.budget.probe import observe_ops
+from kdfast.budget.observe import observe_ops
+from kdfast.strategies import STRATEGIES, Strategy
 
 KL_FWD, KL_BWD = 12, 4     # per logit: two temperature softmaxes and the KL sum / the (q - p) gradient
 CE_FWD, CE_BWD = 5, 2      # per logit: one softmax and the label term / softmax - one-hot
 MSE_FWD, MSE_BWD = 3, 2    # per element: difference, square, sum / 2 x difference
-CACHED_KD = ("vanilla-cached-topk", "vanilla-cached-sample")  # vanilla KD from a teacher cache: no teacher forward
-KD_STRATEGIES = ("no-kd", "vanilla", "distilbert", "tinybert", "minilm", "minilm_v2")
-VOCAB_KD = ("vanilla", "distilbert")
-MLM_BY_DEFAULT = ("no-kd", "vanilla", "distilbert") + CACHED_KD  # the others train without the MLM head unless asked
 
 
 # --- formulas on shapes, shared by the analytic count and the kdfast op formulas -------------------
@@ -206,6 +203,13 @@ class EncoderShape:
         return 2 * rows * self.head_params
 
 
+def strategy_class(name: str) -> type[Strategy]:
+    """The ``Strategy`` class of ``name``, whose attributes say what a step of it runs."""
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {name!r}")
+    return STRATEGIES[name]
+
+
 def kd_loss_flops(strategy: str, teacher: EncoderShape, student: EncoderShape, batch: int, seq: int,
                   mlm_rows: float, relation_heads: int = 12) -> float:
     """Forward + backward FLOPs of a strategy's distillation terms beyond the two models:
@@ -217,7 +221,8 @@ def kd_loss_flops(strategy: str, teacher: EncoderShape, student: EncoderShape, b
     d_s, d_t = student.hidden // student.heads, teacher.hidden // teacher.heads
     if strategy == "no-kd":
         return 0.0
-    if strategy in VOCAB_KD + CACHED_KD:
+    kind = strategy_class(strategy)
+    if kind.vocab_kd:
         total = (KL_FWD + KL_BWD) * mlm_rows * student.vocab
         if strategy == "distilbert":
             total += sum(hidden_flops(tokens, student.hidden, teacher.hidden, projected=False))
@@ -232,7 +237,7 @@ def kd_loss_flops(strategy: str, teacher: EncoderShape, student: EncoderShape, b
         r = relation_heads
         return float(3 * sum(score_pairs_flops(batch * r, seq, student.hidden // r, teacher.hidden // r,
                                                KL_FWD, KL_BWD)))
-    raise ValueError(f"strategy: expected one of {', '.join(KD_STRATEGIES + CACHED_KD)}, got {strategy!r}")
+    raise ValueError(f"strategy: expected a strategy with a FLOP formula in kd_loss_flops, got {strategy!r}")
 
 
 def analytic_step_flops(strategy: str, teacher: EncoderShape, student: EncoderShape, batch: int, seq: int,
@@ -244,12 +249,12 @@ def analytic_step_flops(strategy: str, teacher: EncoderShape, student: EncoderSh
     tokens, mlm_rows = batch * seq, mlm_probability * batch * seq
     kd_loss = kd_loss_flops(strategy, teacher, student, batch, seq, mlm_rows, relation_heads)  # validates the name
     if student_mlm is None:
-        student_mlm = strategy in MLM_BY_DEFAULT
+        student_mlm = strategy_class(strategy).trains_mlm_head
     student_flops = 3 * (student.encoder_forward(tokens, seq) + (student.head_forward(mlm_rows) if student_mlm else 0))
     teacher_flops = 0.0
-    if strategy not in ("no-kd",) + CACHED_KD:
+    if strategy_class(strategy).uses_teacher:
         teacher_flops = teacher.encoder_forward(tokens, seq)
-        if strategy in VOCAB_KD:
+        if strategy_class(strategy).vocab_kd:
             teacher_flops += teacher.head_forward(mlm_rows)
     return {"student": student_flops, "teacher_forward": teacher_flops, "kd_loss": kd_loss,
             "total": student_flops + teacher_flops + kd_loss}

@@ -119,3 +119,13 @@ class Calibration:
     def wall_seconds(self, budget: Budget) -> float:
         """Wall-clock seconds the budget lasts on ``world_size`` ranks."""
         return self.steps(budget) * self.ms_per_step / 1e3
+
+
+def charge_fraction(text: str) -> float:
+    """``none`` -> 0, ``full`` -> 1, ``amortized:N`` -> 1/N of the teacher's cost per KD arm."""
+    if text in ("none", "full"):
+        return 0.0 if text == "none" else 1.0
+    kind, _, count = str(text).partition(":")
+    if kind == "amortized" and count.isdigit() and int(count) > 0:
+        return 1.0 / int(count)
+    raise ValueError(f"charge_teacher: expected none, full or amortized:N (N > 0 students), got {text!r}")

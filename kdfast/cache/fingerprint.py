@@ -2,43 +2,16 @@
 corpus, masking or sparse spec. A mismatch names the first differing field."""
 from __future__ import annotations
 
-import hashlib
-import json
-
 import torch
+
+from kdfast.runtime.fingerprint import teacher_hash, tokenizer_hash, tokens_hash
 
 FIELDS = ("tokenizer", "teacher", "corpus", "masking_seed", "masking", "seq_len", "sparse", "temperature")
 
 
-def _sha(chunks) -> str:
-    digest = hashlib.sha256()
-    for chunk in chunks:
-        digest.update(chunk)
-    return digest.hexdigest()[:32]
-
-
-def tokenizer_hash(tokenizer) -> str:
-    return _sha([json.dumps(sorted(tokenizer.get_vocab().items())).encode()])
-
-
-def teacher_hash(teacher: torch.nn.Module) -> str:
-    """Over the parameters rounded to bf16 (a teacher loaded in bf16 on GPU or fp32 on CPU hashes alike)."""
-    def chunks():
-        for name, tensor in sorted(teacher.state_dict().items()):
-            yield name.encode()
-            if tensor.is_floating_point():
-                yield tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
-    return _sha(chunks())
-
-
-def corpus_hash(sequences: torch.Tensor) -> str:
-    """Of the packed training sequences [N, L] (the unique slice in limited-data mode)."""
-    return _sha([str(tuple(sequences.shape)).encode(), sequences.to(torch.int32).contiguous().numpy().tobytes()])
-
-
 def make(tokenizer, teacher, sequences: torch.Tensor, masking, seed: int, spec, temperature: float) -> dict:
     """The fingerprint of a cache for these inputs (``masking``: a ``MaskingConfig``; ``spec``: a ``SparseSpec``)."""
-    return {"tokenizer": tokenizer_hash(tokenizer), "teacher": teacher_hash(teacher), "corpus": corpus_hash(sequences),
+    return {"tokenizer": tokenizer_hash(tokenizer), "teacher": teacher_hash(teacher), "corpus": tokens_hash(sequences),
             "masking_seed": int(seed),
             "masking": {"mode": masking.mode, "prob": masking.prob, "max_predictions": masking.max_predictions,
                         "mask_id": masking.mask_id, "special": list(masking.special)},

@@ -13,6 +13,9 @@ from kdfast.cache import store
 from kdfast.data.masking import IGNORE
 
 TARGET_KEYS = ("teacher_ids", "teacher_weights")
+DYNAMIC_REFUSAL = ("masking: expected 'static' for a teacher cache, got 'dynamic': dynamic masking draws new "
+                   "masked positions (so a new teacher input) every epoch, which no cache built once can serve; "
+                   "use --masking static")
 
 
 def build_cost(index: dict, unit: str) -> float:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from kdfast.train.checkpoint import atomic_open
+from kdfast.runtime.io import atomic_open
 
 INDEX = "cache.json"
 FORMAT = 1
@@ -45,11 +45,6 @@ def write_shard(path: Path, tensors: dict) -> dict:
     with atomic_open(path) as f:
         f.write(data)
     return {"file": path.name, "bytes": len(data), "crc32": zlib.crc32(data)}
-
-
-def write_json(path: Path, value: dict) -> None:
-    with atomic_open(path) as f:
-        f.write(json.dumps(value, indent=1, sort_keys=True).encode())
 
 
 class CacheFileError(ValueError):

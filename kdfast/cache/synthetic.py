@@ -10,6 +10,7 @@ import torch
 from kdfast.cache import store
 from kdfast.cache.serve import TeacherCache
 from kdfast.data.masking import IGNORE
+from kdfast.runtime.io import write_json
 
 
 def build(directory: Path, batches: list, kind: str, k: int, vocab: int, seed: int = 0) -> TeacherCache:
@@ -39,5 +40,5 @@ def build(directory: Path, batches: list, kind: str, k: int, vocab: int, seed: i
                                                                        "masked": masked}],
              "sequences": labels.shape[0], "masked_tokens": masked,
              "bytes_per_masked_token": entry["bytes"] / max(masked, 1)}
-    store.write_json(directory / store.INDEX, index)
+    write_json(directory / store.INDEX, index, sort_keys=True)
     return TeacherCache(directory)

@@ -1,40 +1,31 @@
 """What must match before results of two runs are put side by side: corpus, tokenizer and teacher.
 
-``of(...)`` gives ``{"corpus", "tokenizer", "teacher"}``, each ``{"sha256": first 16 hex digits,
-"describe": words}``, hashing content rather than names:
+``of(...)`` gives ``{"corpus", "tokenizer", "teacher"}``, each ``{"sha256": first 32 hex digits,
+"describe": words}``, hashing content rather than names with the hashes of ``kdfast.runtime.fingerprint``
+(those of the teacher cache's fingerprint):
 - corpus: the packed training and held-out token ids (the same text under another path matches; another
   ``unique_tokens``, ``seq_len`` or held-out split does not);
 - tokenizer: its vocabulary (token -> id pairs, sorted);
-- teacher: its weights (every tensor of the state dict in key order, as float32 bytes).
+- teacher: its weights (every tensor of the state dict in key order, rounded to bf16).
 """
 from __future__ import annotations
 
-import hashlib
-from typing import Iterable, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
+
+from kdfast.runtime.fingerprint import teacher_hash, tokenizer_hash, tokens_hash
 
 FIELDS = ("corpus", "tokenizer", "teacher")
-
-
-def _digest(chunks: Iterable[bytes]) -> str:
-    sha = hashlib.sha256()
-    for chunk in chunks:
-        sha.update(chunk)
-    return sha.hexdigest()[:16]
 
 
 def of(tokenizer, data, teacher, sources: Sequence[str], teacher_row: dict) -> dict:
     """The fingerprint of a run's tokenizer, packed data (``data.train``, ``data.heldout`` [N, L]) and
     frozen teacher (an ``nn.Module``)."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    state = teacher.state_dict()
     return {
-        "corpus": {"sha256": _digest(t.cpu().contiguous().numpy().tobytes() for t in (data.train, data.heldout)),
+        "corpus": {"sha256": tokens_hash(data.train.cpu(), data.heldout.cpu()),
                    "describe": f"{', '.join(sources)}: {data.train.numel():,} training tokens, "
                                f"{data.heldout.numel():,} held out"},
-        "tokenizer": {"sha256": _digest(f"{token}\t{index}\n".encode() for token, index in vocab),
-                      "describe": f"{len(vocab)} tokens"},
-        "teacher": {"sha256": _digest(state[k].detach().float().cpu().contiguous().numpy().tobytes()
-                                      for k in sorted(state)),
+        "tokenizer": {"sha256": tokenizer_hash(tokenizer), "describe": f"{len(tokenizer.get_vocab())} tokens"},
+        "teacher": {"sha256": teacher_hash(teacher),
                     "describe": teacher_row.get("description", teacher_row.get("model", "?"))},
     }
 

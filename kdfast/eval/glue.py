@@ -58,7 +58,7 @@ class TaskResult:
                 "metrics": {m: stats.estimate(s, level) for m, s in self.scores.items()}, "grid": self.grid}
 
 
-def encode(tokenizer, task: Task, rows: List[dict], seq_len: int) -> List[dict]:
+def tokenize_rows(tokenizer, task: Task, rows: List[dict], seq_len: int) -> List[dict]:
     """Token ids (truncated to ``seq_len``) and the label of each row."""
     texts = [[row[c] for row in rows] for c in task.columns]
     encoded = tokenizer(*texts, truncation=True, max_length=seq_len)
@@ -94,8 +94,9 @@ def batches(train: List[dict], batch_size: int, order: random.Random) -> List[Li
 
 def finetune(model_path: str, tokenizer, task: Task, train: List[dict], validation: List[dict], lr: float,
              batch_size: int, epochs: int, seed: int, device: torch.device, warmup: float = 0.1,
-             weight_decay: float = 0.01) -> np.ndarray:
-    """Fine-tune a fresh copy of ``model_path`` on encoded ``train`` rows; validation predictions [n]."""
+             weight_decay: float = 0.01, bar: Optional[str] = None) -> np.ndarray:
+    """Fine-tune a fresh copy of ``model_path`` on encoded ``train`` rows; validation predictions [n].
+    ``bar``: show a progress bar (steps, loss) on stderr with this label."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -119,6 +120,7 @@ def finetune(model_path: str, tokenizer, task: Task, train: List[dict], validati
     order = random.Random(seed)
     bf16 = device.type == "cuda"
     pad_id = tokenizer.pad_token_id
+    progress = _progress_bar(bar, total)
     for _ in range(epochs):
         for chosen in batches(train, batch_size, order):
             batch = collate([train[i] for i in chosen], pad_id, device)
@@ -129,7 +131,22 @@ def finetune(model_path: str, tokenizer, task: Task, train: List[dict], validati
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            if progress is not None:
+                progress.set_postfix_str(f"loss {float(loss):.3f}", refresh=False)
+                progress.update()
+    if progress is not None:
+        progress.close()
     return predict(model, task, validation, pad_id, device)
+
+
+def _progress_bar(label: Optional[str], total: int):
+    """A tqdm bar of ``total`` fine-tuning steps on stderr (as the comparison's), or None without a label."""
+    if label is None:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label, unit="step", file=sys.stderr, dynamic_ncols=True,
+                bar_format="{desc}: {percentage:3.0f}% |{bar}| {n_fmt}/{total_fmt} steps, {postfix}")
 
 
 @torch.inference_mode()
@@ -167,10 +184,12 @@ def width_scaled(model_path: str, lrs: Sequence[float], reference_width: Optiona
 
 def _finetune_seeds(model_path: str, tokenizer, task: Task, rows: List[dict], held: List[dict], lr: float,
                     batch_size: int, epochs: int, seeds: Sequence[int], device: torch.device, warmup: float,
-                    weight_decay: float) -> Dict[str, stats.Scores]:
+                    weight_decay: float, bars: bool = False) -> Dict[str, stats.Scores]:
     """Scores per metric of ``seeds`` fine-tunes on ``rows``, predicting ``held`` ([seeds, n])."""
     predictions = np.stack([finetune(model_path, tokenizer, task, rows, held, lr, batch_size, epochs, seed, device,
-                                     warmup, weight_decay) for seed in seeds])
+                                     warmup, weight_decay,
+                                     f"{task.name} lr={lr:g} batch={batch_size} seed={seed}" if bars else None)
+                            for seed in seeds])
     truth = np.array([r["label"] for r in held])
     return {m: stats.Scores(predictions, truth, m) for m in task.metrics}
 
@@ -189,8 +208,9 @@ def evaluate_model(model_path: str, tasks: Sequence[Task], data_dir: Optional[st
                    weight_decay: float = 0.01, max_train_examples: Optional[int] = None,
                    max_eval_examples: Optional[int] = None, select: str = "validation",
                    select_examples: Optional[int] = None, lr_reference_width: Optional[int] = None,
-                   progress=None) -> Dict[str, TaskResult]:
-    """Per task: the grid point chosen by ``select`` (see the module doc), with every seed's predictions."""
+                   progress=None, bars: bool = False) -> Dict[str, TaskResult]:
+    """Per task: the grid point chosen by ``select`` (see the module doc), with every seed's predictions;
+    ``progress``: called with a line per grid point; ``bars``: a progress bar per fine-tune on stderr."""
     from kdfast.data.tokenizer import load as load_tokenizer
 
     if len(seeds) < 1:
@@ -203,14 +223,14 @@ def evaluate_model(model_path: str, tasks: Sequence[Task], data_dir: Optional[st
     for task in tasks:
         train_rows = glue_tasks.load_rows(task, "train", data_dir)
         random.Random(0).shuffle(train_rows)
-        train = encode(tokenizer, task, train_rows[:max_train_examples], seq_len)
-        validation = encode(tokenizer, task, glue_tasks.load_rows(task, "validation", data_dir, max_eval_examples),
-                            seq_len)
+        train = tokenize_rows(tokenizer, task, train_rows[:max_train_examples], seq_len)
+        validation = tokenize_rows(tokenizer, task,
+                                   glue_tasks.load_rows(task, "validation", data_dir, max_eval_examples), seq_len)
         gold = np.array([r["label"] for r in validation])
 
         def finetune_seeds(lr, batch_size, rows, held, chosen_seeds, task=task):
             return _finetune_seeds(model_path, tokenizer, task, rows, held, lr, batch_size, epochs, chosen_seeds,
-                                   device, warmup, weight_decay)
+                                   device, warmup, weight_decay, bars)
 
         def report(lr, batch_size, on, scores, task=task):
             return _grid_entry(task, lr, batch_size, on, scores, progress)
@@ -265,6 +285,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-eval-examples", type=int, default=None)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar per fine-tune (stderr)")
 
 
 def _numbers(text: str, kind=float) -> List:
@@ -275,7 +296,7 @@ def _numbers(text: str, kind=float) -> List:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kdfast.train.distributed import pick_device
+    from kdfast.runtime.distributed import pick_device
 
     stats.check_level(args.level)
     tasks = glue_tasks.parse_tasks(args.tasks, glue_tasks.read_spec_file(args.task_spec))
@@ -296,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
                              tokenizer_path=args.tokenizer, max_train_examples=args.max_train_examples,
                              select_examples=args.select_examples,
                              max_eval_examples=args.max_eval_examples, progress=lambda m: print(m, file=sys.stderr),
-                             **grid)
+                             bars=not args.no_progress, **grid)
     summaries = {name: result.summary(args.level) for name, result in results.items()}
     for name, summary in summaries.items():
         shown = ", ".join(f"{m}={e['mean']:.4f} [{e['low']:.4f}, {e['high']:.4f}]"

@@ -20,7 +20,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from kdfast.eval import encode
+from kdfast.eval import features
 from kdfast.eval.stats import Scores
 
 MASK_FRACTION = 0.15
@@ -84,11 +84,11 @@ def fit_head(x: torch.Tensor, labels: torch.Tensor, vocab: int, steps: int, batc
 def evaluate(model_path: str, train: torch.Tensor, heldout: torch.Tensor, mask_id: int, special: Sequence[int],
              device: torch.device, steps: int = 2000, batch: int = 512, lr: float = 3e-3, seed: int = 0) -> Scores:
     """Per-position held-out losses [1, P] of the head fitted on ``train`` [N, L] sequences."""
-    model, tokenizer = encode.load_encoder(model_path, device)
+    model, tokenizer = features.load_encoder(model_path, device)
     train_ids, train_pos, train_labels = masked(train, mask_id, special, seed)
     test_ids, test_pos, test_labels = masked(heldout, mask_id, special, seed + 1)
-    x_train = encode.token_features(model, train_ids, train_pos, device).to(device)
-    x_test = encode.token_features(model, test_ids, test_pos, device).to(device)
+    x_train = features.token_features(model, train_ids, train_pos, device).to(device)
+    x_test = features.token_features(model, test_ids, test_pos, device).to(device)
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)  # standardised like the sentence probes
     head = fit_head((x_train - mean) / std, train_labels.to(device), len(tokenizer), steps, batch, lr,
                     torch.Generator().manual_seed(seed))

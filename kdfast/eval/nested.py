@@ -44,15 +44,6 @@ MIN_REPLICATES = 3          # verdicts are called from this many pretraining rep
 COMPONENTS = ("replicate", "seed", "examples")
 
 
-def check_replicates(replicates, cap: Optional[int] = None, where: str = "train.replicates") -> int:
-    """A replicate count: an integer >= 1 and, with a ``cap``, at most the cap."""
-    if isinstance(replicates, bool) or not isinstance(replicates, (int, np.integer)) or replicates < 1:
-        raise ValueError(f"{where}: expected an integer >= 1 (pretraining runs per arm), got {replicates!r}")
-    if cap is not None and replicates > cap:
-        raise ValueError(f"{where}: expected at most {cap} (train.max_replicates of this config), got {replicates}")
-    return int(replicates)
-
-
 def _check_same(evaluations: Sequence[Scores]) -> None:
     if not evaluations:
         raise ValueError("scores: expected at least one replicate's evaluation, got none")

@@ -16,13 +16,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from kdfast.eval import encode
+from kdfast.eval import features
 from kdfast.eval.probe_tasks import ProbeTask
 from kdfast.eval.stats import Scores
 
 C_GRID = (0.01, 0.1, 1.0)
 METHOD = (f"logistic regression (scikit-learn, L2, standardised features, C in {list(C_GRID)} chosen on dev) "
-          f"on frozen features: {encode.POOLING}")
+          f"on frozen features: {features.POOLING}")
 
 
 def _matrix(task: ProbeTask, features: Dict[str, np.ndarray], words: Dict[str, np.ndarray]) -> np.ndarray:
@@ -68,8 +68,8 @@ def texts_of(tasks: Sequence[ProbeTask]) -> List[str]:
 def evaluate(model_path: str, tasks: Sequence[ProbeTask], seeds: Sequence[int], device: torch.device,
              max_length: int = 64) -> Dict[str, Scores]:
     """Every probing task on the frozen encoder saved at ``model_path``."""
-    model, tokenizer = encode.load_encoder(model_path, device)
-    features = encode.sentence_features(model, tokenizer, texts_of(tasks), device, max_length)
+    model, tokenizer = features.load_encoder(model_path, device)
+    pooled = features.sentence_features(model, tokenizer, texts_of(tasks), device, max_length)
     sentences = sorted({sentence for task in tasks if task.token_level for sentence, _ in task.texts})
-    words = encode.word_features(model, tokenizer, sentences, device, max_length) if sentences else {}
-    return probe_scores(features, tasks, seeds, words)
+    words = features.word_features(model, tokenizer, sentences, device, max_length) if sentences else {}
+    return probe_scores(pooled, tasks, seeds, words)

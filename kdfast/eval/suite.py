@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from kdfast.eval import glue_tasks, mlm_probe, probe_tasks, probes, stats
-from kdfast.train.checkpoint import atomic_open
+from kdfast.runtime.io import atomic_open
 
 CACHE = "eval-{}.npz"
 
@@ -171,12 +171,12 @@ def _save_cache(path: Path, evaluation: Evaluation) -> None:
 
 
 def evaluate(suite: Suite, model_path: str, device: torch.device, cache_dir: Path, label: str = "") -> Evaluation:
-    """Every metric of the model at ``model_path``; cached in ``cache_dir`` under the suite's recipe and
+    """Every metric of the model at ``model_path``; stored in ``cache_dir`` under the suite's recipe and
     the model's content (a retrained model is evaluated again; a copied run folder reuses its caches)."""
     cache = Path(cache_dir) / CACHE.format(_model_key(model_path, suite.recipe()))
-    cached = _load_cache(cache)
-    if cached is not None:
-        return cached
+    stored = _load_cache(cache)
+    if stored is not None:
+        return stored
     section = suite.config["eval"]
     out: Dict[str, stats.Scores] = {}
     info: dict = {"seconds": {}}

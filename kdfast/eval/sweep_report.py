@@ -4,7 +4,7 @@ Input: a sweep result with ``cells`` (one row per (budget, strategy): ``cell`` t
 ``budget_unit``, steps, tokens, epochs and ``metrics[name] = {mean, low, high, se, level,
 higher_is_better, method, ...}``), ``metrics`` (the names to report), ``references`` (teacher and
 random-init rows, drawn as horizontal lines), ``verdicts`` (per budget tag, the paired tests of
-``kdfast.eval.report.analyse``), ``teacher_charge`` (``amount`` in the budget's unit) and ``baseline``
+``kdfast.eval.compare_report.analyse``), ``teacher_charge`` (``amount`` in the budget's unit) and ``baseline``
 (no-kd). Added: ``trends`` (per metric and strategy, the fit of
 ``kdfast.eval.trends``) and ``crossovers`` (each KD strategy against the baseline, without and, when a
 charge is set, with the teacher's cost added to the KD cells' budget).
@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from kdfast.budget.units import Budget
-from kdfast.eval import nested, report, trends
+from kdfast.eval import compare_report as report
+from kdfast.eval import nested, trends
 
 
 def metric_names(result: dict) -> List[str]:
@@ -162,7 +163,7 @@ def _crossovers_section(result: dict) -> List[str]:
 
 
 def _verdicts_section(result: dict, level: int) -> List[str]:
-    """The paired tests against the baseline at each budget (``kdfast.eval.report.analyse``)."""
+    """The paired tests against the baseline at each budget (``kdfast.eval.compare_report.analyse``)."""
     found = [(tag, v) for tag, verdicts in (result.get("verdicts") or {}).items() for v in verdicts]
     if not found:
         return []

@@ -41,8 +41,8 @@ import torch
 
 from kdfast._buffers import new_output, workspace
 from kdfast._reduction import KINDS, kd_divisor, kd_factor, mlm_divisor
+from kdfast.functions.outputs import KDOutput
 from kdfast.functions.sparse_targets import SparseTargets
-from kdfast.losses.types import KDOutput
 
 RowKernel = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
 

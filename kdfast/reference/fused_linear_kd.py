@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kdfast._reduction import kd_divisor, kd_factor, mlm_divisor
-from kdfast.losses.types import KDOutput
+from kdfast.functions.outputs import KDOutput
 from kdfast.reference._common import compute_dtype
 from kdfast.reference.kd_kl import kd_rows
 

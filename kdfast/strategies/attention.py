@@ -40,6 +40,7 @@ def _same_heads(teacher: nn.Module, student: nn.Module, what: str, fix: str) -> 
 
 
 class _AttentionStrategy(Strategy):
+    trains_mlm_head = False  # mlm_weight = 0 by default
     """Adds the optional MLM term and the StrategyLoss -> StrategyOutput step."""
 
     def __init__(self, teacher, student, plan: Plan, formulation: str, mlm_weight: float):

@@ -41,7 +41,9 @@ class Strategy(nn.Module):
     """Base class: subclasses set ``name``, build a ``Plan`` and implement ``loss``."""
 
     name = ""
-    uses_teacher = True
+    uses_teacher = True     # runs a teacher forward every step
+    vocab_kd = False        # its KD term compares vocabulary distributions on the masked rows
+    trains_mlm_head = True  # trains the student's MLM head unless its options say otherwise
 
     def __init__(self, teacher: Optional[nn.Module], student: nn.Module, plan: Plan,
                  formulation: str = "canonical"):

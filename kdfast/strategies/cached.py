@@ -20,6 +20,7 @@ class VanillaCached(Strategy):
     at T=1 (mean over rows x V) + MLM, as :class:`~kdfast.strategies.vocab.Vanilla`."""
 
     uses_teacher = False  # no teacher forward; the targets come with the batch
+    vocab_kd = True
     sparse_kind = ""
 
     def __init__(self, teacher: Optional[nn.Module], student: nn.Module, formulation: str = "canonical",

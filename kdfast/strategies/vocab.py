@@ -50,6 +50,7 @@ class Vanilla(Strategy):
     """
 
     name = "vanilla"
+    vocab_kd = True
 
     def __init__(self, teacher: nn.Module, student: nn.Module, formulation: str = "canonical",
                  temperature: float = 1.0, alpha: float = 0.5):
@@ -76,6 +77,7 @@ class DistilBERT(Strategy):
     """:func:`kdfast.distilbert` (canonical: 5 KL(T=2) + 2 MLM + 1 cosine; paper: soft CE + MLM)."""
 
     name = "distilbert"
+    vocab_kd = True
 
     def __init__(self, teacher: nn.Module, student: nn.Module, formulation: str = "canonical"):
         check.choice("formulation", formulation, FORMULATIONS)

@@ -7,44 +7,19 @@ is skipped in favour of the one before it.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import BinaryIO, Iterator, Optional
+from typing import Optional
 
 import torch
 
+from kdfast.runtime.io import atomic_open
+
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_open(path: Path) -> Iterator[BinaryIO]:
-    """A binary file that appears at ``path`` whole (on leaving the block) or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 def save(run_dir: Path, state: dict, step: int, keep: int = 2) -> Path:

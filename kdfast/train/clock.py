@@ -5,8 +5,8 @@ Policy (README "Budget clock"):
   teacher forward, student forward/backward, loss, optimizer, and any ``torch.compile`` warm-up;
 - not counted: whatever runs inside ``paused()`` (held-out evaluation and checkpoint writes);
 - units (``kdfast.budget.units``): ``s`` of device time (wall seconds x world size), ``tok`` (student
-  input tokens over all ranks), or ``flop`` (tokens x the strategy's FLOPs per token, from the
-  calibration of ``kdfast bench budget``);
+  input tokens over all ranks), or ``flop`` (tokens x the strategy's analytic FLOPs per token,
+  ``kdfast.budget.flops.analytic_step_flops``, from the model configs; no calibration involved);
 - the elapsed budget lives in ``state_dict()`` so a resumed run continues it;
 - under torchrun the spent amount is the maximum over ranks, so every rank takes the same stop
   decision and the same LR on the same step.
@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 import torch
 
 from kdfast.budget.units import Budget
-from kdfast.train.distributed import Context, max_across
+from kdfast.runtime.distributed import Context, max_across
 
 
 def lr_factor(fraction: float, warmup: float) -> float:

@@ -1,14 +1,13 @@
-"""``kdfast pretrain``: pretrain one student (one arm of the comparison) under a budget.
+"""Pretrain one student (one arm of the comparison) under a budget (``kdfast pretrain``: kdfast.apps.pretrain).
 
-``train_arm`` is the loop the comparison runs per strategy: seed, build the student, build the
-strategy, then take ``kdfast.train.step.TrainStep`` steps until the budget clock says stop, with the
+``train_arm`` (an :class:`ArmTrainer`) is the loop the comparison runs per strategy: seed, build the student,
+build the strategy, then take ``kdfast.train.step.TrainStep`` steps until the budget clock says stop, with the
 LR on the fraction of budget spent, held-out MLM evaluations and atomic checkpoints (both outside the
 clock), and JSON-lines logs. Under torchrun the student is wrapped in DDP and every rank stops on the
 same step.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -17,14 +16,15 @@ from typing import Optional
 
 import torch
 
-from kdfast.budget.flops import CACHED_KD as CACHED
+from kdfast import strategies
 from kdfast.budget.units import Budget, parse_budget
 from kdfast.data.dataset import PretrainData
 from kdfast.data.stream import BatchStream, heldout_batches
-from kdfast.train import checkpoint, distributed
-from kdfast.train.checkpoint import atomic_open
+from kdfast.runtime import distributed
+from kdfast.runtime.distributed import Context
+from kdfast.runtime.io import write_json
+from kdfast.train import checkpoint
 from kdfast.train.clock import BudgetClock, lr_factor
-from kdfast.train.distributed import Context
 from kdfast.train.optim import build as build_optimizer
 from kdfast.train.optim import set_lr
 from kdfast.train.runlog import RunLog
@@ -191,16 +191,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_json(path: Path, value) -> None:
-    with atomic_open(Path(path)) as f:
-        f.write(json.dumps(value, indent=1).encode())
-
-
 def _cached_strategy_options(strategy_name: str, cache, formulation: str) -> dict:
     """Options of a cached arm: the cache's kind must be the strategy's, and its KD temperature the one
     the strategy trains with (the cache's for canonical, 1 for paper)."""
-    from kdfast import strategies
-
     if cache is None:
         raise ValueError(f"teacher_cache: expected a TeacherCache for strategy {strategy_name!r}, got None")
     kind = strategies.STRATEGIES[strategy_name].sparse_kind
@@ -213,208 +206,207 @@ def _cached_strategy_options(strategy_name: str, cache, formulation: str) -> dic
     return {"temperature": cache.temperature} if formulation == "canonical" else {}
 
 
-def train_arm(config: dict, strategy_name: str, run_dir: Path, context: Context, data: PretrainData, tokenizer,
-              teacher=None, model_section: Optional[dict] = None, resume: bool = False, offset: float = 0.0,
-              label: Optional[str] = None, teacher_cache=None) -> dict:
-    """Pretrain one student with ``strategy_name`` under ``config['train']['budget']``; returns the
-    summary also written to ``run_dir/summary.json`` (and the model to ``run_dir/model``).
+class ArmTrainer:
+    """One arm's pretraining: ``__init__`` builds the student, strategy, optimizer, data stream and budget
+    clock (restoring them from the last checkpoint on ``resume``); ``run()`` steps until the clock says
+    stop and returns the summary also written to ``run_dir/summary.json`` (the model to ``run_dir/model``).
     A cached arm (``vanilla-cached-*``) reads its targets from ``teacher_cache``
     (``kdfast.cache.serve.TeacherCache``) by the batches' sequence indices; it runs no teacher."""
-    from kdfast import strategies
-    from kdfast.models import build_student
 
-    train, run_dir = config["train"], Path(run_dir)
-    device = context.device
-    budget = parse_budget(str(train["budget"]))
-    seq_len = data.train.shape[1]
-    if train["batch_size"] % (train["accumulation"] * context.world):
-        raise ValueError(f"train.batch_size: expected a multiple of accumulation x world size = "
-                         f"{train['accumulation'] * context.world}, got {train['batch_size']}")
-    if not resume and checkpoint.load_latest(run_dir) is not None:
-        raise ValueError(f"out: expected a fresh run folder or --resume, got {str(run_dir)!r} which holds checkpoints")
+    def __init__(self, config: dict, strategy_name: str, run_dir: Path, context: Context, data: PretrainData,
+                 tokenizer, teacher=None, model_section: Optional[dict] = None, resume: bool = False,
+                 offset: float = 0.0, label: Optional[str] = None, teacher_cache=None):
+        self.config, self.train, self.run_dir = config, config["train"], Path(run_dir)
+        self.strategy_name, self.context, self.data, self.tokenizer = strategy_name, context, data, tokenizer
+        self.offset, self.teacher_cache = offset, teacher_cache
+        self.budget = parse_budget(str(self.train["budget"]))
+        self._check_fresh_or_resume(resume)
+        self._build(teacher, model_section or config["student"])
+        self.curve, self.next_eval, self.trains_mlm_head = [], 0, None
+        state = checkpoint.load_latest(self.run_dir) if resume else None
+        if state is not None:
+            self._restore(state)
+        self.log = RunLog(self.run_dir, label or strategy_name, enabled=context.is_main,
+                          progress=self.train["progress"], tensorboard=self.train["tensorboard"],
+                          resume_step=self.clock.steps if state is not None else None)
 
-    torch.manual_seed(config["seed"])  # every arm starts from the same student weights
-    spec = model_section or config["student"]
-    student = build_student(student_config(spec, len(tokenizer), seq_len, teacher), teacher=teacher,
-                            tokenizer=tokenizer if teacher is not None else None, init=spec.get("init", "random"),
-                            device=device)
-    if train["compile"]:
-        student.kdfast_compile = True
-    cached = strategy_name in strategies.CACHED
-    options = _cached_strategy_options(strategy_name, teacher_cache, config["formulation"]) if cached else {}
-    strategy = strategies.build(strategy_name, teacher, student, formulation=config["formulation"],
-                                **options).to(device)
-    per_token_flop = flop_per_token(strategy_name, teacher, student, train["batch_size"], seq_len) \
-        if budget.unit == "flop" else None
-    tokens_per_step = train["batch_size"] * seq_len
-    check_affordable(budget, tokens_per_step, per_token_flop,
-                     calibrated_seconds(train["calibration"], strategy_name, context.world), offset)
-    pending = [b for b in parse_snapshots(train, budget) if not (snapshot_dir(run_dir, b) / SUMMARY).is_file()]
-    optimizer = build_optimizer(strategy.trainable_parameters(), train["optimizer"], train["lr"],
-                                train["weight_decay"], train["betas"], train["eps"], device)
-    stream = BatchStream(data.train, train["batch_size"] // train["accumulation"], data.masking, config["seed"],
-                         context.rank, context.world)
-    clock = BudgetClock(budget, context, per_token_flop, offset)
-    bf16 = {"auto": None, "fp32": False, "bf16": True}[train["precision"]]
-    stepper = DataParallelStrategy(strategy, context) if context.distributed else strategy
-    batches = teacher_cache.attach(stream.next) if cached else stream.next
-    step = TrainStep(stepper, optimizer, batches, device, grad_clip=train["grad_clip"] or None,
-                     accumulation=train["accumulation"], bf16=bf16)
-    eval_bf16 = step.bf16
-    curve, next_eval, trains_mlm_head = [], 0, None
-    state = checkpoint.load_latest(run_dir) if resume else None
-    if state is not None:
-        strategy.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        stream.load_state_dict(state["stream"])
-        clock.load_state_dict(state["clock"])
-        curve, next_eval = state["curve"], state["next_eval"]
+    def _check_fresh_or_resume(self, resume: bool) -> None:
+        world = self.context.world
+        if self.train["batch_size"] % (self.train["accumulation"] * world):
+            raise ValueError(f"train.batch_size: expected a multiple of accumulation x world size = "
+                             f"{self.train['accumulation'] * world}, got {self.train['batch_size']}")
+        if not resume and checkpoint.load_latest(self.run_dir) is not None:
+            raise ValueError(f"out: expected a fresh run folder or --resume, got {str(self.run_dir)!r} which holds "
+                             f"checkpoints")
+
+    def _build(self, teacher, spec: dict) -> None:
+        """Student (same seed, so the same weights, in every arm), strategy, optimizer, stream, clock, step."""
+        from kdfast.models import build_student
+
+        train, context, device = self.train, self.context, self.context.device
+        seq_len = self.data.train.shape[1]
+        torch.manual_seed(self.config["seed"])  # every arm starts from the same student weights
+        self.student = build_student(student_config(spec, len(self.tokenizer), seq_len, teacher), teacher=teacher,
+                                     tokenizer=self.tokenizer if teacher is not None else None,
+                                     init=spec.get("init", "random"), device=device)
+        if train["compile"]:
+            self.student.kdfast_compile = True
+        self.cached = self.strategy_name in strategies.CACHED
+        options = _cached_strategy_options(self.strategy_name, self.teacher_cache, self.config["formulation"]) \
+            if self.cached else {}
+        self.strategy = strategies.build(self.strategy_name, teacher, self.student,
+                                         formulation=self.config["formulation"], **options).to(device)
+        per_token_flop = flop_per_token(self.strategy_name, teacher, self.student, train["batch_size"], seq_len) \
+            if self.budget.unit == "flop" else None
+        check_affordable(self.budget, train["batch_size"] * seq_len, per_token_flop,
+                         calibrated_seconds(train["calibration"], self.strategy_name, context.world), self.offset)
+        self.pending = [b for b in parse_snapshots(train, self.budget)
+                        if not (snapshot_dir(self.run_dir, b) / SUMMARY).is_file()]
+        self.optimizer = build_optimizer(self.strategy.trainable_parameters(), train["optimizer"], train["lr"],
+                                         train["weight_decay"], train["betas"], train["eps"], device)
+        self.stream = BatchStream(self.data.train, train["batch_size"] // train["accumulation"], self.data.masking,
+                                  self.config["seed"], context.rank, context.world)
+        self.clock = BudgetClock(self.budget, context, per_token_flop, self.offset)
+        bf16 = {"auto": None, "fp32": False, "bf16": True}[train["precision"]]
+        stepper = DataParallelStrategy(self.strategy, context) if context.distributed else self.strategy
+        batches = self.teacher_cache.attach(self.stream.next) if self.cached else self.stream.next
+        self.step = TrainStep(stepper, self.optimizer, batches, device, grad_clip=train["grad_clip"] or None,
+                              accumulation=train["accumulation"], bf16=bf16)
+
+    def _restore(self, state: dict) -> None:
+        self.strategy.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stream.load_state_dict(state["stream"])
+        self.clock.load_state_dict(state["clock"])
+        self.curve, self.next_eval = state["curve"], state["next_eval"]
         _set_rng_state(state["rng"])
-    log = RunLog(run_dir, label or strategy_name, enabled=context.is_main, progress=train["progress"],
-                 tensorboard=train["tensorboard"], resume_step=clock.steps if state is not None else None)
 
-    def measure() -> None:
+    # -------------------------------------------------------------------------------- the loop
+
+    def run(self) -> dict:
+        """Train until the budget is spent; the summary of the finished run."""
+        train, clock = self.train, self.clock
+        self.strategy.train()
+        if self.next_eval == 0:
+            self.evaluate()
+        clock.start()
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+        try:
+            while not clock.done():
+                result = self.take_step()
+                while self.pending and clock.reached(self.pending[0].amount):
+                    self.snapshot(self.pending.pop(0))
+                if clock.steps % train["log_steps"] == 0 or clock.done():
+                    self.log_step(result)
+                if self.next_eval < train["eval_points"] and clock.fraction >= self.next_eval / train["eval_points"]:
+                    self.evaluate()
+                if clock.steps % train["checkpoint_steps"] == 0:
+                    self.save()
+            if not self.curve or self.curve[-1]["step"] != clock.steps:
+                self.evaluate()
+        finally:
+            self.log.close()
+        if self.context.distributed:  # each rank's own view of where it stopped
+            write_json(self.run_dir / f"rank-{self.context.rank}.json", {"steps": clock.steps, "spent": clock.spent})
+        summary = self.summarize(self.run_dir)
+        distributed.barrier(self.context)
+        return summary
+
+    def take_step(self):
+        """One optimizer step at the learning rate of the budget fraction spent; the step's result."""
+        set_lr(self.optimizer, self.train["lr"] * lr_factor(self.clock.fraction, self.train["warmup"]))
+        result = self.step()
+        self.trains_mlm_head = result.mlm_loss is not None
+        self.clock.record_step(result.tokens * self.context.world)
+        self.window_tokens += result.tokens * self.context.world
+        return result
+
+    def log_step(self, result) -> None:
+        """Log the step's loss, parts and throughput since the last log line; refuse a non-finite loss."""
+        clock = self.clock
+        loss = float(result.loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {clock.steps}; lower train.lr")
+        rate = self.window_tokens / max(time.perf_counter() - self.window_start, 1e-9)
+        self.log.record(event="train", step=clock.steps, spent=clock.spent, fraction=clock.fraction,
+                        tokens=clock.tokens, loss=loss, lr=self.optimizer.param_groups[0]["lr"], tokens_per_s=rate,
+                        epochs=self.stream.epochs,
+                        mlm_loss=None if result.mlm_loss is None else float(result.mlm_loss),
+                        **{k: float(v) for k, v in result.parts.items()})
+        self.log.progress(clock.fraction, **{"tok/s": f"{rate:,.0f}", "loss": f"{loss:.3f}"})
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+
+    def measure(self) -> None:
+        """Held-out MLM loss now, outside the clock, appended to the curve and logged."""
+        clock = self.clock
         with clock.paused():
-            loss = heldout_mlm_loss(student, data.heldout, data, train["batch_size"], train["eval_batches"], device,
-                                    eval_bf16)
-            curve.append({"step": clock.steps, "spent": clock.spent, "fraction": clock.fraction,
-                          "tokens": clock.tokens, "heldout_mlm_loss": loss})
-            log.record(event="eval", **curve[-1])
+            loss = heldout_mlm_loss(self.student, self.data.heldout, self.data, self.train["batch_size"],
+                                    self.train["eval_batches"], self.context.device, self.step.bf16)
+            self.curve.append({"step": clock.steps, "spent": clock.spent, "fraction": clock.fraction,
+                               "tokens": clock.tokens, "heldout_mlm_loss": loss})
+            self.log.record(event="eval", **self.curve[-1])
 
-    def evaluate() -> None:
-        nonlocal next_eval
-        measure()
-        next_eval += 1
+    def evaluate(self) -> None:
+        """One of the ``train.eval_points`` scheduled evaluations."""
+        self.measure()
+        self.next_eval += 1
 
-    def summarize(folder: Path) -> dict:
+    def summarize(self, folder: Path) -> dict:
         """The run so far, with the model saved in ``folder/model`` (main rank)."""
-        summary = {"strategy": strategy_name, "shape": shape_name(student), "budget": str(budget),
-                   "budget_unit": budget.unit, "budget_amount": budget.amount, "budget_used": clock.spent,
-                   "teacher_charge": offset, "steps": clock.steps, "tokens": clock.tokens,
-                   "seconds": clock.state_dict()["seconds"], "epochs": stream.epochs,
-                   "unique_tokens": data.unique_tokens, "final_mlm_loss": curve[-1]["heldout_mlm_loss"],
-                   "trains_mlm_head": trains_mlm_head if trains_mlm_head is not None else strategy_name == "no-kd",
-                   "curve": list(curve), "model": str(folder / "model")}
-        if cached:
-            summary["teacher_cache"] = teacher_cache.summary()
-        if context.is_main:
-            student.save_pretrained(str(folder / "model"))
-            tokenizer.save_pretrained(str(folder / "model"))
+        clock, name = self.clock, self.strategy_name
+        summary = {"strategy": name, "shape": shape_name(self.student), "budget": str(self.budget),
+                   "budget_unit": self.budget.unit, "budget_amount": self.budget.amount, "budget_used": clock.spent,
+                   "teacher_charge": self.offset, "steps": clock.steps, "tokens": clock.tokens,
+                   "seconds": clock.state_dict()["seconds"], "epochs": self.stream.epochs,
+                   "unique_tokens": self.data.unique_tokens, "final_mlm_loss": self.curve[-1]["heldout_mlm_loss"],
+                   "trains_mlm_head": self.trains_mlm_head if self.trains_mlm_head is not None else name == "no-kd",
+                   "curve": list(self.curve), "model": str(folder / "model")}
+        if self.cached:
+            summary["teacher_cache"] = self.teacher_cache.summary()
+        if self.context.is_main:
+            self.student.save_pretrained(str(folder / "model"))
+            self.tokenizer.save_pretrained(str(folder / "model"))
             write_json(folder / SUMMARY, summary)
         return summary
 
-    def snapshot(at: Budget) -> None:
+    def snapshot(self, at: Budget) -> None:
         """Save the model where a run of budget ``at`` would have stopped (its LR schedule is this run's)."""
-        measure()
-        with clock.paused():
-            summarize(snapshot_dir(run_dir, at))
-            distributed.barrier(context)
+        self.measure()
+        with self.clock.paused():
+            self.summarize(snapshot_dir(self.run_dir, at))
+            distributed.barrier(self.context)
 
-    def save() -> None:
-        with clock.paused():
-            if context.is_main:
-                checkpoint.save(run_dir, {"format": 1, "strategy": strategy_name, "model": strategy.state_dict(),
-                                          "optimizer": optimizer.state_dict(), "stream": stream.state_dict(),
-                                          "clock": clock.state_dict(), "curve": curve, "next_eval": next_eval,
-                                          "rng": _rng_state()}, clock.steps, train["keep_checkpoints"])
-            distributed.barrier(context)
-
-    strategy.train()
-    if next_eval == 0:
-        evaluate()
-    clock.start()
-    window_start, window_tokens = time.perf_counter(), 0
-    try:
-        while not clock.done():
-            set_lr(optimizer, train["lr"] * lr_factor(clock.fraction, train["warmup"]))
-            result = step()
-            trains_mlm_head = result.mlm_loss is not None
-            clock.record_step(result.tokens * context.world)
-            window_tokens += result.tokens * context.world
-            while pending and clock.reached(pending[0].amount):
-                snapshot(pending.pop(0))
-            if clock.steps % train["log_steps"] == 0 or clock.done():
-                loss = float(result.loss)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss} at step {clock.steps}; lower train.lr")
-                rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                log.record(event="train", step=clock.steps, spent=clock.spent, fraction=clock.fraction,
-                           tokens=clock.tokens, loss=loss, lr=optimizer.param_groups[0]["lr"], tokens_per_s=rate,
-                           epochs=stream.epochs,
-                           mlm_loss=None if result.mlm_loss is None else float(result.mlm_loss),
-                           **{k: float(v) for k, v in result.parts.items()})
-                log.progress(clock.fraction, **{"tok/s": f"{rate:,.0f}", "loss": f"{loss:.3f}"})
-                window_start, window_tokens = time.perf_counter(), 0
-            if next_eval < train["eval_points"] and clock.fraction >= next_eval / train["eval_points"]:
-                evaluate()
-            if clock.steps % train["checkpoint_steps"] == 0:
-                save()
-        if not curve or curve[-1]["step"] != clock.steps:
-            evaluate()
-    finally:
-        log.close()
-    if context.distributed:  # each rank's own view of where it stopped
-        write_json(run_dir / f"rank-{context.rank}.json", {"steps": clock.steps, "spent": clock.spent})
-    summary = summarize(run_dir)
-    distributed.barrier(context)
-    return summary
+    def save(self) -> None:
+        """An atomic checkpoint of everything ``--resume`` needs, outside the clock."""
+        with self.clock.paused():
+            if self.context.is_main:
+                state = {"format": 1, "strategy": self.strategy_name, "model": self.strategy.state_dict(),
+                         "optimizer": self.optimizer.state_dict(), "stream": self.stream.state_dict(),
+                         "clock": self.clock.state_dict(), "curve": self.curve, "next_eval": self.next_eval,
+                         "rng": _rng_state()}
+                checkpoint.save(self.run_dir, state, self.clock.steps, self.train["keep_checkpoints"])
+            distributed.barrier(self.context)
 
 
-# ---------------------------------------------------------------------------------------------- CLI
+def train_arm(config: dict, strategy_name: str, run_dir: Path, context: Context, data: PretrainData, tokenizer,
+              teacher=None, model_section: Optional[dict] = None, resume: bool = False, offset: float = 0.0,
+              label: Optional[str] = None, teacher_cache=None) -> dict:
+    """Pretrain one student with ``strategy_name`` under ``config['train']['budget']`` (:class:`ArmTrainer`);
+    returns the summary also written to ``run_dir/summary.json``."""
+    return ArmTrainer(config, strategy_name, run_dir, context, data, tokenizer, teacher, model_section, resume,
+                      offset, label, teacher_cache).run()
+
+
+# ---------------------------------------------------------------------------------------------- checks
 
 def check_strategy(name: str) -> None:
-    from kdfast import strategies
-
     if name not in strategies.NAMES:
         raise ValueError(f"strategy: expected one of {', '.join(strategies.NAMES)}, got {name!r}")
 
 
 def check_cache_masking(names, config: dict) -> None:
     """Cached arms need static masks: refuse dynamic masking before anything is built."""
-    if config["data"]["masking"] != "static" and any(name in CACHED for name in names):
-        from kdfast.cache.build import DYNAMIC_REFUSAL
+    if config["data"]["masking"] != "static" and any(name in strategies.CACHED for name in names):
+        from kdfast.cache.serve import DYNAMIC_REFUSAL
 
         raise ValueError(DYNAMIC_REFUSAL)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from kdfast.train.setup import add_common_arguments
-
-    parser.add_argument("--strategy", required=True, help="no-kd, vanilla, distilbert, tinybert, minilm, minilm_v2, "
-                        "vanilla-cached-topk, vanilla-cached-sample")
-    add_common_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    from kdfast.train import setup
-
-    config = setup.resolve_auto(setup.load_config(args))
-    context = distributed.init(config["device"])
-    run_dir = Path(config["out"])
-    try:
-        check_strategy(args.strategy)
-        check_cache_masking([args.strategy], config)
-        parse_budget(str(config["train"]["budget"]))
-        tokenizer = setup.tokenizer_for(config, run_dir / "tokenizer", context)
-        data = setup.load_data(config, tokenizer)
-        teacher, cache = None, None
-        if args.strategy != "no-kd":
-            if not config["teacher"]["path"]:
-                raise ValueError(f"teacher: expected --teacher PATH for strategy {args.strategy!r}, got none "
-                                 f"(kdfast compare pretrains a small teacher for the tiny preset)")
-            teacher = setup.load_teacher_checked(config["teacher"]["path"], tokenizer, context.device)
-        if args.strategy in CACHED:
-            from kdfast.cache.cli import for_strategy
-
-            cache = for_strategy(config, args.strategy, teacher, tokenizer, data, context, run_dir / "teacher-cache")
-        summary = train_arm(config, args.strategy, run_dir, context, data, tokenizer, teacher, resume=args.resume,
-                            teacher_cache=cache)
-    except Exception as error:
-        if context.is_main:
-            checkpoint.write_crash(run_dir, error)
-        raise
-    if context.is_main:
-        print(f"{summary['strategy']}: {summary['steps']} steps, {summary['tokens']:,} tokens, budget used "
-              f"{summary['budget_used']:.4g} {summary['budget_unit']}, held-out MLM loss "
-              f"{summary['final_mlm_loss']:.4f}; model in {summary['model']}")
-    return 0

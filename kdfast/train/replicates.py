@@ -11,9 +11,18 @@ replicates r >= 1 come from ``numpy.random.SeedSequence([seed, r])``, so the rep
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import numpy as np
+
+
+def check_replicates(replicates, cap: Optional[int] = None, where: str = "train.replicates") -> int:
+    """A replicate count: an integer >= 1 and, with a ``cap``, at most the cap."""
+    if isinstance(replicates, bool) or not isinstance(replicates, (int, np.integer)) or replicates < 1:
+        raise ValueError(f"{where}: expected an integer >= 1 (pretraining runs per arm), got {replicates!r}")
+    if cap is not None and replicates > cap:
+        raise ValueError(f"{where}: expected at most {cap} (train.max_replicates of this config), got {replicates}")
+    return int(replicates)
 
 
 def seed_of(seed: int, replicate: int) -> int:
@@ -30,8 +39,6 @@ def run_dir(base: Path, replicate: int) -> Path:
 
 def count(config: dict) -> int:
     """``train.replicates``, checked against ``train.max_replicates`` (a preset's cap)."""
-    from kdfast.eval.nested import check_replicates
-
     return check_replicates(config["train"]["replicates"], config["train"]["max_replicates"])
 
 

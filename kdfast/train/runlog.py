@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from kdfast.train.checkpoint import atomic_open
+from kdfast.runtime.io import atomic_open
 
 
 class RunLog:

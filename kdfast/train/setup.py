@@ -4,6 +4,8 @@ Everything here runs (and fails on bad input) before the budget clock starts."""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -52,33 +54,50 @@ def load_config(args: argparse.Namespace, extra: Optional[List[str]] = None) -> 
     return config
 
 
+CHECKOUT_SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"  # beside a source checkout
+
+
 def shared_data_dir() -> Optional[Path]:
-    """``shared/data`` beside the working directory or beside this checkout, when present."""
-    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        candidate = base.parent / "shared" / "data"
-        if candidate.is_dir():
-            return candidate
-    return None
+    """``shared/data`` beside this checkout (``CHECKOUT_SHARED``) when present; never one found from the
+    working directory, so where a command is started does not change its data."""
+    return CHECKOUT_SHARED if CHECKOUT_SHARED.is_dir() else None
 
 
-def resolve_auto(config: dict) -> dict:
+def resolve_auto(config: dict, announce=None) -> dict:
     """``data.train: [auto]``: WikiText-2 from shared/data when present (test split to train on,
     validation split held out), else the Python documentation that ships with CPython (a quarter of
     its documents held out).
-    ``glue.data_dir: auto``: shared/data/glue when present, else no GLUE evaluation offline."""
+    ``glue.data_dir: auto``: shared/data/glue when present, else no GLUE evaluation offline.
+    ``announce`` (default: print to stderr on rank 0) gets one line saying what was chosen and why."""
     shared = shared_data_dir()
-    data = config["data"]
+    where = f"shared/data beside the checkout ({shared})" if shared else \
+        f"no shared/data beside the checkout ({CHECKOUT_SHARED})"
+    data, glue = config["data"], config["glue"]
+    corpus_why = "as configured"
     if data["train"] == [AUTO]:
         files = [shared / name for name in SHARED_TEXT] if shared else []
         if files and all(f.is_file() for f in files):
             data["train"], data["heldout"] = [str(files[0])], [str(files[1])]
+            corpus_why = f"auto: WikiText-2 from {where}"
         else:
             data["train"], data["heldout"] = [corpus.BUILTIN_PYTHON_DOCS], [corpus.BUILTIN_PYTHON_DOCS_HELDOUT]
-    if config["glue"]["data_dir"] == AUTO:
-        glue = shared / "glue" if shared else None
-        config["glue"]["data_dir"] = str(glue) if glue is not None and glue.is_dir() else None
-        config["glue"]["tasks"] = config["glue"]["tasks"] if glue is not None and glue.is_dir() else []
+            corpus_why = f"auto: CPython's documentation, {where if not shared else f'no {SHARED_TEXT[0]} in {shared}'}"
+    glue_why = "as configured"
+    if glue["data_dir"] == AUTO:
+        found = shared / "glue" if shared is not None and (shared / "glue").is_dir() else None
+        glue["data_dir"] = str(found) if found else None
+        glue["tasks"] = glue["tasks"] if found else []
+        glue_why = f"auto: {where}" + ("" if found or not shared else ", which holds no glue/")
+    heldout = ", ".join(map(str, data["heldout"] or [])) or f"a {data['heldout_fraction']:g} split of it"
+    tasks = ", ".join(glue["tasks"]) if glue["tasks"] else "none"
+    (announce or _announce)(f"kdfast: corpus {', '.join(map(str, data['train']))}, held out {heldout} ({corpus_why}); "
+                            f"GLUE tasks {tasks} from {glue['data_dir'] or 'nowhere offline'} ({glue_why})")
     return config
+
+
+def _announce(line: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
 
 
 def tokenizer_for(config: dict, cache_dir: Path, context=None):
@@ -90,7 +109,7 @@ def tokenizer_for(config: dict, cache_dir: Path, context=None):
     if teacher["build_tokenizer"] <= 0:
         raise ValueError("teacher: expected teacher.path (a pretrained teacher) or teacher.build_tokenizer > 0 "
                          "(build a tokenizer and pretrain a small teacher), got neither")
-    from kdfast.train.distributed import Context, barrier
+    from kdfast.runtime.distributed import Context, barrier
 
     context = context or Context()
     corpus.check_sources(config["data"]["train"])

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 
-from kdfast.budget.probe import observe_ops
+from kdfast.budget.observe import observe_ops
 
 PHASES = ("data", "teacher_forward", "student_fwd_bwd", "kd_loss", "optimizer")
 Batch = dict

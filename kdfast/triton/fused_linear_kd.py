@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Optional
 
 from kdfast.functions import vocab_kd
-from kdfast.losses.types import KDOutput
+from kdfast.functions.outputs import KDOutput
 from kdfast.triton.vocab_kd import rows
 
 

@@ -59,22 +59,6 @@ def max_across(value: float, context: Context) -> float:
     return float(tensor.item())
 
 
-def average_gradients(parameters, context: Context) -> None:
-    """Mean of every gradient over ranks, flattened into one all-reduce (data parallelism)."""
-    if not context.distributed:
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= context.world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 def barrier(context: Context) -> None:
     if context.distributed:
         dist.barrier()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from kdfast.eval import nested, stats
-from kdfast.train.checkpoint import atomic_open
+from kdfast.runtime.io import atomic_open
 
 BASELINE, FLOOR, CEILING = "no-kd", "random-init", "teacher"
 

@@ -3,7 +3,7 @@
 1. Check everything a user can get wrong (config keys, strategies, budget, corpus, GLUE folder,
    tokenizer, every arm's strategy against the teacher and student shapes) before any training.
 2. Tokenize and pack the corpus once; every arm gets the same data order, masks and seed.
-3. Teacher: load ``teacher.path``, or pretrain a small one (cached in ``OUT/teacher``), whose cost is
+3. Teacher: load ``teacher.path``, or pretrain a small one (kept in ``OUT/teacher``), whose cost is
    reported separately or charged to the KD arms (``--charge-teacher full|amortized:N``).
 4. Pretrain each strategy under the same budget, ``train.replicates`` times with independent seeds
    (``OUT/arms/<strategy>``, replicates r >= 1 in ``OUT/arms/<strategy>/rep<r>``; kdfast.train.replicates).
@@ -22,24 +22,17 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
-from kdfast.budget.units import parse_budget
+from kdfast.budget.units import charge_fraction, parse_budget
 from kdfast.eval import suite as suite_lib
-from kdfast.train import checkpoint, distributed, pretrain, replicates, setup
-from kdfast.train.distributed import Context
+from kdfast.runtime import distributed
+from kdfast.runtime.distributed import Context
+from kdfast.runtime.io import write_json
+from kdfast.strategies import CACHED
+from kdfast.train import checkpoint, pretrain, replicates, setup
 from kdfast.train.runlog import check_tensorboard
 
 TEACHER_ARM = "teacher"
 FLOOR_ARM = "random-init"
-
-
-def charge_fraction(text: str) -> float:
-    """``none`` -> 0, ``full`` -> 1, ``amortized:N`` -> 1/N of the teacher's cost per KD arm."""
-    if text in ("none", "full"):
-        return 0.0 if text == "none" else 1.0
-    kind, _, count = str(text).partition(":")
-    if kind == "amortized" and count.isdigit() and int(count) > 0:
-        return 1.0 / int(count)
-    raise ValueError(f"charge_teacher: expected none, full or amortized:N (N > 0 students), got {text!r}")
 
 
 def validate(config: dict) -> None:
@@ -81,7 +74,7 @@ def dry_build(config: dict, teacher, tokenizer, seq_len: int) -> None:
 
 
 def teacher_model(config: dict, context: Context, data, tokenizer, out: Path, resume: bool):
-    """(frozen teacher, its report row). Pretrains and caches a small teacher when no path is given."""
+    """(frozen teacher, its report row). Pretrains (and keeps) a small teacher when no path is given."""
     if config["teacher"]["path"]:
         teacher = setup.load_teacher_checked(config["teacher"]["path"], tokenizer, context.device)
         loss = pretrain.heldout_mlm_loss(teacher, data.heldout, data, config["train"]["batch_size"],
@@ -92,9 +85,9 @@ def teacher_model(config: dict, context: Context, data, tokenizer, out: Path, re
     run_dir = out / TEACHER_ARM
     # the charge policy does not change the teacher (kept as "none" so caches written before still match)
     recipe = {"teacher": {**config["teacher"], "charge": "none"}, "data": config["data"], "seed": config["seed"]}
-    cached = run_dir / pretrain.SUMMARY
-    if cached.is_file() and json.loads(cached.read_text()).get("recipe") == recipe:
-        summary = json.loads(cached.read_text())
+    finished = run_dir / pretrain.SUMMARY
+    if finished.is_file() and json.loads(finished.read_text()).get("recipe") == recipe:
+        summary = json.loads(finished.read_text())
     else:
         teacher_config = {**config, "train": {**config["train"], "budget": config["teacher"]["budget"],
                                               "lr": config["teacher"]["lr"]}}
@@ -103,7 +96,7 @@ def teacher_model(config: dict, context: Context, data, tokenizer, out: Path, re
                                      model_section=config["teacher"], resume=resume_teacher, label="teacher (no-kd)")
         summary["recipe"] = recipe
         if context.is_main:
-            pretrain.write_json(cached, summary)
+            write_json(finished, summary)
     teacher = setup.load_teacher_checked(summary["model"], tokenizer, context.device)
     row = {**summary, "arm": TEACHER_ARM, "strategy": TEACHER_ARM,
            "description": f"{summary['shape']} pretrained here with MLM for {summary['budget']} "
@@ -151,7 +144,7 @@ def train_arms(config: dict, prepared: Prepared, context: Context, arms_dir: Pat
     written) is reused when ``resume`` or ``reuse`` is set. One row per strategy: replicate 0's summary
     with ``replicates`` (every replicate's summary). A cached arm first builds (or reuses) its teacher
     cache in ``OUT/teacher-cache``, whose cost is charged like the teacher's."""
-    from kdfast.cache.cli import for_strategy
+    from kdfast.apps.teacher_cache import for_strategy
 
     fraction = charge_fraction(config["teacher"]["charge"])
     charge = fraction * prepared.teacher_row.get("budget_used", 0.0)
@@ -166,7 +159,7 @@ def train_arms(config: dict, prepared: Prepared, context: Context, arms_dir: Pat
                 summary = json.loads(done.read_text())
             else:
                 cache = for_strategy(config, name, prepared.teacher, prepared.tokenizer, prepared.data, context,
-                                     Path(config["out"]) / "teacher-cache") if name in pretrain.CACHED else None
+                                     Path(config["out"]) / "teacher-cache") if name in CACHED else None
                 offset = 0.0 if name == "no-kd" else charge + (fraction * cache.cost(unit) if cache else 0.0)
                 label = name if index == 0 else f"{name} rep{index}"
                 summary = pretrain.train_arm(replicate, name, run_dir, context, prepared.data, prepared.tokenizer,
@@ -226,9 +219,9 @@ def reference_rows(config: dict, prepared: Prepared, context: Context) -> List[d
 
 
 def evaluate_rows(config: dict, prepared: Prepared, rows: List[dict], context: Context) -> dict:
-    """Evaluate every row (rank 0; predictions cached beside each model), then add ``metrics`` with
+    """Evaluate every row (rank 0; evaluations stored beside each model), then add ``metrics`` with
     intervals to each row and return the analysis (verdicts against No-KD, known-effect checks)."""
-    from kdfast.eval import report
+    from kdfast.eval import compare_report as report
 
     evaluations, seconds = {}, {}
     if context.is_main:
@@ -248,7 +241,7 @@ def evaluate_rows(config: dict, prepared: Prepared, rows: List[dict], context: C
 
 def compare(config: dict, context: Context, resume: bool = False) -> dict:
     from kdfast.cache.serve import report_note
-    from kdfast.eval import fingerprint, report
+    from kdfast.eval import compare_report as report
 
     out = Path(config["out"])
     prepared = prepare(config, context, resume)
@@ -259,7 +252,7 @@ def compare(config: dict, context: Context, resume: bool = False) -> dict:
     extra = reference_rows(config, prepared, context)
     start = time.perf_counter()
     analysis = evaluate_rows(config, prepared, [*rows, *extra], context)
-    timings["evaluation (all rows; cached rows cost nothing)"] = time.perf_counter() - start
+    timings["evaluation (all rows; stored evaluations cost nothing)"] = time.perf_counter() - start
     timings.update({f"  evaluation of {arm}": s for arm, s in analysis.pop("seconds").items()})
     notes = list(prepared.suite.notes)
     if not prepared.suite.glue:
@@ -273,13 +266,26 @@ def compare(config: dict, context: Context, resume: bool = False) -> dict:
         notes.append(f"KD arms were charged {charge:.4g} {rows[0]['budget_unit']} of teacher pretraining "
                      f"({config['teacher']['charge']}).")
     result = {"name": config["name"], "budget": str(parse_budget(str(config["train"]["budget"]))),
-              "corpus": ", ".join(config["data"]["train"]), "unique_tokens": prepared.data.unique_tokens,
-              "teacher": teacher_row, "rows": [*rows, *extra], "analysis": analysis,
-              "fingerprint": fingerprint.of(prepared.tokenizer, prepared.data, prepared.teacher,
-                                            config["data"]["train"], teacher_row),
-              "evaluation": prepared.suite.describe(), "timings": timings, "notes": notes, "config": config}
+              "rows": [*rows, *extra], "analysis": analysis, "timings": timings, "notes": notes,
+              **described_inputs(config, prepared, teacher_row)}
+    return publish(result, out, report.write, context)
+
+
+def described_inputs(config: dict, prepared, teacher_row: dict) -> dict:
+    """What a compare or sweep result says about its inputs: corpus, unique tokens, teacher, fingerprint,
+    evaluation suite and the config."""
+    from kdfast.eval import fingerprint
+
+    return {"corpus": ", ".join(config["data"]["train"]), "unique_tokens": prepared.data.unique_tokens,
+            "teacher": teacher_row, "evaluation": prepared.suite.describe(), "config": config,
+            "fingerprint": fingerprint.of(prepared.tokenizer, prepared.data, prepared.teacher,
+                                          config["data"]["train"], teacher_row)}
+
+
+def publish(result: dict, out: Path, write, context: Context) -> dict:
+    """``write(result, out)`` on the main rank, then every rank waits for it; returns ``result``."""
     if context.is_main:
-        report.write(result, out)
+        write(result, out)
     distributed.barrier(context)
     return result
 

@@ -31,7 +31,7 @@ def _ratio(value) -> str:
 
 def markdown(report: dict) -> str:
     arms = report["strategies"]
-    lines = [f"# Budget calibration: {report['budget']['text']} on {report['environment']['device']}", ""]
+    lines = [f"# Budget calibration: {report['budget']['text']} on {report['environment']['device_name']}", ""]
     sentence = "; ".join(f"{a['label']} processes {human(a['budget_tokens'])} tokens" for a in arms)
     lines += [f"Within the budget ({report['budget']['description']}"
               f"{', teacher charged: ' + report['charge_teacher'] if report['charge_teacher'] != 'none' else ''}): "
@@ -99,7 +99,7 @@ def chart(report: dict, path: Path) -> None:
     right.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     for axis in (left, right):
         axis.tick_params(axis="x", labelrotation=20)
-    fig.suptitle(f"{report['environment']['device']}, batch {report['shapes']['batch']} x seq "
+    fig.suptitle(f"{report['environment']['device_name']}, batch {report['shapes']['batch']} x seq "
                  f"{report['shapes']['seq']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

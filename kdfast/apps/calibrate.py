@@ -17,7 +17,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +24,9 @@ from typing import Optional
 
 import torch
 
+from kdfast.apps import calibration_report as reporting
 from kdfast.budget import device as devices
-from kdfast.budget import report as reporting
 from kdfast.budget.flops import (
-    CACHED_KD,
     EncoderShape,
     analytic_step_flops,
     measure_flops,
@@ -36,7 +34,9 @@ from kdfast.budget.flops import (
     teacher_cache_flops,
 )
 from kdfast.budget.memory import check_fits
-from kdfast.budget.units import Budget, Calibration, parse_budget
+from kdfast.budget.units import Budget, Calibration, charge_fraction, parse_budget
+from kdfast.runtime.environment import environment
+from kdfast.strategies import CACHED
 from kdfast.train.step import PHASES, Stopwatch, TrainStep
 
 DEFAULT_STRATEGIES = "no-kd,vanilla,tinybert,minilm_v2"
@@ -101,16 +101,6 @@ def parse_strategies(text: str) -> list[str]:
     return names
 
 
-def parse_charge(text: str) -> float:
-    """Fraction of the teacher's pretraining charged to each KD arm: none 0, full 1, amortized:N 1/N."""
-    if text in ("none", "full"):
-        return 0.0 if text == "none" else 1.0
-    head, _, count = text.partition(":")
-    if head == "amortized" and count.isdigit() and int(count) >= 1:
-        return 1.0 / int(count)
-    raise ValueError(f"charge_teacher: expected none, full or amortized:N with N >= 1 students, got {text!r}")
-
-
 def check_student(preset: str) -> str:
     from kdfast.models import PRESETS
     if preset not in PRESETS:
@@ -161,7 +151,7 @@ def options_from(args: argparse.Namespace) -> Options:
         teacher=pick("teacher"), student=check_student(pick("student")),
         strategies=parse_strategies(args.strategies), budget=parse_budget(args.budget),
         batch=_positive_int("batch", pick("batch")), seq=_positive_int("seq", pick("seq")), device=device,
-        world_size=_positive_int("world_size", args.world_size), charge=parse_charge(args.charge_teacher),
+        world_size=_positive_int("world_size", args.world_size), charge=charge_fraction(args.charge_teacher),
         charge_text=args.charge_teacher, teacher_pretraining_flops=pretraining, compile=args.compile,
         warmup=_positive_int("warmup", pick("warmup")), rounds=_positive_int("rounds", pick("rounds")),
         steps_per_round=_positive_int("steps_per_round", pick("steps_per_round")), seed=args.seed,
@@ -237,7 +227,7 @@ def build_arm(name: str, teacher, options: Options, scratch: Path) -> Arm:
     vocab = teacher.config.vocab_size
     made = synthetic_batches(options.batch, options.seq, vocab, options.device, options.seed)
     batches = itertools.cycle(made).__next__
-    if name in CACHED_KD:
+    if name in CACHED:
         cache = synthetic.build(scratch / name, made, STRATEGIES[name].sparse_kind, options.cache_k, vocab,
                                 options.seed)
         batches = cache.attach(batches)
@@ -308,7 +298,7 @@ def arm_report(arm: Arm, options: Options, shapes: tuple, peak: float, teacher_c
     calibration = Calibration(ms, tokens, analytic["total"], options.world_size)
     charge = teacher_charge if arm.strategy.teacher is not None else 0.0
     cache = None
-    if arm.name in CACHED_KD:
+    if arm.name in CACHED:
         cache_tokens, flops = cache_charge(calibration, options, teacher_shape)
         charge = teacher_charge + options.charge * flops
         cache = {"tokens": cache_tokens, "build_flops": flops, "charged_flops": options.charge * flops,
@@ -402,7 +392,7 @@ def _calibrate(options: Options) -> dict:
                    for arm in arms]
     add_ratios(per_arm)
     return {
-        "environment": devices.environment(options.device),
+        "environment": environment(options.device),
         "selftest": checked,
         "dtype": "bf16 autocast, teacher bf16" if options.device.type == "cuda" else "fp32",
         "shapes": {"batch": options.batch, "seq": options.seq, "mlm_probability": MLM_PROBABILITY,
@@ -435,12 +425,7 @@ def write(report: dict, out: Path, json_path: Optional[Path]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        options = options_from(args)
-        report = calibrate(options)
-    except ValueError as error:
-        print(f"kdfast bench budget: error: {error}", file=sys.stderr)
-        return 2
+    report = calibrate(options_from(args))  # bad input: ValueError, printed by kdfast.cli.main
     paths = write(report, Path(args.out), Path(args.json) if args.json else None)
     print(reporting.markdown(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -15,16 +15,15 @@ import torch
 
 from kdfast.budget.flops import EncoderShape
 from kdfast.cache import sparse, store
+from kdfast.cache.serve import DYNAMIC_REFUSAL
 from kdfast.data.masking import IGNORE, seeded
 from kdfast.data.stream import mask_rows
 from kdfast.models import ModelPlan, run_model
-from kdfast.train import distributed
-from kdfast.train.distributed import Context
+from kdfast.runtime import distributed
+from kdfast.runtime.distributed import Context
+from kdfast.runtime.io import write_json
 
 SHARD_ROWS = 1 << 20  # masked positions per shard file (~134 MB at K=32)
-DYNAMIC_REFUSAL = ("masking: expected 'static' for a teacher cache, got 'dynamic': dynamic masking draws new "
-                   "masked positions (so a new teacher input) every epoch, which no cache built once can serve; "
-                   "use --masking static")
 
 
 def _rank_file(rank: int) -> str:
@@ -106,12 +105,12 @@ def build(teacher: torch.nn.Module, sequences: torch.Tensor, masking, out: Path,
     shape = EncoderShape.of(teacher.config)
     tokens = mine.numel() * sequences.shape[1]
     flops = shape.encoder_forward(tokens, sequences.shape[1]) + shape.head_forward(masked)
-    store.write_json(out / _rank_file(context.rank), {"shards": writer.entries, "seconds": seconds,
-                                                      "teacher_flops": flops, "masked": masked,
-                                                      "sequences": int(mine.numel()), "tokens": tokens})
+    write_json(out / _rank_file(context.rank), {"shards": writer.entries, "seconds": seconds, "teacher_flops": flops,
+                                                "masked": masked, "sequences": int(mine.numel()), "tokens": tokens},
+               sort_keys=True)
     distributed.barrier(context)
     if context.is_main:
-        store.write_json(out / store.INDEX, _index(out, context.world, fingerprint, spec, temperature, vocab))
+        write_json(out / store.INDEX, _index(out, context.world, fingerprint, spec, temperature, vocab), sort_keys=True)
     distributed.barrier(context)
 
 

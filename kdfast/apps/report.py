@@ -15,7 +15,7 @@ from typing import List, Tuple
 
 from kdfast.budget.units import Budget
 from kdfast.eval import fingerprint, sweep_report
-from kdfast.eval.report import CEILING, FLOOR
+from kdfast.eval.compare_report import CEILING, FLOOR
 
 
 def load(folder: Path) -> List[Tuple[str, dict]]:
@@ -52,7 +52,7 @@ def _compare_json(path: Path) -> dict:
 
 def merge(named: List[Tuple[str, dict]], charge: str = "none", draws: int = 1000) -> dict:
     """One sweep-form result from (folder name, result) pairs, checked as the module says."""
-    from kdfast.train.compare import charge_fraction
+    from kdfast.budget.units import charge_fraction
 
     fingerprint.check_same([(name, result.get("fingerprint")) for name, result in named])
     first_name, first = named[0]

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from kdfast.cache import build as builder
+from kdfast.apps import teacher_cache_build as builder
 from kdfast.cache import fingerprint as fingerprints
 from kdfast.cache import store
-from kdfast.cache.serve import TeacherCache
+from kdfast.cache.serve import DYNAMIC_REFUSAL, TeacherCache
 from kdfast.cache.sparse import SparseSpec
-from kdfast.train import distributed
-from kdfast.train.distributed import Context
+from kdfast.runtime import distributed
+from kdfast.runtime.distributed import Context
 
 
 def ensure(directory: Path, teacher, tokenizer, data, seed: int, spec: SparseSpec, temperature: float,
@@ -22,7 +22,7 @@ def ensure(directory: Path, teacher, tokenizer, data, seed: int, spec: SparseSpe
     """The cache of ``data.train`` in ``directory``: reused when its fingerprint matches these inputs,
     built when the folder holds no finished build, refused (naming the field) when it differs."""
     if data.masking.mode != "static":
-        raise ValueError(builder.DYNAMIC_REFUSAL)
+        raise ValueError(DYNAMIC_REFUSAL)
     spec.check_vocab(teacher.config.vocab_size)
     wanted = fingerprints.make(tokenizer, teacher, data.train, data.masking, seed, spec, temperature)
     if not (Path(directory) / store.INDEX).is_file():
@@ -62,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
     spec = SparseSpec.parse(args.sparse, args.proposal_temperature)
     config = setup.resolve_auto(setup.load_config(args))
     if config["data"]["masking"] != "static":
-        raise SystemExit(f"kdfast teacher-cache build: error: {builder.DYNAMIC_REFUSAL}")
+        raise ValueError(DYNAMIC_REFUSAL)
     if not config["teacher"]["path"]:
-        raise SystemExit("kdfast teacher-cache build: error: teacher: expected --teacher PATH, got none")
+        raise ValueError("teacher: expected --teacher PATH, got none")
     context = distributed.init(config["device"])
     out = Path(config["out"])
     tokenizer = setup.tokenizer_for(config, out / "tokenizer", context)

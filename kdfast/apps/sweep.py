@@ -3,7 +3,7 @@
 1. Read the budgets (``--budgets 15s,45s,135s`` or ``sweep.budgets``, a list or a geometric series
    ``{start: 15s, factor: 3, count: 3}``) and refuse bad ones before any training: mixed units, budgets
    that do not strictly increase, a cell whose budget cannot buy one step.
-2. ``compare.prepare`` once: tokenizer, packed data, the (cached) teacher and the evaluation suite.
+2. ``compare.prepare`` once: tokenizer, packed data, the (kept) teacher and the evaluation suite.
 3. Every strategy is trained independently at every budget, in ``OUT/cells/<budget>/<strategy>``, so its
    LR schedule spans its own budget; with ``train.replicates: R`` each cell is trained R times (replicate
    r >= 1 in ``rep<r>`` under the cell, seeds as in compare). Finished cells are reused; ``--resume``
@@ -23,9 +23,11 @@ import time
 from pathlib import Path
 from typing import List
 
-from kdfast.budget.units import Budget, parse_budget
-from kdfast.train import compare, distributed, pretrain
-from kdfast.train.distributed import Context
+from kdfast.apps import compare
+from kdfast.budget.units import Budget, charge_fraction, parse_budget
+from kdfast.runtime.distributed import Context
+from kdfast.runtime.io import write_json
+from kdfast.train import pretrain
 
 RECIPE = "recipe.json"
 APPROXIMATION = ("snapshots: each smaller budget is a checkpoint of the run at the largest budget, so its LR "
@@ -116,7 +118,7 @@ def check_recipe(out: Path, config: dict, context: Context) -> None:
         raise ValueError(f"out: expected the recipe of the cells already in {str(out)!r}, got {key} = {new!r} "
                          f"where they have {old!r}; use another --out")
     if context.is_main:
-        pretrain.write_json(path, now)
+        write_json(path, now)
 
 
 def train_cells(config: dict, budgets: List[Budget], prepared, context: Context, resume: bool) -> List[dict]:
@@ -162,7 +164,7 @@ def snapshot_cells(config: dict, budgets: List[Budget], prepared, context: Conte
 def teacher_charge(config: dict, teacher_row: dict, unit: str) -> dict:
     """The budget charged to each KD cell in the report: policy, fraction, amount (in ``unit``)."""
     policy = config["teacher"]["charge"]
-    fraction = compare.charge_fraction(policy)
+    fraction = charge_fraction(policy)
     spent = teacher_row.get("budget_used")
     amount = fraction * spent if spent is not None and teacher_row.get("budget_unit", unit) == unit else 0.0
     return {"policy": policy, "fraction": fraction, "amount": amount, "unit": unit,
@@ -170,7 +172,7 @@ def teacher_charge(config: dict, teacher_row: dict, unit: str) -> dict:
 
 
 def sweep(config: dict, context: Context, resume: bool = False) -> dict:
-    from kdfast.eval import fingerprint, sweep_report
+    from kdfast.eval import sweep_report
 
     out = Path(config["out"])
     budgets = parse_budgets(config["sweep"]["budgets"])
@@ -186,8 +188,8 @@ def sweep(config: dict, context: Context, resume: bool = False) -> dict:
     references = compare.reference_rows(config, prepared, context)
     analyses = {budget.tag: compare.evaluate_rows(config, prepared, [*(r for r in rows if r["cell"] == budget.tag),
                                                                      *references], context)
-                for budget in budgets}   # paired tests against No-KD at each budget; references are cached
-    timings["evaluation (cached rows cost nothing)"] = time.perf_counter() - start
+                for budget in budgets}   # paired tests against No-KD at each budget; references are stored
+    timings["evaluation (stored evaluations cost nothing)"] = time.perf_counter() - start
     for analysis in analyses.values():
         timings.update({f"  evaluation of {arm}": s for arm, s in analysis.pop("seconds").items()})
     unit = budgets[0].unit
@@ -199,19 +201,13 @@ def sweep(config: dict, context: Context, resume: bool = False) -> dict:
     result = {"kind": "sweep", "name": config["name"], "budget_unit": unit, "budgets": [b.tag for b in budgets],
               "strategies": list(config["strategies"]), "baseline": "no-kd",
               "approximation": APPROXIMATION if config["sweep"]["snapshots"] else None,
-              "corpus": ", ".join(config["data"]["train"]), "limited_data": config["data"]["unique_tokens"] is not None,
-              "unique_tokens": prepared.data.unique_tokens,
-              "fingerprint": fingerprint.of(prepared.tokenizer, prepared.data, prepared.teacher,
-                                            config["data"]["train"], prepared.teacher_row),
-              "teacher": prepared.teacher_row, "references": references, "teacher_charge": charge, "cells": rows,
+              "limited_data": config["data"]["unique_tokens"] is not None,
+              "references": references, "teacher_charge": charge, "cells": rows,
               "metrics": next((a["metrics"] for a in analyses.values() if a.get("metrics")), []),
               "verdicts": {tag: a.get("verdicts", []) for tag, a in analyses.items()},
-              "evaluation": prepared.suite.describe(), "timings": timings, "notes": notes,
-              "draws": config["sweep"]["draws"], "config": config}
-    if context.is_main:
-        sweep_report.write(result, out)
-    distributed.barrier(context)
-    return result
+              "timings": timings, "notes": notes, "draws": config["sweep"]["draws"],
+              **compare.described_inputs(config, prepared, prepared.teacher_row)}
+    return compare.publish(result, out, sweep_report.write, context)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
