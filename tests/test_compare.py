@@ -32,6 +32,8 @@ def _no_training_happened(tmp_path):
     (["--level", "1.5"], r"level: expected an interval level in \(0, 1\)"),
     (["eval.probe_test=5000", "eval.probe_pool=5000"], "probes: expected .* to give the 'bshift' task at least 200"),
     (["glue.tasks=[sst2]", "glue.lr_reference_width=-96"], "lr_reference_width: expected a positive hidden size"),
+    (["--replicates", "0"], "train.replicates: expected an integer >= 1"),
+    (["train.replicates=9"], r"train.replicates: expected at most 8 \(train.max_replicates"),
 ])
 def test_bad_input_fails_before_training(tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
@@ -82,6 +84,10 @@ def test_miniature_comparison_writes_the_report_with_equal_budgets(tmp_path, sha
     arms = rows[:4]
     assert {a["budget_used"] for a in arms} == {1024.0}
     assert all(a["steps"] == 4 and a["tokens"] == 1024 for a in arms)
+    # the tiny preset's 3 pretraining replicates: own seeds, shared by the arms (paired), own folders
+    assert all([r["replicate"] for r in a["replicates"]] == [0, 1, 2] for a in rows[:4] + rows[5:])
+    assert len({tuple(r["seed"] for r in a["replicates"]) for a in rows[:4] + rows[5:]}) == 1
+    assert (out / "arms" / "minilm" / "rep2" / "model").is_dir() and (out / "random-init" / "rep2" / "model").is_dir()
     assert report["teacher"]["tokens"] == 2048 and report["teacher"]["final_mlm_loss"] > 0
     assert [a["trains_mlm_head"] for a in arms] == [True, True, False, False]
     expected = {"probe/bshift", "probe/sentlen", "probe/adjacent", "mlm_probe", "glue/sst2"}
@@ -89,18 +95,25 @@ def test_miniature_comparison_writes_the_report_with_equal_budgets(tmp_path, sha
         assert set(row["metrics"]) == expected
         assert all(m["low"] <= m["mean"] <= m["high"] and m["seeds"] >= 2 or name == "mlm_probe"
                    for name, m in row["metrics"].items())
+        assert all(m["replicates"] == (1 if row["strategy"] == "teacher" else 3) for m in row["metrics"].values())
     verdicts = report["analysis"]["verdicts"]
     assert {(v["arm"].split()[0], v["metric"]) for v in verdicts} == {(s, m) for s in ("vanilla", "tinybert", "minilm")
                                                                        for m in expected}
-    assert all(v["verdict"] in ("better", "worse", "no detectable difference") and "permutation" in v["test"]
+    assert all(v["verdict"] in ("better", "worse", "no detectable difference") and "ttest_rel" in v["test"]
                for v in verdicts)
     assert {c["arm"] for c in report["analysis"]["checks"]} == {r["arm"] for r in rows[:5]}
     table = (out / "results.md").read_text()
     assert "| no-kd 1L/32 | no-kd | 1L/32 |" in table and "held-out MLM loss" in table and "## Verdicts" in table
     assert "## Known effects" in table and "## Method" in table and "## Time per phase" in table
+    assert "## Where the variance comes from" in table and "No better/worse calls" not in table
     assert (out / "mlm_loss.png").stat().st_size > 1000 and (out / "metrics.png").stat().st_size > 1000
-    # a second run resumes from the finished arms and the cached teacher without retraining
-    assert _compare(tmp_path, "--resume", "glue.tasks=[]") == 0
+    # a second run resumes from the finished arms and the cached teacher without retraining; with R = 1 (the
+    # replicate-0 folders, the single-run layout) it reports differences and intervals but makes no call
+    assert _compare(tmp_path, "--resume", "glue.tasks=[]", "--replicates", "1") == 0
+    report = json.loads((out / "results.json").read_text())
+    assert {v["verdict"] for v in report["analysis"]["verdicts"]} == {"no call (R = 1)"}
+    table = (out / "results.md").read_text()
+    assert "**No better/worse calls with R = 1.** A call needs at least 3 pretraining replicates" in table
 
 
 @pytest.mark.slow

@@ -58,3 +58,24 @@ def test_saturating_curve_is_fitted_by_the_power_law():
 def test_series_needs_two_budgets():
     with pytest.raises(ValueError, match="series: expected >= 2 budgets"):
         trends.Series.of([10.0], [1.0], [0.1])
+
+
+def test_crossover_interval_resamples_replicates_and_widens_with_their_spread():
+    """With replicates, each draw resamples them (paired across cells and series); replicate spread that the
+    cell SEs do not show widens the crossing interval."""
+    budgets, truth = np.array([50.0, 400.0, 3200.0]), 400.0
+    rng = np.random.default_rng(0)
+
+    def replicated(slope, spread):
+        means = 0.60 + slope * np.log(budgets / truth)
+        reps = means[:, None] + rng.normal(0, spread, (len(budgets), 3))
+        return trends.Series.of(budgets, reps.mean(1), np.full(3, 0.001), reps)
+
+    tight = trends.crossover(replicated(0.10, 0.001), replicated(0.04, 0.001), draws=200)
+    loose = trends.crossover(replicated(0.10, 0.03), replicated(0.04, 0.03), draws=200)
+    assert "3 pretraining replicates resampled" in tight["method"]
+    assert tight["verdict"] == "crossover" and tight["estimate"] == pytest.approx(truth, rel=0.1)
+    assert tight["low"] <= tight["estimate"] <= tight["high"]
+    assert loose["high"] / loose["low"] > 2 * tight["high"] / tight["low"] or loose["verdict"] != "crossover"
+    with pytest.raises(ValueError, match=r"series: expected replicates of shape \[3, R\]"):
+        trends.Series.of(budgets, np.zeros(3), np.ones(3), np.zeros((2, 3)))

@@ -84,7 +84,8 @@ def test_each_cell_has_its_own_schedule_and_a_rerun_reuses_finished_cells(tmp_pa
 
     trained = []
     real = compare.train_arms
-    monkeypatch.setattr(compare, "train_arms", lambda config, *a: trained.append(a[2].name) or real(config, *a))
+    monkeypatch.setattr(compare, "train_arms",
+                        lambda config, *a, **k: trained.append(a[2].name) or real(config, *a, **k))
     start = time.perf_counter()
     assert _sweep(tmp_path, corpus, "1024tok,2048tok") == 0             # every cell finished: nothing is trained
     assert trained == [] and time.perf_counter() - start < 60

@@ -5,7 +5,8 @@
 2. Tokenize and pack the corpus once; every arm gets the same data order, masks and seed.
 3. Teacher: load ``teacher.path``, or pretrain a small one (kept in ``OUT/teacher``), whose cost is
    reported separately or charged to the KD arms (``--charge-teacher full|amortized:N``).
-4. Pretrain each strategy under the same budget (``OUT/arms/<strategy>``).
+4. Pretrain each strategy under the same budget, ``train.replicates`` times with independent seeds
+   (``OUT/arms/<strategy>``, replicates r >= 1 in ``OUT/arms/<strategy>/rep<r>``; kdfast.train.replicates).
 5. Evaluate every arm, the teacher (ceiling) and a random-init student (floor) with the same suite
    (``kdfast/eval/suite.py``: probes, MLM-head probe, GLUE-style fine-tuning when data is there),
    then write ``results.json``, ``results.md`` and the plots with intervals and verdicts.
@@ -27,7 +28,7 @@ from kdfast.runtime import distributed
 from kdfast.runtime.distributed import Context
 from kdfast.runtime.io import write_json
 from kdfast.strategies import CACHED
-from kdfast.train import checkpoint, pretrain, setup
+from kdfast.train import checkpoint, pretrain, replicates, setup
 from kdfast.train.runlog import check_tensorboard
 
 TEACHER_ARM = "teacher"
@@ -52,6 +53,7 @@ def validate(config: dict) -> None:
     if tasks and config["glue"]["data_dir"]:
         glue_tasks.check_dir(config["glue"]["data_dir"], tasks)
     stats.check_level(config["eval"]["level"])
+    replicates.count(config)
     check_tensorboard(config["train"]["tensorboard"])
 
 
@@ -135,10 +137,13 @@ def prepare(config: dict, context: Context, resume: bool = False) -> Prepared:
     return Prepared(tokenizer, data, teacher, teacher_row, suite, timings)
 
 
-def train_arms(config: dict, prepared: Prepared, context: Context, arms_dir: Path, resume: bool = False) -> List[dict]:
-    """Pretrain every strategy of the config under ``train.budget`` into ``arms_dir/<strategy>``; a
-    finished arm (its summary written) is reused when ``resume`` is set. A cached arm first builds (or
-    reuses) its teacher cache in ``OUT/teacher-cache``, whose cost is charged like the teacher's."""
+def train_arms(config: dict, prepared: Prepared, context: Context, arms_dir: Path, resume: bool = False,
+               reuse: bool = False) -> List[dict]:
+    """Pretrain every strategy of the config under ``train.budget``, ``train.replicates`` times, into
+    ``arms_dir/<strategy>`` (replicate r >= 1 in ``rep<r>`` under it); a finished replicate (its summary
+    written) is reused when ``resume`` or ``reuse`` is set. One row per strategy: replicate 0's summary
+    with ``replicates`` (every replicate's summary). A cached arm first builds (or reuses) its teacher
+    cache in ``OUT/teacher-cache``, whose cost is charged like the teacher's."""
     from kdfast.apps.teacher_cache import for_strategy
 
     fraction = charge_fraction(config["teacher"]["charge"])
@@ -146,37 +151,62 @@ def train_arms(config: dict, prepared: Prepared, context: Context, arms_dir: Pat
     unit = parse_budget(str(config["train"]["budget"])).unit
     rows = []
     for name in config["strategies"]:
-        run_dir = Path(arms_dir) / name
-        done = run_dir / pretrain.SUMMARY
-        if resume and done.is_file():
-            summary = json.loads(done.read_text())
-        else:
-            cache = for_strategy(config, name, prepared.teacher, prepared.tokenizer, prepared.data, context,
-                                 Path(config["out"]) / "teacher-cache") if name in CACHED else None
-            offset = 0.0 if name == "no-kd" else charge + (fraction * cache.cost(unit) if cache else 0.0)
-            summary = pretrain.train_arm(config, name, run_dir, context, prepared.data, prepared.tokenizer,
-                                         prepared.teacher, resume=resume, offset=offset, label=name,
-                                         teacher_cache=cache)
-        rows.append({**summary, "arm": f"{name} {summary['shape']}"})
+        summaries = []
+        for index, replicate in enumerate(replicates.configs(config)):
+            run_dir = replicates.run_dir(Path(arms_dir) / name, index)
+            done = run_dir / pretrain.SUMMARY
+            if (resume or reuse) and done.is_file():
+                summary = json.loads(done.read_text())
+            else:
+                cache = for_strategy(config, name, prepared.teacher, prepared.tokenizer, prepared.data, context,
+                                     Path(config["out"]) / "teacher-cache") if name in CACHED else None
+                offset = 0.0 if name == "no-kd" else charge + (fraction * cache.cost(unit) if cache else 0.0)
+                label = name if index == 0 else f"{name} rep{index}"
+                summary = pretrain.train_arm(replicate, name, run_dir, context, prepared.data, prepared.tokenizer,
+                                             prepared.teacher, resume=resume, offset=offset, label=label,
+                                             teacher_cache=cache)
+            summaries.append(summary)
+        rows.append(arm_row(config, name, summaries))
     return rows
 
 
+def arm_row(config: dict, name: str, summaries: List[dict]) -> dict:
+    """One strategy's row: replicate 0's summary, with ``replicates`` (every replicate's, with its index and seed)."""
+    runs = [{**summary, "replicate": index, "seed": replicate["seed"]}
+            for index, (summary, replicate) in enumerate(zip(summaries, replicates.configs(config)))]
+    return {**runs[0], "arm": f"{name} {runs[0]['shape']}", "replicates": runs}
+
+
+def finished_row(config: dict, name: str, base: Path, where: Callable[[Path], Path] = lambda run: run) -> "dict | None":
+    """The row of strategy ``name`` trained in ``base`` (replicate r in ``replicates.run_dir(base, r)``, its
+    summary in ``where(run_dir)``), or None while a replicate has no summary."""
+    paths = [where(replicates.run_dir(base, r)) / pretrain.SUMMARY for r in range(replicates.count(config))]
+    if not all(p.is_file() for p in paths):
+        return None
+    return arm_row(config, name, [json.loads(p.read_text()) for p in paths])
+
+
 def random_init_row(config: dict, prepared: Prepared, out: Path, context: Context) -> dict:
-    """The floor: a student of the arms' shape and initial weights (same seed), never trained."""
+    """The floor: students of the arms' shape and initial weights (replicate r: replicate r's seed), never
+    trained; one per replicate, in ``OUT/random-init`` (replicate r >= 1 in ``rep<r>`` under it)."""
     from kdfast.models import build_student
 
-    model_dir = out / FLOOR_ARM / "model"
-    torch.manual_seed(config["seed"])  # the arms' initial weights (train_arm seeds the same way)
-    student = build_student(pretrain.student_config(config["student"], len(prepared.tokenizer),
-                                                    prepared.data.train.shape[1], prepared.teacher),
-                            teacher=prepared.teacher, tokenizer=prepared.tokenizer, init=config["student"]["init"],
-                            device="cpu")
-    if context.is_main and not (model_dir / "config.json").is_file():
-        student.save_pretrained(str(model_dir))
-        prepared.tokenizer.save_pretrained(str(model_dir))
+    summaries = []
+    for index, replicate in enumerate(replicates.configs(config)):
+        model_dir = replicates.run_dir(out / FLOOR_ARM, index) / "model"
+        torch.manual_seed(replicate["seed"])  # the arms' initial weights (train_arm seeds the same way)
+        student = build_student(pretrain.student_config(config["student"], len(prepared.tokenizer),
+                                                        prepared.data.train.shape[1], prepared.teacher),
+                                teacher=prepared.teacher, tokenizer=prepared.tokenizer,
+                                init=config["student"]["init"], device="cpu")
+        if context.is_main and not (model_dir / "config.json").is_file():
+            student.save_pretrained(str(model_dir))
+            prepared.tokenizer.save_pretrained(str(model_dir))
+        summaries.append({"model": str(model_dir), "replicate": index, "seed": replicate["seed"]})
     distributed.barrier(context)
     return {"arm": FLOOR_ARM, "strategy": FLOOR_ARM, "shape": pretrain.shape_name(student), "budget_used": 0.0,
-            "steps": 0, "tokens": 0, "epochs": 0.0, "trains_mlm_head": False, "model": str(model_dir),
+            "steps": 0, "tokens": 0, "epochs": 0.0, "trains_mlm_head": False, "model": summaries[0]["model"],
+            "replicates": summaries,
             "description": "random-init student (same shape and initial weights as the arms, zero budget)"}
 
 
@@ -198,8 +228,10 @@ def evaluate_rows(config: dict, prepared: Prepared, rows: List[dict], context: C
         for row in rows:
             start = time.perf_counter()
             cache = Path(config["out"]) / "eval" / row["arm"].replace(" ", "_").replace("/", "-")
-            evaluations[row["arm"]] = suite_lib.evaluate(prepared.suite, row["model"], context.device, cache,
-                                                         row["arm"])
+            evaluations[row["arm"]] = [  # one per replicate (the teacher is one model, held fixed)
+                suite_lib.evaluate(prepared.suite, run["model"], context.device, cache,
+                                   row["arm"] + (f" rep{run['replicate']}" if run.get("replicate") else ""))
+                for run in row.get("replicates") or [row]]
             seconds[row["arm"]] = time.perf_counter() - start
     analysis = report.analyse(rows, evaluations, prepared.suite.higher_is_better, prepared.suite.level) \
         if context.is_main else {}
@@ -214,7 +246,7 @@ def compare(config: dict, context: Context, resume: bool = False) -> dict:
     out = Path(config["out"])
     prepared = prepare(config, context, resume)
     start = time.perf_counter()
-    rows = train_arms(config, prepared, context, out / "arms", resume)
+    rows = train_arms(config, prepared, context, out / "arms", resume, reuse=resume)
     timings = {**prepared.timings, "arms (pretraining, budget-clocked)": time.perf_counter() - start}
     teacher_row = prepared.teacher_row
     extra = reference_rows(config, prepared, context)
@@ -267,6 +299,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML/JSON of custom tasks {name: {columns, num_labels, metrics}}; name them in "
                              "glue.tasks")
     parser.add_argument("--level", default=None, help="interval level of estimates and tests, in (0, 1)")
+    parser.add_argument("--replicates", default=None, type=int,
+                        help="pretraining runs per arm, R (train.replicates; better/worse calls need R >= 3)")
 
 
 def load_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> dict:
@@ -275,7 +309,8 @@ def load_config(args: argparse.Namespace, extra: Sequence[str] = ()) -> dict:
 
     extra = [*extra, *(f"{key}={value}" for key, value in (("glue.data_dir", args.glue_dir),
                                                           ("eval.level", args.level),
-                                                          ("teacher.charge", args.charge_teacher))
+                                                          ("teacher.charge", args.charge_teacher),
+                                                          ("train.replicates", args.replicates))
                        if value is not None)]
     if args.task_spec:
         extra.append(f"glue.custom={json.dumps(glue_tasks.read_spec_file(args.task_spec))}")

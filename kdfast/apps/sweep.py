@@ -5,7 +5,9 @@
    that do not strictly increase, a cell whose budget cannot buy one step.
 2. ``compare.prepare`` once: tokenizer, packed data, the (kept) teacher and the evaluation suite.
 3. Every strategy is trained independently at every budget, in ``OUT/cells/<budget>/<strategy>``, so its
-   LR schedule spans its own budget. Finished cells are reused; ``--resume`` continues interrupted ones.
+   LR schedule spans its own budget; with ``train.replicates: R`` each cell is trained R times (replicate
+   r >= 1 in ``rep<r>`` under the cell, seeds as in compare). Finished cells are reused; ``--resume``
+   continues interrupted ones.
    ``--snapshots`` is the cheap approximation: one run per strategy at the largest budget, its models
    saved where the smaller budgets would have stopped (their LR schedule is the long run's), labelled so.
 4. ``compare.evaluate_rows`` on every cell and the teacher, then ``sweep.json``, ``sweep.md`` and plots
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -119,36 +122,42 @@ def check_recipe(out: Path, config: dict, context: Context) -> None:
 
 
 def train_cells(config: dict, budgets: List[Budget], prepared, context: Context, resume: bool) -> List[dict]:
-    """One row per (budget, strategy), budgets ascending; finished cells (``summary.json``) are reused."""
+    """One row per (budget, strategy), budgets ascending, each with its ``replicates``; finished cells
+    (every replicate's ``summary.json``) are reused."""
     out, rows = Path(config["out"]), []
     for budget in budgets:
-        folder = out / "cells" / budget.tag
-        todo = [s for s in config["strategies"] if not (folder / s / pretrain.SUMMARY).is_file()]
+        folder, cell = out / "cells" / budget.tag, cell_config(config, budget)
+        todo = [s for s in config["strategies"] if compare.finished_row(cell, s, folder / s) is None]
         if todo:
-            compare.train_arms({**cell_config(config, budget), "strategies": todo}, prepared, context, folder, resume)
+            compare.train_arms({**cell, "strategies": todo}, prepared, context, folder, resume, reuse=True)
         for name in config["strategies"]:
-            summary = json.loads((folder / name / pretrain.SUMMARY).read_text())
-            rows.append({**summary, "cell": budget.tag, "cell_amount": budget.amount,
-                         "arm": f"{name} {summary['shape']} @ {budget.tag}"})
+            row = compare.finished_row(cell, name, folder / name)
+            rows.append({**row, "cell": budget.tag, "cell_amount": budget.amount,
+                         "arm": f"{name} {row['shape']} @ {budget.tag}"})
     return rows
 
 
+def _snapshot(run_dir: Path, budget: Budget, longest: Budget) -> Path:
+    """Where a long run in ``run_dir`` keeps its model and summary at ``budget``."""
+    return run_dir if budget is longest else pretrain.snapshot_dir(run_dir, budget)
+
+
 def snapshot_cells(config: dict, budgets: List[Budget], prepared, context: Context, resume: bool) -> List[dict]:
-    """The ``--snapshots`` approximation: one run per strategy at the largest budget (``OUT/long``), its
-    models at the smaller budgets read as those cells."""
+    """The ``--snapshots`` approximation: one run per strategy (and replicate) at the largest budget
+    (``OUT/long``), its models at the smaller budgets read as those cells."""
     longest, folder = budgets[-1], Path(config["out"]) / "long"
     run = cell_config(config, longest)
     run["train"]["snapshots"] = [b.tag for b in budgets[:-1]]
-    todo = [s for s in config["strategies"] if not (folder / s / pretrain.SUMMARY).is_file()]
+    todo = [s for s in config["strategies"] if compare.finished_row(run, s, folder / s) is None]
     if todo:
-        compare.train_arms({**run, "strategies": todo}, prepared, context, folder, resume)
+        compare.train_arms({**run, "strategies": todo}, prepared, context, folder, resume, reuse=True)
     rows = []
     for budget in budgets:
         for name in config["strategies"]:
-            where = folder / name if budget is longest else pretrain.snapshot_dir(folder / name, budget)
-            summary = json.loads((where / pretrain.SUMMARY).read_text())
-            rows.append({**summary, "cell": budget.tag, "cell_amount": budget.amount, "approximation": "snapshot",
-                         "arm": f"{name} {summary['shape']} @ {budget.tag} (snapshot of {longest.tag})"})
+            row = compare.finished_row(run, name, folder / name, functools.partial(_snapshot, budget=budget,
+                                                                                      longest=longest))
+            rows.append({**row, "cell": budget.tag, "cell_amount": budget.amount, "approximation": "snapshot",
+                         "arm": f"{name} {row['shape']} @ {budget.tag} (snapshot of {longest.tag})"})
     return rows
 
 

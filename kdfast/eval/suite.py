@@ -59,11 +59,14 @@ class Suite:
         """The methods, seeds and sample sizes, for the report."""
         section, glue = self.config["eval"], self.config["glue"]
         out = {"level": self.level, "statistics": (
-            f"mean over seeds; {round(100 * self.level)}% percentile bootstrap over seeds and evaluation examples "
-            f"(scipy.stats.bootstrap, {stats.RESAMPLES} resamples); arms compared by a paired permutation test over "
-            f"evaluation examples (scipy.stats.permutation_test, {stats.RESAMPLES} permutations, two-sided), "
-            f"Benjamini-Hochberg across the verdicts of the report (scipy.stats.false_discovery_control); "
-            f"smallest detectable difference (z_(1-alpha/2) + z_{stats.POWER}) x bootstrap SE of the difference")}
+            f"mean over pretraining replicates and seeds; {round(100 * self.level)}% nested percentile bootstrap "
+            f"({stats.RESAMPLES} resamples) over replicates, then seeds, then evaluation examples "
+            "(kdfast.eval.nested); "
+            "arms compared at the replicate level by a paired t-test on replicate means (scipy.stats.ttest_rel; "
+            "scipy.stats.ttest_1samp against the teacher, held fixed), Benjamini-Hochberg across the verdicts of the "
+            "report (scipy.stats.false_discovery_control), calls only from 3 replicates; variance components by "
+            "balanced nested ANOVA (method of moments); smallest detectable difference from the measured replicate "
+            "and seed components with statsmodels.stats.power.TTestPower (power 0.8, Bonferroni level)")}
         if self.probe_tasks:
             out["probes"] = {"source": self.probe_source, "seeds": section["probe_seeds"], "method": probes.METHOD,
                              "tasks": [probe_tasks.describe(t) for t in self.probe_tasks]}

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 from kdfast.budget.units import Budget
 from kdfast.eval import compare_report as report
-from kdfast.eval import trends
+from kdfast.eval import nested, trends
 
 
 def metric_names(result: dict) -> List[str]:
@@ -44,8 +44,10 @@ def series(cells: List[dict], strategy: str, metric: str, shift: float = 0.0) ->
         return None
     rows.sort(key=lambda c: c["cell_amount"])
     entries = [c["metrics"][metric] for c in rows]
+    counts = {len(e.get("per_replicate") or []) for e in entries}
+    replicates = [e["per_replicate"] for e in entries] if len(counts) == 1 and counts.pop() >= 2 else None
     return trends.Series.of([c["cell_amount"] + shift for c in rows], [e["mean"] for e in entries],
-                            [_se(e) for e in entries])
+                            [_se(e) for e in entries], replicates)
 
 
 def higher_is_better(cells: List[dict], metric: str) -> bool:
@@ -150,12 +152,14 @@ def _crossovers_section(result: dict) -> List[str]:
                      f"{100 * c['crossing_fraction']:.0f}%", c["reading"]])
     head = ["metric", "strategy", "teacher charge", "verdict", "estimate", "95% interval", "draws crossing", "reading"]
     return [f"## Crossovers with {result['baseline']}", "", *_table(head, rows), "",
-            "Crossing: the first sign change of the difference of the two fitted trends, within the budgets both "
-            "cover; interval: parametric bootstrap (each cell redrawn from N(mean, SE), both refitted), "
-            f"{result.get('draws', 1000)} draws, 2.5/97.5 percentiles of the crossings. Cells are redrawn "
-            "independently although every cell is scored on the same evaluation examples (conservative for "
-            "differences). 'crossover' also needs the difference resolved from zero, with opposite signs, at both "
-            "ends of the range; 'no crossover in range': fewer than half the draws change sign there."]
+            "Crossing: the first sign change of the difference of the two fitted trends (fitted through the "
+            "replicate means), within the budgets both cover; interval: bootstrap with "
+            f"{result.get('draws', 1000)} draws, 2.5/97.5 percentiles of the crossings. With 2 or more pretraining "
+            "replicates per cell each draw resamples the replicates (the same indices for every cell of both "
+            "strategies, paired by seed); with one, each cell is redrawn independently from N(mean, SE) although "
+            "every cell is scored on the same evaluation examples (conservative for differences). 'crossover' also "
+            "needs the difference resolved from zero, with opposite signs, at both ends of the range; 'no crossover "
+            "in range': fewer than half the draws change sign there."]
 
 
 def _verdicts_section(result: dict, level: int) -> List[str]:
@@ -164,10 +168,17 @@ def _verdicts_section(result: dict, level: int) -> List[str]:
     if not found:
         return []
     rows = [[tag, v["arm"], v["metric"], f"{v['difference']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]",
-             f"{v['p_adjusted']:.3f}", v["verdict"], f"{v['min_detectable']:.3f}"] for tag, v in found]
-    head = ["budget", "arm", "metric", f"difference [{level}% interval]", "p (BH)", "verdict", "smallest detectable"]
-    return [f"## Verdicts at each budget against {result['baseline']} ({found[0][1]['test']})", "",
-            *_table(head, rows)]
+             report.number(v.get("p_adjusted"), 3), v["verdict"], report.number(v.get("min_detectable"), 3)]
+            for tag, v in found]
+    head = ["budget", "arm", "metric", f"difference [{level}% nested bootstrap interval]", "p (BH)", "verdict",
+            "smallest detectable"]
+    tests = sorted({v["test"] for _, v in found if v.get("test")})
+    tested = "; ".join(tests) or "no replicate-level test"
+    lines = [f"## Verdicts at each budget against {result['baseline']} ({tested})", ""]
+    fewest = min(min(v["replicates"]) for _, v in found) if all("replicates" in v for _, v in found) else 1
+    if fewest < nested.MIN_REPLICATES:
+        lines += [f"**No better/worse calls with R = {fewest}.** {nested.replicates_needed_text(level / 100)}", ""]
+    return lines + _table(head, rows)
 
 
 def _notes(result: dict) -> List[str]:

@@ -10,9 +10,12 @@ A series is one strategy's cells for one metric: budgets ``x`` (> 0, in the budg
 ``x0`` is the geometric mean of the series' budgets (conditioning only). Each series takes the power law
 only when it lowers the AIC (chi-square + 2 x parameters) below the log-linear fit's. The crossing of two series is
 the first sign change of the difference of their fits, on 256 points of ``ln x`` over the budgets both
-series cover, refined by ``scipy.optimize.brentq``. Its interval is a parametric bootstrap: every cell is
-redrawn from ``N(mean, se)``, both series are refitted and the crossing is found again; the percentiles of
-the crossings give the interval. Fewer than half the draws crossing in range reads "no crossover in range".
+series cover, refined by ``scipy.optimize.brentq``. Its interval is a bootstrap. With pretraining
+replicates (``replicates`` [n, R], the same R >= 2 in both series) each draw resamples R replicate indices
+with replacement, the same ones for every cell of both series (replicate r of every cell shares its seed),
+and takes the means of the drawn replicates; without, every cell is redrawn from ``N(mean, se)``. Both
+series are refitted and the crossing is found again; the percentiles of the crossings give the interval.
+Fewer than half the draws crossing in range reads "no crossover in range".
 """
 from __future__ import annotations
 
@@ -31,27 +34,44 @@ ALPHA = (1e-3, 4.0)             # the power law's exponent range
 
 @dataclass(frozen=True)
 class Series:
-    """One strategy's cells: budgets ``x`` [n], means ``y`` [n], standard errors ``se`` [n]."""
+    """One strategy's cells: budgets ``x`` [n], means ``y`` [n] (over replicates), standard errors ``se`` [n],
+    and optionally each replicate's mean ``replicates`` [n, R]."""
 
     x: np.ndarray
     y: np.ndarray
     se: np.ndarray
+    replicates: Optional[np.ndarray] = None
 
     @classmethod
-    def of(cls, x, y, se) -> "Series":
+    def of(cls, x, y, se, replicates=None) -> "Series":
         x, y = np.asarray(x, float), np.asarray(y, float)
         se = np.asarray(se, float)
         if x.ndim != 1 or len(x) < 2 or x.shape != y.shape or x.shape != se.shape or np.any(x <= 0):
             raise ValueError(f"series: expected >= 2 budgets > 0 with a mean and SE each, got x={x}, y={y}, se={se}")
+        if replicates is not None:
+            replicates = np.asarray(replicates, float)
+            if replicates.ndim != 2 or replicates.shape[0] != len(x):
+                raise ValueError(f"series: expected replicates of shape [{len(x)}, R], got {replicates.shape}")
         floor = 1e-6 * max(float(np.max(np.abs(y))), 1e-12)  # a cell without spread still gets a weight
-        return cls(x, y, np.maximum(np.nan_to_num(se, nan=0.0), floor))
+        return cls(x, y, np.maximum(np.nan_to_num(se, nan=0.0), floor), replicates)
 
     def shifted(self, by: float) -> "Series":
         """The same cells charged ``by`` more budget each (a teacher's cost)."""
-        return Series(self.x + by, self.y, self.se)
+        return Series(self.x + by, self.y, self.se, self.replicates)
 
     def redrawn(self, rng: np.random.Generator) -> "Series":
         return Series(self.x, rng.normal(self.y, self.se), self.se)
+
+    def resampled(self, indices: np.ndarray) -> "Series":
+        """The cells' means over the replicates ``indices`` [R] (drawn with replacement)."""
+        return Series(self.x, self.replicates[:, indices].mean(1), self.se)
+
+
+def replicate_count(*series: Series) -> int:
+    """R when every series has the same R >= 2 replicates per cell, else 0 (the parametric bootstrap)."""
+    counts = {None if s.replicates is None else s.replicates.shape[1] for s in series}
+    count = counts.pop() if len(counts) == 1 else None
+    return count if count is not None and count >= 2 else 0
 
 
 @dataclass(frozen=True)
@@ -124,6 +144,11 @@ def crossing(first: Callable, second: Callable, low: float, high: float) -> Opti
     return float(np.exp(root))
 
 
+def _bootstrap_kind(base: Series, other: Series) -> str:
+    replicates = replicate_count(base, other)
+    return f"{replicates} pretraining replicates resampled, paired" if replicates else "parametric, N(mean, SE)"
+
+
 def crossover(base: Series, other: Series, forms: Optional[tuple] = None, draws: int = 1000,
               level: float = 0.95, seed: int = 0) -> dict:
     """Where ``other``'s trend crosses ``base``'s within the budgets both cover; ``forms`` (base's,
@@ -140,7 +165,8 @@ def crossover(base: Series, other: Series, forms: Optional[tuple] = None, draws:
     low, high = max(base.x.min(), other.x.min()), min(base.x.max(), other.x.max())
     result = {"range": [float(low), float(high)], "forms": list(forms),
               "method": f"fits {FORMS[forms[1]]} (strategy) and {FORMS[forms[0]]} (baseline), weighted least squares "
-              f"(weights 1/cell SE); crossing interval: parametric bootstrap of the cells, {draws} draws, "
+              f"(weights 1/cell SE); crossing interval: bootstrap of the cells ({_bootstrap_kind(base, other)}), "
+              f"{draws} draws, "
               f"{100 * level:g}% percentile", "draws": draws, "estimate": None, "low": None, "high": None,
               "crossing_fraction": 0.0, "verdict": "no crossover in range", "other_minus_base": None}
     if low >= high:
@@ -152,8 +178,13 @@ def crossover(base: Series, other: Series, forms: Optional[tuple] = None, draws:
     result["estimate"] = crossing(other_fit, base_fit, low, high)
     rng = np.random.default_rng(seed)
     found, differences = [], []
+    replicates = replicate_count(base, other)
     for _ in range(draws):
-        base_draw, other_draw = fit(base.redrawn(rng), forms[0]), fit(other.redrawn(rng), forms[1])
+        if replicates:
+            drawn = rng.integers(replicates, size=replicates)
+            base_draw, other_draw = fit(base.resampled(drawn), forms[0]), fit(other.resampled(drawn), forms[1])
+        else:
+            base_draw, other_draw = fit(base.redrawn(rng), forms[0]), fit(other.redrawn(rng), forms[1])
         found.append(crossing(other_draw, base_draw, low, high))
         differences.append(other_draw(ends) - base_draw(ends))
     found = np.array([x for x in found if x is not None])

@@ -50,6 +50,8 @@ DEFAULTS: Dict[str, Any] = {
     },
     "train": {
         "budget": "90s",                  # 4h, 14400s, 3e18flop, 4.6e9tok (kdfast.budget.units)
+        "replicates": 1,                  # pretraining runs per arm (seeds: kdfast.train.replicates); calls need 3
+        "max_replicates": None,           # a preset's cap on replicates (time), None: no cap
         "batch_size": 32,                 # global sequences per optimizer step
         "accumulation": 1,
         "lr": 1e-3,
