@@ -1,9 +1,9 @@
 """The native vocabulary-KD row kernel as the custom op ``kdfast::vocab_kd_rows`` (contract in
 ``kdfast/functions/vocab_kd.py``): the C++/OpenMP kernel of ``kdfast._C`` for CPU tensors (row- or
 vocab-major ``s``, ``t``) and the CUDA kernel of ``kdfast._cuda`` for CUDA tensors (row-major).
-It overwrites ``s`` with d loss / d s and uses ``t`` as scratch (both ``mutates_args``) and returns
-(kd_row, mlm_row) [C] fp32; it is not differentiable (the loss ops call it inside their forward). The Triton kernel is the
-``triton_op`` ``kdfast::vocab_kd_rows_triton`` (``kdfast/triton/vocab_kd.py``)."""
+It overwrites ``s`` with d loss / d s, uses ``t`` as scratch (both in ``mutates_args``) and returns
+(kd_row, mlm_row) [C] fp32; it is not differentiable (the loss ops call it inside their forward).
+The Triton kernel is the ``triton_op`` ``kdfast::vocab_kd_rows_triton`` (``kdfast/triton/vocab_kd.py``)."""
 from __future__ import annotations
 
 from typing import Callable
