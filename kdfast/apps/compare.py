@@ -158,8 +158,9 @@ def train_arms(config: dict, prepared: Prepared, context: Context, arms_dir: Pat
             if (resume or reuse) and done.is_file():
                 summary = json.loads(done.read_text())
             else:
-                cache = for_strategy(config, name, prepared.teacher, prepared.tokenizer, prepared.data, context,
-                                     Path(config["out"]) / "teacher-cache") if name in CACHED else None
+                # a replicate's cache holds its own static masks (its seed): replicate r >= 1 under ROOT/rep<r>
+                cache = for_strategy(replicate, name, prepared.teacher, prepared.tokenizer, prepared.data, context,
+                                     Path(config["out"]) / "teacher-cache", index) if name in CACHED else None
                 offset = 0.0 if name == "no-kd" else charge + (fraction * cache.cost(unit) if cache else 0.0)
                 label = name if index == 0 else f"{name} rep{index}"
                 summary = pretrain.train_arm(replicate, name, run_dir, context, prepared.data, prepared.tokenizer,

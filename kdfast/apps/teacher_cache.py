@@ -17,6 +17,7 @@ from kdfast.cache.serve import DYNAMIC_REFUSAL, TeacherCache
 from kdfast.cache.sparse import SparseSpec
 from kdfast.runtime import distributed
 from kdfast.runtime.distributed import Context
+from kdfast.train import replicates
 
 
 def ensure(directory: Path, teacher, tokenizer, data, seed: int, spec: SparseSpec, temperature: float,
@@ -34,15 +35,17 @@ def ensure(directory: Path, teacher, tokenizer, data, seed: int, spec: SparseSpe
 
 
 def for_strategy(config: dict, strategy: str, teacher, tokenizer, data, context: Context,
-                 default_root: Path) -> TeacherCache:
+                 default_root: Path, replicate: int = 0) -> TeacherCache:
     """The cache a cached arm ``strategy`` trains from: ``ROOT/<kind>-<K>`` under ROOT = ``teacher.cache``
-    (else ``default_root``), K = ``teacher.cache_k``, the strategy's sparse kind and vanilla's T = 1."""
+    (else ``default_root``), K = ``teacher.cache_k``, the strategy's sparse kind and vanilla's T = 1.
+    ``config`` is the replicate's (its seed draws the static masks the cache covers); replicate r >= 1
+    keeps its cache under ``ROOT/rep<r>``."""
     from kdfast.strategies import STRATEGIES
 
     section = config["teacher"]
     proposal = section["cache_proposal_temperature"] if STRATEGIES[strategy].sparse_kind == "sample" else None
     spec = SparseSpec.parse(f"{STRATEGIES[strategy].sparse_kind}:{section['cache_k']}", proposal)
-    directory = Path(section["cache"] or default_root) / f"{spec.kind}-{spec.k}"
+    directory = replicates.run_dir(Path(section["cache"] or default_root), replicate) / f"{spec.kind}-{spec.k}"
     return ensure(directory, teacher, tokenizer, data, config["seed"], spec, 1.0, context)
 
 
