@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+# tests/ and examples/ only: the checkout's root would shadow the installed kdfast (with its compiled
+# extensions) here and in every process spawned later from a pytest that imported this module.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import distil_many_devices as example  # noqa: E402
