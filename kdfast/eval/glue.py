@@ -184,11 +184,14 @@ def width_scaled(model_path: str, lrs: Sequence[float], reference_width: Optiona
 
 def _finetune_seeds(model_path: str, tokenizer, task: Task, rows: List[dict], held: List[dict], lr: float,
                     batch_size: int, epochs: int, seeds: Sequence[int], device: torch.device, warmup: float,
-                    weight_decay: float, bars: bool = False) -> Dict[str, stats.Scores]:
-    """Scores per metric of ``seeds`` fine-tunes on ``rows``, predicting ``held`` ([seeds, n])."""
+                    weight_decay: float, bars: bool = False, bar_label: str = "") -> Dict[str, stats.Scores]:
+    """Scores per metric of ``seeds`` fine-tunes on ``rows``, predicting ``held`` ([seeds, n]); ``bars``: a
+    progress bar per fine-tune, its label starting with ``bar_label``."""
+    def bar(seed: int) -> Optional[str]:
+        return f"{bar_label}{task.name} lr={lr:g} batch={batch_size} seed={seed}" if bars else None
+
     predictions = np.stack([finetune(model_path, tokenizer, task, rows, held, lr, batch_size, epochs, seed, device,
-                                     warmup, weight_decay,
-                                     f"{task.name} lr={lr:g} batch={batch_size} seed={seed}" if bars else None)
+                                     warmup, weight_decay, bar(seed))
                             for seed in seeds])
     truth = np.array([r["label"] for r in held])
     return {m: stats.Scores(predictions, truth, m) for m in task.metrics}
@@ -208,9 +211,10 @@ def evaluate_model(model_path: str, tasks: Sequence[Task], data_dir: Optional[st
                    weight_decay: float = 0.01, max_train_examples: Optional[int] = None,
                    max_eval_examples: Optional[int] = None, select: str = "validation",
                    select_examples: Optional[int] = None, lr_reference_width: Optional[int] = None,
-                   progress=None, bars: bool = False) -> Dict[str, TaskResult]:
+                   progress=None, bars: bool = False, bar_label: str = "") -> Dict[str, TaskResult]:
     """Per task: the grid point chosen by ``select`` (see the module doc), with every seed's predictions;
-    ``progress``: called with a line per grid point; ``bars``: a progress bar per fine-tune on stderr."""
+    ``progress``: called with a line per grid point; ``bars``: a progress bar per fine-tune on stderr, its
+    label starting with ``bar_label``."""
     from kdfast.data.tokenizer import load as load_tokenizer
 
     if len(seeds) < 1:
@@ -230,7 +234,7 @@ def evaluate_model(model_path: str, tasks: Sequence[Task], data_dir: Optional[st
 
         def finetune_seeds(lr, batch_size, rows, held, chosen_seeds, task=task):
             return _finetune_seeds(model_path, tokenizer, task, rows, held, lr, batch_size, epochs, chosen_seeds,
-                                   device, warmup, weight_decay, bars)
+                                   device, warmup, weight_decay, bars, bar_label)
 
         def report(lr, batch_size, on, scores, task=task):
             return _grid_entry(task, lr, batch_size, on, scores, progress)

@@ -37,6 +37,7 @@ class Suite:
     special: tuple
     glue: List[glue_tasks.Task]
     notes: List[str] = field(default_factory=list)
+    bars: bool = False                              # a progress bar per GLUE fine-tune (train.progress)
 
     @property
     def level(self) -> float:
@@ -121,7 +122,7 @@ def build(config: dict, data, tokenizer) -> Suite:
     subset = {"eval": section, "glue": config["glue"] if glue else None}
     masking = data.masking
     return Suite(subset, tasks, ", ".join(sources), train, heldout, masking.mask_id, tuple(masking.special),
-                 glue, notes)
+                 glue, notes, bars=bool(config.get("train", {}).get("progress", False)))
 
 
 def _model_key(model_path: str, recipe: str) -> str:
@@ -223,4 +224,5 @@ def _glue(suite: Suite, model_path: str, device: torch.device, label: str):
                                max_eval_examples=section["max_eval_examples"], select=section["select"],
                                select_examples=section["select_examples"],
                                lr_reference_width=section["lr_reference_width"],
-                               progress=lambda message: print(f"  glue {label}: {message}", file=sys.stderr))
+                               progress=lambda message: print(f"  glue {label}: {message}", file=sys.stderr),
+                               bars=suite.bars, bar_label=f"glue {label}: ")
