@@ -1,6 +1,6 @@
 """Vocabulary KD as custom ops: ``kdfast::fused_linear_kd`` (both LM heads, chunked, gradients in
 the forward), ``kdfast::fused_linear_kd_backward`` (its traced backward) and ``kdfast::kd_kl``
-(given logits), on the row kernel of the backend named by ``backend`` (``kdfast/functions/vocab_kd.py``).
+(given logits), on the row kernel of the backend named by ``backend`` (``kdfast/functions/vocab_kd/``).
 
 ``fused_linear_kd`` returns (kd, mlm, d_hidden, d_weight, d_bias): the two loss parts as 0-dim fp32
 and the fp32 gradients of ``kd_weight * kd + mlm_weight * mlm`` for the inputs flagged in ``need``
