@@ -261,6 +261,19 @@ def test_native_16bit_head_path(monkeypatch, dtype, masked):
     assert_close(got, ref, 1e-5)
 
 
+def test_driver_options_are_frozen_and_default_to_plain_heads():
+    """The driver's options are built once per op call and not changed by a pass."""
+    import dataclasses
+
+    from kdfast.cpu.fused_linear_kd import rows as row_kernel
+    from kdfast.functions import vocab_kd
+
+    opts = vocab_kd.VocabKDOptions(row_kernel=row_kernel)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.temperature = 2.0
+    assert opts.student_map.identity and opts.teacher_map.identity and opts.kind == "kl" and opts.chunk_rows is None
+
+
 def test_chunk_rows_follow_free_memory(monkeypatch):
     from kdfast.functions.vocab_kd import chunking as vocab_kd
 
