@@ -56,7 +56,7 @@ def _fused_linear_kd(student_hidden: Tensor, student_weight: Tensor, student_bia
                     kind, reduction, t2_scale, teacher_topk, beta, chunk_rows, student_softcap, student_logit_scale,
                     teacher_softcap, teacher_logit_scale)
     kd, mlm, *grads = driver.fused_pass(student_hidden, student_weight, student_bias, teacher_hidden,
-                                         teacher_weight, teacher_bias, opts, tuple(need), kd_weight, mlm_weight)
+                                        teacher_weight, teacher_bias, opts, tuple(need), kd_weight, mlm_weight)
     kd = (kd if kd_weight != 0 else kd * 0).float()
     mlm = (mlm if mlm_weight != 0 else mlm * 0).float()
     return kd, mlm, *(no_grad_like(student_hidden) if g is None else g for g in grads)
