@@ -175,9 +175,9 @@ def test_tinybert(formulation, masked):
 
 
 def test_tinybert_reads_only_the_mapped_layers():
-    att, hid = kdfast.losses.strategies.tinybert_layer_map(M, N, "canonical")
+    att, hid = kdfast.losses.methods.tinybert_layer_map(M, N, "canonical")
     assert att == [(0, 1), (1, 3)] and hid == [(0, 0), (1, 2), (2, 4)]
-    att, hid = kdfast.losses.strategies.tinybert_layer_map(M, N, "paper")
+    att, hid = kdfast.losses.methods.tinybert_layer_map(M, N, "paper")
     assert att == [(M - 1, N - 1), (0, 0)] and hid == [(M, N)]
 
 
@@ -226,7 +226,7 @@ def test_minilm_v2(formulation, masked):
 
 
 def test_minilm_v2_defaults():
-    defaults = kdfast.losses.strategies.minilm_v2_defaults
+    defaults = kdfast.losses.methods.minilm_v2_defaults
     assert defaults(12, 768, 12, "canonical") == (11, 48)
     assert defaults(24, 1024, 16, "canonical") == (20, 64)
     assert defaults(24, 1024, 16, "paper") == (23, 16)

@@ -242,17 +242,18 @@ def test_native_16bit_head_path(monkeypatch, dtype, masked):
     1e-5 of float64 on the same 16-bit inputs (one bf16 part alone would be ~1e-3 off)."""
     from kdfast.cpu.fused_linear_kd import rows as row_kernel
     from kdfast.functions import vocab_kd
+    from kdfast.functions.vocab_kd import head
 
-    monkeypatch.setattr(vocab_kd, "_mm_out_dtype_works", lambda device: True)
+    monkeypatch.setattr(head, "mm_out_dtype_works", lambda device: True)
     if dtype == torch.bfloat16:  # the split path never builds an fp32 copy of the weight
-        monkeypatch.setattr(vocab_kd._Head, "fp32_weight", lambda self: pytest.fail("fp32 weight used"))
+        monkeypatch.setattr(head.Head, "fp32_weight", lambda self: pytest.fail("fp32 weight used"))
     inputs = make(dtype=dtype)
     mask = torch.rand(N) < 0.6 if masked else None
     options = dict(temperature=2.0, mlm_weight=0.5, kd_weight=1.0, mask=mask)
-    opts = dict(row_kernel=row_kernel, labels=inputs["labels"], ignore_index=-100, kind="kl", reduction="batchmean",
-                t2_scale=True, row_weights=None, teacher_topk=None, beta=0.5, chunk_rows=7, **options)
+    opts = vocab_kd.VocabKDOptions(row_kernel=row_kernel, labels=inputs["labels"], temperature=2.0, mask=mask,
+                                   chunk_rows=7)
     names = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias")
-    kd, mlm, d_hidden, d_weight, d_bias = vocab_kd._fused_pass(
+    kd, mlm, d_hidden, d_weight, d_bias = vocab_kd.fused_pass(
         *(inputs[n].detach() for n in names), opts, (True, True, True), 1.0, 0.5)
     ref = f64.loss_and_grads(**inputs, **options)
     got = ((kd + 0.5 * mlm).float(), d_hidden, d_weight, d_bias)
@@ -260,18 +261,31 @@ def test_native_16bit_head_path(monkeypatch, dtype, masked):
     assert_close(got, ref, 1e-5)
 
 
-def test_chunk_rows_follow_free_memory(monkeypatch):
+def test_driver_options_are_frozen_and_default_to_plain_heads():
+    """The driver's options are built once per op call and not changed by a pass."""
+    import dataclasses
+
+    from kdfast.cpu.fused_linear_kd import rows as row_kernel
     from kdfast.functions import vocab_kd
+
+    opts = vocab_kd.VocabKDOptions(row_kernel=row_kernel)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.temperature = 2.0
+    assert opts.student_map.identity and opts.teacher_map.identity and opts.kind == "kl" and opts.chunk_rows is None
+
+
+def test_chunk_rows_follow_free_memory(monkeypatch):
+    from kdfast.functions.vocab_kd import chunking as vocab_kd
 
     cpu = torch.device("cpu")
     monkeypatch.delenv("KDFAST_VOCAB_CHUNK_ROWS", raising=False)
-    monkeypatch.setattr(vocab_kd, "_free_bytes", lambda device: None)
+    monkeypatch.setattr(vocab_kd, "free_bytes", lambda device: None)
     assert vocab_kd.chunk_rows(4096, 30522, cpu) == 544  # CPU_CHUNK_BYTES: two 544-row fp32 chunks
     assert vocab_kd.chunk_rows(100, 30522, cpu) == 100
     assert vocab_kd.chunk_rows(4096, 128256, cpu) == vocab_kd.CPU_MIN_CHUNK_ROWS  # LLM vocabularies: more bytes
-    monkeypatch.setattr(vocab_kd, "_free_bytes", lambda device: 64 * 2**20)  # a quarter: 16 MiB
+    monkeypatch.setattr(vocab_kd, "free_bytes", lambda device: 64 * 2**20)  # a quarter: 16 MiB
     assert vocab_kd.chunk_rows(4096, 30522, cpu) == 64
-    monkeypatch.setattr(vocab_kd, "_free_bytes", lambda device: 0)
+    monkeypatch.setattr(vocab_kd, "free_bytes", lambda device: 0)
     assert vocab_kd.chunk_rows(4096, 30522, cpu) == 16  # never below 16 rows
     monkeypatch.setenv("KDFAST_VOCAB_CHUNK_ROWS", "5")
     assert vocab_kd.chunk_rows(4096, 30522, cpu) == 5

@@ -3,7 +3,7 @@
 ``z = cap · tanh(u · scale / cap)`` (Gemma 2's ``final_logit_softcapping``: cap 30), or ``z = u · scale``
 without a cap (Cohere's ``logit_scale`` multiplies; Granite's ``logits_scaling`` divides: scale =
 1 / logits_scaling). Temperature, KD, cross-entropy and T² then act on z, as the model defines them.
-The chunked driver (``kdfast/functions/vocab_kd.py``) maps each fp32 logit chunk in place, so every row
+The chunked driver (``kdfast/functions/vocab_kd/``) maps each fp32 logit chunk in place, so every row
 kernel serves capped heads unchanged; the student's gradient then goes back through
 dz/du = scale · (1 − (z/cap)²) = scale / cosh²(u · scale / cap), kept per chunk (the cosh form keeps its
 relative accuracy where tanh rounds to ±1).

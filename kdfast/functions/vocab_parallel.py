@@ -39,15 +39,11 @@ from kdfast import _checks as check
 from kdfast._buffers import workspace
 from kdfast._reduction import kd_term
 from kdfast.functions.outputs import KDOutput
-from kdfast.functions.vocab_kd import (
-    _chunk_view,
-    _Head,
-    _select,
-    add_chunk_grads,
-    chunk_rows,
-    pass_buffers,
-    scale_stored_grads,
-)
+from kdfast.functions.vocab_kd.chunking import chunk_rows
+from kdfast.functions.vocab_kd.chunking import chunk_view as _chunk_view
+from kdfast.functions.vocab_kd.gradients import add_chunk_grads, pass_buffers, scale_stored_grads
+from kdfast.functions.vocab_kd.head import Head as _Head
+from kdfast.functions.vocab_kd.selection import select_rows as _select
 
 # --------------------------------------------------------------------------- communication record
 

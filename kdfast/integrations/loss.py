@@ -163,6 +163,36 @@ def teacher_rows(teacher: nn.Module, head: LMHead, inputs: dict, positions: torc
     return hidden.to(device, dtype), weight.to(device), bias
 
 
+def _check_pair(student: nn.Module, teacher: Optional[nn.Module], teacher_targets: Optional[tuple],
+                teacher_topk: Optional[int]) -> tuple[nn.Module, nn.Module]:
+    """The student's (wrapper, model) after checking the models (or the student alone beside sparse targets)
+    can be distilled: not under ZeRO-3, with real weights, a shared vocabulary and a supported FSDP layout."""
+    caller, model = unwrap(student) if isinstance(student, nn.Module) else (student, student)
+    for who, each in (("student", model), ("teacher", teacher)):
+        if isinstance(each, nn.Module):
+            check_not_zero3(each, who)
+    if teacher_targets is None:
+        check_models(model, teacher)
+        check_fsdp_layout(teacher, "teacher")
+    elif teacher is not None or teacher_topk is not None:
+        raise ValueError(f"teacher_targets: expected alone, with teacher=None and teacher_topk=None (sparse targets "
+                         f"replace the teacher), got teacher={type(teacher).__name__}, teacher_topk={teacher_topk}")
+    else:
+        check_model(model, "student")
+    check_fsdp_layout(model, "student")
+    return caller, model
+
+
+def _teacher_args(teacher: nn.Module, inputs: dict, positions: torch.Tensor, causal: bool, device: torch.device,
+                  teacher_topk: Optional[int]) -> dict:
+    """The teacher's keyword arguments of :func:`kdfast.fused_linear_kd`: its states and head at ``positions``
+    (``teacher_rows``), its logit map and ``teacher_topk``."""
+    head = find_lm_head(teacher, "teacher")
+    rows = teacher_rows(teacher, head, inputs, positions, causal, device)
+    return dict(zip(("teacher_hidden", "teacher_weight", "teacher_bias"), rows), teacher_topk=teacher_topk,
+                teacher_softcap=head.softcap, teacher_logit_scale=head.logit_scale)
+
+
 def distillation_loss(student: nn.Module, teacher: Optional[nn.Module], inputs: dict, temperature: float = 1.0,
                       kd_weight: float = 1.0, ce_weight: float = 1.0, kind: str = "kl",
                       beta: Optional[float] = None, teacher_topk: Optional[int] = None,
@@ -192,19 +222,7 @@ def distillation_loss(student: nn.Module, teacher: Optional[nn.Module], inputs: 
     loss by the world size, since DDP and FSDP average gradients over ranks (as HF Trainer does).
     """
     check_options(temperature, kd_weight, ce_weight, kind, backend)
-    caller, model = unwrap(student) if isinstance(student, nn.Module) else (student, student)
-    for who, each in (("student", model), ("teacher", teacher)):
-        if isinstance(each, nn.Module):
-            check_not_zero3(each, who)
-    if teacher_targets is None:
-        check_models(model, teacher)
-        check_fsdp_layout(teacher, "teacher")
-    elif teacher is not None or teacher_topk is not None:
-        raise ValueError(f"teacher_targets: expected alone, with teacher=None and teacher_topk=None (sparse targets "
-                         f"replace the teacher), got teacher={type(teacher).__name__}, teacher_topk={teacher_topk}")
-    else:
-        check_model(model, "student")
-    check_fsdp_layout(model, "student")
+    caller, model = _check_pair(student, teacher, teacher_targets, teacher_topk)
     count = check_num_items(num_items_in_batch)
     causal = is_causal_lm(model) if causal is None else causal
     targets = target_labels(inputs, causal)
@@ -212,10 +230,7 @@ def distillation_loss(student: nn.Module, teacher: Optional[nn.Module], inputs: 
     positions = (flat != IGNORE_INDEX).nonzero().squeeze(1)
     device = model.get_input_embeddings().weight.device
     if teacher_targets is None:
-        teacher_head = find_lm_head(teacher, "teacher")
-        rows = teacher_rows(teacher, teacher_head, inputs, positions, causal, device)
-        teacher_args = dict(zip(("teacher_hidden", "teacher_weight", "teacher_bias"), rows), teacher_topk=teacher_topk,
-                            teacher_softcap=teacher_head.softcap, teacher_logit_scale=teacher_head.logit_scale)
+        teacher_args = _teacher_args(teacher, inputs, positions, causal, device, teacher_topk)
     else:
         teacher_args = dict(teacher_targets=target_rows(teacher_targets, targets, positions, device))
     extra = {} if beta is None else {"beta": beta}

@@ -8,7 +8,7 @@ from kdfast.losses.attention import (
                                      relation_kl,
 )
 from kdfast.losses.hidden import HiddenMSELoss, hidden_mse
-from kdfast.losses.strategies import StrategyLoss, distilbert, minilm, minilm_v2, tinybert
+from kdfast.losses.methods import StrategyLoss, distilbert, minilm, minilm_v2, tinybert
 from kdfast.losses.types import KDOutput
 from kdfast.losses.vocab import FusedLinearKDLoss, KDKLLoss, fused_linear_kd, kd_kl
 

@@ -124,9 +124,11 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     its own shard; only ``[N]``-sized row statistics and d hidden cross the wire
     (``kdfast/functions/vocab_parallel.py``, docs/losses.md).
     """
+    # Long only by the public signature and its reference docstring; the checks are the _check_* helpers.
     temperature, beta = _check_options(temperature, kind, reduction, backend, beta)
     sharded = vocab_parallel.shard_heads(student_weight, teacher_weight, student_bias, teacher_bias, process_group,
                                          student_hidden, teacher_hidden)
+    shards = None
     if sharded is not None:
         shards, local = sharded
         student_weight, teacher_weight = local["student_weight"], local["teacher_weight"]
@@ -136,61 +138,13 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     kd_weight = check.non_negative("kd_weight", kd_weight)
     mlm_weight = check.non_negative("mlm_weight", mlm_weight)
     maps = _check_logit_maps(student_softcap, student_logit_scale, teacher_softcap, teacher_logit_scale)
-    check.tensor("student_hidden", student_hidden, ndim=2)
-    check.tensor("student_weight", student_weight, ndim=2)
-    rows, width_s = student_hidden.shape
-    vocab = local_vocab = student_weight.shape[0]  # V, or this rank's V_r of sharded heads
-    if sharded is not None:
-        vocab = shards.vocab
-    check.shape("student_weight", student_weight, (local_vocab, width_s), "[V, Hs] matching student_hidden's Hs")
-    check.same_dtype(("student_hidden", "student_weight"), (student_hidden, student_weight))
-    if teacher_targets is not None:
-        teacher_targets = _check_teacher_targets(
-            teacher_targets, rows, vocab, kind, dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                                                     teacher_bias=teacher_bias, teacher_topk=teacher_topk,
-                                                     teacher_softcap=maps["teacher_softcap"],
-                                                     teacher_logit_scale=None if maps["teacher_logit_scale"] == 1
-                                                     else maps["teacher_logit_scale"]))
-        teachers = teacher_targets
-    else:
-        if teacher_hidden is None and teacher_weight is None:
-            raise ValueError("teacher_targets: expected (ids, weights) when teacher_hidden and teacher_weight are "
-                             "None, got None")
-        check.tensor("teacher_hidden", teacher_hidden, ndim=2)
-        check.tensor("teacher_weight", teacher_weight, ndim=2)
-        check.shape("teacher_hidden", teacher_hidden, (rows, None), "[N, Ht] with the N of student_hidden")
-        check.shape("teacher_weight", teacher_weight, (local_vocab, teacher_hidden.shape[1]),
-                    "[V, Ht] with the V of student_weight and the Ht of teacher_hidden")
-        check.same_dtype(("teacher_hidden", "teacher_weight"), (teacher_hidden, teacher_weight))
-        teachers = (teacher_hidden, teacher_weight)
-    names = ("student_hidden", "student_weight", "teacher_hidden" if teacher_targets is None else "teacher_targets[0]",
-             "teacher_weight" if teacher_targets is None else "teacher_targets[1]", "student_bias",
-             "teacher_bias", "row_weights")
-    device = check.same_device(names, (student_hidden, student_weight, *teachers, student_bias, teacher_bias,
-                                       row_weights))
-    for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
-        if bias is not None:
-            check.tensor(name, bias, ndim=1)
-            check.shape(name, bias, (local_vocab,), "[V]")
-            check.finite(name, bias)
-    if row_weights is not None:
-        check.tensor("row_weights", row_weights, ndim=1)
-        check.shape("row_weights", row_weights, (rows,), "[N]")
-        check.finite("row_weights", row_weights)
-    if teacher_topk is not None:
-        if isinstance(teacher_topk, bool) or not isinstance(teacher_topk, int) or not 0 < teacher_topk:
-            raise ValueError(f"teacher_topk: expected None or an int in [1, V={vocab}], got {teacher_topk!r}")
-        teacher_topk = min(teacher_topk, vocab)
-        if kd_term(kind, beta) == "reverse_kl" and teacher_topk < vocab:
-            raise ValueError(f"teacher_topk: expected None with kind='reverse_kl' or kind='jsd' at beta=1 (KL(q || p) "
-                             f"is infinite where the top-k teacher has p = 0; kind='jsd' at beta < 1 or 'kl' take "
-                             f"top-k targets), got {teacher_topk}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    labels = check.labels("labels", labels, rows, vocab, ignore_index, device)
-    mask = check.mask("mask", mask, (rows,), device, "[N]")
-    if mlm_weight and labels is None:
-        raise ValueError(f"labels: expected a [N] label tensor because mlm_weight={mlm_weight}, got None")
+    rows, vocab = _check_student_head(student_hidden, student_weight, shards)
+    teacher_targets, teachers = _check_teacher_side(teacher_targets, teacher_hidden, teacher_weight, teacher_bias,
+                                                    teacher_topk, maps, kind, rows, student_weight.shape[0], vocab)
+    device = _check_row_inputs(student_hidden, student_weight, teachers, teacher_targets is not None, student_bias,
+                               teacher_bias, row_weights)
+    teacher_topk = _check_topk(teacher_topk, vocab, kind, beta)
+    labels, mask = _check_labels(labels, mask, ignore_index, mlm_weight, rows, vocab, device)
     for name, value in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden),
                         ("student_weight", student_weight), ("teacher_weight", teacher_weight)):
         if value is not None:
@@ -206,6 +160,88 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                                          kwargs.pop("teacher_softcap"), kwargs.pop("teacher_logit_scale"))
         return vocab_parallel.fused_linear_kd(shards, backend, **kwargs)
     return _backends.call("fused_linear_kd", device, backend, **kwargs)
+
+
+def _check_student_head(student_hidden: torch.Tensor, student_weight: torch.Tensor, shards) -> "tuple[int, int]":
+    """Validated student states [N, Hs] and head [V, Hs] (this rank's [V_r, Hs] of ``shards``, or
+    ``shards`` None); returns (N, V)."""
+    check.tensor("student_hidden", student_hidden, ndim=2)
+    check.tensor("student_weight", student_weight, ndim=2)
+    rows, width_s = student_hidden.shape
+    local_vocab = student_weight.shape[0]  # V, or this rank's V_r of sharded heads
+    check.shape("student_weight", student_weight, (local_vocab, width_s), "[V, Hs] matching student_hidden's Hs")
+    check.same_dtype(("student_hidden", "student_weight"), (student_hidden, student_weight))
+    return rows, local_vocab if shards is None else shards.vocab
+
+
+def _check_teacher_side(teacher_targets, teacher_hidden, teacher_weight, teacher_bias, teacher_topk, maps: dict,
+                        kind: str, rows: int, local_vocab: int, vocab: int) -> tuple:
+    """Validated sparse targets, or teacher states [N, Ht] and head [V, Ht] (V_r rows when sharded);
+    returns (the targets as (ids int64, weights) or None, the teacher's tensors for the device check)."""
+    if teacher_targets is not None:
+        teacher_targets = _check_teacher_targets(
+            teacher_targets, rows, vocab, kind, dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                                                     teacher_bias=teacher_bias, teacher_topk=teacher_topk,
+                                                     teacher_softcap=maps["teacher_softcap"],
+                                                     teacher_logit_scale=None if maps["teacher_logit_scale"] == 1
+                                                     else maps["teacher_logit_scale"]))
+        return teacher_targets, teacher_targets
+    if teacher_hidden is None and teacher_weight is None:
+        raise ValueError("teacher_targets: expected (ids, weights) when teacher_hidden and teacher_weight are "
+                         "None, got None")
+    check.tensor("teacher_hidden", teacher_hidden, ndim=2)
+    check.tensor("teacher_weight", teacher_weight, ndim=2)
+    check.shape("teacher_hidden", teacher_hidden, (rows, None), "[N, Ht] with the N of student_hidden")
+    check.shape("teacher_weight", teacher_weight, (local_vocab, teacher_hidden.shape[1]),
+                "[V, Ht] with the V of student_weight and the Ht of teacher_hidden")
+    check.same_dtype(("teacher_hidden", "teacher_weight"), (teacher_hidden, teacher_weight))
+    return None, (teacher_hidden, teacher_weight)
+
+
+def _check_row_inputs(student_hidden, student_weight, teachers: tuple, sparse: bool, student_bias, teacher_bias,
+                      row_weights) -> torch.device:
+    """One device for every tensor, then validated biases [V] (V_r when sharded) and ``row_weights`` [N];
+    returns the device."""
+    names = ("student_hidden", "student_weight", "teacher_targets[0]" if sparse else "teacher_hidden",
+             "teacher_targets[1]" if sparse else "teacher_weight", "student_bias", "teacher_bias", "row_weights")
+    device = check.same_device(names, (student_hidden, student_weight, *teachers, student_bias, teacher_bias,
+                                       row_weights))
+    for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+        if bias is not None:
+            check.tensor(name, bias, ndim=1)
+            check.shape(name, bias, (student_weight.shape[0],), "[V]")
+            check.finite(name, bias)
+    if row_weights is not None:
+        check.tensor("row_weights", row_weights, ndim=1)
+        check.shape("row_weights", row_weights, (student_hidden.shape[0],), "[N]")
+        check.finite("row_weights", row_weights)
+    return device
+
+
+def _check_topk(teacher_topk: Optional[int], vocab: int, kind: str, beta: float) -> Optional[int]:
+    """None, or the validated ``teacher_topk`` capped at V (refused with a reverse-KL term)."""
+    if teacher_topk is None:
+        return None
+    if isinstance(teacher_topk, bool) or not isinstance(teacher_topk, int) or not 0 < teacher_topk:
+        raise ValueError(f"teacher_topk: expected None or an int in [1, V={vocab}], got {teacher_topk!r}")
+    teacher_topk = min(teacher_topk, vocab)
+    if kd_term(kind, beta) == "reverse_kl" and teacher_topk < vocab:
+        raise ValueError(f"teacher_topk: expected None with kind='reverse_kl' or kind='jsd' at beta=1 (KL(q || p) "
+                         f"is infinite where the top-k teacher has p = 0; kind='jsd' at beta < 1 or 'kl' take "
+                         f"top-k targets), got {teacher_topk}")
+    return teacher_topk
+
+
+def _check_labels(labels, mask, ignore_index: object, mlm_weight: float, rows: int, vocab: int,
+                  device: torch.device) -> tuple:
+    """Validated (labels [N] or None, mask [N] or None); labels are required when ``mlm_weight`` is set."""
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    labels = check.labels("labels", labels, rows, vocab, ignore_index, device)
+    mask = check.mask("mask", mask, (rows,), device, "[N]")
+    if mlm_weight and labels is None:
+        raise ValueError(f"labels: expected a [N] label tensor because mlm_weight={mlm_weight}, got None")
+    return labels, mask
 
 
 class KDKLLoss(nn.Module):

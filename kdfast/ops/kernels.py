@@ -1,5 +1,5 @@
 """The native vocabulary-KD row kernel as the custom op ``kdfast::vocab_kd_rows`` (contract in
-``kdfast/functions/vocab_kd.py``): the C++/OpenMP kernel of ``kdfast._C`` for CPU tensors (row- or
+``kdfast/functions/vocab_kd/``): the C++/OpenMP kernel of ``kdfast._C`` for CPU tensors (row- or
 vocab-major ``s``, ``t``) and the CUDA kernel of ``kdfast._cuda`` for CUDA tensors (row-major).
 It overwrites ``s`` with d loss / d s, uses ``t`` as scratch (both in ``mutates_args``) and returns
 (kd_row, mlm_row) [C] fp32; it is not differentiable (the loss ops call it inside their forward).

@@ -1,6 +1,6 @@
 """Vocabulary KD as custom ops: ``kdfast::fused_linear_kd`` (both LM heads, chunked, gradients in
 the forward), ``kdfast::fused_linear_kd_backward`` (its traced backward) and ``kdfast::kd_kl``
-(given logits), on the row kernel of the backend named by ``backend`` (``kdfast/functions/vocab_kd.py``).
+(given logits), on the row kernel of the backend named by ``backend`` (``kdfast/functions/vocab_kd/``).
 
 ``fused_linear_kd`` returns (kd, mlm, d_hidden, d_weight, d_bias): the two loss parts as 0-dim fp32
 and the fp32 gradients of ``kd_weight * kd + mlm_weight * mlm`` for the inputs flagged in ``need``
@@ -28,18 +28,18 @@ OPS = ("kdfast::fused_linear_kd", "kdfast::fused_linear_kd_backward", "kdfast::k
 def _options(backend: str, labels, mask, row_weights, target_ids, target_weights, ignore_index: int,
              temperature: float, kind: str, reduction: str, t2_scale: bool, teacher_topk: Optional[int],
              beta: float, chunk_rows: Optional[int], student_softcap: Optional[float], student_logit_scale: float,
-             teacher_softcap: Optional[float], teacher_logit_scale: float) -> dict:
-    """The chunked driver's ``opts`` (sparse targets prepared, their masses folded into row_weights; the
-    KD term of ``kind`` at ``beta``; each head's logit map)."""
+             teacher_softcap: Optional[float], teacher_logit_scale: float) -> driver.VocabKDOptions:
+    """The chunked driver's options from the op's arguments (sparse targets prepared, their masses folded
+    into row_weights; the KD term of ``kind`` at ``beta``; each head's logit map)."""
     targets = None if target_ids is None else SparseTargets.prepare(target_ids, target_weights)
     if targets is not None:
         row_weights = targets.mass if row_weights is None else targets.mass * row_weights.double()
-    return dict(row_kernel=backend_module("fused_linear_kd", backend).rows, labels=labels,
-                ignore_index=ignore_index, temperature=temperature, kind=kd_term(kind, beta), reduction=reduction,
-                t2_scale=t2_scale, mask=mask, row_weights=row_weights, teacher_topk=teacher_topk, beta=beta,
-                teacher_targets=targets, chunk_rows=chunk_rows,
-                student_map=LogitMap(student_softcap, student_logit_scale),
-                teacher_map=LogitMap(teacher_softcap, teacher_logit_scale))
+    return driver.VocabKDOptions(
+        row_kernel=backend_module("fused_linear_kd", backend).rows, labels=labels, ignore_index=ignore_index,
+        temperature=temperature, kind=kd_term(kind, beta), reduction=reduction, t2_scale=t2_scale, mask=mask,
+        row_weights=row_weights, teacher_topk=teacher_topk, beta=beta, teacher_targets=targets,
+        chunk_rows=chunk_rows, student_map=LogitMap(student_softcap, student_logit_scale),
+        teacher_map=LogitMap(teacher_softcap, teacher_logit_scale))
 
 
 @torch.library.custom_op("kdfast::fused_linear_kd", mutates_args=())
@@ -55,8 +55,8 @@ def _fused_linear_kd(student_hidden: Tensor, student_weight: Tensor, student_bia
     opts = _options(backend, labels, mask, row_weights, target_ids, target_weights, ignore_index, temperature,
                     kind, reduction, t2_scale, teacher_topk, beta, chunk_rows, student_softcap, student_logit_scale,
                     teacher_softcap, teacher_logit_scale)
-    kd, mlm, *grads = driver._fused_pass(student_hidden, student_weight, student_bias, teacher_hidden,
-                                         teacher_weight, teacher_bias, opts, tuple(need), kd_weight, mlm_weight)
+    kd, mlm, *grads = driver.fused_pass(student_hidden, student_weight, student_bias, teacher_hidden,
+                                        teacher_weight, teacher_bias, opts, tuple(need), kd_weight, mlm_weight)
     kd = (kd if kd_weight != 0 else kd * 0).float()
     mlm = (mlm if mlm_weight != 0 else mlm * 0).float()
     return kd, mlm, *(no_grad_like(student_hidden) if g is None else g for g in grads)
@@ -96,7 +96,7 @@ def _scaled_grads(grad_kd: Tensor, grad_mlm: Tensor, stored: Sequence[Tensor], i
         hidden, weight, bias, labels, mask, row_weights, target_ids, target_weights = inputs
         opts = _options(backend, labels, mask, row_weights, target_ids, target_weights, ignore_index, temperature,
                         kind, reduction, t2_scale, topk, beta, chunk, *maps)
-        return driver._fused_pass(hidden, weight, bias, None, None, None, opts, tuple(need), 0.0, 1.0)[2:]
+        return driver.fused_pass(hidden, weight, bias, None, None, None, opts, tuple(need), 0.0, 1.0)[2:]
 
     return driver.scale_stored_grads(grad_kd, grad_mlm, stored, kd_weight, mlm_weight, mlm_grads)
 
@@ -170,9 +170,9 @@ def fused_linear_kd(backend: str, *, student_hidden, student_weight, teacher_hid
 def _kd_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor], backend: str, temperature: float,
            kind: str, reduction: str, t2_scale: bool, beta: float, chunk_rows: Optional[int],
            need_grad: bool) -> tuple[Tensor, Tensor]:
-    opts = dict(row_kernel=backend_module("kd_kl", backend).rows, temperature=temperature, mask=mask,
-                kind=kd_term(kind, beta),
-                reduction=reduction, t2_scale=t2_scale, beta=beta, chunk_rows=chunk_rows)
+    opts = driver.VocabKDOptions(row_kernel=backend_module("kd_kl", backend).rows, temperature=temperature,
+                                 kind=kd_term(kind, beta), beta=beta, reduction=reduction, t2_scale=t2_scale,
+                                 mask=mask, chunk_rows=chunk_rows)
     loss, grad = driver.kd_kl_pass(student_logits, teacher_logits, opts, need_grad)
     return loss, no_grad_like(student_logits) if grad is None else grad
 

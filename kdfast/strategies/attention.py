@@ -2,7 +2,7 @@
 
 Each plans only the layers its loss reads (TinyBERT's uniform map or last/first layers, MiniLM's
 last layer, MiniLMv2's chosen teacher layer) and calls the strategy losses of
-:mod:`kdfast.losses.strategies`. ``mlm_weight`` > 0 adds the student's MLM cross-entropy (the
+:mod:`kdfast.losses.methods`. ``mlm_weight`` > 0 adds the student's MLM cross-entropy (the
 sources train without it; off by default).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Optional
 from torch import nn
 
 from kdfast import _checks as check
-from kdfast.losses.strategies import (
+from kdfast.losses.methods import (
     FORMULATIONS,
     StrategyLoss,
     minilm,
@@ -115,7 +115,7 @@ class MiniLM(_AttentionStrategy):
 class MiniLMv2(_AttentionStrategy):
     """:func:`kdfast.minilm_v2`: Q-Q, K-K, V-V relations of the student's last layer and the teacher's
     ``teacher_layer`` (0-based), split into ``num_relation_heads`` (defaults:
-    :func:`kdfast.losses.strategies.minilm_v2_defaults`)."""
+    :func:`kdfast.losses.methods.minilm_v2_defaults`)."""
 
     name = "minilm_v2"
 

@@ -11,7 +11,7 @@ from typing import Optional
 from torch import nn
 
 from kdfast import _checks as check
-from kdfast.losses.strategies import FORMULATIONS, distilbert
+from kdfast.losses.methods import FORMULATIONS, distilbert
 from kdfast.losses.vocab import fused_linear_kd
 from kdfast.models import ModelPlan, ModelTaps, Plan, base_model
 from kdfast.strategies.base import IGNORE_INDEX, Strategy, StrategyOutput, mlm_cross_entropy

@@ -1,4 +1,4 @@
-"""``fused_linear_kd`` on the Triton backend: the shared chunked driver (``kdfast/functions/vocab_kd.py``:
+"""``fused_linear_kd`` on the Triton backend: the shared chunked driver (``kdfast/functions/vocab_kd/``:
 fp32 torch matmuls per chunk of selected rows, gradients accumulated in fp32) with the Triton row
 kernel of ``kdfast.triton.vocab_kd`` for the softmaxes, the KL/soft-CE, the MLM CE and d loss/d logits.
 float64 inputs are declined (backend ``torch`` serves them)."""

@@ -1,4 +1,4 @@
-"""``kd_kl`` on the Triton backend: the shared chunked driver (``kdfast/functions/vocab_kd.py``) on given
+"""``kd_kl`` on the Triton backend: the shared chunked driver (``kdfast/functions/vocab_kd/``) on given
 [N, V] logits, with the Triton row kernel of ``kdfast.triton.vocab_kd`` writing d loss/d logits.
 float64 inputs are declined (backend ``torch`` serves them)."""
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Strategy losses composed from the public fused losses (DistilBERT, TinyBERT, MiniLM v1/v2).
+"""The losses of published distillation methods (DistilBERT, TinyBERT, MiniLM v1/v2), composed from the
+public fused losses; the trainer strategies of ``kdfast/strategies/`` call them.
 
 Each takes tapped tensors and ``formulation="canonical"`` (the method's official code) or
 ``"paper"`` (the fixed-budget study's re-implementation); docs/losses.md writes every one as a
