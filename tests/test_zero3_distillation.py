@@ -69,13 +69,16 @@ def run(command: list[str], cwd: Path) -> None:
     assert done.returncode == 0, f"{shlex.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
 
 
-@pytest.fixture(scope="module")
-def zero3_run(tmp_path_factory) -> tuple[dict, dict]:
-    """(parameters per case, report) of one 2-rank run of tests/zero3_worker.py."""
-    out = tmp_path_factory.mktemp("zero3")
+def run_zero3_worker(out: Path) -> tuple[dict, dict]:
+    """(parameters per case, report) of one 2-rank run of tests/zero3_worker.py writing to ``out``."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD)]
     run([*torchrun, zero3_worker.__file__, str(out)], cwd=out)
     return torch.load(out / "parameters.pt"), json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory) -> tuple[dict, dict]:
+    return run_zero3_worker(tmp_path_factory.mktemp("zero3"))
 
 
 @needs_deepspeed
@@ -89,6 +92,15 @@ def test_zero3_on_two_ranks_equals_one_process(zero3_run, name):
     assert report[name]["student_share"] == pytest.approx(1 / WORLD, abs=0.02)  # partitioned, head included
     zero3_teacher = zero3_worker.CASES[name][2]
     assert report[name]["teacher_share"] == pytest.approx(1 / WORLD if zero3_teacher else 1.0, abs=0.02)
+    # the head was gathered by its own module's hooks, not by DeepSpeed's discovery of parameters read elsewhere
+    assert report[name]["root_external_parameters"] == 0
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_zero3_student_passed_as_its_module_gives_the_engines_loss(zero3_run):
+    through_module, through_engine = zero3_run[1]["module_and_engine_loss"]
+    assert through_module == pytest.approx(through_engine, rel=1e-6)
 
 
 @needs_deepspeed
@@ -100,6 +112,7 @@ def test_trainer_with_deepspeed_zero3_on_two_ranks_equals_one_process(zero3_run,
     start, expected = one_process_parameters(name, tmp_path)
     assert_same_steps(start, expected, parameters[f"trainer-{name}"])
     assert report[f"trainer-{name}"]["student_share"] == pytest.approx(1 / WORLD, abs=0.02)
+    assert report[f"trainer-{name}"]["root_external_parameters"] == 0
 
 
 @needs_deepspeed

@@ -66,15 +66,16 @@ def zero3_case(name: str, rank: int, world: int) -> tuple[dict, dict]:
         teacher = deepspeed.initialize(model=teacher, config=example.zero3_config(world, train=False))[0]
     data = examples(STEPS * GLOBAL_BATCH, causal)
     losses = example.with_loop(student, teacher, data, rank, world, STEPS, engine=engine, causal=causal)
-    report = {"losses": losses, "student_share": held_share(student), "teacher_share": held_share(teacher)}
+    report = {"losses": losses, "student_share": held_share(student), "teacher_share": held_share(teacher),
+              "root_external_parameters": len(getattr(student, "_external_params", {}))}
     with deepspeed.zero.GatheredParameters(list(student.parameters())):
         end = {n: p.detach().clone() for n, p in student.named_parameters()}
     return end, report
 
 
-def trainer_case(name: str, out: str, world: int) -> tuple[dict, float]:
-    """(end parameters gathered, share of the student this rank holds) of the Trainer case ``name`` of
-    tests/parallel_worker.py with the Trainer's DeepSpeed ZeRO-3."""
+def trainer_case(name: str, out: str, world: int) -> tuple[dict, dict]:
+    """(end parameters gathered, report: the share of the student this rank holds) of the Trainer case ``name``
+    of tests/parallel_worker.py with the Trainer's DeepSpeed ZeRO-3."""
     import deepspeed
 
     causal, tied, _ = TRAINER_CASES[name]
@@ -83,9 +84,21 @@ def trainer_case(name: str, out: str, world: int) -> tuple[dict, float]:
                                   train_dataset=examples(STEPS * GLOBAL_BATCH, causal), temperature=2.0)
     trainer.train()
     assert type(trainer.model_wrapped).__name__ == "DeepSpeedEngine", type(trainer.model_wrapped)
-    share = held_share(trainer.model)
+    report = {"student_share": held_share(trainer.model),
+              "root_external_parameters": len(getattr(trainer.model, "_external_params", {}))}
     with deepspeed.zero.GatheredParameters(list(trainer.model.parameters())):
-        return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, share
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, report
+
+
+def module_loss(world: int) -> tuple[float, float]:
+    """The loss with the student passed as ``engine.module`` (first), then as the engine (the docs allow both)."""
+    import deepspeed
+
+    student, teacher = models(causal=True, tied=False)
+    engine = deepspeed.initialize(model=student, model_parameters=student.parameters(),
+                                  config=example.zero3_config(world))[0]
+    batch = stack(examples(2, causal=True))
+    return tuple(distillation_loss(model, teacher, batch).loss.item() for model in (engine.module, engine))
 
 
 def unhooked_error(world: int) -> str:
@@ -109,11 +122,11 @@ def main(out: Path) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {name: zero3_case(name, rank, world) for name in CASES}
+    for name in TRAINER_ZERO3:
+        results[f"trainer-{name}"] = trainer_case(name, str(out / name), world)
     report = {name: case_report for name, (_, case_report) in results.items()}
     report["unhooked"] = unhooked_error(world)
-    for name in TRAINER_ZERO3:
-        end, share = trainer_case(name, str(out / name), world)
-        results[f"trainer-{name}"] = end, {"student_share": share}
+    report["module_and_engine_loss"] = module_loss(world)
     if rank == 0:
         torch.save({name: end for name, (end, _) in results.items()}, out / "parameters.pt")
         (out / "report.json").write_text(json.dumps(report))

@@ -199,14 +199,14 @@ def distillation_loss(student: nn.Module, teacher: Optional[nn.Module], inputs: 
     caller, model = unwrap(student) if isinstance(student, nn.Module) else (student, student)
     teacher_model = unwrap(teacher)[1] if isinstance(teacher, nn.Module) else teacher
     if teacher_targets is None:
-        check_models(model, teacher_model)
+        student_head, teacher_head = check_models(model, teacher_model)
         check_fsdp_layout(teacher_model, "teacher")
         check_zero3_hooks(teacher_model, "teacher")
     elif teacher is not None or teacher_topk is not None:
         raise ValueError(f"teacher_targets: expected alone, with teacher=None and teacher_topk=None (sparse targets "
                          f"replace the teacher), got teacher={type(teacher).__name__}, teacher_topk={teacher_topk}")
     else:
-        check_model(model, "student")
+        student_head = check_model(model, "student")
     check_fsdp_layout(model, "student")
     check_zero3_hooks(model, "student")
     count = check_num_items(num_items_in_batch)
@@ -216,7 +216,6 @@ def distillation_loss(student: nn.Module, teacher: Optional[nn.Module], inputs: 
     positions = (flat != IGNORE_INDEX).nonzero().squeeze(1)
     device = model.get_input_embeddings().weight.device
     if teacher_targets is None:
-        teacher_head = find_lm_head(teacher_model, "teacher")
         rows = teacher_rows(teacher, teacher_head, inputs, positions, causal, device)
         teacher_args = dict(zip(("teacher_hidden", "teacher_weight", "teacher_bias"), rows), teacher_topk=teacher_topk,
                             teacher_softcap=teacher_head.softcap, teacher_logit_scale=teacher_head.logit_scale)
@@ -236,8 +235,10 @@ def distillation_loss(student: nn.Module, teacher: Optional[nn.Module], inputs: 
         return out.loss, out.kd, out.mlm
 
     def fused_loss(**batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        states = head_states(model, find_lm_head(model, "student"), batch)
-        return run_as_head_forward(model, fused_op, _rows(states, positions, causal))  # ZeRO-3 gathers the head
+        # Only the head's transform is used here: under ZeRO-3 the engine's forward would gather a weight read
+        # outside its module (and hold it through the backward); the op reads it in the head's own forward.
+        states = head_states(model, student_head, batch)
+        return run_as_head_forward(model, fused_op, _rows(states, positions, causal))
 
     loss, kd, ce = run_as_forward(caller, model, fused_loss, inputs)
     divisor = count.to(loss.device) if count is not None else max(positions.numel(), 1)
