@@ -162,3 +162,15 @@ def test_partitioned_teacher_whose_head_is_not_hooked_is_refused():
     teacher.ds_id = 0  # the engine hooked the root but not the LM head module
     with pytest.raises(ValueError, match=r"^teacher: expected a DeepSpeed ZeRO-3 model hooked.*on the LM head module"):
         worker.distillation_loss(student, teacher, worker.stack(worker.examples(2, causal=True)))
+
+
+def test_strategy_under_zero3_is_refused(tmp_path):
+    from test_integrations_transformers import make_trainer
+
+    student, teacher = worker.models(causal=False, tied=True)
+    data = worker.examples(2, causal=False)
+    trainer = make_trainer(tmp_path, student, teacher, data, steps=1, batch=2, strategy="minilm_v2")
+    student.bert.encoder.layer[0].output.dense.weight.ds_id = 0  # as DeepSpeed ZeRO-3 marks partitioned parameters
+    with pytest.raises(ValueError, match=r"^model: expected no DeepSpeed ZeRO-3 partitioning with "
+                                         r"strategy='minilm_v2'.*'bert.encoder.layer.0.output.dense.weight'"):
+        trainer.compute_loss(student, worker.stack(data))

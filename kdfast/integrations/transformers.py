@@ -48,7 +48,7 @@ class DistillationTrainer(Trainer):
     The teacher is never trained nor moved; it may sit on another device or dtype (the default path;
     strategies need it on the student's device), replicated or sharded by FSDP2. Runs in one process or
     under torchrun / accelerate launch with the Trainer's DDP or FSDP2 (``fsdp_config={"fsdp_version": 2}``), or
-    DeepSpeed ZeRO-3 (``deepspeed=CONFIG``; default vocabulary KD only; untested through the Trainer, see docs);
+    DeepSpeed ZeRO-3 (``deepspeed=CONFIG``: the default vocabulary KD, with a replicated teacher);
     not under ``DataParallel`` (several GPUs in one process). With ``args.torch_compile`` the loss (the
     strategy's passes, or the default vocabulary KD) runs under ``torch.compile`` too, with
     ``args.torch_compile_backend`` and ``_mode``.
