@@ -32,7 +32,13 @@ class LMHead:
 
     @property
     def vocab_size(self) -> int:
-        return self.weight.shape[0]
+        return full_shape(self.weight)[0]
+
+
+def full_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's shape; for one DeepSpeed ZeRO-3 partitions (an empty tensor outside its module's
+    forward), the shape it has when gathered."""
+    return tuple(getattr(weight, "ds_shape", weight.shape))
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +79,7 @@ def find_lm_head(model: nn.Module, who: str) -> LMHead:
     get = getattr(model, "get_output_embeddings", None)
     decoder = get() if callable(get) else None
     weight = getattr(decoder, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    if not isinstance(weight, torch.Tensor) or len(full_shape(weight)) != 2:
         raise TypeError(f"{who}: expected a model with an LM head (get_output_embeddings() returning a layer with a "
                         f"[V, H] weight), got {type(model).__name__} whose get_output_embeddings() gives "
                         f"{type(decoder).__name__}; use an *ForMaskedLM or *ForCausalLM model")

@@ -17,11 +17,12 @@ from kdfast._reduction import KINDS
 from kdfast.integrations.lm_head import LMHead, find_lm_head, head_states, is_causal_lm
 from kdfast.integrations.wrapped import (
     check_fsdp_layout,
-    check_not_zero3,
+    check_zero3_hooks,
     gathered,
     gathered_head,
     reshard,
     run_as_forward,
+    run_as_head_forward,
     unwrap,
 )
 from kdfast.losses.vocab import fused_linear_kd
@@ -149,13 +150,14 @@ def teacher_rows(teacher: nn.Module, head: LMHead, inputs: dict, positions: torc
     """Teacher (hidden [N, Ht], weight [V, Ht], bias) at ``positions``, computed without autograd on
     the teacher's device (that of its input embeddings) and moved to ``device``, in the teacher's dtype.
     The states come from the teacher's own forward (an FSDP2-sharded teacher gathers its layers there and
-    is resharded after); a sharded head is gathered."""
+    is resharded after; so does a ZeRO-3 teacher, passed as its engine or its module); a sharded head is gathered."""
+    caller, teacher = unwrap(teacher)
     teacher_device = teacher.get_input_embeddings().weight.device
     moved = {k: v.to(teacher_device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     teacher.eval()
     with torch.no_grad():
-        hidden = run_as_forward(teacher, teacher, lambda **batch: _rows(head_states(teacher, head, batch), positions,
-                                                                         causal), moved)
+        hidden = run_as_forward(caller, teacher, lambda **batch: _rows(head_states(teacher, head, batch), positions,
+                                                                        causal), moved)
         reshard(teacher)
         weight, bias = gathered(head.weight), None if head.bias is None else gathered(head.bias)
     dtype = weight.dtype
@@ -164,30 +166,31 @@ def teacher_rows(teacher: nn.Module, head: LMHead, inputs: dict, positions: torc
 
 
 def _check_pair(student: nn.Module, teacher: Optional[nn.Module], teacher_targets: Optional[tuple],
-                teacher_topk: Optional[int]) -> tuple[nn.Module, nn.Module]:
-    """The student's (wrapper, model) after checking the models (or the student alone beside sparse targets)
-    can be distilled: not under ZeRO-3, with real weights, a shared vocabulary and a supported FSDP layout."""
+                teacher_topk: Optional[int]) -> tuple:
+    """The student's (wrapper, model, head) and the teacher's head (None beside sparse targets) after checking
+    the models can be distilled: real weights, a shared vocabulary, a supported FSDP layout, and under ZeRO-3
+    the engine's hooks."""
     caller, model = unwrap(student) if isinstance(student, nn.Module) else (student, student)
-    for who, each in (("student", model), ("teacher", teacher)):
-        if isinstance(each, nn.Module):
-            check_not_zero3(each, who)
+    teacher_model = unwrap(teacher)[1] if isinstance(teacher, nn.Module) else teacher
+    teacher_head = None
     if teacher_targets is None:
-        check_models(model, teacher)
-        check_fsdp_layout(teacher, "teacher")
+        student_head, teacher_head = check_models(model, teacher_model)
+        check_fsdp_layout(teacher_model, "teacher")
+        check_zero3_hooks(teacher_model, "teacher")
     elif teacher is not None or teacher_topk is not None:
         raise ValueError(f"teacher_targets: expected alone, with teacher=None and teacher_topk=None (sparse targets "
                          f"replace the teacher), got teacher={type(teacher).__name__}, teacher_topk={teacher_topk}")
     else:
-        check_model(model, "student")
+        student_head = check_model(model, "student")
     check_fsdp_layout(model, "student")
-    return caller, model
+    check_zero3_hooks(model, "student")
+    return caller, model, student_head, teacher_head
 
 
-def _teacher_args(teacher: nn.Module, inputs: dict, positions: torch.Tensor, causal: bool, device: torch.device,
-                  teacher_topk: Optional[int]) -> dict:
-    """The teacher's keyword arguments of :func:`kdfast.fused_linear_kd`: its states and head at ``positions``
-    (``teacher_rows``), its logit map and ``teacher_topk``."""
-    head = find_lm_head(teacher, "teacher")
+def _teacher_args(teacher: nn.Module, head, inputs: dict, positions: torch.Tensor, causal: bool,
+                  device: torch.device, teacher_topk: Optional[int]) -> dict:
+    """The teacher's keyword arguments of :func:`kdfast.fused_linear_kd`: its states and ``head`` at
+    ``positions`` (``teacher_rows``), its logit map and ``teacher_topk``."""
     rows = teacher_rows(teacher, head, inputs, positions, causal, device)
     return dict(zip(("teacher_hidden", "teacher_weight", "teacher_bias"), rows), teacher_topk=teacher_topk,
                 teacher_softcap=head.softcap, teacher_logit_scale=head.logit_scale)
@@ -216,13 +219,15 @@ def distillation_loss(student: nn.Module, teacher: Optional[nn.Module], inputs: 
     labelled target; ids -1 are padding. See :func:`kdfast.fused_linear_kd` for the loss on them
     (``kind`` "kl" or "soft_ce").
 
-    ``student`` may be wrapped in ``DistributedDataParallel`` or sharded by FSDP2's ``fully_shard``
-    (applied to the whole model), ``teacher`` replicated or sharded: the loss runs as the student's
-    forward, through the wrapper. Across ranks, pass the count summed over all ranks and multiply the
-    loss by the world size, since DDP and FSDP average gradients over ranks (as HF Trainer does).
+    ``student`` may be wrapped in ``DistributedDataParallel``, sharded by FSDP2's ``fully_shard``
+    (applied to the whole model) or be a DeepSpeed ZeRO-3 engine, ``teacher`` replicated or sharded
+    (FSDP2 or a ZeRO-3 engine): the loss runs as the student's forward, through the wrapper, and under
+    ZeRO-3 the fused op as the LM head's forward. Across ranks, pass the count summed over all ranks and
+    multiply the loss by the world size, since DDP, FSDP and DeepSpeed average gradients over ranks (as
+    HF Trainer does); with DeepSpeed call ``engine.backward(loss, scale_wrt_gas=False)``.
     """
     check_options(temperature, kd_weight, ce_weight, kind, backend)
-    caller, model = _check_pair(student, teacher, teacher_targets, teacher_topk)
+    caller, model, student_head, teacher_head = _check_pair(student, teacher, teacher_targets, teacher_topk)
     count = check_num_items(num_items_in_batch)
     causal = is_causal_lm(model) if causal is None else causal
     targets = target_labels(inputs, causal)
@@ -230,24 +235,27 @@ def distillation_loss(student: nn.Module, teacher: Optional[nn.Module], inputs: 
     positions = (flat != IGNORE_INDEX).nonzero().squeeze(1)
     device = model.get_input_embeddings().weight.device
     if teacher_targets is None:
-        teacher_args = _teacher_args(teacher, inputs, positions, causal, device, teacher_topk)
+        teacher_args = _teacher_args(teacher, teacher_head, inputs, positions, causal, device, teacher_topk)
     else:
         teacher_args = dict(teacher_targets=target_rows(teacher_targets, targets, positions, device))
     extra = {} if beta is None else {"beta": beta}
 
-    def fused_loss(**batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        student_head = find_lm_head(model, "student")
-        states = head_states(model, student_head, batch)
+    def fused_op(hidden_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         head = gathered_head(model, "student")  # inside the forward, after the base model: gathered by FSDP2
-        hidden_s = _rows(states, positions, causal)
         dtype = _common_dtype(hidden_s, head.weight)
         bias_s = None if head.bias is None else head.bias.to(dtype)
         out = fused_linear_kd(hidden_s.to(dtype), head.weight.to(dtype), student_bias=bias_s,
                               labels=flat[positions].to(hidden_s.device), temperature=temperature,
                               kd_weight=kd_weight, mlm_weight=ce_weight, kind=kind, reduction="sum", backend=backend,
-                              student_softcap=student_head.softcap, student_logit_scale=student_head.logit_scale,
+                              student_softcap=head.softcap, student_logit_scale=head.logit_scale,
                               **teacher_args, **extra)
         return out.loss, out.kd, out.mlm
+
+    def fused_loss(**batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Only the head's transform is used here: under ZeRO-3 the engine's forward would gather a weight read
+        # outside its module (and hold it through the backward); the op reads it in the head's own forward.
+        states = head_states(model, student_head, batch)
+        return run_as_head_forward(model, fused_op, _rows(states, positions, causal))
 
     loss, kd, ce = run_as_forward(caller, model, fused_loss, inputs)
     divisor = count.to(loss.device) if count is not None else max(positions.numel(), 1)

@@ -5,7 +5,8 @@ Default: vocabulary KD (``kdfast.fused_linear_kd``: no logits) plus the student'
 causal LMs. ``strategy=`` trains any :mod:`kdfast.strategies` strategy (BERT-style masked LMs).
 The loss of a micro-batch is normalised by HF's ``num_items_in_batch`` (the label tokens of all
 accumulated micro-batches, summed over ranks), so gradient accumulation and data parallelism give the
-gradient of one large batch. Under DDP and FSDP2 the loss runs as the student's forward, through the wrapper.
+gradient of one large batch. Under DDP, FSDP2 and DeepSpeed ZeRO-3 the loss runs as the student's forward,
+through the wrapper.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from kdfast.integrations.wrapped import (
     check_one_unit,
     is_fsdp_module,
     is_sharded,
+    is_zero3_partitioned,
     run_as_forward,
     unwrap,
 )
@@ -45,7 +47,8 @@ class DistillationTrainer(Trainer):
     :data:`kdfast.strategies.NAMES`) with ``strategy_options`` for :func:`kdfast.strategies.build`.
     The teacher is never trained nor moved; it may sit on another device or dtype (the default path;
     strategies need it on the student's device), replicated or sharded by FSDP2. Runs in one process or
-    under torchrun / accelerate launch with the Trainer's DDP or FSDP2 (``fsdp_config={"fsdp_version": 2}``);
+    under torchrun / accelerate launch with the Trainer's DDP or FSDP2 (``fsdp_config={"fsdp_version": 2}``), or
+    DeepSpeed ZeRO-3 (``deepspeed=CONFIG``: the default vocabulary KD, with a replicated teacher);
     not under ``DataParallel`` (several GPUs in one process). With ``args.torch_compile`` the loss (the
     strategy's passes, or the default vocabulary KD) runs under ``torch.compile`` too, with
     ``args.torch_compile_backend`` and ``_mode``.
@@ -159,6 +162,12 @@ class DistillationTrainer(Trainer):
         count = check_num_items(num_items_in_batch)
         caller, student = unwrap(model)
         check_fsdp_layout(student, "model")
+        partitioned = next((name for name, p in student.named_parameters() if is_zero3_partitioned(p)), None)
+        if partitioned is not None:
+            raise ValueError(f"model: expected no DeepSpeed ZeRO-3 partitioning with strategy={self.strategy.name!r} "
+                             f"(strategies call the layers' projections outside the modules' hooks), got parameter "
+                             f"{partitioned!r} partitioned; use the default vocabulary KD (strategy=None), or DDP / "
+                             f"FSDP2")
         if is_fsdp_module(student):
             check_one_unit(student, "model", "strategies call the layers' projections, whose units would not gather")
         teacher_pass, student_pass_fn = self._passes

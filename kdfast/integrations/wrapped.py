@@ -1,14 +1,17 @@
-"""Run a loss inside a model's own forward, so the hooks of the DDP or FSDP2 wrapper around it fire.
+"""Run a loss inside a model's own forward, so the hooks of the DDP, FSDP2 or DeepSpeed wrapper around it fire.
 
 DDP all-reduces gradients only for a forward that went through it; FSDP2 gathers a module's sharded
 parameters in a hook before that module's forward and frees them after. So the fused KD loss, which
 reads the student's LM head weight instead of calling the head, runs as the student's forward
 (:func:`run_as_forward`), where FSDP2 has gathered the root module's parameters, and reads the head
-after the base model ran (:func:`gathered_head`).
+after the base model ran (:func:`gathered_head`). DeepSpeed ZeRO-3 gathers a parameter only in its
+own module's forward and backward hooks: there the fused op runs as the LM head's forward
+(:func:`run_as_head_forward`). DeepSpeed is imported only when a model is already partitioned by it.
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any, Callable
 
 import torch
@@ -20,11 +23,16 @@ _ABSENT = object()
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(what to call, the model itself): a ``DistributedDataParallel`` is called and its ``.module``
-    is the model; FSDP2's ``fully_shard`` wraps in place, so the model is called as it is."""
+    """(what to call, the model itself): a ``DistributedDataParallel`` or a DeepSpeed engine is called
+    and its ``.module`` is the model; FSDP2's ``fully_shard`` wraps in place, so the model is called as it is."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return (model, model.module) if isinstance(model, DistributedDataParallel) else (model, model)
+    wrappers = (DistributedDataParallel,)
+    if "deepspeed" in sys.modules:  # an engine exists only once deepspeed is imported
+        from deepspeed import DeepSpeedEngine
+
+        wrappers += (DeepSpeedEngine,)
+    return (model, model.module) if isinstance(model, wrappers) else (model, model)
 
 
 @contextlib.contextmanager
@@ -65,14 +73,39 @@ HOW_TO_WRAP = ("apply fully_shard to the layers and then to the whole model, ful
                "FSDP2 plugin does (kdfast.integrations.wrapped.fully_shard_model(model) does both)")
 
 
-def check_not_zero3(model: nn.Module, who: str) -> None:
-    """DeepSpeed ZeRO-3 partitions parameters outside their module's forward (``ds_id`` marks them):
-    the fused loss reads the head weight without calling the head, so such models are refused."""
-    partitioned = next((name for name, p in model.named_parameters() if hasattr(p, "ds_id")), None)
-    if partitioned is not None:
-        raise ValueError(f"{who}: expected a model not partitioned by DeepSpeed ZeRO-3, got parameter {partitioned!r} "
-                         f"partitioned by it; use ZeRO stage 0-2, DDP or FSDP2 (docs/losses.md, Many devices)")
+def is_zero3_partitioned(tensor: torch.Tensor) -> bool:
+    """True for a parameter DeepSpeed ZeRO-3 partitions (``ds_id`` marks them): outside its module's
+    forward and backward hooks it holds only this rank's partition."""
+    return hasattr(tensor, "ds_id")
 
+
+ZERO3_HOW = ("pass the engine deepspeed.initialize(model=..., config=... stage 3) returns (or its .module), whose "
+             "hooks gather each module's parameters")
+
+
+def check_zero3_hooks(model: nn.Module, who: str) -> None:
+    """A ZeRO-3-partitioned model must carry the engine's module hooks (``deepspeed.zero.Init`` alone
+    partitions without them), its LM head module among them: the fused op runs as the head's forward."""
+    partitioned = next((name for name, p in model.named_parameters() if is_zero3_partitioned(p)), None)
+    if partitioned is None:
+        return
+    decoder = model.get_output_embeddings()
+    hooked = [m for m in (model, decoder) if "ds_id" in m.__dict__]  # what the engine sets on each module it hooks
+    if len(hooked) < 2:
+        raise ValueError(f"{who}: expected a DeepSpeed ZeRO-3 model hooked by its engine, root and LM head module, got "
+                         f"parameter {partitioned!r} partitioned without hooks on "
+                         f"{'the LM head module' if hooked else 'the model'}; {ZERO3_HOW}")
+
+
+def run_as_head_forward(model: nn.Module, function: Callable[[torch.Tensor], Any], hidden: torch.Tensor) -> Any:
+    """``function(hidden)``, run as the LM head module's forward when ``model`` is partitioned by ZeRO-3:
+    its hooks gather the head's parameters for the call, again before its backward (the op saves the
+    weight), and partition the gradient after; otherwise called directly."""
+    decoder = model.get_output_embeddings()
+    if not any(is_zero3_partitioned(p) for p in decoder.parameters()):
+        return function(hidden)
+    with _forward_replaced(decoder, function):
+        return decoder(hidden)  # positional: ZeRO-3 hooks the backward of positional inputs only
 
 def check_fsdp_layout(model: nn.Module, who: str) -> None:
     """A model with FSDP2-sharded parameters must itself be the root FSDP module, else its root
@@ -98,8 +131,16 @@ def gathered_head(model: nn.Module, who: str) -> LMHead:
 
 
 def gathered(tensor: torch.Tensor) -> torch.Tensor:
-    """A constant's full value: an FSDP2-sharded DTensor is all-gathered, a tensor is returned as is."""
-    return tensor.full_tensor() if is_sharded(tensor) else tensor
+    """A constant's full value: an FSDP2-sharded DTensor is all-gathered, a ZeRO-3 partitioned parameter
+    gathered and copied (the copy outlives the gather), a tensor is returned as is."""
+    if is_sharded(tensor):
+        return tensor.full_tensor()
+    if is_zero3_partitioned(tensor):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+            return tensor.detach().clone()
+    return tensor
 
 
 def reshard(model: nn.Module) -> None:
