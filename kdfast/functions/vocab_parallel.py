@@ -27,19 +27,19 @@ fused pass and have no entry for statistics from other ranks, so they cannot ser
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
-from kdfast import _backends
 from kdfast import _checks as check
 from kdfast._buffers import workspace
 from kdfast._reduction import kd_term
+from kdfast.functions.logit_map import LogitMap
 from kdfast.functions.outputs import KDOutput
 from kdfast.functions.vocab_kd import (
+    RowKernel,
     _chunk_view,
     _Head,
     _select,
@@ -48,6 +48,7 @@ from kdfast.functions.vocab_kd import (
     pass_buffers,
     scale_stored_grads,
 )
+from kdfast.functions.vocab_shard_rows import shard_chunk
 
 # --------------------------------------------------------------------------- communication record
 
@@ -232,19 +233,6 @@ def shard_heads(student_weight: object, teacher_weight: object, student_bias: ob
     return shards, local
 
 
-# --------------------------------------------------------------------------- kinds
-
-
-def check_plain_heads(student_softcap, student_logit_scale, teacher_softcap, teacher_logit_scale) -> None:
-    """Softcapped or rescaled heads are not served vocabulary-parallel yet: refused by name."""
-    given = (("student_softcap", student_softcap, None), ("student_logit_scale", student_logit_scale, 1.0),
-             ("teacher_softcap", teacher_softcap, None), ("teacher_logit_scale", teacher_logit_scale, 1.0))
-    for name, value, plain in given:
-        if value != plain:
-            raise ValueError(f"{name}: expected {plain} with vocabulary-parallel heads (softcapped or rescaled heads "
-                             f"run on unsharded heads only), got {value!r}")
-
-
 # --------------------------------------------------------------------------- one chunk
 
 
@@ -260,93 +248,31 @@ def _keep_global_topk(t: torch.Tensor, k: int, shards: ShardedHeads) -> None:
     t.masked_fill_(t < kth, float("-inf"))
 
 
-def _chunk_rows(s: torch.Tensor, t: Optional[torch.Tensor], u: torch.Tensor, labels: torch.Tensor,
-                kd_coef: torch.Tensor, mlm_coef: torch.Tensor, temperature: float, kind: str, beta: float,
-                with_labels: bool, with_raw: bool, shards: ShardedHeads) -> "tuple[torch.Tensor, torch.Tensor]":
-    """The row kernel contract (``kdfast/functions/vocab_kd.py``) on a vocabulary shard: ``s``, ``t``
-    [C, V_r] fp32 local logits (``t`` None: no KD term), ``u`` scratch of their shape; statistics
-    combined across the group. ``s`` becomes d loss / d s of this shard (``t``, ``u`` are spent); returns
-    ``kd_row``, ``mlm_row`` [C] fp64, the same on every rank. ``with_labels``: some rows of the call have a
-    label; ``with_raw``: the softmax of raw s is needed apart from that of s / T (T != 1 and labelled rows).
-    A call passes the same flags for all its chunks, so every rank sends statistics of the same heights.
-    Working memory: ``s``, ``t``, ``u``, q and, for JSD, one more chunk."""
-    T = temperature
-    top = torch.stack([s.amax(1)] + ([] if t is None else [t.amax(1)]))
-    top = shards.all_reduce(top, dist.ReduceOp.MAX, "all_reduce(max)")
-    s.sub_(top[0, :, None]).div_(T)  # a' = a - max a <= 0, a = s / T
-    column = labels - shards.offset
-    owned = (labels >= 0) & (column >= 0) & (column < s.shape[1])
-    q = torch.exp(s)
-    sums = [q.sum(1)]
-    if with_labels:  # the label's raw logit minus the max, from the rank that holds it
-        sums.append(torch.where(owned, s.gather(1, column.clamp(0, s.shape[1] - 1)[:, None]).squeeze(1) * T, 0.0))
-    if with_raw:
-        sums.append(torch.mul(s, T, out=u).exp_().sum(1))  # Σ exp(s - max s)
-    if t is not None:
-        t.sub_(top[1, :, None]).div_(T)  # b' = b - max b (-inf off the top-k)
-        sums.append(torch.exp(t, out=u).sum(1))  # u = exp(b')
-        if kind == "kl":  # Σ exp(b') (b' - a'), 0 off the top-k (0 * -inf)
-            sums.append(t.sub_(s).mul_(u).nan_to_num_(nan=0.0).sum(1))
-        elif kind == "soft_ce":
-            sums.append(torch.mul(u, s, out=t).sum(1))
-        else:  # b' at the student's argmax (a' = 0), averaged over the ranks holding one: see _divergence
-            local_top, at = s.max(1)
-            holds = local_top == 0
-            sums += [holds.float(), torch.where(holds, t.gather(1, at[:, None]).squeeze(1), 0.0)]
-    sums = shards.all_reduce(torch.stack(sums).double(), dist.ReduceOp.SUM, "all_reduce(sum)")
-    z_a, rest = sums[0], list(sums[1:])
-    log_za = z_a.log()
-    label_logit = rest.pop(0) if with_labels else None
-    log_zs = rest.pop(0).log() if with_raw else log_za
-    mlm_row = torch.where(labels >= 0, log_zs - label_logit, 0.0) if with_labels else torch.zeros_like(log_za)
-    q.div_(z_a.float()[:, None])
-    kd_row, grad_kd = torch.zeros_like(log_za), None
-    if t is not None:
-        z_b = rest.pop(0)
-        log_zb = z_b.log()
-        if kind in ("kl", "soft_ce"):
-            kd_row = rest[0] / z_b - log_zb + log_za if kind == "kl" else -rest[0] / z_b + log_za
-            grad_kd = torch.sub(q, u.div_(z_b.float()[:, None]), out=t)  # q - p
-        else:
-            kd_row, grad_kd = _divergence(s, t, u, q, log_za, log_zb, rest[1] / rest[0], kind, beta, shards)
-    # d loss / d s = kd_coef * grad_kd + mlm_coef * (softmax(s) - onehot(label)), written into s
-    raw = torch.mul(s, T, out=u).sub_(log_zs.float()[:, None]).exp_() if with_raw else q
-    torch.mul(raw, mlm_coef[:, None], out=s)
-    if grad_kd is not None:
-        s.addcmul_(grad_kd, kd_coef[:, None])
-    mine = owned.nonzero().squeeze(1)
-    s[mine, column[mine]] -= mlm_coef[mine]
-    return kd_row, mlm_row
+@dataclass
+class _Chunks:
+    """The per-chunk buffers of a pass, as views of one workspace: ``s``, ``t`` [C, V_r + 1] (the logits
+    and the virtual column), ``u`` [C, V_r], ``w`` (JSD) and ``slope`` (a softcapped student) or None."""
 
+    count: int         # buffers in the workspace
+    size: int          # rows per chunk
+    width: int         # V_r + 1
+    vocab_major: bool
 
-def _divergence(a: torch.Tensor, b: torch.Tensor, u: torch.Tensor, q: torch.Tensor, log_za: torch.Tensor,
-                log_zb: torch.Tensor, b_ref: torch.Tensor, kind: str, beta: float,
-                shards: ShardedHeads) -> "tuple[torch.Tensor, torch.Tensor]":
-    """Reverse KL or JSD_beta of the rows [C] fp64 and d/da [C, V_r] (returned in ``b`` or a new chunk),
-    as the C++ kernel forms them (csrc/vocab_kd_math.h): with D = log q - log p (reverse KL) or
-    log q - log m (JSD), the gradient w q (D - Σ q D) is computed as w q (delta - k) with delta = D - D_ref
-    relative to the student's argmax and k = Σ q delta (one more all-reduce), so a near one-hot student
-    keeps its small gradient without a difference of two large numbers. ``a``, ``b``: logits / T minus
-    the row's max (``a`` is kept, ``b`` and the scratch ``u`` are spent), ``b_ref`` the teacher's at the
-    student's argmax; ``u`` holds exp(b) on entry."""
-    if kind == "reverse_kl":
-        delta = b.sub_(a).neg_().add_(b_ref.float()[:, None])  # a' - (b' - b'_ref)
-        sums = [torch.mul(q, delta, out=u).sum(1)]
-        d_ref, weight = -log_za - (b_ref - log_zb), 1.0
-    else:
-        shift = math.log(beta / (1 - beta))
-        z = b.sub_(a).add_((log_za - log_zb + shift).float()[:, None])  # log p - log q + shift; -inf where p = 0
-        p = u.mul_((-log_zb).exp().float()[:, None])
-        p_term = torch.nn.functional.softplus(z.neg_()).neg_().sub_(math.log(beta))  # log p - log m
-        p_term = p_term.mul_(p).nan_to_num_(nan=0.0).sum(1)  # 0 where p = 0 (0 * -inf)
-        sp_ref = torch.nn.functional.softplus(b_ref - log_zb + log_za + shift)
-        delta = torch.nn.functional.softplus(z.neg_()).neg_().add_(sp_ref.float()[:, None])
-        sums = [torch.mul(q, delta, out=u).sum(1), p_term]
-        d_ref, weight = -math.log1p(-beta) - sp_ref, 1 - beta
-    sums = shards.all_reduce(torch.stack(sums).double(), dist.ReduceOp.SUM, "all_reduce(sum)")
-    k = sums[0]
-    kd_row = d_ref + k if kind == "reverse_kl" else beta * sums[1] + weight * (d_ref + k)
-    return kd_row, delta.sub_(k.float()[:, None]).mul_(q).mul_(weight)
+    @classmethod
+    def plan(cls, kind: Optional[str], capped: bool, rows: int, local_vocab: int, shards: ShardedHeads,
+             forced: Optional[int], vocab_major: bool) -> "_Chunks":
+        count = 3 + (kind == "jsd") + capped
+        # every rank takes the same rows per chunk: the shared bound is sized for 4 chunks of V_r
+        size = forced or min(rows, shards.max_chunk_rows, max(1, shards.max_chunk_rows * 4 // count))
+        return cls(count, size, local_vocab + 1, vocab_major)
+
+    def views(self, flat: torch.Tensor, rows: int, kind: Optional[str], capped: bool) -> dict:
+        step = self.size * self.width
+        ext = [_chunk_view(flat[i * step:], rows, self.width, self.vocab_major) for i in range(self.count)]
+        local = self.width - 1
+        return dict(s=ext[0], t=ext[1], u=ext[2][:, :local], w=ext[3][:, :local] if kind == "jsd" else None,
+                    slope=ext[-1][:, :local] if capped else None,
+                    scratch=flat[step: step + rows * local])  # the spent t chunk, flat (bf16 gradient split)
 
 
 # --------------------------------------------------------------------------- the pass and the entry point
@@ -357,44 +283,47 @@ def _sharded_pass(student_hidden, student_weight, student_bias, teacher_hidden, 
     """``vocab_kd._fused_pass`` on this rank's vocabulary shard: (kd [0-dim fp64], mlm, d_hidden [N, Hs]
     (all-reduced: the whole gradient), d_weight [V_r, Hs], d_bias [V_r]), gradients None where not needed."""
     shards: ShardedHeads = opts["shards"]
-    rows, local_vocab = student_hidden.shape[0], student_weight.shape[0]
-    device = student_hidden.device
-    sel = _select(rows, shards.vocab, device, opts["labels"], opts["ignore_index"], opts["mask"],
+    local_vocab, device = student_weight.shape[0], student_hidden.device
+    sel = _select(student_hidden.shape[0], shards.vocab, device, opts["labels"], opts["ignore_index"], opts["mask"],
                   opts["row_weights"], opts["temperature"], kd_weight, mlm_weight, opts["reduction"], opts["t2_scale"])
     d_hidden, d_weight, d_bias, kd_sum, mlm_sum = pass_buffers(student_hidden, student_weight, need)
     if not sel.count:
         if d_weight is not None:
             d_weight.zero_()
         return kd_sum, mlm_sum, d_hidden, d_weight, d_bias
-    kind, topk = kd_term(opts["kind"], opts["beta"]), opts["teacher_topk"]
-    with_teacher = kd_weight != 0
+    kind = kd_term(opts["kind"], opts["beta"]) if kd_weight != 0 else None  # None: no KD term
+    topk, kernel = opts["teacher_topk"], opts["row_kernel"]
+    student_map, teacher_map = opts["student_map"], opts["teacher_map"]
     with_labels = bool((sel.labels >= 0).any())
-    with_raw = with_labels and opts["temperature"] != 1
     student = _Head(student_weight, student_bias)
-    teacher = _Head(teacher_weight, teacher_bias) if with_teacher else None
-    size = opts["chunk_rows"] or min(sel.count, shards.max_chunk_rows)
-    # fp32 products fill vocab-major chunks, as the single-device driver on CPU: the same logits, bit for bit
-    vocab_major = not student.native16 and not (teacher is not None and teacher.native16)
-    with workspace(3 * size * local_vocab, device) as chunks:
-        for start in range(0, sel.count, size):
-            stop = min(start + size, sel.count)
+    teacher = _Head(teacher_weight, teacher_bias) if kind is not None else None
+    vocab_major = getattr(kernel, "vocab_major", False) and not student.native16 and not (
+        teacher is not None and teacher.native16)
+    plan = _Chunks.plan(kind, student_map.needs_slope, sel.count, local_vocab, shards, opts["chunk_rows"], vocab_major)
+    with workspace(plan.count * plan.size * plan.width, device) as flat:
+        for start in range(0, sel.count, plan.size):
+            stop = min(start + plan.size, sel.count)
             part = slice(start, stop)
             ids = None if sel.index is None else sel.index[part]
             x_s = student_hidden[part] if ids is None else student_hidden.index_select(0, ids)
-            s, t, u = (_chunk_view(chunks[i * size * local_vocab:], stop - start, local_vocab, vocab_major)
-                       for i in range(3))
+            bufs = plan.views(flat, stop - start, kind, student_map.needs_slope)
+            s = bufs["s"][:, :local_vocab]
             student.logits_into(s, x_s)
-            if with_teacher:
+            student_map.apply_(s, bufs["slope"])
+            if kind is not None:
+                t = bufs["t"][:, :local_vocab]
                 teacher.logits_into(t, teacher_hidden[part] if ids is None else teacher_hidden.index_select(0, ids))
+                teacher_map.apply_(t)
                 if topk is not None and topk < shards.vocab:
                     _keep_global_topk(t, topk, shards)
-            kd_row, mlm_row = _chunk_rows(s, t if with_teacher else None, u, sel.labels[part], sel.kd_coef[part],
-                                          sel.mlm_coef[part], opts["temperature"], kind, opts["beta"],
-                                          with_labels, with_raw, shards)
+            kd_row, mlm_row = shard_chunk(kernel, bufs["s"], bufs["t"], bufs["u"], bufs["w"], sel.labels[part],
+                                          sel.kd_coef[part], sel.mlm_coef[part], opts["temperature"], kind,
+                                          opts["beta"], with_labels, shards)
             kd_sum += (kd_row * sel.kd_scale[part]).sum()
             mlm_sum += mlm_row.sum()
             # s now holds d loss / d logits of this shard's chunk; t is spent.
-            add_chunk_grads(student, s, t, x_s, part, ids, start == 0, d_hidden, d_weight, d_bias)
+            student_map.backward_(s, bufs["slope"])
+            add_chunk_grads(student, s, bufs["scratch"], x_s, part, ids, start == 0, d_hidden, d_weight, d_bias)
     if d_hidden is not None:
         shards.all_reduce(d_hidden, dist.ReduceOp.SUM, "all_reduce(d_hidden)")
     return kd_sum, mlm_sum / sel.mlm_divisor, d_hidden, d_weight, d_bias
@@ -431,25 +360,25 @@ class _ShardedFusedLinearKD(torch.autograd.Function):
         return (*out, None, None, None, None)
 
 
-def fused_linear_kd(shards: ShardedHeads, backend: str, *, student_hidden, student_weight, teacher_hidden,
+def fused_linear_kd(shards: ShardedHeads, row_kernel: RowKernel, *, student_hidden, student_weight, teacher_hidden,
                     teacher_weight, student_bias=None, teacher_bias=None, labels=None, ignore_index=-100,
                     temperature=1.0, kd_weight=1.0, mlm_weight=0.0, kind="kl", reduction="batchmean", t2_scale=True,
-                    mask=None, row_weights=None, teacher_topk=None, teacher_targets=None,
-                    beta=0.5) -> KDOutput:
-    """``kdfast.fused_linear_kd`` (validated keyword arguments, local shards) on vocabulary-sharded heads.
-    ``backend`` must be able to run on the tensors' device; the row arithmetic is torch operations on any
-    (see the module's docstring). ``teacher_targets`` is refused earlier (``shard_heads``)."""
-    reason = None if backend == "auto" else _backends.backend_ready(backend, student_hidden.device)
-    if reason is not None:
-        raise ValueError(f"backend={backend!r} cannot run fused_linear_kd: {reason}. backend='torch' always works")
+                    mask=None, row_weights=None, teacher_topk=None, teacher_targets=None, beta=0.5,
+                    student_softcap=None, student_logit_scale=1.0, teacher_softcap=None,
+                    teacher_logit_scale=1.0) -> KDOutput:
+    """``kdfast.fused_linear_kd`` (validated keyword arguments, local shards) on vocabulary-sharded heads, each
+    shard's chunks on ``row_kernel`` (the row kernel of the backend that serves the call, contract in
+    ``kdfast/functions/vocab_kd.py``). ``teacher_targets`` is refused earlier (``shard_heads``)."""
     if kd_term(kind, beta) == "reverse_kl" and teacher_topk is not None and teacher_topk < shards.vocab:
         raise ValueError(f"teacher_topk: expected None with kind={kind!r}, beta={beta} (reverse KL: KL(q || p) is "
                          f"infinite where the top-k teacher has p = 0), got {teacher_topk}")
-    opts = dict(shards=shards, labels=labels, ignore_index=ignore_index,
+    opts = dict(shards=shards, row_kernel=row_kernel, labels=labels, ignore_index=ignore_index,
                 temperature=float(temperature), kd_weight=float(kd_weight), mlm_weight=float(mlm_weight), kind=kind,
                 reduction=reduction, t2_scale=bool(t2_scale), mask=mask, row_weights=row_weights,
-                teacher_topk=teacher_topk, beta=float(beta), chunk_rows=None)
+                teacher_topk=teacher_topk, beta=float(beta), chunk_rows=None,
+                student_map=LogitMap(student_softcap, student_logit_scale),
+                teacher_map=LogitMap(teacher_softcap, teacher_logit_scale))
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()
     loss, kd, mlm = _ShardedFusedLinearKD.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
-                                         teacher_weight.detach(), teacher_bias, opts)
+                                                teacher_weight.detach(), teacher_bias, opts)
     return KDOutput(loss, kd, mlm)
