@@ -57,14 +57,56 @@ def virtual_divergence(kind: str, log_q: torch.Tensor, log_p: torch.Tensor, beta
     return beta * p * (log_p - log_m) + (1 - beta) * q * (log_q - log_m)
 
 
-def _jsd_student_part(s: torch.Tensor, t: torch.Tensor, u: torch.Tensor, w: torch.Tensor, z_a: torch.Tensor,
-                      z_b: torch.Tensor, temperature: float, beta: float) -> torch.Tensor:
-    """Σ_v q_v (log q_v - log m_v) over the shard's columns [C] fp64; ``u`` = exp(s / T) (kept), ``w``
-    scratch; z_a, z_b the global softmax sums of s / T and t / T."""
-    m = torch.mul(t, 1 / temperature, out=w).exp_().mul_((beta / z_b).float()[:, None])  # beta p (0 off the top-k)
-    m.addcmul_(u, ((1 - beta) / z_a).float()[:, None]).log_()  # log m
-    minus_d = m.sub_(s, alpha=1 / temperature).add_(z_a.log().float()[:, None])  # log m - log q
-    return -minus_d.mul_(u).nan_to_num_(nan=0.0).sum(1).double() / z_a  # 0 where q = m = 0
+def _student_parts(kind: str, s: torch.Tensor, t: torch.Tensor, u: torch.Tensor, w: torch.Tensor, total: dict,
+                   T: float, beta: float) -> "tuple[torch.Tensor, torch.Tensor]":
+    """(ℓ, D_ref) [C] fp64: ℓ = Σ_v q_v (D_v - D_ref) over the shard's columns, D = log q - log p (reverse KL)
+    or log q - log m (JSD), relative to D_ref, its value at the student's global argmax (a = 0 there), so
+    that ℓ is small where q is near one-hot (as the kernels' reference trick). ``s``, ``t``: logits minus
+    the row's max; ``u`` = exp(s / T) (kept); ``w`` scratch."""
+    log_za, b_ref = total["a"].log(), total["b_ref"] / total["holds"]  # b = t / T at the student's argmax
+    if kind == "reverse_kl":
+        d_ref = -log_za - b_ref + total["b"].log()
+        delta = torch.sub(s, t, out=w).mul_(1 / T).add_(b_ref.float()[:, None])  # a - b + b_ref
+    else:
+        log_m_ref = torch.logaddexp(b_ref - total["b"].log() + math.log(beta), -log_za + math.log1p(-beta))
+        d_ref = -log_za - log_m_ref
+        m = torch.mul(t, 1 / T, out=w).exp_().mul_((beta / total["b"]).float()[:, None])  # beta p (0 off the top-k)
+        m.addcmul_(u, ((1 - beta) / total["a"]).float()[:, None]).clamp_min_(torch.finfo(torch.float32).tiny)
+        delta = m.log_().neg_().add_(s, alpha=1 / T).add_(log_m_ref.float()[:, None])  # a - log m + log m_ref
+    return delta.mul_(u).sum(1).double() / total["a"], d_ref
+
+
+def _statistics(s: torch.Tensor, t: Optional[torch.Tensor], u: torch.Tensor, labels: torch.Tensor, T: float,
+                kind: Optional[str], raw: bool, with_labels: bool, shards) -> "tuple[dict, dict, torch.Tensor]":
+    """Shift ``s``, ``t`` [C, V_r] by their rows' global max (all-reduce of [2, C]) and sum their rows'
+    statistics over the group (all-reduce of [k, C]): softmax sums ``a`` (s / T), ``b`` (t / T), ``raw``
+    (s, when ``raw``), the label's logit, and for reverse KL and JSD the teacher's b at the student's argmax.
+    Returns (this rank's, the group's) by name, and the owned label column per row (-1: none). ``u``
+    keeps exp(s / T) for reverse KL and JSD, else exp(s) when ``raw``."""
+    local = s.shape[1]
+    s_top, at = s.max(1)
+    top = shards.all_reduce(torch.stack([s_top] + ([] if t is None else [t.amax(1)])), dist.ReduceOp.MAX,
+                            "all_reduce(max)")
+    s.sub_(top[0, :, None])
+    sums = {}
+    if t is not None:
+        t.sub_(top[1, :, None])  # -inf off the top-k stays -inf
+        sums["b"] = _exp_sum(t, 1 / T, u)
+    keep_q = kind in ("reverse_kl", "jsd")
+    for name in (("raw", "a") if keep_q else ("a", "raw")):
+        if name == "a" or raw:
+            sums[name] = _exp_sum(s, 1 / T if name == "a" else 1.0, u)
+    column = labels - shards.offset
+    owned = (labels >= 0) & (column >= 0) & (column < local)
+    if with_labels:  # the label's logit (minus the row's max), from the rank that holds it
+        sums["label"] = torch.where(owned, s.gather(1, column.clamp(0, local - 1)[:, None]).squeeze(1), 0.0).double()
+    if keep_q:  # averaged over the ranks holding a maximum (ties)
+        holds = s_top == top[0]
+        sums["holds"] = holds.double()
+        sums["b_ref"] = torch.where(holds, t.gather(1, at[:, None]).squeeze(1) / T, 0.0).double()
+    mine = torch.stack(list(sums.values()))
+    total = shards.all_reduce(mine.clone(), dist.ReduceOp.SUM, "all_reduce(sum)")
+    return dict(zip(sums, mine)), dict(zip(sums, total)), torch.where(owned, column, -1)
 
 
 def shard_chunk(kernel: RowKernel, s_ext: torch.Tensor, t_ext: torch.Tensor, u: torch.Tensor,
@@ -73,54 +115,34 @@ def shard_chunk(kernel: RowKernel, s_ext: torch.Tensor, t_ext: torch.Tensor, u: 
                 shards) -> "tuple[torch.Tensor, torch.Tensor]":
     """The row kernel contract on a vocabulary shard: ``s_ext``, ``t_ext`` [C, V_r + 1] fp32 of one layout
     holding the local logits in their first V_r columns (``kind`` None: no KD term, ``t_ext`` scratch);
-    ``u`` [C, V_r] and ``w`` (JSD only) scratch of that layout. The first V_r columns of ``s_ext`` become
-    d loss / d s of this shard; returns ``kd_row``, ``mlm_row`` [C] fp64, the same on every rank.
+    ``u`` [C, V_r] and ``w`` (reverse KL, JSD) scratch of that layout. The first V_r columns of ``s_ext``
+    become d loss / d s of this shard; returns ``kd_row``, ``mlm_row`` [C] fp64, the same on every rank.
     ``with_labels``: some rows of the call have a label (every chunk of a call passes the same flags, so
     every rank sends statistics of the same heights)."""
     local = s_ext.shape[1] - 1
-    s, t = s_ext[:, :local], t_ext[:, :local]
-    with_teacher = kind is not None
-    T = temperature if with_teacher else 1.0  # no KD term: the cross-entropy's T = 1 serves the kernel
+    s, t = s_ext[:, :local], (t_ext[:, :local] if kind is not None else None)
+    T = temperature if kind is not None else 1.0  # no KD term: the cross-entropy's T = 1 serves the kernel
     raw = with_labels and T != 1.0  # the cross-entropy needs softmax(s), apart from softmax(s / T)
-    keep_q = kind in ("reverse_kl", "jsd")  # u keeps exp(s / T), else exp(s) when raw
-    top = shards.all_reduce(torch.stack([s.amax(1)] + ([t.amax(1)] if with_teacher else [])), dist.ReduceOp.MAX,
-                            "all_reduce(max)")
-    s.sub_(top[0, :, None])
-    sums = {}
-    if with_teacher:
-        t.sub_(top[1, :, None])  # -inf off the top-k stays -inf
-        sums["b"] = _exp_sum(t, 1 / T, u)
-    for name in (("raw", "a") if keep_q else ("a", "raw")):
-        if name == "a" or raw:
-            sums[name] = _exp_sum(s, 1 / T if name == "a" else 1.0, u)
-    column = labels - shards.offset
-    owned = (labels >= 0) & (column >= 0) & (column < local)
-    if with_labels:  # the label's logit (minus the row's max), from the rank that holds it
-        sums["label"] = torch.where(owned, s.gather(1, column.clamp(0, local - 1)[:, None]).squeeze(1), 0.0).double()
-    names = list(sums)
-    mine = torch.stack([sums[n] for n in names])
-    total = dict(zip(names, shards.all_reduce(mine.clone(), dist.ReduceOp.SUM, "all_reduce(sum)")))
-    mine = dict(zip(names, mine))
-    virtual = [_virtual_logit(total["a"], mine["a"], T)] + ([_virtual_logit(total["b"], mine["b"], T)]
-                                                           if with_teacher else [])
+    mine, total, owned = _statistics(s, t, u, labels, T, kind, raw, with_labels, shards)
+    virtual = [_virtual_logit(total[n], mine[n], T) for n in ("a", "b")[: 1 + (kind is not None)]]
     s_ext[:, local] = virtual[0]
-    if with_teacher:
+    if kind is not None:
         t_ext[:, local] = virtual[1]
     else:
         t_ext.copy_(s_ext)  # KL(q || q) = 0: only the cross-entropy's gradient remains
-    part_k = _jsd_student_part(s, t, u, w, total["a"], total["b"], T, beta) if kind == "jsd" else None
-    kernel_labels = torch.where(labels < 0, -1, torch.where(owned, column, local))
+    parts = _student_parts(kind, s, t, u, w, total, T, beta) if kind in ("reverse_kl", "jsd") else None
+    kernel_labels = torch.where(labels < 0, -1, torch.where(owned >= 0, owned, local))  # elsewhere: virtual
     kd_k, _ = kernel(s_ext, t_ext, kernel_labels, kd_coef, torch.zeros_like(mlm_coef) if raw else mlm_coef, T,
                      kind or "kl", beta)
     kd_row = torch.zeros_like(total["a"])
-    if with_teacher:
-        kd_row = _combine(s, u, kd_k, virtual, mine, total, part_k, kd_coef, T, kind, beta, shards)
+    if kind is not None:
+        kd_row = _combine(s, u, kd_k, virtual, mine, total, parts, kd_coef, T, kind, beta, shards)
     if raw:
-        if keep_q:
+        if kind in ("reverse_kl", "jsd"):
             u.pow_(T)  # exp(s / T)^T = exp(s)
         s.addcmul_(u, (mlm_coef / total["raw"]).float()[:, None])
-        rows = owned.nonzero().squeeze(1)
-        s[rows, column[rows]] -= mlm_coef[rows]
+        rows = (owned >= 0).nonzero().squeeze(1)
+        s[rows, owned[rows]] -= mlm_coef[rows]
     mlm_row = torch.zeros_like(kd_row)
     if with_labels:
         mlm_row = torch.where(labels >= 0, total["raw" if raw else "a"].log() - total["label"], 0.0)
@@ -128,24 +150,27 @@ def shard_chunk(kernel: RowKernel, s_ext: torch.Tensor, t_ext: torch.Tensor, u: 
 
 
 def _combine(s: torch.Tensor, u: torch.Tensor, kd_k: torch.Tensor, virtual: "list[torch.Tensor]", mine: dict,
-             total: dict, part_k: Optional[torch.Tensor], kd_coef: torch.Tensor, T: float, kind: str, beta: float,
-             shards) -> torch.Tensor:
-    """The row's divergence [C] fp64 from the kernel's rows ``kd_k`` of every rank (less their virtual
-    columns' terms), and for reverse KL and JSD the rank-1 correction kd_coef·w·q·(K_r - K) of the
-    shard's gradient ``s`` (``u`` = exp(s / T), q = u / Σ)."""
+             total: dict, parts: "Optional[tuple[torch.Tensor, torch.Tensor]]", kd_coef: torch.Tensor, T: float,
+             kind: str, beta: float, shards) -> torch.Tensor:
+    """The row's divergence [C] fp64: the kernel's rows ``kd_k`` less their virtual columns' terms, summed
+    over the group (all-reduce of [1 or 2, C]). Reverse KL and JSD: the kernel's gradient q (D - K_r) of
+    the shard in ``s`` gets w·kd_coef·q·(K_r - K), ``u`` = exp(s / T), where K_r - K = q_rest (D_rest - D_ref)
+    - Σ_{other ranks} ℓ: only small terms where q is near one-hot."""
     log_q, log_p = (logit.double() / T for logit in virtual)  # the virtual column's logits as the kernel saw them
     log_q = log_q - torch.logaddexp(mine["a"].log(), log_q)  # and its masses
     log_p = log_p - torch.logaddexp(mine["b"].log(), log_p)
-    virtual = virtual_divergence(kind, log_q, log_p, beta)
-    parts = [kd_k.double() - virtual] + ([] if part_k is None else [part_k])
-    parts = shards.all_reduce(torch.stack(parts), dist.ReduceOp.SUM, "all_reduce(divergence)")
+    rows = [kd_k.double() - virtual_divergence(kind, log_q, log_p, beta)]
+    if parts is not None:
+        rows.append(parts[0])
+    summed = shards.all_reduce(torch.stack(rows), dist.ReduceOp.SUM, "all_reduce(divergence)")
+    if parts is None:
+        return summed[0]
+    own, d_ref = parts
     if kind == "reverse_kl":
-        offset = kd_k.double() - parts[0]  # K_r - K
-    elif kind == "jsd":
-        q = log_q.exp()
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        offset = (1 - beta) * (part_k + q * (log_q - log_m) - parts[1])
+        d_rest, weight = log_q - log_p, 1.0
     else:
-        return parts[0]
-    s.addcmul_(u, (kd_coef.double() * offset / total["a"]).float()[:, None])
-    return parts[0]
+        d_rest = log_q - torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        weight = 1 - beta
+    offset = log_q.exp() * (d_rest - d_ref) - (summed[1] - own)  # K_r - K
+    s.addcmul_(u, (weight * kd_coef.double() * offset / total["a"]).float()[:, None])
+    return summed[0]
