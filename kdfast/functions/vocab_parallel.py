@@ -250,12 +250,12 @@ def _keep_global_topk(t: torch.Tensor, k: int, shards: ShardedHeads) -> None:
 
 @dataclass
 class _Chunks:
-    """The per-chunk buffers of a pass, as views of one workspace: ``s``, ``t`` [C, V_r + 1] (the logits
-    and the virtual column), ``u`` [C, V_r], ``w`` (reverse KL, JSD) and ``slope`` (a softcapped student) or None."""
+    """The per-chunk buffers of a pass, as views of one workspace: ``s``, ``t`` [C, V_r + 2] (the logits
+    and two virtual columns), ``u`` [C, V_r], ``w`` (reverse KL, JSD) and ``slope`` (a softcapped student) or None."""
 
     count: int         # buffers in the workspace
     size: int          # rows per chunk
-    width: int         # V_r + 1
+    width: int         # V_r + 2
     vocab_major: bool
 
     @classmethod
@@ -264,12 +264,12 @@ class _Chunks:
         count = 3 + (kind in ("reverse_kl", "jsd")) + capped
         # every rank takes the same rows per chunk: the shared bound is sized for 4 chunks of V_r
         size = forced or min(rows, shards.max_chunk_rows, max(1, shards.max_chunk_rows * 4 // count))
-        return cls(count, size, local_vocab + 1, vocab_major)
+        return cls(count, size, local_vocab + 2, vocab_major)
 
     def views(self, flat: torch.Tensor, rows: int, kind: Optional[str], capped: bool) -> dict:
         step = self.size * self.width
         ext = [_chunk_view(flat[i * step:], rows, self.width, self.vocab_major) for i in range(self.count)]
-        local = self.width - 1
+        local = self.width - 2
         scratch_w = kind in ("reverse_kl", "jsd")
         return dict(s=ext[0], t=ext[1], u=ext[2][:, :local], w=ext[3][:, :local] if scratch_w else None,
                     slope=ext[-1][:, :local] if capped else None,

@@ -1,24 +1,26 @@
 """One chunk of vocabulary-parallel fused KD on the backend's row kernel (``kdfast/functions/vocab_parallel.py``).
 
-Rank r holds its shard's logits s, t [C, V_r] of a chunk of rows. Its chunk gets one more, *virtual*, column
-standing for the other ranks' vocabulary: the student logit T·log Σ_{v off r} exp(s_v / T) and the teacher
-logit T·log Σ_{v off r} exp(t_v / T), from each row's softmax sums over the whole vocabulary (all-reduced,
-[k, C]). On these V_r + 1 columns the softmaxes of s / T and t / T are the global q and p on the shard's
-columns (the virtual one carries the rest of the mass), so the unchanged row kernel (contract in
-``kdfast/functions/vocab_kd.py``) writes the exact gradient of the shard for kl and soft CE (q - p), and
-for the labels' cross-entropy at T = 1 (a label held by another rank points at the virtual column).
-Its divergence row is the shard's part plus the virtual column's, which is known in closed form and
-subtracted; one all-reduce(sum) of [C] (JSD: [2, C]) then gives the row's divergence.
+Rank r holds its shard's logits s, t [C, V_r] of a chunk of rows. Its chunk gets two more, *virtual*,
+columns standing for the other ranks' vocabulary, from each row's softmax sums over the whole vocabulary
+(all-reduced, [k, C]): the first carries the other ranks' student mass, the second none (a logit ~200 below
+the row's log-sum-exp: exp underflows to 0 in fp32), and the two share the other ranks' teacher mass.
+On these V_r + 2 columns the softmaxes of s / T and t / T are the global q and p on the shard's columns,
+so the unchanged row kernel (contract in ``kdfast/functions/vocab_kd.py``) writes the exact gradient of
+the shard for kl and soft CE (q - p; the first column takes all the teacher's mass), and for the labels'
+cross-entropy at T = 1 (a label held by another rank points at the first virtual column).
 
-Reverse KL and JSD: the kernel's gradient q·(D - K_r) (D = log q - log p, or log q - log m with the factor
-1 - beta) uses its own K_r = Σ q·D over its V_r + 1 columns; the global K is the all-reduced sum of the
-shards' parts, and the rank-1 term q·(K_r - K) per row makes it exact. Reverse KL's K_r is the kernel's
-row; JSD's Σ q (log q - log m) over the shard is one torch pass before the kernel (the kernel returns only
-beta·KL(p || m) + (1 - beta)·KL(q || m)). With labels at T != 1 the cross-entropy's softmax of raw s has
-other rest mass than that of s / T: the kernel gets no MLM term and softmax(s) - onehot is added here.
+Reverse KL and JSD: the kernel's gradient q (D - K_r) (D = log q - log p, or log q - log m with the factor
+1 - beta) uses its own K_r = Σ q D over its columns. The teacher's mass is split between the two virtual
+columns so that the first one's D is the q-weighted mean of D over the other ranks' columns (the second
+has q = 0): then K_r is the global K and the gradient is exact, as precise as the kernel's on one device
+(no difference of large numbers is formed where q is near one-hot). That mean comes from ℓ = Σ q (D - D_ref)
+of every shard, relative to D at the student's argmax (one all-reduce of [C] before the kernel).
 
-The logits are shifted by the row's global max first (the kernel is shift-invariant), so the virtual
-column's fp32 value is small and rounds to ~1e-7 of the rest mass at any logit scale.
+The kernel's divergence row is the shard's part plus the virtual columns' terms, which are known in closed
+form and subtracted; one all-reduce(sum) of [C] gives the row's divergence. With labels at T != 1 the
+cross-entropy's softmax of raw s has other rest mass than that of s / T: the kernel gets no MLM term and
+softmax(s) - onehot is added here. The logits are shifted by the row's global max first (the kernel is
+shift-invariant), so the virtual columns' fp32 values are small and round to ~1e-7 of their masses.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import torch.distributed as dist
 
 from kdfast.functions.vocab_kd import RowKernel
 
-_REST_FLOOR = 2.0**-80  # least rest mass relative to the row's sum: a rank holding the whole mass (P = 1, top-k)
+_NO_MASS = -200.0  # log of a mass relative to the row's sum that is 0 in fp32 (finite, unlike -inf)
 
 
 def _exp_sum(x: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
@@ -38,10 +40,9 @@ def _exp_sum(x: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
     return torch.mul(x, scale, out=out).exp_().sum(1).double()
 
 
-def _virtual_logit(total: torch.Tensor, mine: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T·log(total - mine) [C] fp32: the logit whose exp(· / T) is the other ranks' mass (floored)."""
-    rest = (total - mine).clamp_min_(0.0).maximum(total * _REST_FLOOR)
-    return (temperature * rest.log()).float()
+def _log_rest(total: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+    """log of the other ranks' share of a softmax sum [C] fp64 (at least exp(_NO_MASS))."""
+    return ((total - mine).clamp_min_(0.0) / total).log().clamp_min_(_NO_MASS)
 
 
 def virtual_divergence(kind: str, log_q: torch.Tensor, log_p: torch.Tensor, beta: float) -> torch.Tensor:
@@ -58,30 +59,37 @@ def virtual_divergence(kind: str, log_q: torch.Tensor, log_p: torch.Tensor, beta
 
 
 def _student_parts(kind: str, s: torch.Tensor, t: torch.Tensor, u: torch.Tensor, w: torch.Tensor, total: dict,
-                   T: float, beta: float) -> "tuple[torch.Tensor, torch.Tensor]":
-    """(ℓ, D_ref) [C] fp64: ℓ = Σ_v q_v (D_v - D_ref) over the shard's columns, D = log q - log p (reverse KL)
-    or log q - log m (JSD), relative to D_ref, its value at the student's global argmax (a = 0 there), so
-    that ℓ is small where q is near one-hot (as the kernels' reference trick). ``s``, ``t``: logits minus
-    the row's max; ``u`` = exp(s / T) (kept); ``w`` scratch."""
-    log_za, b_ref = total["a"].log(), total["b_ref"] / total["holds"]  # b = t / T at the student's argmax
+                   argmax: "tuple[torch.Tensor, torch.Tensor]", T: float, beta: float
+                   ) -> "tuple[torch.Tensor, torch.Tensor]":
+    """(ℓ, E_ref) [C] fp64: ℓ = Σ_v q_v (E_v - E_ref) over the shard's columns, with E = D = log q - log p
+    (reverse KL) or E = -softplus(ζ) = D + log(1 - beta), ζ = log p - log q + log(beta / (1 - beta)) (JSD:
+    D = log q - log m), relative to E_ref, its value at the student's global argmax (a = 0 there). In these
+    forms, those of the kernels, ℓ is small where q is near one-hot, and exactly 0 where p = 0 (top-k)
+    and at the argmax. ``s``, ``t``: logits minus the row's max; ``u`` = exp(s / T) (kept); ``w`` scratch;
+    ``argmax``: whether this rank holds the row's maximum of s, and where [C]."""
+    holds, at = argmax
+    log_za, log_zb = total["a"].log(), total["b"].log()
+    b_ref = total["b_ref"] / total["holds"]  # b = t / T at the student's argmax
     if kind == "reverse_kl":
-        d_ref = -log_za - b_ref + total["b"].log()
+        e_ref = -log_za - b_ref + log_zb
         delta = torch.sub(s, t, out=w).mul_(1 / T).add_(b_ref.float()[:, None])  # a - b + b_ref
     else:
-        log_m_ref = torch.logaddexp(b_ref - total["b"].log() + math.log(beta), -log_za + math.log1p(-beta))
-        d_ref = -log_za - log_m_ref
-        m = torch.mul(t, 1 / T, out=w).exp_().mul_((beta / total["b"]).float()[:, None])  # beta p (0 off the top-k)
-        m.addcmul_(u, ((1 - beta) / total["a"]).float()[:, None]).clamp_min_(torch.finfo(torch.float32).tiny)
-        delta = m.log_().neg_().add_(s, alpha=1 / T).add_(log_m_ref.float()[:, None])  # a - log m + log m_ref
-    return delta.mul_(u).sum(1).double() / total["a"], d_ref
+        shift = log_za - log_zb + math.log(beta / (1 - beta))  # ζ = b - a + shift
+        e_ref = -torch.nn.functional.softplus(b_ref + shift)
+        zeta = torch.sub(t, s, out=w).mul_(1 / T).add_(shift.float()[:, None])
+        delta = torch.logaddexp(zeta, zeta.new_zeros(()), out=w).neg_().sub_(e_ref.float()[:, None])
+    ref_rows = holds.nonzero().squeeze(1)
+    delta[ref_rows, at[ref_rows]] = 0.0  # exactly, not its rounding: the other ranks' D would carry that
+    return delta.mul_(u).sum(1).double() / total["a"], e_ref
 
 
 def _statistics(s: torch.Tensor, t: Optional[torch.Tensor], u: torch.Tensor, labels: torch.Tensor, T: float,
-                kind: Optional[str], raw: bool, with_labels: bool, shards) -> "tuple[dict, dict, torch.Tensor]":
+                kind: Optional[str], raw: bool, with_labels: bool, shards) -> tuple:
     """Shift ``s``, ``t`` [C, V_r] by their rows' global max (all-reduce of [2, C]) and sum their rows'
     statistics over the group (all-reduce of [k, C]): softmax sums ``a`` (s / T), ``b`` (t / T), ``raw``
     (s, when ``raw``), the label's logit, and for reverse KL and JSD the teacher's b at the student's argmax.
-    Returns (this rank's, the group's) by name, and the owned label column per row (-1: none). ``u``
+    Returns (this rank's, the group's) by name, the owned label column per row (-1: none) and (whether
+    this rank holds the row's max of s, where) [C]. ``u``
     keeps exp(s / T) for reverse KL and JSD, else exp(s) when ``raw``."""
     local = s.shape[1]
     s_top, at = s.max(1)
@@ -106,37 +114,67 @@ def _statistics(s: torch.Tensor, t: Optional[torch.Tensor], u: torch.Tensor, lab
         sums["b_ref"] = torch.where(holds, t.gather(1, at[:, None]).squeeze(1) / T, 0.0).double()
     mine = torch.stack(list(sums.values()))
     total = shards.all_reduce(mine.clone(), dist.ReduceOp.SUM, "all_reduce(sum)")
-    return dict(zip(sums, mine)), dict(zip(sums, total)), torch.where(owned, column, -1)
+    return dict(zip(sums, mine)), dict(zip(sums, total)), torch.where(owned, column, -1), (s_top == top[0], at)
+
+
+def _split_teacher(kind: str, log_q1: torch.Tensor, log_p_rest: torch.Tensor, e_target: Optional[torch.Tensor],
+                   beta: float) -> "list[torch.Tensor]":
+    """log of the teacher masses [C] fp64 of the two virtual columns: all of the other ranks' ``log_p_rest``
+    on the first (kl, soft CE), or the share that gives the first column (student mass ``log_q1``) E =
+    ``e_target`` (``_student_parts``), the rest on the second."""
+    if e_target is None:
+        return [log_p_rest, torch.full_like(log_p_rest, _NO_MASS)]
+    if kind == "reverse_kl":  # E = log q - log p
+        log_p1 = log_q1 - e_target
+    else:  # E = -softplus(ζ): ζ = log(expm1(-E)) = log p - log q + log(beta / (1 - beta))
+        log_p1 = torch.expm1(-e_target).clamp_min(0.0).log() + log_q1 - math.log(beta / (1 - beta))
+    log_p1 = torch.minimum(log_p1, log_p_rest).clamp_min_(_NO_MASS)
+    log_p2 = log_p_rest + torch.log1p(-(log_p1 - log_p_rest).exp())
+    return [log_p1, log_p2.nan_to_num_(nan=_NO_MASS).clamp_min_(_NO_MASS)]
+
+
+def _place(ext: torch.Tensor, local: int, log_masses: "list[torch.Tensor]", total: torch.Tensor,
+           T: float) -> "list[torch.Tensor]":
+    """Write the virtual columns' logits T (log mass + log Σ) into ``ext[:, local:]``; returns them [C] fp32."""
+    logits = [(T * (log_mass + total.log())).float() for log_mass in log_masses]
+    for i, logit in enumerate(logits):
+        ext[:, local + i] = logit
+    return logits
 
 
 def shard_chunk(kernel: RowKernel, s_ext: torch.Tensor, t_ext: torch.Tensor, u: torch.Tensor,
                 w: Optional[torch.Tensor], labels: torch.Tensor, kd_coef: torch.Tensor, mlm_coef: torch.Tensor,
                 temperature: float, kind: Optional[str], beta: float, with_labels: bool,
                 shards) -> "tuple[torch.Tensor, torch.Tensor]":
-    """The row kernel contract on a vocabulary shard: ``s_ext``, ``t_ext`` [C, V_r + 1] fp32 of one layout
+    """The row kernel contract on a vocabulary shard: ``s_ext``, ``t_ext`` [C, V_r + 2] fp32 of one layout
     holding the local logits in their first V_r columns (``kind`` None: no KD term, ``t_ext`` scratch);
     ``u`` [C, V_r] and ``w`` (reverse KL, JSD) scratch of that layout. The first V_r columns of ``s_ext``
     become d loss / d s of this shard; returns ``kd_row``, ``mlm_row`` [C] fp64, the same on every rank.
     ``with_labels``: some rows of the call have a label (every chunk of a call passes the same flags, so
     every rank sends statistics of the same heights)."""
-    local = s_ext.shape[1] - 1
+    local = s_ext.shape[1] - 2
     s, t = s_ext[:, :local], (t_ext[:, :local] if kind is not None else None)
     T = temperature if kind is not None else 1.0  # no KD term: the cross-entropy's T = 1 serves the kernel
     raw = with_labels and T != 1.0  # the cross-entropy needs softmax(s), apart from softmax(s / T)
-    mine, total, owned = _statistics(s, t, u, labels, T, kind, raw, with_labels, shards)
-    virtual = [_virtual_logit(total[n], mine[n], T) for n in ("a", "b")[: 1 + (kind is not None)]]
-    s_ext[:, local] = virtual[0]
+    mine, total, owned, argmax = _statistics(s, t, u, labels, T, kind, raw, with_labels, shards)
+    log_q1 = _log_rest(total["a"], mine["a"])
+    placed = [_place(s_ext, local, [log_q1, torch.full_like(log_q1, _NO_MASS)], total["a"], T)]
     if kind is not None:
-        t_ext[:, local] = virtual[1]
+        e_target = None
+        if kind in ("reverse_kl", "jsd"):  # the other ranks' q-weighted mean of D
+            own, e_ref = _student_parts(kind, s, t, u, w, total, argmax, T, beta)
+            others = shards.all_reduce(own[None].clone(), dist.ReduceOp.SUM, "all_reduce(reference)")[0] - own
+            e_target = e_ref + others / log_q1.exp()
+        log_p = _split_teacher(kind, log_q1, _log_rest(total["b"], mine["b"]), e_target, beta)
+        placed.append(_place(t_ext, local, log_p, total["b"], T))
     else:
         t_ext.copy_(s_ext)  # KL(q || q) = 0: only the cross-entropy's gradient remains
-    parts = _student_parts(kind, s, t, u, w, total, T, beta) if kind in ("reverse_kl", "jsd") else None
     kernel_labels = torch.where(labels < 0, -1, torch.where(owned >= 0, owned, local))  # elsewhere: virtual
     kd_k, _ = kernel(s_ext, t_ext, kernel_labels, kd_coef, torch.zeros_like(mlm_coef) if raw else mlm_coef, T,
                      kind or "kl", beta)
     kd_row = torch.zeros_like(total["a"])
     if kind is not None:
-        kd_row = _combine(s, u, kd_k, virtual, mine, total, parts, kd_coef, T, kind, beta, shards)
+        kd_row = _divergence_rows(kd_k, placed, mine, T, kind, beta, shards)
     if raw:
         if kind in ("reverse_kl", "jsd"):
             u.pow_(T)  # exp(s / T)^T = exp(s)
@@ -149,28 +187,14 @@ def shard_chunk(kernel: RowKernel, s_ext: torch.Tensor, t_ext: torch.Tensor, u: 
     return kd_row, mlm_row
 
 
-def _combine(s: torch.Tensor, u: torch.Tensor, kd_k: torch.Tensor, virtual: "list[torch.Tensor]", mine: dict,
-             total: dict, parts: "Optional[tuple[torch.Tensor, torch.Tensor]]", kd_coef: torch.Tensor, T: float,
-             kind: str, beta: float, shards) -> torch.Tensor:
-    """The row's divergence [C] fp64: the kernel's rows ``kd_k`` less their virtual columns' terms, summed
-    over the group (all-reduce of [1 or 2, C]). Reverse KL and JSD: the kernel's gradient q (D - K_r) of
-    the shard in ``s`` gets w·kd_coef·q·(K_r - K), ``u`` = exp(s / T), where K_r - K = q_rest (D_rest - D_ref)
-    - Σ_{other ranks} ℓ: only small terms where q is near one-hot."""
-    log_q, log_p = (logit.double() / T for logit in virtual)  # the virtual column's logits as the kernel saw them
-    log_q = log_q - torch.logaddexp(mine["a"].log(), log_q)  # and its masses
-    log_p = log_p - torch.logaddexp(mine["b"].log(), log_p)
-    rows = [kd_k.double() - virtual_divergence(kind, log_q, log_p, beta)]
-    if parts is not None:
-        rows.append(parts[0])
-    summed = shards.all_reduce(torch.stack(rows), dist.ReduceOp.SUM, "all_reduce(divergence)")
-    if parts is None:
-        return summed[0]
-    own, d_ref = parts
-    if kind == "reverse_kl":
-        d_rest, weight = log_q - log_p, 1.0
-    else:
-        d_rest = log_q - torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        weight = 1 - beta
-    offset = log_q.exp() * (d_rest - d_ref) - (summed[1] - own)  # K_r - K
-    s.addcmul_(u, (weight * kd_coef.double() * offset / total["a"]).float()[:, None])
-    return summed[0]
+def _divergence_rows(kd_k: torch.Tensor, placed: "list[list[torch.Tensor]]", mine: dict, T: float, kind: str,
+                     beta: float, shards) -> torch.Tensor:
+    """The row's divergence [C] fp64: the kernel's rows ``kd_k`` less the terms of the virtual columns (their
+    logits ``placed``, student and teacher, and masses as the kernel saw them), summed over the group."""
+    log_masses = []
+    for logits, name in zip(placed, ("a", "b")):
+        scaled = [logit.double() / T for logit in logits]
+        log_sum = torch.logsumexp(torch.stack([mine[name].log()] + scaled), 0)
+        log_masses.append([x - log_sum for x in scaled])
+    virtual = sum(virtual_divergence(kind, log_q, log_p, beta) for log_q, log_p in zip(*log_masses))
+    return shards.all_reduce((kd_k.double() - virtual)[None], dist.ReduceOp.SUM, "all_reduce(divergence)")[0]
