@@ -33,6 +33,7 @@ import torch.distributed as dist
 from kdfast.functions.vocab_kd import RowKernel
 
 _NO_MASS = -200.0  # log of a mass relative to the row's sum that is 0 in fp32 (finite, unlike -inf)
+_FAR = 1e4  # bound on |E_1 - E_ref| (and -log p1): beyond any logit range, finite in fp32
 
 
 def _exp_sum(x: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
@@ -127,10 +128,12 @@ def _split_teacher(kind: str, log_q1: torch.Tensor, log_p_rest: torch.Tensor, e_
     if kind == "reverse_kl":  # E = log q - log p
         log_p1 = log_q1 - e_target
     else:  # E = -softplus(ζ): ζ = log(expm1(-E)) = log p - log q + log(beta / (1 - beta))
-        log_p1 = torch.expm1(-e_target).clamp_min(0.0).log() + log_q1 - math.log(beta / (1 - beta))
-    log_p1 = torch.minimum(log_p1, log_p_rest).clamp_min_(_NO_MASS)
-    log_p2 = log_p_rest + torch.log1p(-(log_p1 - log_p_rest).exp())
-    return [log_p1, log_p2.nan_to_num_(nan=_NO_MASS).clamp_min_(_NO_MASS)]
+        zeta = torch.where(e_target < -30, -e_target, torch.expm1(-e_target).clamp_min(0.0).log())
+        log_p1 = zeta + log_q1 - math.log(beta / (1 - beta))
+    # Above log_p_rest only where the fp32 sums lost it (a teacher mass below exp(-87) sums to 0): up to e^-60
+    log_p1 = torch.minimum(log_p1, log_p_rest.clamp_min(-60.0)).clamp_min_(_NO_MASS if kind == "jsd" else -_FAR)
+    log_p2 = log_p_rest + torch.log1p(-(log_p1 - log_p_rest).exp().clamp_max_(1.0))
+    return [log_p1, log_p2.clamp_min_(_NO_MASS)]
 
 
 def _place(ext: torch.Tensor, local: int, log_masses: "list[torch.Tensor]", total: torch.Tensor,
@@ -164,7 +167,7 @@ def shard_chunk(kernel: RowKernel, s_ext: torch.Tensor, t_ext: torch.Tensor, u: 
         if kind in ("reverse_kl", "jsd"):  # the other ranks' q-weighted mean of D
             own, e_ref = _student_parts(kind, s, t, u, w, total, argmax, T, beta)
             others = shards.all_reduce(own[None].clone(), dist.ReduceOp.SUM, "all_reduce(reference)")[0] - own
-            e_target = e_ref + others / log_q1.exp()
+            e_target = e_ref + (others / log_q1.exp()).clamp_(-_FAR, _FAR)  # only rounding is so far (q1 ~ 0)
         log_p = _split_teacher(kind, log_q1, _log_rest(total["b"], mine["b"]), e_target, beta)
         placed.append(_place(t_ext, local, log_p, total["b"], T))
     else:
