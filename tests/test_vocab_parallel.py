@@ -17,6 +17,7 @@ from alloc_spy import ShapeSpy
 from spawn_ranks import run_ranks
 
 import kdfast
+from kdfast import _backends
 from kdfast.functions import vocab_parallel
 
 N, V, HS, HT = 40, 101, 16, 24   # V odd: no P divides it
@@ -51,12 +52,19 @@ def _grid() -> "dict[str, dict]":
         "dtensor_replicated_hidden": dict(kind="soft_ce", mlm_weight=0.5, temperature=2.0, heads="dtensor+hidden"),
         "module": dict(kind="reverse_kl", mlm_weight=0.5, temperature=2.0, module=True),
         "bf16": dict(kind="jsd", beta=0.3, mlm_weight=0.5, temperature=2.0, dtype=torch.bfloat16, tol=2e-2),
+        "softcap_jsd": dict(kind="jsd", beta=0.3, student_softcap=30.0, teacher_softcap=20.0, mlm_weight=0.5,
+                            temperature=2.0, scale=10.0),
+        "logit_scale_reverse_kl": dict(kind="reverse_kl", student_logit_scale=0.5, teacher_logit_scale=2.0,
+                                       mlm_weight=0.5),
     }
     cases.update({name: dict(dict(labelled=True, scale=1.0), **opts) for name, opts in extra.items()})
     return cases
 
 
 CASES = _grid()
+# run again on backends torch and triton (TRITON_INTERPRET=1), P = 4: each kind, labels at T = 2, x40 logits
+BACKEND_CASES = [f"{kind}{beta}-{form}" for kind, beta in KINDS for form in ("labels-x1-T2", "nolabels-x40-T2")] + [
+    "topk40_jsd", "topk5_kl", "mlm_only", "softcap_jsd"]
 
 
 def _inputs(case: dict, seed: int) -> dict:
@@ -73,7 +81,8 @@ def _inputs(case: dict, seed: int) -> dict:
     if "dtype" in case:
         inputs = {k: v.to(case["dtype"]) if v is not None and v.is_floating_point() else v for k, v in inputs.items()}
     options = {k: case[k] for k in ("kind", "beta", "temperature", "mlm_weight", "kd_weight", "reduction", "t2_scale",
-                                    "teacher_topk") if k in case}
+                                    "teacher_topk", "student_softcap", "teacher_softcap", "student_logit_scale",
+                                    "teacher_logit_scale", "backend") if k in case}
     if case.get("mask"):
         options["mask"] = torch.rand(N) < 0.6
     if case.get("row_weights"):
@@ -100,8 +109,10 @@ def _loss_and_grads(inputs: dict, options: dict, backward: "str | None") -> tupl
 
 
 def _unsharded(inputs: dict, options: dict, backward) -> tuple:
-    """The single-device op on the full heads; JSD's endpoints as forward (beta 0) and reverse (beta 1) KL."""
+    """The single-device op on the full heads (backend cpu); JSD's endpoints as forward (beta 0) and reverse
+    (beta 1) KL."""
     options = dict(options)
+    options.pop("backend", None)
     if options.get("kind") == "jsd" and options.get("beta") in (0.0, 1.0):
         options["kind"] = "kl" if options.pop("beta") == 0.0 else "reverse_kl"
     return _loss_and_grads(inputs, dict(options, backend="cpu"), backward)
@@ -256,6 +267,11 @@ def worker(rank: int, world: int) -> dict:
                           for rows, vocab, chunk in [(64, 101, "16"), (128, 101, "16"), (64, 404, "16"),
                                                      (64, 1616, "16"), (64, 1616, None), (256, 1616, None)]}
     results["errors"] = _bad_inputs(rank, pairs, groups[0][3])
+    results["backends"] = {}
+    for backend in ("torch", "triton") if _backends.triton_interpreting() else ("torch",):
+        for name in BACKEND_CASES:
+            case = dict(CASES[name], backend=backend)
+            results["backends"][(backend, name)] = _compare(case, list(CASES).index(name), *groups[0][1:])
     return results
 
 
@@ -280,6 +296,20 @@ def test_equals_unsharded(ranks, world, case):
         for name in ("d_weight", "d_bias")[: len(parts[0]) - 4]:
             errors[name] = _relative(sum(part[name][0] for part in parts), sum(part[name][1] for part in parts))
         assert max(errors.values()) <= CASES[case].get("tol", TOL), f"ranks {members}: {errors}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", BACKEND_CASES)
+def test_backends_equal_unsharded(ranks, backend, case):
+    """Each shard's chunks on the row kernel of backend torch (float64 reference) or triton (interpreted):
+    the same results as the unsharded op on backend cpu, P = 4."""
+    if (backend, case) not in ranks[0]["backends"]:
+        pytest.skip("backend triton on CPU tensors needs TRITON_INTERPRET=1 (set when the ranks were spawned)")
+    parts = [result["backends"][(backend, case)] for result in ranks]
+    errors = {name: max(_relative(*part[name]) for part in parts) for name in ("loss", "kd", "mlm", "d_hidden")}
+    for name in ("d_weight", "d_bias"):
+        errors[name] = _relative(sum(part[name][0] for part in parts), sum(part[name][1] for part in parts))
+    assert max(errors.values()) <= TOL, errors
 
 
 def _relative(diff_sq: float, ref_sq: float) -> float:
