@@ -4,14 +4,18 @@ Rank r of the group holds rows ``[offset_r, offset_r + V_r)`` of the student's a
 (``[V_r, H]`` weights, ``[V_r]`` biases; shards may be uneven but must split V the same way for both
 models, in rank order). Hidden states, labels, mask and row weights are the same on every rank (as in
 tensor parallelism). Per chunk of C selected rows each rank computes its logits ``[C, V_r]`` in fp32 with
-the chunked driver's head products (``kdfast/functions/vocab_kd.py``) and combines the row statistics
-across ranks with all-reduces of ``[k, C]`` tensors only (DESIGN.md, "Many devices"):
+the chunked driver's head products (``kdfast/functions/vocab_kd.py``), maps softcapped or rescaled heads'
+logits, and runs the backend's row kernel on them plus two virtual columns that stand for the other
+ranks' vocabulary (``kdfast/functions/vocab_shard_rows.py``). The row statistics cross ranks in
+all-reduces of ``[k, C]`` tensors only (DESIGN.md, "Many devices"):
 
-1. max of the student and teacher logits: one all-reduce(max) of ``[2, C]``;
+1. max of the student and teacher logits: one all-reduce(max) of ``[2, C]`` fp32;
 2. the softmax sums of a = s/T, b = t/T (and of raw s when T != 1 and rows have labels), the label logit
-   (owned by one rank) and the divergence's partial sum (kl, soft CE, reverse KL): one all-reduce(sum)
-   of ``[k <= 6, C]``;
-3. JSD only: Σ p log(p/m) and Σ q log(q/m) once both logsumexps are known: one all-reduce(sum) of ``[2, C]``;
+   (owned by one rank) and, for reverse KL and JSD, b at the student's argmax: one all-reduce(sum) of
+   ``[k <= 6, C]`` fp64;
+3. reverse KL and JSD: the shard's Σ q (D - D_ref), which sets the virtual columns: one all-reduce(sum)
+   of ``[C]``;
+4. after the kernel, its divergence rows less the virtual columns' terms: one all-reduce(sum) of ``[C]``;
 
 plus, with ``teacher_topk``, an all-gather of each row's local top-k teacher logits ``[C, min(k, V_r)]``
 (the global k-th value is the k-th of the merged candidates) and, once per call, an all-gather of the
@@ -19,10 +23,6 @@ three shard sizes and an all-reduce(sum) of d_hidden ``[N, H]`` (the hidden stat
 So a call moves O(N) bytes of statistics (O(N·k·P) with top-k) and O(N·H) of gradient: nothing grows
 with V, and no logits, weights or ``[N, V]`` tensor ever cross the wire. Each rank keeps the gradient of
 its own head shard.
-
-The per-chunk row arithmetic is torch operations on the chunk (any device, any backend): the row kernels
-of the single-device driver compute each row's max and logsumexp over their own ``[C, V]`` chunk in one
-fused pass and have no entry for statistics from other ranks, so they cannot serve a shard.
 """
 from __future__ import annotations
 
@@ -185,32 +185,48 @@ def shard_heads(student_weight: object, teacher_weight: object, student_bias: ob
         raise ValueError(f"{plain}: expected DTensors sharded like {', '.join(sorted(distributed))} (a mix of "
                          f"sharded and unsharded heads is ambiguous; give every head as a DTensor with Shard(0), "
                          f"or every head as this rank's plain shard with process_group=), got a plain tensor")
+    group = _common_group(given, distributed, process_group)
+    local = {name: (value.to_local() if name in distributed else value) for name, value in given.items()}
+    for name in ("student_weight", "teacher_weight"):
+        check.tensor(name, local[name], ndim=2)
+    local.update(_replicated_hidden(student_hidden=student_hidden, teacher_hidden=teacher_hidden))
+    return _gathered_shards(group, local, local.get("student_hidden", student_hidden)), local
+
+
+def _common_group(given: dict, distributed: "set[str]", process_group: object) -> dist.ProcessGroup:
+    """``process_group`` (checked), else the group the DTensor heads are sharded over; every DTensor head
+    must be sharded over it."""
     groups = {name: _group_of(name, given[name]) for name in sorted(distributed)}
-    if process_group is not None:
-        group = _check_group(process_group)
-    elif groups:
-        group = next(iter(groups.values()))
+    group = _check_group(process_group) if process_group is not None else next(iter(groups.values()))
     for name, other in groups.items():
         if other != group:
             first = "process_group" if process_group is not None else next(iter(groups))
             raise ValueError(f"{name}: expected a DTensor sharded over the group of {first}, got another "
                              f"process group")
-    local = {name: (value.to_local() if name in distributed else value) for name, value in given.items()}
-    for name in ("student_weight", "teacher_weight"):
-        check.tensor(name, local[name], ndim=2)
-    for name, hidden in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
-        if _is_dtensor(hidden):
+    return group
+
+
+def _replicated_hidden(**hidden: object) -> dict:
+    """The local tensors of DTensor hidden states, which must be replicated on every rank, by name."""
+    local = {}
+    for name, value in hidden.items():
+        if _is_dtensor(value):
             from torch.distributed.tensor import Replicate
 
-            if not all(isinstance(p, Replicate) for p in hidden.placements):
+            if not all(isinstance(p, Replicate) for p in value.placements):
                 raise ValueError(f"{name}: expected hidden states replicated on every rank of the group (a plain "
                                  f"tensor or a DTensor with Replicate placements), got placements "
-                                 f"{tuple(hidden.placements)}")
-            local[name] = hidden.to_local()
+                                 f"{tuple(value.placements)}")
+            local[name] = value.to_local()
+    return local
+
+
+def _gathered_shards(group: dist.ProcessGroup, local: dict, hidden: object) -> ShardedHeads:
+    """The shards of every rank, from one all-gather of (V_r of both heads, the chunk bound, N, whether d
+    hidden is wanted); raises the same error on every rank where they do not fit together."""
     s_rows, t_rows = (int(local[name].shape[0]) for name in ("student_weight", "teacher_weight"))
     device = local["student_weight"].device
-    bound = chunk_rows(2**62, 2 * max(s_rows, 1), device)
-    hidden = local.get("student_hidden", student_hidden)
+    bound = chunk_rows(2**62, 2 * max(s_rows, 1), device)  # rows of four [C, V_r] chunks in the chunk budget
     rows = int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) and hidden.dim() == 2 else -1
     wants_grad = isinstance(hidden, torch.Tensor) and hidden.requires_grad and torch.is_grad_enabled()
     mine = torch.tensor([s_rows, t_rows, bound, rows, int(wants_grad)], dtype=torch.int64)
@@ -230,7 +246,7 @@ def shard_heads(student_weight: object, teacher_weight: object, student_bias: ob
             raise ValueError(f"{name}: expected {what} on every rank of the group (hidden states are replicated), "
                              f"got {table[:, column].tolist()} by rank")
     shards.sizes, shards.max_chunk_rows = student_sizes, int(table[:, 2].min())
-    return shards, local
+    return shards
 
 
 # --------------------------------------------------------------------------- one chunk
