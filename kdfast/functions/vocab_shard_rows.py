@@ -38,7 +38,7 @@ _FAR = 1e4  # bound on |E_1 - E_ref| (and -log p1): beyond any logit range, fini
 
 def _exp_sum(x: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
     """out = exp(x * scale) (x [C, V_r], out of its strides); returns its row sums [C] fp64."""
-    return torch.mul(x, scale, out=out).exp_().sum(1).double()
+    return (torch.exp(x, out=out) if scale == 1 else torch.mul(x, scale, out=out).exp_()).sum(1).double()
 
 
 def _log_rest(total: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
@@ -60,15 +60,13 @@ def virtual_divergence(kind: str, log_q: torch.Tensor, log_p: torch.Tensor, beta
 
 
 def _student_parts(kind: str, s: torch.Tensor, t: torch.Tensor, u: torch.Tensor, w: torch.Tensor, total: dict,
-                   argmax: "tuple[torch.Tensor, torch.Tensor]", T: float, beta: float
-                   ) -> "tuple[torch.Tensor, torch.Tensor]":
+                   T: float, beta: float) -> "tuple[torch.Tensor, torch.Tensor]":
     """(ℓ, E_ref) [C] fp64: ℓ = Σ_v q_v (E_v - E_ref) over the shard's columns, with E = D = log q - log p
     (reverse KL) or E = -softplus(ζ) = D + log(1 - beta), ζ = log p - log q + log(beta / (1 - beta)) (JSD:
     D = log q - log m), relative to E_ref, its value at the student's global argmax (a = 0 there). In these
     forms, those of the kernels, ℓ is small where q is near one-hot, and exactly 0 where p = 0 (top-k)
-    and at the argmax. ``s``, ``t``: logits minus the row's max; ``u`` = exp(s / T) (kept); ``w`` scratch;
-    ``argmax``: whether this rank holds the row's maximum of s, and where [C]."""
-    holds, at = argmax
+    and at the argmax. ``s``, ``t``: logits minus the row's max (s = 0 at the student's argmax); ``u`` =
+    exp(s / T) (kept); ``w`` scratch."""
     log_za, log_zb = total["a"].log(), total["b"].log()
     b_ref = total["b_ref"] / total["holds"]  # b = t / T at the student's argmax
     if kind == "reverse_kl":
@@ -79,21 +77,19 @@ def _student_parts(kind: str, s: torch.Tensor, t: torch.Tensor, u: torch.Tensor,
         e_ref = -torch.nn.functional.softplus(b_ref + shift)
         zeta = torch.sub(t, s, out=w).mul_(1 / T).add_(shift.float()[:, None])
         delta = torch.logaddexp(zeta, zeta.new_zeros(()), out=w).neg_().sub_(e_ref.float()[:, None])
-    ref_rows = holds.nonzero().squeeze(1)
-    delta[ref_rows, at[ref_rows]] = 0.0  # exactly, not its rounding: the other ranks' D would carry that
+    delta.masked_fill_(s == 0, 0.0)  # exactly, not its rounding, at the argmax: the other ranks' D would carry it
     return delta.mul_(u).sum(1).double() / total["a"], e_ref
 
 
 def _statistics(s: torch.Tensor, t: Optional[torch.Tensor], u: torch.Tensor, labels: torch.Tensor, T: float,
-                kind: Optional[str], raw: bool, with_labels: bool, shards) -> tuple:
+                kind: Optional[str], raw: bool, with_labels: bool, shards) -> "tuple[dict, dict, torch.Tensor]":
     """Shift ``s``, ``t`` [C, V_r] by their rows' global max (all-reduce of [2, C]) and sum their rows'
     statistics over the group (all-reduce of [k, C]): softmax sums ``a`` (s / T), ``b`` (t / T), ``raw``
     (s, when ``raw``), the label's logit, and for reverse KL and JSD the teacher's b at the student's argmax.
-    Returns (this rank's, the group's) by name, the owned label column per row (-1: none) and (whether
-    this rank holds the row's max of s, where) [C]. ``u``
+    Returns (this rank's, the group's) by name, and the owned label column per row (-1: none). ``u``
     keeps exp(s / T) for reverse KL and JSD, else exp(s) when ``raw``."""
     local = s.shape[1]
-    s_top, at = s.max(1)
+    s_top = s.amax(1)
     top = shards.all_reduce(torch.stack([s_top] + ([] if t is None else [t.amax(1)])), dist.ReduceOp.MAX,
                             "all_reduce(max)")
     s.sub_(top[0, :, None])
@@ -102,6 +98,11 @@ def _statistics(s: torch.Tensor, t: Optional[torch.Tensor], u: torch.Tensor, lab
         t.sub_(top[1, :, None])  # -inf off the top-k stays -inf
         sums["b"] = _exp_sum(t, 1 / T, u)
     keep_q = kind in ("reverse_kl", "jsd")
+    if keep_q:  # b at the student's max (s = 0 there), averaged over the ranks holding one (ties)
+        holds = s_top == top[0]
+        at_top = torch.mul(s, 1e30, out=u).add_(t).amax(1)  # t at s = 0, -huge elsewhere
+        sums["holds"] = holds.double()
+        sums["b_ref"] = torch.where(holds, at_top.masked_fill(at_top < -1e29, float("-inf")) / T, 0.0).double()
     for name in (("raw", "a") if keep_q else ("a", "raw")):
         if name == "a" or raw:
             sums[name] = _exp_sum(s, 1 / T if name == "a" else 1.0, u)
@@ -109,13 +110,9 @@ def _statistics(s: torch.Tensor, t: Optional[torch.Tensor], u: torch.Tensor, lab
     owned = (labels >= 0) & (column >= 0) & (column < local)
     if with_labels:  # the label's logit (minus the row's max), from the rank that holds it
         sums["label"] = torch.where(owned, s.gather(1, column.clamp(0, local - 1)[:, None]).squeeze(1), 0.0).double()
-    if keep_q:  # averaged over the ranks holding a maximum (ties)
-        holds = s_top == top[0]
-        sums["holds"] = holds.double()
-        sums["b_ref"] = torch.where(holds, t.gather(1, at[:, None]).squeeze(1) / T, 0.0).double()
     mine = torch.stack(list(sums.values()))
     total = shards.all_reduce(mine.clone(), dist.ReduceOp.SUM, "all_reduce(sum)")
-    return dict(zip(sums, mine)), dict(zip(sums, total)), torch.where(owned, column, -1), (s_top == top[0], at)
+    return dict(zip(sums, mine)), dict(zip(sums, total)), torch.where(owned, column, -1)
 
 
 def _split_teacher(kind: str, log_q1: torch.Tensor, log_p_rest: torch.Tensor, e_target: Optional[torch.Tensor],
@@ -159,13 +156,13 @@ def shard_chunk(kernel: RowKernel, s_ext: torch.Tensor, t_ext: torch.Tensor, u: 
     s, t = s_ext[:, :local], (t_ext[:, :local] if kind is not None else None)
     T = temperature if kind is not None else 1.0  # no KD term: the cross-entropy's T = 1 serves the kernel
     raw = with_labels and T != 1.0  # the cross-entropy needs softmax(s), apart from softmax(s / T)
-    mine, total, owned, argmax = _statistics(s, t, u, labels, T, kind, raw, with_labels, shards)
+    mine, total, owned = _statistics(s, t, u, labels, T, kind, raw, with_labels, shards)
     log_q1 = _log_rest(total["a"], mine["a"])
     placed = [_place(s_ext, local, [log_q1, torch.full_like(log_q1, _NO_MASS)], total["a"], T)]
     if kind is not None:
         e_target = None
         if kind in ("reverse_kl", "jsd"):  # the other ranks' q-weighted mean of D
-            own, e_ref = _student_parts(kind, s, t, u, w, total, argmax, T, beta)
+            own, e_ref = _student_parts(kind, s, t, u, w, total, T, beta)
             others = shards.all_reduce(own[None].clone(), dist.ReduceOp.SUM, "all_reduce(reference)")[0] - own
             e_target = e_ref + (others / log_q1.exp()).clamp_(-_FAR, _FAR)  # only rounding is so far (q1 ~ 0)
         log_p = _split_teacher(kind, log_q1, _log_rest(total["b"], mine["b"]), e_target, beta)
