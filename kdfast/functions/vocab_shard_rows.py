@@ -169,9 +169,11 @@ def shard_chunk(kernel: RowKernel, s_ext: torch.Tensor, t_ext: torch.Tensor, u: 
         placed.append(_place(t_ext, local, log_p, total["b"], T))
     else:
         t_ext.copy_(s_ext)  # KL(q || q) = 0: only the cross-entropy's gradient remains
-    kernel_labels = torch.where(labels < 0, -1, torch.where(owned >= 0, owned, local))  # elsewhere: virtual
-    kd_k, _ = kernel(s_ext, t_ext, kernel_labels, kd_coef, torch.zeros_like(mlm_coef) if raw else mlm_coef, T,
-                     kind or "kl", beta)
+    if raw:  # the cross-entropy is added below: no labels, so the kernel skips the raw log-sum-exp
+        kernel_labels, kernel_mlm = torch.full_like(labels, -1), torch.zeros_like(mlm_coef)
+    else:  # a label held elsewhere points at the first virtual column
+        kernel_labels, kernel_mlm = torch.where(labels < 0, -1, torch.where(owned >= 0, owned, local)), mlm_coef
+    kd_k, _ = kernel(s_ext, t_ext, kernel_labels, kd_coef, kernel_mlm, T, kind or "kl", beta)
     kd_row = torch.zeros_like(total["a"])
     if kind is not None:
         kd_row = _divergence_rows(kd_k, placed, mine, T, kind, beta, shards)
