@@ -1,5 +1,6 @@
 """Vocabulary-parallel fused_linear_kd on real gloo process groups (4 spawned CPU ranks; the P = 2 cases
-run on two pairs of them at once): loss and gradients equal the unsharded op, per-rank allocations stay at
+run on two pairs of them at once): loss and gradients equal the unsharded op (each shard on the row kernel of
+backend cpu; on torch and, under TRITON_INTERPRET=1, triton for a subset), per-rank allocations stay at
 the chunk size, communication grows with N and not with V, bad input is refused on every rank."""
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from alloc_spy import ShapeSpy
 from spawn_ranks import run_ranks
 
 import kdfast
+from kdfast import _backends
 from kdfast.functions import vocab_parallel
 
 N, V, HS, HT = 40, 101, 16, 24   # V odd: no P divides it
@@ -51,12 +53,19 @@ def _grid() -> "dict[str, dict]":
         "dtensor_replicated_hidden": dict(kind="soft_ce", mlm_weight=0.5, temperature=2.0, heads="dtensor+hidden"),
         "module": dict(kind="reverse_kl", mlm_weight=0.5, temperature=2.0, module=True),
         "bf16": dict(kind="jsd", beta=0.3, mlm_weight=0.5, temperature=2.0, dtype=torch.bfloat16, tol=2e-2),
+        "softcap_jsd": dict(kind="jsd", beta=0.3, student_softcap=30.0, teacher_softcap=20.0, mlm_weight=0.5,
+                            temperature=2.0, scale=10.0),
+        "logit_scale_reverse_kl": dict(kind="reverse_kl", student_logit_scale=0.5, teacher_logit_scale=2.0,
+                                       mlm_weight=0.5),
     }
     cases.update({name: dict(dict(labelled=True, scale=1.0), **opts) for name, opts in extra.items()})
     return cases
 
 
 CASES = _grid()
+# run again on backends torch and triton (TRITON_INTERPRET=1), P = 4: each kind, labels at T = 2, x40 logits
+BACKEND_CASES = [f"{kind}{beta}-{form}" for kind, beta in KINDS for form in ("labels-x1-T2", "nolabels-x40-T2")] + [
+    "topk40_jsd", "topk5_kl", "mlm_only", "softcap_jsd"]
 
 
 def _inputs(case: dict, seed: int) -> dict:
@@ -73,7 +82,8 @@ def _inputs(case: dict, seed: int) -> dict:
     if "dtype" in case:
         inputs = {k: v.to(case["dtype"]) if v is not None and v.is_floating_point() else v for k, v in inputs.items()}
     options = {k: case[k] for k in ("kind", "beta", "temperature", "mlm_weight", "kd_weight", "reduction", "t2_scale",
-                                    "teacher_topk") if k in case}
+                                    "teacher_topk", "student_softcap", "teacher_softcap", "student_logit_scale",
+                                    "teacher_logit_scale", "backend") if k in case}
     if case.get("mask"):
         options["mask"] = torch.rand(N) < 0.6
     if case.get("row_weights"):
@@ -100,8 +110,10 @@ def _loss_and_grads(inputs: dict, options: dict, backward: "str | None") -> tupl
 
 
 def _unsharded(inputs: dict, options: dict, backward) -> tuple:
-    """The single-device op on the full heads; JSD's endpoints as forward (beta 0) and reverse (beta 1) KL."""
+    """The single-device op on the full heads (backend cpu); JSD's endpoints as forward (beta 0) and reverse
+    (beta 1) KL."""
     options = dict(options)
+    options.pop("backend", None)
     if options.get("kind") == "jsd" and options.get("beta") in (0.0, 1.0):
         options["kind"] = "kl" if options.pop("beta") == 0.0 else "reverse_kl"
     return _loss_and_grads(inputs, dict(options, backend="cpu"), backward)
@@ -256,13 +268,18 @@ def worker(rank: int, world: int) -> dict:
                           for rows, vocab, chunk in [(64, 101, "16"), (128, 101, "16"), (64, 404, "16"),
                                                      (64, 1616, "16"), (64, 1616, None), (256, 1616, None)]}
     results["errors"] = _bad_inputs(rank, pairs, groups[0][3])
+    results["backends"] = {}
+    for backend in ("torch", "triton") if _backends.triton_interpreting() else ("torch",):
+        for name in BACKEND_CASES:
+            case = dict(CASES[name], backend=backend)
+            results["backends"][(backend, name)] = _compare(case, list(CASES).index(name), *groups[0][1:])
     return results
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> "list[dict]":
-    """The worker's results on each of the 4 ranks (one spawn for the whole file, ~20-40 s on 2 cores)."""
-    return run_ranks(worker, 4, tmp_path_factory.mktemp("vocab_parallel"), timeout_s=240.0,
+    """The worker's results on each of the 4 ranks (one spawn for the whole file, ~60-100 s on 2 cores)."""
+    return run_ranks(worker, 4, tmp_path_factory.mktemp("vocab_parallel"), timeout_s=420.0,
                      env={"KDFAST_VOCAB_CHUNK_ROWS": str(CHUNK), "KDFAST_POISON": "1"})
 
 
@@ -282,6 +299,20 @@ def test_equals_unsharded(ranks, world, case):
         assert max(errors.values()) <= CASES[case].get("tol", TOL), f"ranks {members}: {errors}"
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", BACKEND_CASES)
+def test_backends_equal_unsharded(ranks, backend, case):
+    """Each shard's chunks on the row kernel of backend torch (float64 reference) or triton (interpreted):
+    the same results as the unsharded op on backend cpu, P = 4."""
+    if (backend, case) not in ranks[0]["backends"]:
+        pytest.skip("backend triton on CPU tensors needs TRITON_INTERPRET=1 (set when the ranks were spawned)")
+    parts = [result["backends"][(backend, case)] for result in ranks]
+    errors = {name: max(_relative(*part[name]) for part in parts) for name in ("loss", "kd", "mlm", "d_hidden")}
+    for name in ("d_weight", "d_bias"):
+        errors[name] = _relative(sum(part[name][0] for part in parts), sum(part[name][1] for part in parts))
+    assert max(errors.values()) <= TOL, errors
+
+
 def _relative(diff_sq: float, ref_sq: float) -> float:
     return math.sqrt(diff_sq / ref_sq) if ref_sq > 0 else math.sqrt(diff_sq)
 
@@ -291,8 +322,9 @@ def test_largest_allocation_is_a_chunk(ranks, world):
     for result in ranks:
         spy = result[("spy", world)]
         op, shape = spy["largest"]
-        # the three-chunk workspace [3 C V_r], d hidden [N, H] or d weight [V_r, H]; never N x V_r
-        assert math.prod(shape) <= max(3 * CHUNK * spy["local_vocab"], spy["rows"] * HS, spy["local_vocab"] * HS)
+        # the workspace of four chunks [4 C (V_r + 2)] (two virtual columns), d hidden [N, H] or d weight
+        # [V_r, H]; never N x V_r
+        assert math.prod(shape) <= max(4 * CHUNK * (spy["local_vocab"] + 2), spy["rows"] * HS, spy["local_vocab"] * HS)
         assert math.prod(shape) < spy["rows"] * spy["local_vocab"], spy["largest"]
         assert not spy["full_rows"], spy["full_rows"][:3]
 

@@ -4,14 +4,18 @@ Rank r of the group holds rows ``[offset_r, offset_r + V_r)`` of the student's a
 (``[V_r, H]`` weights, ``[V_r]`` biases; shards may be uneven but must split V the same way for both
 models, in rank order). Hidden states, labels, mask and row weights are the same on every rank (as in
 tensor parallelism). Per chunk of C selected rows each rank computes its logits ``[C, V_r]`` in fp32 with
-the chunked driver's head products (``kdfast/functions/vocab_kd.py``) and combines the row statistics
-across ranks with all-reduces of ``[k, C]`` tensors only (DESIGN.md, "Many devices"):
+the chunked driver's head products (``kdfast/functions/vocab_kd.py``), maps softcapped or rescaled heads'
+logits, and runs the backend's row kernel on them plus two virtual columns that stand for the other
+ranks' vocabulary (``kdfast/functions/vocab_shard_rows.py``). The row statistics cross ranks in
+all-reduces of ``[k, C]`` tensors only (DESIGN.md, "Many devices"):
 
-1. max of the student and teacher logits: one all-reduce(max) of ``[2, C]``;
+1. max of the student and teacher logits: one all-reduce(max) of ``[2, C]`` fp32;
 2. the softmax sums of a = s/T, b = t/T (and of raw s when T != 1 and rows have labels), the label logit
-   (owned by one rank) and the divergence's partial sum (kl, soft CE, reverse KL): one all-reduce(sum)
-   of ``[k <= 6, C]``;
-3. JSD only: Σ p log(p/m) and Σ q log(q/m) once both logsumexps are known: one all-reduce(sum) of ``[2, C]``;
+   (owned by one rank) and, for reverse KL and JSD, b at the student's argmax: one all-reduce(sum) of
+   ``[k <= 6, C]`` fp64;
+3. reverse KL and JSD: the shard's Σ q (D - D_ref), which sets the virtual columns: one all-reduce(sum)
+   of ``[C]``;
+4. after the kernel, its divergence rows less the virtual columns' terms: one all-reduce(sum) of ``[C]``;
 
 plus, with ``teacher_topk``, an all-gather of each row's local top-k teacher logits ``[C, min(k, V_r)]``
 (the global k-th value is the k-th of the merged candidates) and, once per call, an all-gather of the
@@ -19,31 +23,27 @@ three shard sizes and an all-reduce(sum) of d_hidden ``[N, H]`` (the hidden stat
 So a call moves O(N) bytes of statistics (O(N·k·P) with top-k) and O(N·H) of gradient: nothing grows
 with V, and no logits, weights or ``[N, V]`` tensor ever cross the wire. Each rank keeps the gradient of
 its own head shard.
-
-The per-chunk row arithmetic is torch operations on the chunk (any device, any backend): the row kernels
-of the single-device driver compute each row's max and logsumexp over their own ``[C, V]`` chunk in one
-fused pass and have no entry for statistics from other ranks, so they cannot serve a shard.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
-from kdfast import _backends
 from kdfast import _checks as check
 from kdfast._buffers import workspace
 from kdfast._reduction import kd_term
+from kdfast.functions.logit_map import LogitMap
 from kdfast.functions.outputs import KDOutput
-from kdfast.functions.vocab_kd.chunking import chunk_rows
-from kdfast.functions.vocab_kd.chunking import chunk_view as _chunk_view
+from kdfast.functions.vocab_kd.chunking import chunk_rows, chunk_view
 from kdfast.functions.vocab_kd.gradients import add_chunk_grads, pass_buffers, scale_stored_grads
-from kdfast.functions.vocab_kd.head import Head as _Head
-from kdfast.functions.vocab_kd.selection import select_rows as _select
+from kdfast.functions.vocab_kd.head import Head
+from kdfast.functions.vocab_kd.row_kernels import RowKernel
+from kdfast.functions.vocab_kd.selection import select_rows
+from kdfast.functions.vocab_shard_rows import shard_chunk
 
 # --------------------------------------------------------------------------- communication record
 
@@ -180,32 +180,48 @@ def shard_heads(student_weight: object, teacher_weight: object, student_bias: ob
         raise ValueError(f"{plain}: expected DTensors sharded like {', '.join(sorted(distributed))} (a mix of "
                          f"sharded and unsharded heads is ambiguous; give every head as a DTensor with Shard(0), "
                          f"or every head as this rank's plain shard with process_group=), got a plain tensor")
+    group = _common_group(given, distributed, process_group)
+    local = {name: (value.to_local() if name in distributed else value) for name, value in given.items()}
+    for name in ("student_weight", "teacher_weight"):
+        check.tensor(name, local[name], ndim=2)
+    local.update(_replicated_hidden(student_hidden=student_hidden, teacher_hidden=teacher_hidden))
+    return _gathered_shards(group, local, local.get("student_hidden", student_hidden)), local
+
+
+def _common_group(given: dict, distributed: "set[str]", process_group: object) -> dist.ProcessGroup:
+    """``process_group`` (checked), else the group the DTensor heads are sharded over; every DTensor head
+    must be sharded over it."""
     groups = {name: _group_of(name, given[name]) for name in sorted(distributed)}
-    if process_group is not None:
-        group = _check_group(process_group)
-    elif groups:
-        group = next(iter(groups.values()))
+    group = _check_group(process_group) if process_group is not None else next(iter(groups.values()))
     for name, other in groups.items():
         if other != group:
             first = "process_group" if process_group is not None else next(iter(groups))
             raise ValueError(f"{name}: expected a DTensor sharded over the group of {first}, got another "
                              f"process group")
-    local = {name: (value.to_local() if name in distributed else value) for name, value in given.items()}
-    for name in ("student_weight", "teacher_weight"):
-        check.tensor(name, local[name], ndim=2)
-    for name, hidden in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
-        if _is_dtensor(hidden):
+    return group
+
+
+def _replicated_hidden(**hidden: object) -> dict:
+    """The local tensors of DTensor hidden states, which must be replicated on every rank, by name."""
+    local = {}
+    for name, value in hidden.items():
+        if _is_dtensor(value):
             from torch.distributed.tensor import Replicate
 
-            if not all(isinstance(p, Replicate) for p in hidden.placements):
+            if not all(isinstance(p, Replicate) for p in value.placements):
                 raise ValueError(f"{name}: expected hidden states replicated on every rank of the group (a plain "
                                  f"tensor or a DTensor with Replicate placements), got placements "
-                                 f"{tuple(hidden.placements)}")
-            local[name] = hidden.to_local()
+                                 f"{tuple(value.placements)}")
+            local[name] = value.to_local()
+    return local
+
+
+def _gathered_shards(group: dist.ProcessGroup, local: dict, hidden: object) -> ShardedHeads:
+    """The shards of every rank, from one all-gather of (V_r of both heads, the chunk bound, N, whether d
+    hidden is wanted); raises the same error on every rank where they do not fit together."""
     s_rows, t_rows = (int(local[name].shape[0]) for name in ("student_weight", "teacher_weight"))
     device = local["student_weight"].device
-    bound = chunk_rows(2**62, 2 * max(s_rows, 1), device)
-    hidden = local.get("student_hidden", student_hidden)
+    bound = chunk_rows(2**62, 2 * max(s_rows, 1), device)  # rows of four [C, V_r] chunks in the chunk budget
     rows = int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) and hidden.dim() == 2 else -1
     wants_grad = isinstance(hidden, torch.Tensor) and hidden.requires_grad and torch.is_grad_enabled()
     mine = torch.tensor([s_rows, t_rows, bound, rows, int(wants_grad)], dtype=torch.int64)
@@ -225,20 +241,7 @@ def shard_heads(student_weight: object, teacher_weight: object, student_bias: ob
             raise ValueError(f"{name}: expected {what} on every rank of the group (hidden states are replicated), "
                              f"got {table[:, column].tolist()} by rank")
     shards.sizes, shards.max_chunk_rows = student_sizes, int(table[:, 2].min())
-    return shards, local
-
-
-# --------------------------------------------------------------------------- kinds
-
-
-def check_plain_heads(student_softcap, student_logit_scale, teacher_softcap, teacher_logit_scale) -> None:
-    """Softcapped or rescaled heads are not served vocabulary-parallel yet: refused by name."""
-    given = (("student_softcap", student_softcap, None), ("student_logit_scale", student_logit_scale, 1.0),
-             ("teacher_softcap", teacher_softcap, None), ("teacher_logit_scale", teacher_logit_scale, 1.0))
-    for name, value, plain in given:
-        if value != plain:
-            raise ValueError(f"{name}: expected {plain} with vocabulary-parallel heads (softcapped or rescaled heads "
-                             f"run on unsharded heads only), got {value!r}")
+    return shards
 
 
 # --------------------------------------------------------------------------- one chunk
@@ -256,93 +259,32 @@ def _keep_global_topk(t: torch.Tensor, k: int, shards: ShardedHeads) -> None:
     t.masked_fill_(t < kth, float("-inf"))
 
 
-def _chunk_rows(s: torch.Tensor, t: Optional[torch.Tensor], u: torch.Tensor, labels: torch.Tensor,
-                kd_coef: torch.Tensor, mlm_coef: torch.Tensor, temperature: float, kind: str, beta: float,
-                with_labels: bool, with_raw: bool, shards: ShardedHeads) -> "tuple[torch.Tensor, torch.Tensor]":
-    """The row kernel contract (``kdfast/functions/vocab_kd.py``) on a vocabulary shard: ``s``, ``t``
-    [C, V_r] fp32 local logits (``t`` None: no KD term), ``u`` scratch of their shape; statistics
-    combined across the group. ``s`` becomes d loss / d s of this shard (``t``, ``u`` are spent); returns
-    ``kd_row``, ``mlm_row`` [C] fp64, the same on every rank. ``with_labels``: some rows of the call have a
-    label; ``with_raw``: the softmax of raw s is needed apart from that of s / T (T != 1 and labelled rows).
-    A call passes the same flags for all its chunks, so every rank sends statistics of the same heights.
-    Working memory: ``s``, ``t``, ``u``, q and, for JSD, one more chunk."""
-    T = temperature
-    top = torch.stack([s.amax(1)] + ([] if t is None else [t.amax(1)]))
-    top = shards.all_reduce(top, dist.ReduceOp.MAX, "all_reduce(max)")
-    s.sub_(top[0, :, None]).div_(T)  # a' = a - max a <= 0, a = s / T
-    column = labels - shards.offset
-    owned = (labels >= 0) & (column >= 0) & (column < s.shape[1])
-    q = torch.exp(s)
-    sums = [q.sum(1)]
-    if with_labels:  # the label's raw logit minus the max, from the rank that holds it
-        sums.append(torch.where(owned, s.gather(1, column.clamp(0, s.shape[1] - 1)[:, None]).squeeze(1) * T, 0.0))
-    if with_raw:
-        sums.append(torch.mul(s, T, out=u).exp_().sum(1))  # Σ exp(s - max s)
-    if t is not None:
-        t.sub_(top[1, :, None]).div_(T)  # b' = b - max b (-inf off the top-k)
-        sums.append(torch.exp(t, out=u).sum(1))  # u = exp(b')
-        if kind == "kl":  # Σ exp(b') (b' - a'), 0 off the top-k (0 * -inf)
-            sums.append(t.sub_(s).mul_(u).nan_to_num_(nan=0.0).sum(1))
-        elif kind == "soft_ce":
-            sums.append(torch.mul(u, s, out=t).sum(1))
-        else:  # b' at the student's argmax (a' = 0), averaged over the ranks holding one: see _divergence
-            local_top, at = s.max(1)
-            holds = local_top == 0
-            sums += [holds.float(), torch.where(holds, t.gather(1, at[:, None]).squeeze(1), 0.0)]
-    sums = shards.all_reduce(torch.stack(sums).double(), dist.ReduceOp.SUM, "all_reduce(sum)")
-    z_a, rest = sums[0], list(sums[1:])
-    log_za = z_a.log()
-    label_logit = rest.pop(0) if with_labels else None
-    log_zs = rest.pop(0).log() if with_raw else log_za
-    mlm_row = torch.where(labels >= 0, log_zs - label_logit, 0.0) if with_labels else torch.zeros_like(log_za)
-    q.div_(z_a.float()[:, None])
-    kd_row, grad_kd = torch.zeros_like(log_za), None
-    if t is not None:
-        z_b = rest.pop(0)
-        log_zb = z_b.log()
-        if kind in ("kl", "soft_ce"):
-            kd_row = rest[0] / z_b - log_zb + log_za if kind == "kl" else -rest[0] / z_b + log_za
-            grad_kd = torch.sub(q, u.div_(z_b.float()[:, None]), out=t)  # q - p
-        else:
-            kd_row, grad_kd = _divergence(s, t, u, q, log_za, log_zb, rest[1] / rest[0], kind, beta, shards)
-    # d loss / d s = kd_coef * grad_kd + mlm_coef * (softmax(s) - onehot(label)), written into s
-    raw = torch.mul(s, T, out=u).sub_(log_zs.float()[:, None]).exp_() if with_raw else q
-    torch.mul(raw, mlm_coef[:, None], out=s)
-    if grad_kd is not None:
-        s.addcmul_(grad_kd, kd_coef[:, None])
-    mine = owned.nonzero().squeeze(1)
-    s[mine, column[mine]] -= mlm_coef[mine]
-    return kd_row, mlm_row
+@dataclass
+class _Chunks:
+    """The per-chunk buffers of a pass, as views of one workspace: ``s``, ``t`` [C, V_r + 2] (the logits
+    and two virtual columns), ``u`` [C, V_r], ``w`` (reverse KL, JSD) and ``slope`` (a softcapped student) or None."""
 
+    count: int         # buffers in the workspace
+    size: int          # rows per chunk
+    width: int         # V_r + 2
+    vocab_major: bool
 
-def _divergence(a: torch.Tensor, b: torch.Tensor, u: torch.Tensor, q: torch.Tensor, log_za: torch.Tensor,
-                log_zb: torch.Tensor, b_ref: torch.Tensor, kind: str, beta: float,
-                shards: ShardedHeads) -> "tuple[torch.Tensor, torch.Tensor]":
-    """Reverse KL or JSD_beta of the rows [C] fp64 and d/da [C, V_r] (returned in ``b`` or a new chunk),
-    as the C++ kernel forms them (csrc/vocab_kd_math.h): with D = log q - log p (reverse KL) or
-    log q - log m (JSD), the gradient w q (D - Σ q D) is computed as w q (delta - k) with delta = D - D_ref
-    relative to the student's argmax and k = Σ q delta (one more all-reduce), so a near one-hot student
-    keeps its small gradient without a difference of two large numbers. ``a``, ``b``: logits / T minus
-    the row's max (``a`` is kept, ``b`` and the scratch ``u`` are spent), ``b_ref`` the teacher's at the
-    student's argmax; ``u`` holds exp(b) on entry."""
-    if kind == "reverse_kl":
-        delta = b.sub_(a).neg_().add_(b_ref.float()[:, None])  # a' - (b' - b'_ref)
-        sums = [torch.mul(q, delta, out=u).sum(1)]
-        d_ref, weight = -log_za - (b_ref - log_zb), 1.0
-    else:
-        shift = math.log(beta / (1 - beta))
-        z = b.sub_(a).add_((log_za - log_zb + shift).float()[:, None])  # log p - log q + shift; -inf where p = 0
-        p = u.mul_((-log_zb).exp().float()[:, None])
-        p_term = torch.nn.functional.softplus(z.neg_()).neg_().sub_(math.log(beta))  # log p - log m
-        p_term = p_term.mul_(p).nan_to_num_(nan=0.0).sum(1)  # 0 where p = 0 (0 * -inf)
-        sp_ref = torch.nn.functional.softplus(b_ref - log_zb + log_za + shift)
-        delta = torch.nn.functional.softplus(z.neg_()).neg_().add_(sp_ref.float()[:, None])
-        sums = [torch.mul(q, delta, out=u).sum(1), p_term]
-        d_ref, weight = -math.log1p(-beta) - sp_ref, 1 - beta
-    sums = shards.all_reduce(torch.stack(sums).double(), dist.ReduceOp.SUM, "all_reduce(sum)")
-    k = sums[0]
-    kd_row = d_ref + k if kind == "reverse_kl" else beta * sums[1] + weight * (d_ref + k)
-    return kd_row, delta.sub_(k.float()[:, None]).mul_(q).mul_(weight)
+    @classmethod
+    def plan(cls, kind: Optional[str], capped: bool, rows: int, local_vocab: int, shards: ShardedHeads,
+             forced: Optional[int], vocab_major: bool) -> "_Chunks":
+        count = 3 + (kind in ("reverse_kl", "jsd")) + capped
+        # every rank takes the same rows per chunk: the shared bound is sized for 4 chunks of V_r
+        size = forced or min(rows, shards.max_chunk_rows, max(1, shards.max_chunk_rows * 4 // count))
+        return cls(count, size, local_vocab + 2, vocab_major)
+
+    def views(self, flat: torch.Tensor, rows: int, kind: Optional[str], capped: bool) -> dict:
+        step = self.size * self.width
+        ext = [chunk_view(flat[i * step:], rows, self.width, self.vocab_major) for i in range(self.count)]
+        local = self.width - 2
+        scratch_w = kind in ("reverse_kl", "jsd")
+        return dict(s=ext[0], t=ext[1], u=ext[2][:, :local], w=ext[3][:, :local] if scratch_w else None,
+                    slope=ext[-1][:, :local] if capped else None,
+                    scratch=flat[step: step + rows * local])  # the spent t chunk, flat (bf16 gradient split)
 
 
 # --------------------------------------------------------------------------- the pass and the entry point
@@ -350,47 +292,50 @@ def _divergence(a: torch.Tensor, b: torch.Tensor, u: torch.Tensor, q: torch.Tens
 
 def _sharded_pass(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                   opts: dict, need: "tuple[bool, bool, bool]", kd_weight: float, mlm_weight: float):
-    """``vocab_kd._fused_pass`` on this rank's vocabulary shard: (kd [0-dim fp64], mlm, d_hidden [N, Hs]
+    """``vocab_kd.fused_pass.fused_pass`` on this rank's vocabulary shard: (kd [0-dim fp64], mlm, d_hidden [N, Hs]
     (all-reduced: the whole gradient), d_weight [V_r, Hs], d_bias [V_r]), gradients None where not needed."""
     shards: ShardedHeads = opts["shards"]
-    rows, local_vocab = student_hidden.shape[0], student_weight.shape[0]
-    device = student_hidden.device
-    sel = _select(rows, shards.vocab, device, opts["labels"], opts["ignore_index"], opts["mask"],
-                  opts["row_weights"], opts["temperature"], kd_weight, mlm_weight, opts["reduction"], opts["t2_scale"])
+    local_vocab, device = student_weight.shape[0], student_hidden.device
+    sel = select_rows(student_hidden.shape[0], shards.vocab, device, opts["labels"], opts["ignore_index"], opts["mask"],
+                      opts["row_weights"], opts["temperature"], kd_weight, mlm_weight, opts["reduction"], opts["t2_scale"])
     d_hidden, d_weight, d_bias, kd_sum, mlm_sum = pass_buffers(student_hidden, student_weight, need)
     if not sel.count:
         if d_weight is not None:
             d_weight.zero_()
         return kd_sum, mlm_sum, d_hidden, d_weight, d_bias
-    kind, topk = kd_term(opts["kind"], opts["beta"]), opts["teacher_topk"]
-    with_teacher = kd_weight != 0
+    kind = kd_term(opts["kind"], opts["beta"]) if kd_weight != 0 else None  # None: no KD term
+    topk, kernel = opts["teacher_topk"], opts["row_kernel"]
+    student_map, teacher_map = opts["student_map"], opts["teacher_map"]
     with_labels = bool((sel.labels >= 0).any())
-    with_raw = with_labels and opts["temperature"] != 1
-    student = _Head(student_weight, student_bias)
-    teacher = _Head(teacher_weight, teacher_bias) if with_teacher else None
-    size = opts["chunk_rows"] or min(sel.count, shards.max_chunk_rows)
-    # fp32 products fill vocab-major chunks, as the single-device driver on CPU: the same logits, bit for bit
-    vocab_major = not student.native16 and not (teacher is not None and teacher.native16)
-    with workspace(3 * size * local_vocab, device) as chunks:
-        for start in range(0, sel.count, size):
-            stop = min(start + size, sel.count)
+    student = Head(student_weight, student_bias)
+    teacher = Head(teacher_weight, teacher_bias) if kind is not None else None
+    vocab_major = getattr(kernel, "vocab_major", False) and not student.native16 and not (
+        teacher is not None and teacher.native16)
+    plan = _Chunks.plan(kind, student_map.needs_slope, sel.count, local_vocab, shards, opts["chunk_rows"], vocab_major)
+    with workspace(plan.count * plan.size * plan.width, device) as flat:
+        for start in range(0, sel.count, plan.size):
+            stop = min(start + plan.size, sel.count)
             part = slice(start, stop)
             ids = None if sel.index is None else sel.index[part]
             x_s = student_hidden[part] if ids is None else student_hidden.index_select(0, ids)
-            s, t, u = (_chunk_view(chunks[i * size * local_vocab:], stop - start, local_vocab, vocab_major)
-                       for i in range(3))
+            bufs = plan.views(flat, stop - start, kind, student_map.needs_slope)
+            s = bufs["s"][:, :local_vocab]
             student.logits_into(s, x_s)
-            if with_teacher:
+            student_map.apply_(s, bufs["slope"])
+            if kind is not None:
+                t = bufs["t"][:, :local_vocab]
                 teacher.logits_into(t, teacher_hidden[part] if ids is None else teacher_hidden.index_select(0, ids))
+                teacher_map.apply_(t)
                 if topk is not None and topk < shards.vocab:
                     _keep_global_topk(t, topk, shards)
-            kd_row, mlm_row = _chunk_rows(s, t if with_teacher else None, u, sel.labels[part], sel.kd_coef[part],
-                                          sel.mlm_coef[part], opts["temperature"], kind, opts["beta"],
-                                          with_labels, with_raw, shards)
+            kd_row, mlm_row = shard_chunk(kernel, bufs["s"], bufs["t"], bufs["u"], bufs["w"], sel.labels[part],
+                                          sel.kd_coef[part], sel.mlm_coef[part], opts["temperature"], kind,
+                                          opts["beta"], with_labels, shards)
             kd_sum += (kd_row * sel.kd_scale[part]).sum()
             mlm_sum += mlm_row.sum()
             # s now holds d loss / d logits of this shard's chunk; t is spent.
-            add_chunk_grads(student, s, t, x_s, part, ids, start == 0, d_hidden, d_weight, d_bias)
+            student_map.backward_(s, bufs["slope"])
+            add_chunk_grads(student, s, bufs["scratch"], x_s, part, ids, start == 0, d_hidden, d_weight, d_bias)
     if d_hidden is not None:
         shards.all_reduce(d_hidden, dist.ReduceOp.SUM, "all_reduce(d_hidden)")
     return kd_sum, mlm_sum / sel.mlm_divisor, d_hidden, d_weight, d_bias
@@ -427,25 +372,25 @@ class _ShardedFusedLinearKD(torch.autograd.Function):
         return (*out, None, None, None, None)
 
 
-def fused_linear_kd(shards: ShardedHeads, backend: str, *, student_hidden, student_weight, teacher_hidden,
+def fused_linear_kd(shards: ShardedHeads, row_kernel: RowKernel, *, student_hidden, student_weight, teacher_hidden,
                     teacher_weight, student_bias=None, teacher_bias=None, labels=None, ignore_index=-100,
                     temperature=1.0, kd_weight=1.0, mlm_weight=0.0, kind="kl", reduction="batchmean", t2_scale=True,
-                    mask=None, row_weights=None, teacher_topk=None, teacher_targets=None,
-                    beta=0.5) -> KDOutput:
-    """``kdfast.fused_linear_kd`` (validated keyword arguments, local shards) on vocabulary-sharded heads.
-    ``backend`` must be able to run on the tensors' device; the row arithmetic is torch operations on any
-    (see the module's docstring). ``teacher_targets`` is refused earlier (``shard_heads``)."""
-    reason = None if backend == "auto" else _backends.backend_ready(backend, student_hidden.device)
-    if reason is not None:
-        raise ValueError(f"backend={backend!r} cannot run fused_linear_kd: {reason}. backend='torch' always works")
+                    mask=None, row_weights=None, teacher_topk=None, teacher_targets=None, beta=0.5,
+                    student_softcap=None, student_logit_scale=1.0, teacher_softcap=None,
+                    teacher_logit_scale=1.0) -> KDOutput:
+    """``kdfast.fused_linear_kd`` (validated keyword arguments, local shards) on vocabulary-sharded heads, each
+    shard's chunks on ``row_kernel`` (the row kernel of the backend that serves the call, contract in
+    ``kdfast/functions/vocab_kd.py``). ``teacher_targets`` is refused earlier (``shard_heads``)."""
     if kd_term(kind, beta) == "reverse_kl" and teacher_topk is not None and teacher_topk < shards.vocab:
         raise ValueError(f"teacher_topk: expected None with kind={kind!r}, beta={beta} (reverse KL: KL(q || p) is "
                          f"infinite where the top-k teacher has p = 0), got {teacher_topk}")
-    opts = dict(shards=shards, labels=labels, ignore_index=ignore_index,
+    opts = dict(shards=shards, row_kernel=row_kernel, labels=labels, ignore_index=ignore_index,
                 temperature=float(temperature), kd_weight=float(kd_weight), mlm_weight=float(mlm_weight), kind=kind,
                 reduction=reduction, t2_scale=bool(t2_scale), mask=mask, row_weights=row_weights,
-                teacher_topk=teacher_topk, beta=float(beta), chunk_rows=None)
+                teacher_topk=teacher_topk, beta=float(beta), chunk_rows=None,
+                student_map=LogitMap(student_softcap, student_logit_scale),
+                teacher_map=LogitMap(teacher_softcap, teacher_logit_scale))
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()
     loss, kd, mlm = _ShardedFusedLinearKD.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
-                                         teacher_weight.detach(), teacher_bias, opts)
+                                                teacher_weight.detach(), teacher_bias, opts)
     return KDOutput(loss, kd, mlm)

@@ -156,9 +156,7 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                   row_weights=row_weights, teacher_topk=teacher_topk, teacher_targets=teacher_targets, beta=beta,
                   **maps)
     if sharded is not None:
-        vocab_parallel.check_plain_heads(kwargs.pop("student_softcap"), kwargs.pop("student_logit_scale"),
-                                         kwargs.pop("teacher_softcap"), kwargs.pop("teacher_logit_scale"))
-        return vocab_parallel.fused_linear_kd(shards, backend, **kwargs)
+        return vocab_parallel.fused_linear_kd(shards, _shard_row_kernel(device, backend, kwargs), **kwargs)
     return _backends.call("fused_linear_kd", device, backend, **kwargs)
 
 
@@ -242,6 +240,13 @@ def _check_labels(labels, mask, ignore_index: object, mlm_weight: float, rows: i
     if mlm_weight and labels is None:
         raise ValueError(f"labels: expected a [N] label tensor because mlm_weight={mlm_weight}, got None")
     return labels, mask
+
+
+def _shard_row_kernel(device: torch.device, backend: str, kwargs: dict):
+    """The row kernel of the backend that serves ``fused_linear_kd`` on these arguments (``auto``: as for
+    unsharded heads); vocabulary-parallel heads run it on each shard's chunks."""
+    name = _backends.pick("fused_linear_kd", device, backend, **kwargs)
+    return _backends._module("fused_linear_kd", name).rows
 
 
 class KDKLLoss(nn.Module):

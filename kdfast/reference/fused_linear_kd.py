@@ -66,3 +66,23 @@ def fused_linear_kd(student_hidden, student_weight, teacher_hidden=None, teacher
                            student_logit_scale)
         mlm = F.cross_entropy(s_logits, labels[kept], reduction="sum") / mlm_divisor(reduction, int(kept.sum()))
     return KDOutput(kd_weight * kd + mlm_weight * mlm, kd, mlm)
+
+
+def rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.Tensor, mlm_coef: torch.Tensor,
+         temperature: float, kind: str, beta: float = 0.5) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Row kernel (contract in kdfast/functions/vocab_kd.py) in float64 torch operations: ``kd_rows`` and the
+    cross-entropy, differentiated by autograd. Vocabulary-parallel heads run it per shard on backend 'torch'
+    (the unsharded op on that backend materialises the logits instead)."""
+    with torch.enable_grad():
+        a = s.detach().double().requires_grad_(True)
+        b = t.double().masked_fill(t == float("-inf"), torch.finfo(torch.float64).min)  # p = 0 (top-k)
+        kd = kd_rows(a, b, temperature, kind, None, beta)
+        label_logit = a.gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
+        mlm = torch.where(labels >= 0, torch.logsumexp(a, 1) - label_logit, 0.0)
+        objective = (kd * (kd_coef.double() * temperature) + mlm * mlm_coef.double()).sum()
+        (grad,) = torch.autograd.grad(objective, a)
+    s.copy_(grad)
+    return kd.detach().float(), mlm.detach().float()
+
+
+rows.vocab_major = True  # torch operations take any strides
