@@ -123,7 +123,8 @@ def _attention_kl_rows_backward(q_s: Tensor, k_s: Optional[Tensor], q_t: Tensor,
     extension, launch = _extension(q_s.device)
     with _on(q_s.device):
         extension.attention_kl_backward(*_kl_launch_args(inputs, same_qk), *q_s.shape[:3], lse_s.data_ptr(),
-                                        lse_t.data_ptr(), coef, _grad_target(dq), _grad_target(dq if same_qk else dk), *launch)
+                                        lse_t.data_ptr(), coef, _grad_target(dq), _grad_target(dq if same_qk else dk),
+                                        *launch)
     return dq, dk
 
 

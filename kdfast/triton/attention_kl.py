@@ -21,7 +21,6 @@ from typing import Optional
 
 import torch
 import triton
-
 from torch.library import triton_op, wrap_triton
 
 from kdfast._backends import triton_interpreting
