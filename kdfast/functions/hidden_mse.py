@@ -26,6 +26,20 @@ from kdfast._buffers import new_output
 RowKernel = Callable[..., torch.Tensor]
 
 
+def reduce_partials(loss_part: torch.Tensor, column_part: Optional[torch.Tensor],
+                    column_sum: Optional[torch.Tensor]) -> torch.Tensor:
+    """A row kernel's result from its per-chunk partials, reduced in a fixed order (bitwise reproducible):
+    the column sums into ``column_sum`` (when given) and the float64 0-dim loss sum, returned."""
+    if column_sum is not None:
+        column_sum.copy_(column_part.sum(0))
+    return loss_part.sum()
+
+
+def fake_rows(y, t, row_mask, grad_scale, grad, column_sum) -> torch.Tensor:
+    """Fake implementation of the row-kernel ops: the float64 0-dim loss sum."""
+    return grad.new_empty((), dtype=torch.float64)
+
+
 def decline(h_s: Optional[torch.Tensor], h_t: Optional[torch.Tensor], backend: str) -> Optional[str]:
     """Why a kernel backend cannot take these inputs (float64); None without inputs."""
     if h_s is None or h_t is None:

@@ -48,7 +48,8 @@ def _last_dim_contiguous(x: Optional[Tensor]) -> Optional[Tensor]:
     return x if x is None or x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
-def _same_qk(k_s: Optional[Tensor], k_t: Optional[Tensor]) -> bool:
+def keys_are_queries(k_s: Optional[Tensor], k_t: Optional[Tensor]) -> bool:
+    """Whether k = q (``k_s``, ``k_t`` both None); one of them None is an error."""
     if (k_s is None) != (k_t is None):
         raise ValueError(f"k_s, k_t: expected both tensors or both None (k = q), got {type(k_s).__name__} and "
                          f"{type(k_t).__name__}")
@@ -90,7 +91,7 @@ def _row_stats(q_s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 @torch.library.custom_op("kdfast::attention_kl_rows", mutates_args=(), device_types=("cpu", "cuda"))
 def _attention_kl_rows(q_s: Tensor, k_s: Optional[Tensor], q_t: Tensor, k_t: Optional[Tensor],
                        key_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    same_qk = _same_qk(k_s, k_t)
+    same_qk = keys_are_queries(k_s, k_t)
     inputs = _kl_inputs(q_s, k_s, q_t, k_t, key_mask)
     kl_rows, lse_s, lse_t = _row_stats(q_s)
     extension, launch = _extension(q_s.device)
@@ -116,7 +117,7 @@ def _kl_grads(q_s: Tensor, k_s: Optional[Tensor]) -> tuple[Tensor, Tensor]:
 def _attention_kl_rows_backward(q_s: Tensor, k_s: Optional[Tensor], q_t: Tensor, k_t: Optional[Tensor],
                                 key_mask: Optional[Tensor], lse_s: Tensor, lse_t: Tensor,
                                 coef: float) -> tuple[Tensor, Tensor]:
-    same_qk = _same_qk(k_s, k_t)
+    same_qk = keys_are_queries(k_s, k_t)
     inputs = _kl_inputs(q_s, k_s, q_t, k_t, key_mask)
     lse_s, lse_t = lse_s.contiguous(), lse_t.contiguous()
     dq, dk = _kl_grads(q_s, k_s)

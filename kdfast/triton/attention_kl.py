@@ -26,6 +26,7 @@ from torch.library import triton_op, wrap_triton
 from kdfast._backends import triton_interpreting
 from kdfast._buffers import new_output, new_output_like
 from kdfast.ops import attention
+from kdfast.ops.attention_kernels import keys_are_queries
 from kdfast.triton import _attention_kl_kernels as kernels
 from kdfast.triton.static import KernelSpec
 
@@ -86,6 +87,13 @@ def _mask_args(key_mask: Optional[torch.Tensor], fallback: torch.Tensor) -> tupl
     return mask, mask.stride(0)
 
 
+def _operands(q_s, k_s, q_t, k_t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The four kernel operands with unit last stride; k = q when ``k_s``, ``k_t`` are None."""
+    same_qk = keys_are_queries(k_s, k_t)
+    q_s, q_t = unit_last_stride(q_s), unit_last_stride(q_t)
+    return (q_s, q_s, q_t, q_t) if same_qk else (q_s, unit_last_stride(k_s), q_t, unit_last_stride(k_t))
+
+
 def _row_stats(q_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """kl, lse_s, lse_t: fp32 [B, h, L] each."""
     return tuple(new_output(q_s.shape[:3], torch.float32, q_s.device) for _ in range(3))
@@ -94,9 +102,7 @@ def _row_stats(q_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 @triton_op("kdfast::attention_kl_rows_triton", mutates_args=())
 def _attention_kl_rows(q_s: torch.Tensor, k_s: Optional[torch.Tensor], q_t: torch.Tensor, k_t: Optional[torch.Tensor],
                        key_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q_s, q_t = unit_last_stride(q_s), unit_last_stride(q_t)
-    k_s = q_s if k_s is None else unit_last_stride(k_s)
-    k_t = q_t if k_t is None else unit_last_stride(k_t)
+    q_s, k_s, q_t, k_t = _operands(q_s, k_s, q_t, k_t)
     b, h, length, d_s = q_s.shape
     d_t = q_t.shape[-1]
     kl, lse_s, lse_t = _row_stats(q_s)
@@ -134,9 +140,7 @@ def _attention_kl_rows_backward(q_s: torch.Tensor, k_s: Optional[torch.Tensor], 
                                 lse_t: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     add_dq = k_s is None
     dq, dk, dq32 = _grads(q_s, k_s)
-    q_s, q_t = unit_last_stride(q_s), unit_last_stride(q_t)
-    k_s = q_s if k_s is None else unit_last_stride(k_s)
-    k_t = q_t if k_t is None else unit_last_stride(k_t)
+    q_s, k_s, q_t, k_t = _operands(q_s, k_s, q_t, k_t)
     dq_target, dk_target = (dq32, dq) if add_dq else (dq, dk)
     b, h, length, d_s = q_s.shape
     d_t = q_t.shape[-1]

@@ -20,7 +20,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from kdfast._buffers import new_output
-from kdfast.functions.hidden_mse import decline
+from kdfast.functions.hidden_mse import decline, fake_rows, reduce_partials
 from kdfast.ops import hidden
 from kdfast.triton.static import KernelSpec
 
@@ -72,14 +72,10 @@ def _hidden_mse_rows(y: Optional[torch.Tensor], t: torch.Tensor, row_mask: Optio
                                     column_part, rows, width, grad_scale, HAS_MASK=row_mask is not None,
                                     HAS_COLUMNS=column_sum is not None, CHUNK_ROWS=CHUNK_ROWS, BLOCK_R=BLOCK_R,
                                     BLOCK_W=BLOCK_W)
-    if column_sum is not None:
-        column_sum.copy_(column_part.sum(0))
-    return loss_part.sum()
+    return reduce_partials(loss_part, column_part, column_sum)
 
 
-@_hidden_mse_rows.register_fake
-def _(y, t, row_mask, grad_scale, grad, column_sum):
-    return grad.new_empty((), dtype=torch.float64)
+_hidden_mse_rows.register_fake(fake_rows)
 
 
 rows = torch.ops.kdfast.hidden_mse_rows_triton  # the driver's row-kernel contract (kdfast/functions/hidden_mse.py)
