@@ -188,9 +188,13 @@ def test_every_op_has_samples():
     assert set(TRITON_OPS) == set(kdfast_triton.TRITON_OPS)
 
 
+# The kernel ops take no backend argument: they run once (their device's implementation).
+KERNEL_OPS = {*ops.kernels.OPS, *ops.attention_kernels.OPS, *ops.hidden_kernels.OPS}
+CASES = [(name, backend) for name in ops.OPS for backend in (["cpu"] if name in KERNEL_OPS else BACKENDS)]
+
+
 @pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ops.OPS)
+@pytest.mark.parametrize(("name", "backend"), CASES)
 def test_opcheck(name, backend):
     op = getattr(torch.ops.kdfast, name.split("::")[1]).default
     for args in SAMPLES[name](backend):
@@ -200,6 +204,14 @@ def test_opcheck(name, backend):
 def test_native_row_kernel_op_takes_both_layouts():
     for args in _row_kernel_samples("row")("cpu"):
         torch.library.opcheck(torch.ops.kdfast.vocab_kd_rows.default, args)
+
+
+@pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")
+def test_attention_kl_kernel_ops_take_both_keys_or_none():
+    q_s, k_s, q_t, _, mask = next(_kl_rows_samples("cpu"))
+    with pytest.raises(ValueError, match=r"k_s, k_t: expected both tensors or both None \(k = q\), got Tensor and "
+                                         r"NoneType"):
+        torch.ops.kdfast.attention_kl_rows(q_s, k_s, q_t, None, mask)
 
 
 @pytest.mark.skipif(not interpreting_triton(), reason="Triton kernels run on CPU only under TRITON_INTERPRET=1")
