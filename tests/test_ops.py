@@ -1,6 +1,7 @@
 """The kernels as torch.library custom ops (kdfast/ops/): ``torch.library.opcheck`` (schema, fake
-implementation, autograd registration, AOT dispatch with dynamic shapes) for every op, on the ``cpu``
-backend and, under TRITON_INTERPRET=1, the ``triton`` one."""
+implementation, autograd registration, AOT dispatch with dynamic shapes) for every loss op, on the ``cpu``
+backend and, under TRITON_INTERPRET=1, the ``triton`` one; for every kernel op on CPU; and for the Triton
+kernel ops (``triton_op``) under TRITON_INTERPRET=1 the checks the interpreter allows."""
 from __future__ import annotations
 
 import importlib
