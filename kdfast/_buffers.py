@@ -23,6 +23,15 @@ def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return out
 
 
+def new_output_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`new_output` of ``x``'s shape in ``dtype`` with ``x``'s strides where ``x`` is dense (a head
+    view [B, h, L, d] of a [B, L, H] buffer gets one too), contiguous otherwise (``torch.empty_like``)."""
+    out = torch.empty_like(x, dtype=dtype)
+    if poisoning():
+        out.fill_(float("nan") if out.is_floating_point() else -1)
+    return out
+
+
 _SPARE: "dict[torch.device, torch.Tensor]" = {}  # per CPU device: the largest workspace given back, free
 _SPARE_LOCK = threading.Lock()
 

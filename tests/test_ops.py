@@ -1,12 +1,16 @@
 """The kernels as torch.library custom ops (kdfast/ops/): ``torch.library.opcheck`` (schema, fake
-implementation, autograd registration, AOT dispatch with dynamic shapes) for every op, on the ``cpu``
-backend and, under TRITON_INTERPRET=1, the ``triton`` one."""
+implementation, autograd registration, AOT dispatch with dynamic shapes) for every loss op, on the ``cpu``
+backend and, under TRITON_INTERPRET=1, the ``triton`` one; for every kernel op on CPU; and for the Triton
+kernel ops (``triton_op``) under TRITON_INTERPRET=1 the checks the interpreter allows."""
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
 from conftest import interpreting_triton
 
+import kdfast.triton as kdfast_triton
 from kdfast import _ext, ops
 
 BACKENDS = ["cpu"] + (["triton"] if interpreting_triton() else [])
@@ -114,23 +118,84 @@ def _row_kernel_samples(layout: str):
     return samples
 
 
+def _kl_rows_samples(backend):
+    """attention_kl_rows[_triton]: Q/K heads with and without a mask, and k = q on relation-head views."""
+    for q_s, k_s, q_t, k_t, mask, _ in _attention_samples(backend):
+        yield [q_s.detach(), k_s.detach(), q_t, k_t, mask]
+    for x_s, x_t, heads, mask, _ in _relation_samples(backend):
+        yield [_relation_view(x_s.detach(), heads), None, _relation_view(x_t, heads), None, mask]
+
+
+def _relation_view(x, heads):
+    return x.unflatten(2, (heads, -1)).transpose(1, 2)
+
+
+def _kl_rows_backward_samples(rows_op: str, last):
+    """attention_kl_rows_backward[_triton]: the LSEs of ``rows_op``, then ``last()`` (coef or scale tensor)."""
+    def samples(backend):
+        for q_s, k_s, q_t, k_t, mask in _kl_rows_samples(backend):
+            _, lse_s, lse_t = getattr(torch.ops.kdfast, rows_op)(q_s, k_s, q_t, k_t, mask)
+            yield [q_s, k_s, q_t, k_t, mask, lse_s, lse_t, last()]
+    return samples
+
+
+def _gram_samples(with_alphas: bool):
+    """attention_mse_gram[_triton]: with and without a key mask and gradients; bf16 operands once."""
+    def samples(backend):
+        for (q_s, k_s, q_t, k_t, mask, _), with_grad in zip(_attention_samples(backend), (True, False)):
+            alphas = [D_S ** -0.5, D_T ** -0.5] if with_alphas else []
+            yield [q_s.detach(), k_s.detach(), q_t, k_t, mask, *alphas, 0.1, 0.2, with_grad]
+        q_s, k_s, q_t, k_t = (torch.randn(B, HEADS, L, d).bfloat16() for d in (D_S, D_S, D_T, D_T))
+        yield [q_s, k_s, q_t, k_t, _key_mask(), *([D_S ** -0.5, D_T ** -0.5] if with_alphas else []), 0.1, 0.2, True]
+    return samples
+
+
+def _hidden_rows_samples(backend):
+    """hidden_mse_rows[_triton]: separate gradient, in place (y None) with a mask and bias sums, a broadcast
+    teacher row, a bf16 teacher."""
+    rows, width = 2 * 130 + 3, 20  # more than one 256-row chunk
+    mask = torch.rand(rows) < 0.7
+    yield [torch.randn(rows, width), torch.randn(rows, width), None, 0.5, torch.empty(rows, width), None]
+    yield [None, torch.randn(rows, width), mask, 0.5, torch.randn(rows, width), torch.empty(width)]
+    yield [None, torch.zeros(1, width).expand(rows, width), mask, 2.0, torch.randn(rows, width), torch.empty(width)]
+    yield [torch.randn(rows, width), torch.randn(rows, width).bfloat16(), None, 0.5, torch.empty(rows, width),
+           torch.empty(width)]
+
+
 SAMPLES = {
     "kdfast::fused_linear_kd": _fused_samples, "kdfast::fused_linear_kd_backward": _fused_backward_samples,
     "kdfast::kd_kl": _kd_kl_samples, "kdfast::attention_kl": _attention_samples,
     "kdfast::attention_kl_backward": _attention_backward_samples, "kdfast::relation_kl": _relation_samples,
     "kdfast::relation_kl_backward": _relation_backward_samples, "kdfast::attention_score_mse": _score_mse_samples,
     "kdfast::hidden_mse": _hidden_samples, "kdfast::vocab_kd_rows": _row_kernel_samples("vocab"),
+    "kdfast::attention_kl_rows": _kl_rows_samples,
+    "kdfast::attention_kl_rows_backward": _kl_rows_backward_samples("attention_kl_rows", lambda: 0.7),
+    "kdfast::attention_mse_gram": _gram_samples(with_alphas=True), "kdfast::hidden_mse_rows": _hidden_rows_samples,
 }
-TRITON_OPS = {"kdfast::vocab_kd_rows_triton": _row_kernel_samples("row")}
+TRITON_OPS = {
+    "kdfast::vocab_kd_rows_triton": _row_kernel_samples("row"),
+    "kdfast::attention_kl_rows_triton": _kl_rows_samples,
+    "kdfast::attention_kl_rows_backward_triton": _kl_rows_backward_samples("attention_kl_rows_triton",
+                                                                           lambda: torch.tensor([0.7])),
+    "kdfast::attention_mse_gram_triton": _gram_samples(with_alphas=False),
+    "kdfast::hidden_mse_rows_triton": _hidden_rows_samples,
+}
+# Triton ops with an explicit fake implementation: test_faketensor runs for them under the interpreter too.
+TRITON_FAKES = set(TRITON_OPS) - {"kdfast::vocab_kd_rows_triton"}
 
 
 def test_every_op_has_samples():
     assert set(SAMPLES) == set(ops.OPS)
+    assert set(TRITON_OPS) == set(kdfast_triton.TRITON_OPS)
+
+
+# The kernel ops take no backend argument: they run once (their device's implementation).
+KERNEL_OPS = {*ops.kernels.OPS, *ops.attention_kernels.OPS, *ops.hidden_kernels.OPS}
+CASES = [(name, backend) for name in ops.OPS for backend in (["cpu"] if name in KERNEL_OPS else BACKENDS)]
 
 
 @pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ops.OPS)
+@pytest.mark.parametrize(("name", "backend"), CASES)
 def test_opcheck(name, backend):
     op = getattr(torch.ops.kdfast, name.split("::")[1]).default
     for args in SAMPLES[name](backend):
@@ -142,17 +207,29 @@ def test_native_row_kernel_op_takes_both_layouts():
         torch.library.opcheck(torch.ops.kdfast.vocab_kd_rows.default, args)
 
 
+@pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")
+def test_attention_kl_kernel_ops_take_both_keys_or_none():
+    q_s, k_s, q_t, _, mask = next(_kl_rows_samples("cpu"))
+    with pytest.raises(ValueError, match=r"k_s, k_t: expected both tensors or both None \(k = q\), got Tensor and "
+                                         r"NoneType"):
+        torch.ops.kdfast.attention_kl_rows(q_s, k_s, q_t, None, mask)
+
+
 @pytest.mark.skipif(not interpreting_triton(), reason="Triton kernels run on CPU only under TRITON_INTERPRET=1")
 @pytest.mark.parametrize("name", TRITON_OPS)
 def test_opcheck_triton_op(name):
-    """The interpreter runs a wrap_triton kernel on FakeTensors too (it reads their storage), so only the
-    checks that run it on real tensors apply on CPU: the schema (mutations as declared) and autograd
-    registration. On a GPU the fake-tensor and AOT-dispatch checks trace the kernel instead."""
-    import kdfast.triton.vocab_kd  # noqa: F401  (registers the triton_op)
+    """The interpreter runs a wrap_triton kernel as a plain function, also on FakeTensors and on the
+    functional tensors of AOT dispatch (it reads their storage), so on CPU the checks are the schema
+    (mutations as declared), autograd registration and, for the ops with an explicit fake implementation,
+    the fake tensor check (the fake's shapes, dtypes and strides against the real outputs). AOT dispatch
+    needs a GPU, where the kernels are traced instead of run."""
+    for module in ("vocab_kd", "attention_kl", "attention_score_mse", "hidden_mse"):
+        importlib.import_module(f"kdfast.triton.{module}")  # registers the triton_ops
 
     op = getattr(torch.ops.kdfast, name.split("::")[1]).default
+    utils = ("test_schema", "test_autograd_registration") + (("test_faketensor",) if name in TRITON_FAKES else ())
     for args in TRITON_OPS[name]("triton"):
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration"))
+        torch.library.opcheck(op, args, test_utils=utils)
 
 
 @pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")

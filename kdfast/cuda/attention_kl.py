@@ -1,28 +1,20 @@
-"""Op ``attention_kl`` on the ``cuda`` backend: the CUDA kernels in ``kdfast._cuda``."""
+"""Op ``attention_kl`` on the ``cuda`` backend: the native driver (``kdfast/functions/attention_kl.py``) on the
+kernel ops ``kdfast::attention_kl_rows`` and ``kdfast::attention_kl_rows_backward``, whose CUDA implementations
+run the CUDA kernels of ``kdfast._cuda``."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from kdfast import _ext
 from kdfast.functions import attention_kl as native
 from kdfast.ops import attention
 
-KERNELS = native.Kernels(_ext.require_cuda, lambda device: (torch.cuda.current_stream(device).cuda_stream,))
+forward = native.forward
+backward = native.backward
+unsupported_reason = native.attention_kl_unsupported
 
 
 def attention_kl(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
                  key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     return attention.attention_kl("cuda", q_s, k_s, q_t, k_t, key_mask)
-
-
-def forward(q_s, k_s, q_t, k_t, key_mask):
-    return native.forward(KERNELS, q_s, k_s, q_t, k_t, key_mask)
-
-
-def backward(grad_loss, q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, rows):
-    return native.backward(KERNELS, grad_loss, q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, rows)
-
-
-unsupported_reason = native.attention_kl_unsupported

@@ -1,26 +1,20 @@
-"""Op ``relation_kl`` on the ``cuda`` backend: the CUDA kernels in ``kdfast._cuda``."""
+"""Op ``relation_kl`` on the ``cuda`` backend: the native driver (``kdfast/functions/attention_kl.py``, k = q on
+relation-head views) on the kernel ops ``kdfast::attention_kl_rows`` and ``kdfast::attention_kl_rows_backward``,
+whose CUDA implementations run the CUDA kernels of ``kdfast._cuda``."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from kdfast.cuda.attention_kl import KERNELS
 from kdfast.functions import attention_kl as native
 from kdfast.ops import attention
+
+forward = native.relation_forward
+backward = native.relation_backward
+unsupported_reason = native.relation_kl_unsupported
 
 
 def relation_kl(x_s: torch.Tensor, x_t: torch.Tensor, num_relation_heads: int,
                 key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     return attention.relation_kl("cuda", x_s, x_t, num_relation_heads, key_mask)
-
-
-def forward(x_s, x_t, num_relation_heads, key_mask):
-    return native.relation_forward(KERNELS, x_s, x_t, num_relation_heads, key_mask)
-
-
-def backward(grad_loss, x_s, x_t, num_relation_heads, key_mask, lse_s, lse_t, rows):
-    return native.relation_backward(KERNELS, grad_loss, x_s, x_t, num_relation_heads, key_mask, lse_s, lse_t, rows)
-
-
-unsupported_reason = native.relation_kl_unsupported

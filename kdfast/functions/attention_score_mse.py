@@ -2,11 +2,12 @@
 ``kdfast::attention_score_mse``, ``kdfast/ops/attention.py``), shared by the
 ``cpu``, ``triton`` and ``cuda`` backends: they differ only in the kernel they pass in.
 
-Kernel contract: ``kernel(q_s, k_s, q_t, k_t, key_mask, alpha_s, alpha_t, grad_scale_q, grad_scale_k,
-with_grad) -> (head_energy [B*h] float64, dq_s, dk_s)`` where, per (batch, head),
+Kernel contract (the kernel ops ``kdfast::attention_mse_gram``, ``kdfast/ops/attention_kernels.py``, and
+``kdfast::attention_mse_gram_triton``): ``kernel(q_s, k_s, q_t, k_t, key_mask, alpha_s, alpha_t,
+grad_scale_q, grad_scale_k, with_grad) -> (head_energy [B*h] float64, dq_s, dk_s)`` where, per (batch, head),
 ``E = ||alpha_s Q_s K_s^T - alpha_t Q_t K_t^T||_F^2`` over kept keys (``key_mask`` None keeps all),
 and, when ``with_grad``, ``dq_s = grad_scale_q * (X GK)[:, :d_s]``, ``dk_s = grad_scale_k * (Y GQ)[:, :d_s]``
-as fp32 [B, h, L, d_s] (see csrc/attention_mse_math.h); else both are None.
+as fp32 [B, h, L, d_s] (see csrc/attention_mse_math.h); else both are unused (None or [0] tensors).
 """
 from __future__ import annotations
 

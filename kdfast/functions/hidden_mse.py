@@ -7,10 +7,11 @@ gradient; d h_s = g W and d W = g^T h_s are two more matmuls. Nothing re-reads y
 and a student within CLOSE_RATIO of its teacher (where fp32 rounding of y would show in y - t), the
 residual is formed again in float64 and the row kernel runs once more on it.
 
-Row kernel contract: ``rows(y, t, row_mask, grad_scale, grad, column_sum) -> loss_sum`` with
-``y`` fp32 [N, W] (row stride free, unit column stride), ``t`` [N, W] any float dtype (row stride
-free, 0 included: one broadcast row), ``row_mask`` bool [N] or None, ``grad`` fp32 [N, W] (may be
-``y``), ``column_sum`` fp32 [W] or None;
+Row kernel contract (the kernel ops ``kdfast::hidden_mse_rows``, ``kdfast/ops/hidden_kernels.py``, and
+``kdfast::hidden_mse_rows_triton``): ``rows(y, t, row_mask, grad_scale, grad, column_sum) -> loss_sum`` with
+``y`` fp32 [N, W] (row stride free, unit column stride; None: the rows are read from ``grad``, in
+place), ``t`` [N, W] any float dtype (row stride free, 0 included: one broadcast row), ``row_mask``
+bool [N] or None, ``grad`` fp32 [N, W], ``column_sum`` fp32 [W] or None;
 writes ``grad = grad_scale * (y - t)`` (0 on masked rows) and the column sums of ``grad``;
 returns the float64 0-dim sum of ``(y - t)^2`` over kept rows.
 """
@@ -23,6 +24,20 @@ import torch
 from kdfast._buffers import new_output
 
 RowKernel = Callable[..., torch.Tensor]
+
+
+def reduce_partials(loss_part: torch.Tensor, column_part: Optional[torch.Tensor],
+                    column_sum: Optional[torch.Tensor]) -> torch.Tensor:
+    """A row kernel's result from its per-chunk partials, reduced in a fixed order (bitwise reproducible):
+    the column sums into ``column_sum`` (when given) and the float64 0-dim loss sum, returned."""
+    if column_sum is not None:
+        column_sum.copy_(column_part.sum(0))
+    return loss_part.sum()
+
+
+def fake_rows(y, t, row_mask, grad_scale, grad, column_sum) -> torch.Tensor:
+    """Fake implementation of the row-kernel ops: the float64 0-dim loss sum."""
+    return grad.new_empty((), dtype=torch.float64)
 
 
 def decline(h_s: Optional[torch.Tensor], h_t: Optional[torch.Tensor], backend: str) -> Optional[str]:
@@ -71,10 +86,10 @@ def hidden_mse_pass(rows: RowKernel, h_s: torch.Tensor, h_t: torch.Tensor, weigh
         w = weight.float()
         y = torch.nn.functional.linear(x, w, None if bias is None else bias.float())
         d_bias = new_output((t.shape[1],), torch.float32, x.device) if needs[2] else None
-        loss_sum = rows(y, t, row_mask, 2.0 / count, y, d_bias)  # y becomes d loss / d y
+        loss_sum = rows(None, t, row_mask, 2.0 / count, y, d_bias)  # y becomes d loss / d y
         if t.dtype == weight.dtype == torch.float32 and _close_to_teacher(loss_sum, t):
             y, target = _float64_residual(x, t, weight, bias)
-            loss_sum = rows(y, target, row_mask, 2.0 / count, y, d_bias)
+            loss_sum = rows(None, target, row_mask, 2.0 / count, y, d_bias)
         d_h_s = y @ w if needs[0] else None
         d_weight = y.t() @ x if needs[1] else None
     grads = (d_h_s.reshape(h_s.shape).to(h_s.dtype) if needs[0] else None,

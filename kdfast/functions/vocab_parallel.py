@@ -297,7 +297,8 @@ def _sharded_pass(student_hidden, student_weight, student_bias, teacher_hidden, 
     shards: ShardedHeads = opts["shards"]
     local_vocab, device = student_weight.shape[0], student_hidden.device
     sel = select_rows(student_hidden.shape[0], shards.vocab, device, opts["labels"], opts["ignore_index"], opts["mask"],
-                      opts["row_weights"], opts["temperature"], kd_weight, mlm_weight, opts["reduction"], opts["t2_scale"])
+                      opts["row_weights"], opts["temperature"], kd_weight, mlm_weight, opts["reduction"],
+                      opts["t2_scale"])
     d_hidden, d_weight, d_bias, kd_sum, mlm_sum = pass_buffers(student_hidden, student_weight, need)
     if not sel.count:
         if d_weight is not None:

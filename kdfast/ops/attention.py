@@ -5,6 +5,10 @@
   from the two log-sum-exps (``kdfast/functions/attention_kl.py``, ``kdfast/triton/attention_kl.py``);
 - ``kdfast::attention_score_mse`` (TinyBERT) returns (loss, d q_s, d k_s), the gradients flagged in
   ``need`` ([0] tensors for the others), which its backward scales.
+
+The autograd formulas live here, at the loss level: the kernel ops they reach through the backends
+(``kdfast::attention_kl_rows`` + ``_backward``, ``attention_mse_gram`` and their ``_triton`` twins) are
+forward and backward pieces without formulas of their own.
 """
 from __future__ import annotations
 

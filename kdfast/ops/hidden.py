@@ -1,7 +1,8 @@
 """Hidden-state MSE as the custom op ``kdfast::hidden_mse``: the projection and the fused row pass of
 ``kdfast/functions/hidden_mse.py`` on the row kernel of ``backend``, returning the loss and the
 gradients it keeps (``need`` flags d h_s, d weight, d bias; [0] tensors for the others). Its autograd
-formula scales them by the incoming gradient."""
+formula scales them by the incoming gradient; the row-kernel ops it reaches (``kdfast::hidden_mse_rows``,
+``hidden_mse_rows_triton``) have no formula of their own."""
 from __future__ import annotations
 
 from typing import Optional, Sequence

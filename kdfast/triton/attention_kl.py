@@ -1,9 +1,19 @@
-"""MiniLM attention KL on the ``triton`` backend: launchers of the flash-style kernels, and the
-forward and backward of op ``kdfast::attention_kl`` on them. Memory is O(B·h·L) besides the inputs
+"""MiniLM attention KL on the ``triton`` backend: the flash-style kernels launched by two ``triton_op``s, and
+the forward and backward of op ``kdfast::attention_kl`` on them. Memory is O(B·h·L) besides the inputs
 and gradients: no [L, L] tensor exists.
 
+- ``kdfast::attention_kl_rows_triton(q_s, k_s, q_t, k_t, key_mask) -> (kl, lse_s, lse_t)``: per query row,
+  KL(p_t || p_s) and both log-sum-exps, fp32 [B, h, L] (0 on rows without a valid key);
+- ``kdfast::attention_kl_rows_backward_triton(q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, scale) -> (dq, dk)``:
+  ``scale`` (one fp32 element on the device, grad_output / n) times the gradients of the summed row KLs, in
+  the inputs' dtypes.
+
 Shapes: q_s, k_s [B, h, L, d_s]; q_t, k_t [B, h, L, d_t]; key_mask [B, L] (True = real token).
-Any strides with a unit last stride are read in place (relation heads are views of x [B, L, H]).
+Any strides with a unit last stride are read in place (relation heads are views of x [B, L, H]); ``k_s``,
+``k_t`` None mean k = q (relation KL: the backward writes d q_s + d k_s as one gradient, dk a [0] tensor).
+Both ops have explicit fake implementations (output allocation only) and no autograd formula: they are the
+forward and backward pieces of the loss ops ``kdfast::attention_kl`` and ``relation_kl``, whose registered
+formulas call them.
 """
 from __future__ import annotations
 
@@ -11,10 +21,12 @@ from typing import Optional
 
 import torch
 import triton
+from torch.library import triton_op, wrap_triton
 
 from kdfast._backends import triton_interpreting
-from kdfast._buffers import new_output
+from kdfast._buffers import new_output, new_output_like
 from kdfast.ops import attention
+from kdfast.ops.attention_kernels import keys_are_queries
 from kdfast.triton import _attention_kl_kernels as kernels
 from kdfast.triton.static import KernelSpec
 
@@ -75,15 +87,28 @@ def _mask_args(key_mask: Optional[torch.Tensor], fallback: torch.Tensor) -> tupl
     return mask, mask.stride(0)
 
 
-def forward_rows(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
-                 key_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row KL_i, lse_s,i, lse_t,i as fp32 [B, h, L] (rows without a valid key: 0, 0, 0)."""
+def _operands(q_s, k_s, q_t, k_t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The four kernel operands with unit last stride; k = q when ``k_s``, ``k_t`` are None."""
+    same_qk = keys_are_queries(k_s, k_t)
+    q_s, q_t = unit_last_stride(q_s), unit_last_stride(q_t)
+    return (q_s, q_s, q_t, q_t) if same_qk else (q_s, unit_last_stride(k_s), q_t, unit_last_stride(k_t))
+
+
+def _row_stats(q_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kl, lse_s, lse_t: fp32 [B, h, L] each."""
+    return tuple(new_output(q_s.shape[:3], torch.float32, q_s.device) for _ in range(3))
+
+
+@triton_op("kdfast::attention_kl_rows_triton", mutates_args=())
+def _attention_kl_rows(q_s: torch.Tensor, k_s: Optional[torch.Tensor], q_t: torch.Tensor, k_t: Optional[torch.Tensor],
+                       key_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q_s, k_s, q_t, k_t = _operands(q_s, k_s, q_t, k_t)
     b, h, length, d_s = q_s.shape
     d_t = q_t.shape[-1]
-    kl, lse_s, lse_t = (new_output((b, h, length), torch.float32, q_s.device) for _ in range(3))
+    kl, lse_s, lse_t = _row_stats(q_s)
     mask, stride_mask = _mask_args(key_mask, kl)
     cfg = launch_config("fwd", d_s, d_t, _dot_fp32(q_s, q_t))
-    kernels.attention_kl_fwd[(triton.cdiv(length, cfg["BLOCK_M"]), b * h)](
+    wrap_triton(kernels.attention_kl_fwd)[(triton.cdiv(length, cfg["BLOCK_M"]), b * h)](
         q_s, k_s, q_t, k_t, mask, kl, lse_s, lse_t,
         *_strides(q_s), *_strides(k_s), *_strides(q_t), *_strides(k_t),
         stride_mask, h, length, d_s, d_t, d_s ** -0.5, d_t ** -0.5,
@@ -92,15 +117,31 @@ def forward_rows(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: t
     return kl, lse_s, lse_t
 
 
-def backward_grads(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
-                   key_mask: Optional[torch.Tensor], lse_s: torch.Tensor, lse_t: torch.Tensor,
-                   scale: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dk_adds_dq: bool) -> None:
-    """Write d loss / d q_s into ``dq`` and d loss / d k_s into ``dk`` ([B, h, L, d_s] views).
+@_attention_kl_rows.register_fake
+def _(q_s, k_s, q_t, k_t, key_mask):
+    return _row_stats(q_s)
 
-    ``scale`` is a one-element fp32 tensor, grad_output / n. With ``dk_adds_dq`` (relation: q = k = x)
-    ``dq`` must be an fp32 view with the strides of ``dk`` (it may be ``dk`` itself when that is fp32):
-    the key pass adds the stored dq, so ``dk`` receives dq + dk.
-    """
+
+def _grads(q_s: torch.Tensor, k_s: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, the fp32 dq buffer the key pass adds when k = q). dq, dk in the inputs' dtypes, contiguous; k = q
+    (k_s None): dq is dq + dk with the strides of q_s where dense, dk a [0] tensor, and the fp32 buffer dq itself
+    when fp32."""
+    if k_s is not None:
+        dq, dk = (new_output(x.shape, x.dtype, x.device) for x in (q_s, k_s))
+        return dq, dk, dq
+    dx = new_output_like(unit_last_stride(q_s), q_s.dtype)
+    dq32 = dx if dx.dtype == torch.float32 else new_output_like(dx, torch.float32)
+    return dx, q_s.new_empty((0,), dtype=torch.float32), dq32
+
+
+@triton_op("kdfast::attention_kl_rows_backward_triton", mutates_args=())
+def _attention_kl_rows_backward(q_s: torch.Tensor, k_s: Optional[torch.Tensor], q_t: torch.Tensor,
+                                k_t: Optional[torch.Tensor], key_mask: Optional[torch.Tensor], lse_s: torch.Tensor,
+                                lse_t: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    add_dq = k_s is None
+    dq, dk, dq32 = _grads(q_s, k_s)
+    q_s, k_s, q_t, k_t = _operands(q_s, k_s, q_t, k_t)
+    dq_target, dk_target = (dq32, dq) if add_dq else (dq, dk)
     b, h, length, d_s = q_s.shape
     d_t = q_t.shape[-1]
     mask, stride_mask = _mask_args(key_mask, lse_s)
@@ -108,15 +149,20 @@ def backward_grads(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t:
     operands = (q_s, k_s, q_t, k_t, mask, lse_s, lse_t, scale)
     strides = (*_strides(q_s), *_strides(k_s), *_strides(q_t), *_strides(k_t))
     scalars = (stride_mask, h, length, d_s, d_t, d_s ** -0.5, d_t ** -0.5)
-    common = dict(HAS_MASK=key_mask is not None, BLOCK_DS=_pow2(d_s), BLOCK_DT=_pow2(d_t),
-                  DOT_FP32=fp32)
+    common = dict(HAS_MASK=key_mask is not None, BLOCK_DS=_pow2(d_s), BLOCK_DT=_pow2(d_t), DOT_FP32=fp32)
 
     cfg = launch_config("dq", d_s, d_t, fp32)
-    kernels.attention_kl_dq[(triton.cdiv(length, cfg["BLOCK_M"]), b * h)](
-        *operands, dq, *strides, *_strides(dq), *scalars, **common, **cfg)
+    wrap_triton(kernels.attention_kl_dq)[(triton.cdiv(length, cfg["BLOCK_M"]), b * h)](
+        *operands, dq_target, *strides, *_strides(dq_target), *scalars, **common, **cfg)
     cfg = launch_config("dk", d_s, d_t, fp32)
-    kernels.attention_kl_dk[(triton.cdiv(length, cfg["BLOCK_N"]), b * h)](
-        *operands, dq, dk, *strides, *_strides(dk), *scalars, ADD_DQ=dk_adds_dq, **common, **cfg)
+    wrap_triton(kernels.attention_kl_dk)[(triton.cdiv(length, cfg["BLOCK_N"]), b * h)](
+        *operands, dq_target, dk_target, *strides, *_strides(dk_target), *scalars, ADD_DQ=add_dq, **common, **cfg)
+    return dq, dk
+
+
+@_attention_kl_rows_backward.register_fake
+def _(q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, scale):
+    return _grads(q_s, k_s)[:2]
 
 
 def mean_over_valid_rows(kl: torch.Tensor, key_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,20 +181,18 @@ def grad_scale(grad_output: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 
 def forward(q_s, k_s, q_t, k_t, key_mask):
-    """Op ``attention_kl``'s forward: (mean KL(p_t || p_s), lse_s, lse_t [B, h, L], row count n)."""
-    q_s, k_s, q_t, k_t = (unit_last_stride(x) for x in (q_s, k_s, q_t, k_t))
-    kl, lse_s, lse_t = forward_rows(q_s, k_s, q_t, k_t, key_mask)
+    """Op ``attention_kl``'s forward (``k_s``, ``k_t`` None: k = q, op ``relation_kl``): (mean KL(p_t || p_s),
+    lse_s, lse_t [B, h, L], row count n)."""
+    kl, lse_s, lse_t = torch.ops.kdfast.attention_kl_rows_triton(q_s, k_s, q_t, k_t, key_mask)
     loss, n = mean_over_valid_rows(kl, key_mask)
     return loss, lse_s, lse_t, n
 
 
 def backward(grad_output, q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, n):
-    """Op ``attention_kl``'s backward: (d q_s, d k_s) from the inputs and the two LSEs."""
-    q_s, k_s, q_t, k_t = (unit_last_stride(x) for x in (q_s, k_s, q_t, k_t))
-    dq = new_output(q_s.shape, q_s.dtype, q_s.device)
-    dk = new_output(k_s.shape, k_s.dtype, k_s.device)
-    backward_grads(q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, grad_scale(grad_output, n), dq, dk, dk_adds_dq=False)
-    return dq, dk
+    """Op ``attention_kl``'s backward: (d q_s, d k_s) from the inputs and the two LSEs (k = q: (d q_s + d k_s,
+    a [0] tensor))."""
+    return torch.ops.kdfast.attention_kl_rows_backward_triton(q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t,
+                                                             grad_scale(grad_output, n))
 
 
 def head_size_reason(d_s: int, d_t: int, dtypes, batch_heads: int) -> Optional[str]:

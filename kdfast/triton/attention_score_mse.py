@@ -1,4 +1,8 @@
-"""``attention_score_mse`` on the ``triton`` backend: Gram algebra in float64 (DESIGN.md).
+"""``attention_score_mse`` on the ``triton`` backend: Gram algebra in float64 (DESIGN.md), launched by the
+``triton_op`` ``kdfast::attention_mse_gram_triton(q_s, k_s, q_t, k_t, key_mask, grad_scale_q, grad_scale_k,
+with_grad) -> (head_energy, dq_s, dk_s)`` (the kernel contract of ``kdfast/functions/attention_score_mse.py``
+with alpha = d^-1/2 on both sides; an explicit fake implementation, no autograd formula: it is the forward
+piece of the loss op ``kdfast::attention_score_mse``, whose registered formula scales the gradients it keeps).
 
 Per (batch, head) the sides are concatenated into L x n operands (n = d_s + d_t, padded to N_PAD):
 X = [a_s Q_s | -a_t Q_t] and Y = [K_s | K_t] with masked key rows 0. Three kernels:
@@ -7,7 +11,7 @@ X = [a_s Q_s | -a_t Q_t] and Y = [K_s | K_t] with masked key rows 0. Three kerne
    over L. Loads are cast to float64 before ``tl.dot`` (products of fp32 values are exact there),
    so E keeps its digits when the student is close to the teacher.
 2. ``_energy_kernel``: E = <GQ, GK> per head, one program each (deterministic).
-3. ``_grad_kernel``: one BLOCK_L x BLOCK_D tile of scale * (P G)[:, :d_s] (dQ_s from X, GK;
+3. ``_grad_kernel``: one BLOCK_L x BLOCK_D tile of grad_scale * (P G)[:, :d_s] (dQ_s from X, GK;
    dK_s from Y, GQ), float64 accumulation, stored as fp32.
 
 Workspace: two float64 [B*h, N_PAD, N_PAD] Grams; nothing of size L x L.
@@ -19,6 +23,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from kdfast._buffers import new_output
 from kdfast.functions.attention_score_mse import decline
@@ -105,8 +110,6 @@ def _grad_kernel(s_ptr, t_ptr, mask_ptr, gram_ptr, out_ptr, grad_scale, L, H, d_
         g = tl.load(gram + ks[:, None] * N_PAD + cols[None, :])
         acc += tl.dot(p, g)
     acc = acc * grad_scale
-    if IS_QUERY:
-        acc = acc / tl.sqrt(d_s.to(tl.float64))
     out = out_ptr + bh.to(tl.int64) * L * d_s + rows[:, None] * d_s + cols[None, :]
     tl.store(out, acc.to(tl.float32), mask=(rows[:, None] < L) & (cols[None, :] < d_s))
 
@@ -116,34 +119,56 @@ def _side_args(student: torch.Tensor, teacher: torch.Tensor, key_mask: Optional[
     return [*student.stride(), *teacher.stride(), *mask_strides]
 
 
-def kernel(q_s, k_s, q_t, k_t, key_mask, alpha_s, alpha_t, grad_scale_q, grad_scale_k, with_grad):
+def _outputs(q_s: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """head_energy float64 [B*h]; dq_s, dk_s fp32 [B, h, L, d_s] contiguous ([0] without ``with_grad``)."""
+    batch, heads = q_s.shape[:2]
+    grads = (new_output(q_s.shape, torch.float32, q_s.device) if with_grad else
+             q_s.new_empty((0,), dtype=torch.float32) for _ in range(2))
+    return new_output((batch * heads,), torch.float64, q_s.device), *grads
+
+
+@triton_op("kdfast::attention_mse_gram_triton", mutates_args=())
+def _attention_mse_gram(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
+                        key_mask: Optional[torch.Tensor], grad_scale_q: float, grad_scale_k: float,
+                        with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, heads, length, d_s = q_s.shape
     d_t = q_t.shape[-1]
     n_pad = triton.cdiv(d_s + d_t, BLOCK_N) * BLOCK_N
     device = q_s.device
+    energy, dq_s, dk_s = _outputs(q_s, with_grad)
     mask = None if key_mask is None else key_mask.view(torch.uint8)
     mask_arg = q_s if mask is None else mask  # any pointer; never read without HAS_MASK
     grams = {}
     for name, (s, t, has_mask) in {"q": (q_s, q_t, False), "k": (k_s, k_t, mask is not None)}.items():
         grams[name] = new_output((batch * heads, n_pad, n_pad), torch.float64, device)
         grid = (n_pad // BLOCK_N, n_pad // BLOCK_N, batch * heads)
-        _gram_kernel[grid](s, t, mask_arg, grams[name], length, heads, d_s, d_t, *_side_args(s, t, mask),
-                           N_PAD=n_pad, IS_QUERY=name == "q", HAS_MASK=has_mask, BLOCK_L=BLOCK_L, BLOCK_N=BLOCK_N)
-    energy = new_output((batch * heads,), torch.float64, device)
-    _energy_kernel[(batch * heads,)](grams["q"], grams["k"], energy, N_PAD=n_pad, BLOCK=1024)
+        wrap_triton(_gram_kernel)[grid](s, t, mask_arg, grams[name], length, heads, d_s, d_t, *_side_args(s, t, mask),
+                                        N_PAD=n_pad, IS_QUERY=name == "q", HAS_MASK=has_mask, BLOCK_L=BLOCK_L,
+                                        BLOCK_N=BLOCK_N)
+    wrap_triton(_energy_kernel)[(batch * heads,)](grams["q"], grams["k"], energy, N_PAD=n_pad, BLOCK=1024)
     if not with_grad:
-        return energy, None, None
-    grads = []
-    # dQ_s = 2 a_s/N X GK and dK_s = 2/N Y GQ: each side multiplies its operand by the other's Gram.
-    for s, t, gram, has_mask, is_query in ((q_s, q_t, grams["k"], False, True),
-                                           (k_s, k_t, grams["q"], mask is not None, False)):
-        out = new_output(q_s.shape, torch.float32, device)
+        return energy, dq_s, dk_s
+    # dQ_s = grad_scale_q X GK and dK_s = grad_scale_k Y GQ: each side multiplies its operand by the other's Gram.
+    for s, t, gram, has_mask, is_query, out, scale in ((q_s, q_t, grams["k"], False, True, dq_s, grad_scale_q),
+                                                       (k_s, k_t, grams["q"], mask is not None, False, dk_s,
+                                                        grad_scale_k)):
         grid = (triton.cdiv(length, BLOCK_L), triton.cdiv(d_s, BLOCK_N), batch * heads)
-        _grad_kernel[grid](s, t, mask_arg, gram, out, 2.0 / (batch * heads * length * length), length, heads,
-                           d_s, d_t, *_side_args(s, t, mask), N_PAD=n_pad, IS_QUERY=is_query, HAS_MASK=has_mask,
-                           BLOCK_L=BLOCK_L, BLOCK_N=BLOCK_N)
-        grads.append(out)
-    return energy, grads[0], grads[1]
+        wrap_triton(_grad_kernel)[grid](s, t, mask_arg, gram, out, scale, length, heads, d_s, d_t,
+                                        *_side_args(s, t, mask), N_PAD=n_pad, IS_QUERY=is_query, HAS_MASK=has_mask,
+                                        BLOCK_L=BLOCK_L, BLOCK_N=BLOCK_N)
+    return energy, dq_s, dk_s
+
+
+@_attention_mse_gram.register_fake
+def _(q_s, k_s, q_t, k_t, key_mask, grad_scale_q, grad_scale_k, with_grad):
+    return _outputs(q_s, with_grad)
+
+
+def kernel(q_s, k_s, q_t, k_t, key_mask, alpha_s, alpha_t, grad_scale_q, grad_scale_k, with_grad):
+    """The driver's kernel contract on ``kdfast::attention_mse_gram_triton``. The kernels scale the scores by
+    d^-1/2 themselves, which is what the driver passes as ``alpha_s``, ``alpha_t``."""
+    return torch.ops.kdfast.attention_mse_gram_triton(q_s, k_s, q_t, k_t, key_mask, grad_scale_q, grad_scale_k,
+                                                      with_grad)
 
 
 def unsupported_reason(q_s=None, q_t=None, **_) -> Optional[str]:

@@ -5,6 +5,10 @@ grad = grad_scale * (y - t) (in place of y when asked; 0 on masked rows), and st
 partials (CHUNK_ROWS rows x BLOCK_W columns) of the squared-error sum and of the column sums of
 grad (the bias gradient).
 The partials are reduced in a fixed order by torch, so results are bitwise reproducible.
+The launcher is the ``triton_op`` ``kdfast::hidden_mse_rows_triton(y, t, row_mask, grad_scale, grad,
+column_sum) -> loss_sum`` (the row-kernel contract of ``kdfast/functions/hidden_mse.py``; ``grad`` and
+``column_sum`` mutated), with an explicit fake implementation and no autograd formula: it is the forward
+piece of the loss op ``kdfast::hidden_mse``, whose registered formula scales the gradients it keeps.
 """
 from __future__ import annotations
 
@@ -13,9 +17,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from kdfast._buffers import new_output
-from kdfast.functions.hidden_mse import decline
+from kdfast.functions.hidden_mse import decline, fake_rows, reduce_partials
 from kdfast.ops import hidden
 from kdfast.triton.static import KernelSpec
 
@@ -54,18 +59,26 @@ def _rows_kernel(y_ptr, y_ld, t_ptr, t_ld, mask_ptr, grad_ptr, grad_ld, loss_par
         tl.store(column_part_ptr + chunk.to(tl.int64) * width + cols, column_sum, mask=col_in)
 
 
-def rows(y, t, row_mask, grad_scale, grad, column_sum) -> torch.Tensor:
+@triton_op("kdfast::hidden_mse_rows_triton", mutates_args=("grad", "column_sum"))
+def _hidden_mse_rows(y: Optional[torch.Tensor], t: torch.Tensor, row_mask: Optional[torch.Tensor], grad_scale: float,
+                     grad: torch.Tensor, column_sum: Optional[torch.Tensor]) -> torch.Tensor:
+    y = grad if y is None else y
     rows, width = y.shape
     grid = (triton.cdiv(rows, CHUNK_ROWS), triton.cdiv(width, BLOCK_W))
     loss_part = new_output(grid, torch.float64, y.device)
     column_part = new_output((grid[0], width), torch.float32, y.device) if column_sum is not None else loss_part
     mask = row_mask.view(torch.uint8) if row_mask is not None else y
-    _rows_kernel[grid](y, y.stride(0), t, t.stride(0), mask, grad, grad.stride(0), loss_part, column_part,
-                       rows, width, grad_scale, HAS_MASK=row_mask is not None, HAS_COLUMNS=column_sum is not None,
-                       CHUNK_ROWS=CHUNK_ROWS, BLOCK_R=BLOCK_R, BLOCK_W=BLOCK_W)
-    if column_sum is not None:
-        column_sum.copy_(column_part.sum(0))
-    return loss_part.sum()
+    wrap_triton(_rows_kernel)[grid](y, y.stride(0), t, t.stride(0), mask, grad, grad.stride(0), loss_part,
+                                    column_part, rows, width, grad_scale, HAS_MASK=row_mask is not None,
+                                    HAS_COLUMNS=column_sum is not None, CHUNK_ROWS=CHUNK_ROWS, BLOCK_R=BLOCK_R,
+                                    BLOCK_W=BLOCK_W)
+    return reduce_partials(loss_part, column_part, column_sum)
+
+
+_hidden_mse_rows.register_fake(fake_rows)
+
+
+rows = torch.ops.kdfast.hidden_mse_rows_triton  # the driver's row-kernel contract (kdfast/functions/hidden_mse.py)
 
 
 def unsupported_reason(h_s=None, h_t=None, **_) -> Optional[str]:

@@ -1,4 +1,5 @@
-"""MiniLMv2 relation KL on the ``triton`` backend: the attention-KL kernels with q = k = x.
+"""MiniLMv2 relation KL on the ``triton`` backend: the attention-KL kernel ops (``kdfast/triton/attention_kl.py``)
+with q = k = x.
 
 x_s [B, L, H_s] and x_t [B, L, H_t] are read in place as A_r relation heads of d = H / A_r
 (strided views, no copy; student and teacher head sizes may differ and A_r need not equal the
@@ -11,16 +12,10 @@ from typing import Optional
 
 import torch
 
-from kdfast._buffers import new_output
 from kdfast.ops import attention
-from kdfast.triton.attention_kl import (
-    backward_grads,
-    forward_rows,
-    grad_scale,
-    head_size_reason,
-    mean_over_valid_rows,
-    unit_last_stride,
-)
+from kdfast.triton.attention_kl import backward as attention_backward
+from kdfast.triton.attention_kl import forward as attention_forward
+from kdfast.triton.attention_kl import head_size_reason, unit_last_stride
 
 
 def relation_heads(x: torch.Tensor, num_relation_heads: int) -> torch.Tensor:
@@ -31,23 +26,17 @@ def relation_heads(x: torch.Tensor, num_relation_heads: int) -> torch.Tensor:
 def forward(x_s, x_t, num_relation_heads, key_mask):
     """Op ``relation_kl``'s forward: (mean KL(R_t || R_s), lse_s, lse_t [B, A_r, L], row count n)."""
     x_s, x_t = unit_last_stride(x_s), unit_last_stride(x_t)
-    heads_s, heads_t = relation_heads(x_s, num_relation_heads), relation_heads(x_t, num_relation_heads)
-    kl, lse_s, lse_t = forward_rows(heads_s, heads_s, heads_t, heads_t, key_mask)
-    loss, n = mean_over_valid_rows(kl, key_mask)
-    return loss, lse_s, lse_t, n
+    return attention_forward(relation_heads(x_s, num_relation_heads), None, relation_heads(x_t, num_relation_heads),
+                             None, key_mask)
 
 
 def backward(grad_output, x_s, x_t, num_relation_heads, key_mask, lse_s, lse_t, n):
-    """Op ``relation_kl``'s backward: d x_s from x_s, x_t and the two LSEs."""
+    """Op ``relation_kl``'s backward: d x_s from x_s, x_t and the two LSEs (the kernel op writes it as a head
+    view of a [B, L, H_s] buffer when x_s is dense, so the reshape copies nothing)."""
     x_s, x_t = unit_last_stride(x_s), unit_last_stride(x_t)
-    heads = num_relation_heads
-    dx = new_output(x_s.shape, x_s.dtype, x_s.device)
-    # dq goes to an fp32 buffer with dx's layout (dx itself when fp32); the key pass adds it.
-    dq = dx if dx.dtype == torch.float32 else new_output(x_s.shape, torch.float32, x_s.device)
-    heads_s, heads_t = relation_heads(x_s, heads), relation_heads(x_t, heads)
-    backward_grads(heads_s, heads_s, heads_t, heads_t, key_mask, lse_s, lse_t, grad_scale(grad_output, n),
-                   relation_heads(dq, heads), relation_heads(dx, heads), dk_adds_dq=True)
-    return dx
+    dx, _ = attention_backward(grad_output, relation_heads(x_s, num_relation_heads), None,
+                               relation_heads(x_t, num_relation_heads), None, key_mask, lse_s, lse_t, n)
+    return dx.transpose(1, 2).reshape(x_s.shape)
 
 
 def unsupported_reason(x_s: torch.Tensor, x_t: torch.Tensor, num_relation_heads: int,
