@@ -183,6 +183,16 @@ RowResult kd_row(float* s, float* t, index_t vocab, int64_t label, float kd_coef
   return {kd, mlm};
 }
 
+// Vocab-major walks step ld elements per v, a new 4 KiB page every few steps, where the hardware prefetchers stop:
+// fetch both operands' kLanes entries kAhead steps ahead.
+constexpr index_t kAhead = 16;
+inline void prefetch_ahead(const float* s, const float* t, index_t v, index_t ld) {
+  __builtin_prefetch(s + (v + kAhead) * ld);
+  __builtin_prefetch(s + (v + kAhead) * ld + 16);
+  __builtin_prefetch(t + (v + kAhead) * ld);
+  __builtin_prefetch(t + (v + kAhead) * ld + 16);
+}
+
 // Online (max, sum) states of kLanes rows, one array per field so a loop over the lanes vectorises.
 struct LaneSums {
   float max[kLanes];
@@ -255,7 +265,7 @@ struct LaneDivSums {
 struct LaneStats {
   float s_max[kLanes], t_max[kLanes], log_sum_a[kLanes], log_sum_b[kLanes], log_sum_s[kLanes];
   float inv_sum_a[kLanes], inv_sum_b[kLanes], inv_sum_s[kLanes];
-  float kd_coef[kLanes], mlm_coef[kLanes], t_ref[kLanes], sp_ref[kLanes];
+  float kd_coef[kLanes], mlm_coef[kLanes], t_ref[kLanes], sp_ref[kLanes], zeta0[kLanes];
   float k[kLanes];  // sum q*delta of the row (reverse KL: after pass 1; JSD: after pass 2)
   float inv_t, beta, log_beta, log_1m_beta, div_w;
   bool raw_softmax;
@@ -267,7 +277,7 @@ struct LaneStats {
     s_max[l] = st.s_max, t_max[l] = st.t_max, log_sum_a[l] = st.log_sum_a, log_sum_b[l] = st.log_sum_b;
     log_sum_s[l] = st.log_sum_s, inv_sum_a[l] = st.inv_sum_a, inv_sum_b[l] = st.inv_sum_b;
     inv_sum_s[l] = st.inv_sum_s, kd_coef[l] = st.kd_coef, mlm_coef[l] = st.mlm_coef;
-    t_ref[l] = st.t_ref, sp_ref[l] = st.sp_ref;
+    t_ref[l] = st.t_ref, sp_ref[l] = st.sp_ref, zeta0[l] = st.zeta0;
     inv_t = st.inv_t, beta = st.beta, log_beta = st.log_beta, log_1m_beta = st.log_1m_beta, div_w = st.div_w;
     one_m_beta = st.one_m_beta, kind = st.kind;
   }
@@ -275,7 +285,7 @@ struct LaneStats {
   RowStats at(index_t l) const {
     return {inv_t,        s_max[l],     t_max[l],   log_sum_a[l], log_sum_b[l], log_sum_s[l], inv_sum_a[l],
             inv_sum_b[l], inv_sum_s[l], kd_coef[l], mlm_coef[l],  raw_softmax,  kind,         t_ref[l],
-            beta,         log_beta,     log_1m_beta, one_m_beta,  div_w,       sp_ref[l]};
+            beta,         log_beta,     log_1m_beta, one_m_beta,  div_w,       sp_ref[l],    zeta0[l]};
   }
 };
 
@@ -284,6 +294,7 @@ template <int Raw>
 inline __attribute__((always_inline)) void reverse_kl_lane_pass(float* s, const float* t, index_t n, index_t vocab,
                                                                 index_t ld, const LaneStats& st) {
   for (index_t v = 0; v < vocab; ++v) {
+    prefetch_ahead(s, t, v, ld);
     float* sv = s + v * ld;
     const float* tv = t + v * ld;
 #pragma omp simd
@@ -300,6 +311,7 @@ inline __attribute__((always_inline)) void jsd_lane_passes(float* s, float* t, i
   for (index_t start = 0; start < vocab; start += kBlock) {
     float q_delta[kLanes] = {}, p_term[kLanes] = {};
     for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+      prefetch_ahead(s, t, v, ld);
       float* sv = s + v * ld;
       float* tv = t + v * ld;
 #pragma omp simd
@@ -321,6 +333,7 @@ inline __attribute__((always_inline)) void jsd_lane_passes(float* s, float* t, i
   float k[kLanes];
   for (index_t l = 0; l < n; ++l) k[l] = st_out.k[l];
   for (index_t v = 0; v < vocab; ++v) {
+    prefetch_ahead(s, t, v, ld);
     float* sv = s + v * ld;
     const float* tv = t + v * ld;
 #pragma omp simd
@@ -360,6 +373,7 @@ inline __attribute__((always_inline)) void kl_lane_pass(float* s, const float* t
   for (index_t start = 0; start < vocab; start += kBlock) {
     float kd_block[kLanes] = {};
     for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+      prefetch_ahead(s, t, v, ld);
       float* sv = s + v * ld;
       const float* tv = t + v * ld;
 #pragma omp simd
@@ -392,9 +406,13 @@ void kd_lanes(float* s, float* t, index_t n, index_t vocab, index_t ld, const in
     LaneDivSums pa_div;
     float t_ref_block[kLanes] = {};
     for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+      prefetch_ahead(s, t, v, ld);
       if (jsd) {
 #pragma omp simd
-        for (index_t l = 0; l < n; ++l) t_ref_block[l] = s[l + v * ld] > pa.max[l] ? t[l + v * ld] : t_ref_block[l];
+        for (index_t l = 0; l < n; ++l) {
+          const float x = s[l + v * ld], y = t[l + v * ld];  // both loaded: a masked load is slow
+          t_ref_block[l] = x > pa.max[l] ? y : t_ref_block[l];
+        }
       }
       if (reverse) {
         pa_div.add(s + v * ld, t + v * ld, n, inv_t);
