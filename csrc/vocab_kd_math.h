@@ -320,6 +320,14 @@ VOCAB_KD_HD float reverse_kl_grad_as(float s, float t, const RowStats& st, float
   return st.kd_coef * x.q * (delta - k) + st.mlm_coef * raw_softmax_as<Raw>(s, x.e_a, x.q, st);
 }
 
+// reverse_kl_grad_as with the row's raw_softmax_mode picked per call (the CUDA kernel; CPU loops hoist it).
+VOCAB_KD_HD float reverse_kl_grad(float s, float t, const RowStats& st, float k) {
+  const int raw = raw_softmax_mode(st);
+  return raw == kRawIsQ      ? reverse_kl_grad_as<kRawIsQ>(s, t, st, k)
+         : raw == kRawSquared ? reverse_kl_grad_as<kRawSquared>(s, t, st, k)
+                              : reverse_kl_grad_as<kRawExp>(s, t, st, k);
+}
+
 // JSD pass 2, one element: ``grad`` = kd_coef*w*q*delta + mlm_coef*softmax(s) (pass 3 subtracts k*``q_coef``),
 // ``q_coef`` = kd_coef*w*q, and the row sums' terms q*delta and p*(log p - log m) (0 where p = 0).
 struct JsdElement {
@@ -338,6 +346,13 @@ VOCAB_KD_HD JsdElement jsd_element_as(float s, float t, const RowStats& st) {
   const float q_coef = st.kd_coef * st.div_w * x.s.q;
   return {q_coef * delta + st.mlm_coef * raw_softmax_as<Raw>(s, x.s.e_a, x.s.q, st), q_coef, x.s.q * delta,
           x.p > 0.0f ? x.p * log_p_over_m : 0.0f};
+}
+
+VOCAB_KD_HD JsdElement jsd_element(float s, float t, const RowStats& st) {
+  const int raw = raw_softmax_mode(st);
+  return raw == kRawIsQ      ? jsd_element_as<kRawIsQ>(s, t, st)
+         : raw == kRawSquared ? jsd_element_as<kRawSquared>(s, t, st)
+                              : jsd_element_as<kRawExp>(s, t, st);
 }
 
 // After pass 2, from the row's sums of q*delta and p_term: its KD term and k = sum q*delta.

@@ -136,26 +136,20 @@ vocab_kd_rows_kernel(float* __restrict__ s_all, float* __restrict__ t_all, const
   const float s_label = has_label ? s[label] : 0.0f;  // read before the last pass overwrites it
   __syncthreads();
 
-  const int raw_mode = vocab_kd::raw_softmax_mode(st);
   float kd = 0.0f;
   if (reverse) {
     const float k = a_div.acc / a_div.sum;
     kd = vocab_kd::div_finish(st, k, 0.0f).kd;
     for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
       const float sv = s[v], tv = t[v];
-      s[v] = raw_mode == vocab_kd::kRawIsQ      ? vocab_kd::reverse_kl_grad_as<vocab_kd::kRawIsQ>(sv, tv, st, k)
-             : raw_mode == vocab_kd::kRawSquared ? vocab_kd::reverse_kl_grad_as<vocab_kd::kRawSquared>(sv, tv, st, k)
-                                                 : vocab_kd::reverse_kl_grad_as<vocab_kd::kRawExp>(sv, tv, st, k);
+      s[v] = vocab_kd::reverse_kl_grad(sv, tv, st, k);
     }
     __syncthreads();  // the last pass's writes before the label fix
   } else if (jsd) {
     float sum_q_delta = 0.0f, sum_p_term = 0.0f;
     for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
       const float sv = s[v], tv = t[v];
-      const vocab_kd::JsdElement e =
-          raw_mode == vocab_kd::kRawIsQ      ? vocab_kd::jsd_element_as<vocab_kd::kRawIsQ>(sv, tv, st)
-          : raw_mode == vocab_kd::kRawSquared ? vocab_kd::jsd_element_as<vocab_kd::kRawSquared>(sv, tv, st)
-                                              : vocab_kd::jsd_element_as<vocab_kd::kRawExp>(sv, tv, st);
+      const vocab_kd::JsdElement e = vocab_kd::jsd_element(sv, tv, st);
       s[v] = e.grad;
       t[v] = e.q_coef;
       sum_q_delta += e.q_delta;
