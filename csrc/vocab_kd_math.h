@@ -162,17 +162,17 @@ VOCAB_KD_HD float vocab_log1p_ratio(float lo, float hi) {
 }
 
 // JSD: softplus(zeta) and softplus(-zeta) of one element, zeta = log p - log q + log(beta/(1-beta)) =
-// (b - a) + zeta0 (-inf where p = 0), from a = (s - s_max)/T, b = (t - t_max)/T and their exps e_a, e_b;
-// exp(-|zeta|) is min/max of beta p and (1-beta) q. row_stats takes sp_ref from it too (a = 0, e_a = 1), so the
-// argmax's delta is exactly 0.
+// (b - a) + zeta0 (-inf where p = 0), from a = (s - s_max)/T, b = (t - t_max)/T and q, p; exp(-|zeta|) is
+// min/max of beta p and (1-beta) q. row_stats takes sp_ref from it too (a = 0, q = inv_sum_a), so the argmax's
+// delta is exactly 0.
 struct JsdSoftplus {
   float pos;
   float neg;
 };
 
-VOCAB_KD_HD JsdSoftplus jsd_softplus(float a, float b, float e_a, float e_b, const RowStats& st) {
+VOCAB_KD_HD JsdSoftplus jsd_softplus(float a, float b, float q, float p, const RowStats& st) {
   const float zeta = (b - a) + st.zeta0;
-  const float bp = (st.beta * st.inv_sum_b) * e_b, bq = (st.one_m_beta * st.inv_sum_a) * e_a;
+  const float bp = st.beta * p, bq = st.one_m_beta * q;
   const float log1p_e = vocab_log1p_ratio(bp > bq ? bq : bp, bp > bq ? bp : bq);
   return {(zeta > 0.0f ? zeta : 0.0f) + log1p_e, (zeta < 0.0f ? -zeta : 0.0f) + log1p_e};
 }
@@ -236,9 +236,10 @@ VOCAB_KD_HD RowStats row_stats(OnlineSum a, OnlineSum b, OnlineSum raw, float te
   st.one_m_beta = 1.0f - beta;
   st.div_w = kind == kReverseKL ? 1.0f : 1.0f - beta;
   st.zeta0 = (st.log_sum_a - st.log_sum_b) + (st.log_beta - st.log_1m_beta);
-  // The student's argmax r (a = 0, e_a = 1), as jsd_element_as computes it there.
+  // The student's argmax r (a = 0, q = 1 * inv_sum_a), as jsd_element_as computes it there.
   const float b_r = (t_ref - st.t_max) * st.inv_t;
-  st.sp_ref = kind == kJSD ? jsd_softplus(0.0f, b_r, 1.0f, vocab_exp(b_r), st).pos : 0.0f;
+  st.sp_ref = kind == kJSD ? jsd_softplus(0.0f, b_r, 1.0f * st.inv_sum_a, vocab_exp(b_r) * st.inv_sum_b, st).pos
+                           : 0.0f;
   return st;
 }
 
@@ -340,7 +341,7 @@ struct JsdElement {
 template <int Raw>
 VOCAB_KD_HD JsdElement jsd_element_as(float s, float t, const RowStats& st) {
   const ElementTerms x = element_terms(s, t, st);
-  const JsdSoftplus sp = jsd_softplus(x.s.a, x.b, x.s.e_a, x.e_b, st);
+  const JsdSoftplus sp = jsd_softplus(x.s.a, x.b, x.s.q, x.p, st);
   const float delta = st.sp_ref - sp.pos;
   const float log_p_over_m = -st.log_beta - sp.neg;  // -inf where p = 0
   const float q_coef = st.kd_coef * st.div_w * x.s.q;
