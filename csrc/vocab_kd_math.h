@@ -21,7 +21,8 @@
 // D = -log(1-beta) - sp(zeta) and log p - log m = -log(beta) - sp(-zeta), so delta = sp(zeta_r) - sp(zeta) stays
 // accurate (to its own size) where p << q, and JSD = beta sum p (-log beta - sp(-zeta)) + (1-beta) (D_r + k).
 // sp(+-zeta) = max(+-zeta, 0) + log1p(exp(-|zeta|)), and exp(-|zeta|) = min(beta p, (1-beta) q) / max(...) from
-// the element's two exps: per element two exps, one log and two divisions (was six transcendentals).
+// the element's two exps; zeta = (b - a) + zeta0 with a per-row zeta0, and log1p of that ratio is a short series
+// (vocab_log1p_ratio): per element two exps and one division, no log (was two exps, a log and two divisions).
 // JSD needs 0 < beta < 1 (beta = 0 and 1 are forward and reverse KL: kdfast._reduction.kd_term).
 #pragma once
 #include <cfloat>
