@@ -69,6 +69,8 @@ def test_several_kinds_in_one_run(tmp_path, monkeypatch):
     assert kernels.kind_list("kl, jsd") == ("kl", "jsd")
     with pytest.raises(argparse.ArgumentTypeError, match="got 'kl,js'"):
         kernels.kind_list("kl,js")
+    keep = kernels._shape_filter(["rows=2048", "V=30522,128256"])
+    assert keep({"rows": 2048, "V": 128256}) and not keep({"rows": 2048, "V": 151936})
 
 
 def test_llm_shapes_keep_the_cuda_chunk_bytes():

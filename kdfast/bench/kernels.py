@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impl", action="append", default=None,
                         help="only these impls (repeatable; 'floor' is always timed)")
     parser.add_argument("--shape", action="append", default=None, metavar="KEY=VALUE",
-                        help="only the shapes with this value (repeatable, e.g. --shape rows=2048 --shape Hs=384)")
+                        help="only the shapes with this value, or any of a comma list (repeatable, e.g. "
+                             "--shape rows=2048 --shape Hs=384,2048 --shape V=30522,128256)")
     parser.add_argument("--kind", default=None, type=kind_list, metavar="KIND[,KIND...]|all",
                         help="the KD divergences of ops that take one (vocab_kd; default: its own, kl): one of "
                              f"{', '.join(KINDS)}, a comma list, or 'all'; one result row per kind and shape")
@@ -79,9 +80,10 @@ def _max_rel_err(outputs: tuple, reference: tuple) -> float:
 
 
 def _shape_filter(pairs: Optional[list]) -> Callable[[dict], bool]:
-    """``["rows=2048", "Hs=384"]`` -> a predicate keeping shapes whose values match (as strings)."""
-    wanted = dict(pair.split("=", 1) for pair in (pairs or []))
-    return lambda shape: all(str(shape.get(key)) == value for key, value in wanted.items())
+    """``["rows=2048", "V=30522,128256"]`` -> a predicate keeping shapes whose values match (as strings): every
+    key, any of its comma-separated values."""
+    wanted = {key: value.split(",") for key, value in (pair.split("=", 1) for pair in (pairs or []))}
+    return lambda shape: all(str(shape.get(key)) in values for key, values in wanted.items())
 
 
 def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick: bool, only: Optional[list],
