@@ -143,14 +143,14 @@ def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick:
 
 
 def format_table(results: list[dict]) -> str:
-    head = (f"{'op':<14}{'impl':<19}{'backend':<9}{'shape':<44}{'dtype':<10}"
+    head = (f"{'op':<14}{'impl':<19}{'backend':<9}{'shape':<56}{'dtype':<10}"
             f"{'ms':>10}{'x floor':>9}{'peak MB':>10}{'work MB':>10}{'rel err':>10}")
     lines = [head, "-" * len(head)]
     for r in results:
         shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
         err = "-" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"
         ratio = f"{r['vs_floor']:.2f}" if r.get("vs_floor") else "-"
-        lines.append(f"{r['op']:<14}{r['impl']:<19}{r['backend'] or '-':<9}{shape:<44}{r['dtype']:<10}"
+        lines.append(f"{r['op']:<14}{r['impl']:<19}{r['backend'] or '-':<9}{shape:<55} {r['dtype']:<10}"
                      f"{r['median_ms']:>10.1f}{ratio:>9}{r['peak_mb']:>10.1f}{r['working_mb']:>10.1f}{err:>10}")
     return "\n".join(lines)
 
