@@ -46,6 +46,15 @@ inline float value_at_max(const float* x, const float* y, index_t n, float m) {
   return out;
 }
 
+// Pass::run<Raw>(args...) with Raw = raw (vocab_kd::raw_softmax_mode) as a template argument, so each pass's
+// loop is compiled branch-free for its mode.
+template <class Pass, class... Args>
+inline __attribute__((always_inline)) auto with_raw_mode(int raw, Args&&... args) {
+  return raw == vocab_kd::kRawIsQ      ? Pass::template run<vocab_kd::kRawIsQ>(args...)
+         : raw == vocab_kd::kRawSquared ? Pass::template run<vocab_kd::kRawSquared>(args...)
+                                        : Pass::template run<vocab_kd::kRawExp>(args...);
+}
+
 struct RowResult {
   float kd;
   float mlm;
@@ -66,74 +75,70 @@ inline vocab_kd::DivSum block_div_sum(const float* x, const float* y, index_t n,
 }
 
 // Reverse KL pass 2 of one row-major row (k = sum q*delta from pass 1). Raw: raw_softmax_mode.
-template <int Raw>
-inline __attribute__((always_inline)) void reverse_kl_pass(float* s, const float* t, index_t vocab,
-                                                           const RowStats& st, float k) {
-  const RowStats row = st;  // a local copy: the stores to s cannot alias it
+struct ReverseKlPass {
+  template <int Raw>
+  static inline __attribute__((always_inline)) void run(float* s, const float* t, index_t vocab,
+                                                        const RowStats& st, float k) {
+    const RowStats row = st;  // a local copy: the stores to s cannot alias it
 #pragma omp simd
-  for (index_t v = 0; v < vocab; ++v) s[v] = vocab_kd::reverse_kl_grad_as<Raw>(s[v], t[v], row, k);
-}
+    for (index_t v = 0; v < vocab; ++v) s[v] = vocab_kd::reverse_kl_grad_as<Raw>(s[v], t[v], row, k);
+  }
+};
 
 // JSD passes 2 and 3 of one row-major row (t becomes scratch); returns the row's KD term.
-template <int Raw>
-inline __attribute__((always_inline)) float jsd_pass(float* s, float* t, index_t vocab, const RowStats& st) {
-  float sum_q_delta = 0.0f, sum_p_term = 0.0f;
-  for (index_t start = 0; start < vocab; start += kBlock) {
-    float q_delta = 0.0f, p_term = 0.0f;
+struct JsdPass {
+  template <int Raw>
+  static inline __attribute__((always_inline)) float run(float* s, float* t, index_t vocab, const RowStats& st) {
+    float sum_q_delta = 0.0f, sum_p_term = 0.0f;
+    for (index_t start = 0; start < vocab; start += kBlock) {
+      float q_delta = 0.0f, p_term = 0.0f;
 #pragma omp simd reduction(+ : q_delta, p_term)
-    for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
-      const vocab_kd::JsdElement e = vocab_kd::jsd_element_as<Raw>(s[v], t[v], st);
-      s[v] = e.grad;
-      t[v] = e.q_coef;
-      q_delta += e.q_delta;
-      p_term += e.p_term;
+      for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+        const vocab_kd::JsdElement e = vocab_kd::jsd_element_as<Raw>(s[v], t[v], st);
+        s[v] = e.grad;
+        t[v] = e.q_coef;
+        q_delta += e.q_delta;
+        p_term += e.p_term;
+      }
+      sum_q_delta += q_delta, sum_p_term += p_term;
     }
-    sum_q_delta += q_delta, sum_p_term += p_term;
-  }
-  const vocab_kd::DivTotals totals = vocab_kd::div_finish(st, sum_q_delta, sum_p_term);
+    const vocab_kd::DivTotals totals = vocab_kd::div_finish(st, sum_q_delta, sum_p_term);
 #pragma omp simd
-  for (index_t v = 0; v < vocab; ++v) s[v] -= totals.k * t[v];
-  return totals.kd;
-}
+    for (index_t v = 0; v < vocab; ++v) s[v] -= totals.k * t[v];
+    return totals.kd;
+  }
+};
 
 // Out of line (and cloned per instruction set, with the passes inlined into each clone), so kd_row stays
 // small enough for GCC to inline and vectorise its element math.
 __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
 void reverse_kl_passes(float* s, const float* t, index_t vocab, const RowStats& st, float k) {
-  const int raw = vocab_kd::raw_softmax_mode(st);
-  if (raw == vocab_kd::kRawIsQ) {
-    reverse_kl_pass<vocab_kd::kRawIsQ>(s, t, vocab, st, k);
-  } else if (raw == vocab_kd::kRawSquared) {
-    reverse_kl_pass<vocab_kd::kRawSquared>(s, t, vocab, st, k);
-  } else {
-    reverse_kl_pass<vocab_kd::kRawExp>(s, t, vocab, st, k);
-  }
+  with_raw_mode<ReverseKlPass>(vocab_kd::raw_softmax_mode(st), s, t, vocab, st, k);
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
 float jsd_passes(float* s, float* t, index_t vocab, const RowStats& st) {
-  const int raw = vocab_kd::raw_softmax_mode(st);
-  return raw == vocab_kd::kRawIsQ      ? jsd_pass<vocab_kd::kRawIsQ>(s, t, vocab, st)
-         : raw == vocab_kd::kRawSquared ? jsd_pass<vocab_kd::kRawSquared>(s, t, vocab, st)
-                                        : jsd_pass<vocab_kd::kRawExp>(s, t, vocab, st);
+  return with_raw_mode<JsdPass>(vocab_kd::raw_softmax_mode(st), s, t, vocab, st);
 }
 
 // Forward KL / soft CE pass 2 of one row-major row; returns the row's KD term. Raw: raw_softmax_mode.
-template <int Raw>
-inline __attribute__((always_inline)) float kl_pass(float* s, const float* t, index_t vocab, const RowStats& st) {
-  float kd = 0.0f;
-  for (index_t start = 0; start < vocab; start += kBlock) {
-    float kd_block = 0.0f;
+struct KlPass {
+  template <int Raw>
+  static inline __attribute__((always_inline)) float run(float* s, const float* t, index_t vocab, const RowStats& st) {
+    float kd = 0.0f;
+    for (index_t start = 0; start < vocab; start += kBlock) {
+      float kd_block = 0.0f;
 #pragma omp simd reduction(+ : kd_block)
-    for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
-      const vocab_kd::ElementOut out = vocab_kd::element_grad_as<Raw>(s[v], t[v], st);
-      s[v] = out.grad;
-      kd_block += out.kd_term;
+      for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+        const vocab_kd::ElementOut out = vocab_kd::element_grad_as<Raw>(s[v], t[v], st);
+        s[v] = out.grad;
+        kd_block += out.kd_term;
+      }
+      kd += kd_block;
     }
-    kd += kd_block;
+    return kd;
   }
-  return kd;
-}
+};
 
 // One row-major row: s [V] (overwritten with the gradient), t [V] (scratch for JSD). Pass 1 walks the row a
 // block at a time: the block's maxima, its exp sums relative to them (reverse KL: with its deltas), then one
@@ -174,13 +179,20 @@ RowResult kd_row(float* s, float* t, index_t vocab, int64_t label, float kd_coef
   } else if (kind == vocab_kd::kJSD) {
     kd = jsd_passes(s, t, vocab, st);
   } else {
-    const int raw_mode = vocab_kd::raw_softmax_mode(st);
-    kd = raw_mode == vocab_kd::kRawIsQ      ? kl_pass<vocab_kd::kRawIsQ>(s, t, vocab, st)
-         : raw_mode == vocab_kd::kRawSquared ? kl_pass<vocab_kd::kRawSquared>(s, t, vocab, st)
-                                             : kl_pass<vocab_kd::kRawExp>(s, t, vocab, st);
+    kd = with_raw_mode<KlPass>(vocab_kd::raw_softmax_mode(st), s, t, vocab, st);
   }
   if (has_label) s[label] -= st.mlm_coef;
   return {kd, mlm};
+}
+
+// Vocab-major walks step ld elements per v, a new 4 KiB page every few steps, where the hardware prefetchers stop:
+// fetch both operands' kLanes entries kAhead steps ahead.
+constexpr index_t kAhead = 16;
+inline void prefetch_ahead(const float* s, const float* t, index_t v, index_t ld) {
+  __builtin_prefetch(s + (v + kAhead) * ld);
+  __builtin_prefetch(s + (v + kAhead) * ld + 16);
+  __builtin_prefetch(t + (v + kAhead) * ld);
+  __builtin_prefetch(t + (v + kAhead) * ld + 16);
 }
 
 // Online (max, sum) states of kLanes rows, one array per field so a loop over the lanes vectorises.
@@ -255,7 +267,7 @@ struct LaneDivSums {
 struct LaneStats {
   float s_max[kLanes], t_max[kLanes], log_sum_a[kLanes], log_sum_b[kLanes], log_sum_s[kLanes];
   float inv_sum_a[kLanes], inv_sum_b[kLanes], inv_sum_s[kLanes];
-  float kd_coef[kLanes], mlm_coef[kLanes], t_ref[kLanes], sp_ref[kLanes];
+  float kd_coef[kLanes], mlm_coef[kLanes], t_ref[kLanes], sp_ref[kLanes], zeta0[kLanes];
   float k[kLanes];  // sum q*delta of the row (reverse KL: after pass 1; JSD: after pass 2)
   float inv_t, beta, log_beta, log_1m_beta, div_w;
   bool raw_softmax;
@@ -267,7 +279,7 @@ struct LaneStats {
     s_max[l] = st.s_max, t_max[l] = st.t_max, log_sum_a[l] = st.log_sum_a, log_sum_b[l] = st.log_sum_b;
     log_sum_s[l] = st.log_sum_s, inv_sum_a[l] = st.inv_sum_a, inv_sum_b[l] = st.inv_sum_b;
     inv_sum_s[l] = st.inv_sum_s, kd_coef[l] = st.kd_coef, mlm_coef[l] = st.mlm_coef;
-    t_ref[l] = st.t_ref, sp_ref[l] = st.sp_ref;
+    t_ref[l] = st.t_ref, sp_ref[l] = st.sp_ref, zeta0[l] = st.zeta0;
     inv_t = st.inv_t, beta = st.beta, log_beta = st.log_beta, log_1m_beta = st.log_1m_beta, div_w = st.div_w;
     one_m_beta = st.one_m_beta, kind = st.kind;
   }
@@ -275,103 +287,99 @@ struct LaneStats {
   RowStats at(index_t l) const {
     return {inv_t,        s_max[l],     t_max[l],   log_sum_a[l], log_sum_b[l], log_sum_s[l], inv_sum_a[l],
             inv_sum_b[l], inv_sum_s[l], kd_coef[l], mlm_coef[l],  raw_softmax,  kind,         t_ref[l],
-            beta,         log_beta,     log_1m_beta, one_m_beta,  div_w,       sp_ref[l]};
+            beta,         log_beta,     log_1m_beta, one_m_beta,  div_w,       sp_ref[l],    zeta0[l]};
   }
 };
 
 // Reverse KL pass 2 of n <= kLanes vocab-major rows (st.k from pass 1).
-template <int Raw>
-inline __attribute__((always_inline)) void reverse_kl_lane_pass(float* s, const float* t, index_t n, index_t vocab,
-                                                                index_t ld, const LaneStats& st) {
-  for (index_t v = 0; v < vocab; ++v) {
-    float* sv = s + v * ld;
-    const float* tv = t + v * ld;
+struct ReverseKlLanePass {
+  template <int Raw>
+  static inline __attribute__((always_inline)) void run(float* s, const float* t, index_t n, index_t vocab,
+                                                        index_t ld, const LaneStats& st) {
+    for (index_t v = 0; v < vocab; ++v) {
+      prefetch_ahead(s, t, v, ld);
+      float* sv = s + v * ld;
+      const float* tv = t + v * ld;
 #pragma omp simd
-    for (index_t l = 0; l < n; ++l) sv[l] = vocab_kd::reverse_kl_grad_as<Raw>(sv[l], tv[l], st.at(l), st.k[l]);
+      for (index_t l = 0; l < n; ++l) sv[l] = vocab_kd::reverse_kl_grad_as<Raw>(sv[l], tv[l], st.at(l), st.k[l]);
+    }
   }
-}
+};
 
 // JSD passes 2 and 3 of n <= kLanes vocab-major rows (t becomes scratch); writes the rows' KD terms to kd.
-template <int Raw>
-inline __attribute__((always_inline)) void jsd_lane_passes(float* s, float* t, index_t n, index_t vocab, index_t ld,
-                                                           LaneStats& st_out, float* kd) {
-  const LaneStats st = st_out;  // a local copy: the stores to s and t cannot alias it
-  float sum_q_delta[kLanes] = {}, sum_p_term[kLanes] = {};
-  for (index_t start = 0; start < vocab; start += kBlock) {
-    float q_delta[kLanes] = {}, p_term[kLanes] = {};
-    for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
-      float* sv = s + v * ld;
-      float* tv = t + v * ld;
+struct JsdLanePasses {
+  template <int Raw>
+  static inline __attribute__((always_inline)) void run(float* s, float* t, index_t n, index_t vocab, index_t ld,
+                                                        LaneStats& st_out, float* kd) {
+    const LaneStats st = st_out;  // a local copy: the stores to s and t cannot alias it
+    float sum_q_delta[kLanes] = {}, sum_p_term[kLanes] = {};
+    for (index_t start = 0; start < vocab; start += kBlock) {
+      float q_delta[kLanes] = {}, p_term[kLanes] = {};
+      for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+        prefetch_ahead(s, t, v, ld);
+        float* sv = s + v * ld;
+        float* tv = t + v * ld;
 #pragma omp simd
-      for (index_t l = 0; l < n; ++l) {
-        const vocab_kd::JsdElement e = vocab_kd::jsd_element_as<Raw>(sv[l], tv[l], st.at(l));
-        sv[l] = e.grad;
-        tv[l] = e.q_coef;
-        q_delta[l] += e.q_delta;
-        p_term[l] += e.p_term;
+        for (index_t l = 0; l < n; ++l) {
+          const vocab_kd::JsdElement e = vocab_kd::jsd_element_as<Raw>(sv[l], tv[l], st.at(l));
+          sv[l] = e.grad;
+          tv[l] = e.q_coef;
+          q_delta[l] += e.q_delta;
+          p_term[l] += e.p_term;
+        }
       }
+      for (index_t l = 0; l < n; ++l) sum_q_delta[l] += q_delta[l], sum_p_term[l] += p_term[l];
     }
-    for (index_t l = 0; l < n; ++l) sum_q_delta[l] += q_delta[l], sum_p_term[l] += p_term[l];
-  }
-  for (index_t l = 0; l < n; ++l) {
-    const vocab_kd::DivTotals totals = vocab_kd::div_finish(st.at(l), sum_q_delta[l], sum_p_term[l]);
-    kd[l] = totals.kd;
-    st_out.k[l] = totals.k;
-  }
-  float k[kLanes];
-  for (index_t l = 0; l < n; ++l) k[l] = st_out.k[l];
-  for (index_t v = 0; v < vocab; ++v) {
-    float* sv = s + v * ld;
-    const float* tv = t + v * ld;
+    for (index_t l = 0; l < n; ++l) {
+      const vocab_kd::DivTotals totals = vocab_kd::div_finish(st.at(l), sum_q_delta[l], sum_p_term[l]);
+      kd[l] = totals.kd;
+      st_out.k[l] = totals.k;
+    }
+    float k[kLanes];
+    for (index_t l = 0; l < n; ++l) k[l] = st_out.k[l];
+    for (index_t v = 0; v < vocab; ++v) {
+      prefetch_ahead(s, t, v, ld);
+      float* sv = s + v * ld;
+      const float* tv = t + v * ld;
 #pragma omp simd
-    for (index_t l = 0; l < n; ++l) sv[l] -= k[l] * tv[l];
+      for (index_t l = 0; l < n; ++l) sv[l] -= k[l] * tv[l];
+    }
   }
-}
+};
 
 __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
 void reverse_kl_lanes(float* s, const float* t, index_t n, index_t vocab, index_t ld, const LaneStats& st) {
-  const int raw = vocab_kd::raw_softmax_mode(st.at(0));
-  if (raw == vocab_kd::kRawIsQ) {
-    reverse_kl_lane_pass<vocab_kd::kRawIsQ>(s, t, n, vocab, ld, st);
-  } else if (raw == vocab_kd::kRawSquared) {
-    reverse_kl_lane_pass<vocab_kd::kRawSquared>(s, t, n, vocab, ld, st);
-  } else {
-    reverse_kl_lane_pass<vocab_kd::kRawExp>(s, t, n, vocab, ld, st);
-  }
+  with_raw_mode<ReverseKlLanePass>(vocab_kd::raw_softmax_mode(st.at(0)), s, t, n, vocab, ld, st);
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
 void jsd_lanes(float* s, float* t, index_t n, index_t vocab, index_t ld, LaneStats& st, float* kd) {
-  const int raw = vocab_kd::raw_softmax_mode(st.at(0));
-  if (raw == vocab_kd::kRawIsQ) {
-    jsd_lane_passes<vocab_kd::kRawIsQ>(s, t, n, vocab, ld, st, kd);
-  } else if (raw == vocab_kd::kRawSquared) {
-    jsd_lane_passes<vocab_kd::kRawSquared>(s, t, n, vocab, ld, st, kd);
-  } else {
-    jsd_lane_passes<vocab_kd::kRawExp>(s, t, n, vocab, ld, st, kd);
-  }
+  with_raw_mode<JsdLanePasses>(vocab_kd::raw_softmax_mode(st.at(0)), s, t, n, vocab, ld, st, kd);
 }
 
 // Forward KL / soft CE pass 2 of n <= kLanes vocab-major rows; adds the rows' KD terms to kd. Raw:
 // raw_softmax_mode, one for all lanes (see LaneStats).
-template <int Raw>
-inline __attribute__((always_inline)) void kl_lane_pass(float* s, const float* t, index_t n, index_t vocab,
+struct KlLanePass {
+  template <int Raw>
+  static inline __attribute__((always_inline)) void run(float* s, const float* t, index_t n, index_t vocab,
                                                         index_t ld, const LaneStats& st, float* kd) {
-  for (index_t start = 0; start < vocab; start += kBlock) {
-    float kd_block[kLanes] = {};
-    for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
-      float* sv = s + v * ld;
-      const float* tv = t + v * ld;
+    for (index_t start = 0; start < vocab; start += kBlock) {
+      float kd_block[kLanes] = {};
+      for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+        prefetch_ahead(s, t, v, ld);
+        float* sv = s + v * ld;
+        const float* tv = t + v * ld;
 #pragma omp simd
-      for (index_t l = 0; l < n; ++l) {
-        const vocab_kd::ElementOut out = vocab_kd::element_grad_as<Raw>(sv[l], tv[l], st.at(l));
-        sv[l] = out.grad;
-        kd_block[l] += out.kd_term;
+        for (index_t l = 0; l < n; ++l) {
+          const vocab_kd::ElementOut out = vocab_kd::element_grad_as<Raw>(sv[l], tv[l], st.at(l));
+          sv[l] = out.grad;
+          kd_block[l] += out.kd_term;
+        }
       }
+      for (index_t l = 0; l < n; ++l) kd[l] += kd_block[l];
     }
-    for (index_t l = 0; l < n; ++l) kd[l] += kd_block[l];
   }
-}
+};
 
 // n <= kLanes vocab-major rows: element (l, v) of s and t at l + v*ld. Every per-row quantity lives in a
 // lane array, so each step over v is one vector operation across the rows. The arithmetic per element is
@@ -392,9 +400,13 @@ void kd_lanes(float* s, float* t, index_t n, index_t vocab, index_t ld, const in
     LaneDivSums pa_div;
     float t_ref_block[kLanes] = {};
     for (index_t v = start; v < std::min(vocab, start + kBlock); ++v) {
+      prefetch_ahead(s, t, v, ld);
       if (jsd) {
 #pragma omp simd
-        for (index_t l = 0; l < n; ++l) t_ref_block[l] = s[l + v * ld] > pa.max[l] ? t[l + v * ld] : t_ref_block[l];
+        for (index_t l = 0; l < n; ++l) {
+          const float x = s[l + v * ld], y = t[l + v * ld];  // both loaded: a masked load is slow
+          t_ref_block[l] = x > pa.max[l] ? y : t_ref_block[l];
+        }
       }
       if (reverse) {
         pa_div.add(s + v * ld, t + v * ld, n, inv_t);
@@ -433,14 +445,7 @@ void kd_lanes(float* s, float* t, index_t n, index_t vocab, index_t ld, const in
   } else if (kind == vocab_kd::kJSD) {
     jsd_lanes(s, t, n, vocab, ld, st, kd);
   } else {
-    const int raw_mode = vocab_kd::raw_softmax_mode(st.at(0));
-    if (raw_mode == vocab_kd::kRawIsQ) {
-      kl_lane_pass<vocab_kd::kRawIsQ>(s, t, n, vocab, ld, st, kd);
-    } else if (raw_mode == vocab_kd::kRawSquared) {
-      kl_lane_pass<vocab_kd::kRawSquared>(s, t, n, vocab, ld, st, kd);
-    } else {
-      kl_lane_pass<vocab_kd::kRawExp>(s, t, n, vocab, ld, st, kd);
-    }
+    with_raw_mode<KlLanePass>(vocab_kd::raw_softmax_mode(st.at(0)), s, t, n, vocab, ld, st, kd);
   }
   for (index_t l = 0; l < n; ++l) {
     if (label[l] >= 0) s[l + label[l] * ld] -= st.mlm_coef[l];

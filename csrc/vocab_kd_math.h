@@ -21,7 +21,8 @@
 // D = -log(1-beta) - sp(zeta) and log p - log m = -log(beta) - sp(-zeta), so delta = sp(zeta_r) - sp(zeta) stays
 // accurate (to its own size) where p << q, and JSD = beta sum p (-log beta - sp(-zeta)) + (1-beta) (D_r + k).
 // sp(+-zeta) = max(+-zeta, 0) + log1p(exp(-|zeta|)), and exp(-|zeta|) = min(beta p, (1-beta) q) / max(...) from
-// the element's two exps: per element two exps, one log and two divisions (was six transcendentals).
+// the element's two exps; zeta = (b - a) + zeta0 with a per-row zeta0, and log1p of that ratio is a short series
+// (vocab_log1p_ratio): per element two exps and one division, no log (was two exps, a log and two divisions).
 // JSD needs 0 < beta < 1 (beta = 0 and 1 are forward and reverse KL: kdfast._reduction.kd_term).
 #pragma once
 #include <cfloat>
@@ -143,63 +144,37 @@ struct RowStats {
   float one_m_beta;  // 1 - beta
   float div_w;       // w: 1 (reverse KL) or 1 - beta (JSD)
   float sp_ref;      // JSD: sp(z_r)
+  float zeta0;       // JSD: (log_sum_a - log_sum_b) + log(beta/(1-beta)), so zeta = (b - a) + zeta0
 };
 
-VOCAB_KD_HD int32_t float_to_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_int(x);
-#else
-  int32_t out;
-  std::memcpy(&out, &x, sizeof(out));
-  return out;
-#endif
+// log(1 + lo/hi) for 0 <= lo <= hi (0 when hi = 0), accurate for tiny lo/hi: 2 atanh(w) with w = lo/(2 hi + lo)
+// in [0, 1/3], a series in w^2 <= 1/9 (truncation below 2e-8 relative). One division, no log.
+VOCAB_KD_HD float vocab_log1p_ratio(float lo, float hi) {
+  const float w = lo / (hi > 0.0f ? 2.0f * hi + lo : 1.0f);
+  const float z = w * w;
+  float y = 1.0f / 13.0f;
+  y = y * z + 1.0f / 11.0f;
+  y = y * z + 1.0f / 9.0f;
+  y = y * z + 1.0f / 7.0f;
+  y = y * z + 1.0f / 5.0f;
+  y = y * z + 1.0f / 3.0f;
+  y = y * z + 1.0f;
+  return 2.0f * w * y;
 }
 
-// log(x) for a positive normal x, about 1 ulp (Cephes logf): x = m 2^e with sqrt(1/2) <= m < sqrt(2), a
-// polynomial in m - 1. Branch-free, so loops over it vectorise; unlike --use_fast_math's __logf it stays
-// accurate relative to log(x) near x = 1, which vocab_log1p needs.
-VOCAB_KD_HD float vocab_log(float x) {
-  const int32_t bits = float_to_bits(x);
-  float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
-  float m = bits_to_float((bits & 0x007fffff) | 0x3f000000);  // in [0.5, 1)
-  const bool low = m < 0.707106781186547524f;
-  e = low ? e - 1.0f : e;
-  m = low ? m + m - 1.0f : m - 1.0f;
-  const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z - 2.12194440e-4f * e - 0.5f * z;
-  return (m + y) + 0.693359375f * e;
-}
-
-// log(1 + x) for 0 <= x <= 1, accurate for tiny x (Goldberg: log(u) * x / (u - 1), u = 1 + x rounded).
-VOCAB_KD_HD float vocab_log1p(float x) {
-  const float u = 1.0f + x;
-  const float d = u - 1.0f;
-  const float log_u = vocab_log(u);  // outside the select, so loops over it stay branch-free
-  return d == 0.0f ? x : log_u * (x / (d == 0.0f ? 1.0f : d));
-}
-
-// JSD: softplus(zeta) and softplus(-zeta) of one element, zeta = log p - log q + log(beta/(1-beta)) (-inf where
-// p = 0), from a = (s - s_max)/T, b = (t - t_max)/T and q, p; exp(-|zeta|) is min/max of beta p and (1-beta) q.
-// row_stats takes sp_ref from it too, so the argmax's delta is exactly 0.
+// JSD: softplus(zeta) and softplus(-zeta) of one element, zeta = log p - log q + log(beta/(1-beta)) =
+// (b - a) + zeta0 (-inf where p = 0), from a = (s - s_max)/T, b = (t - t_max)/T and q, p; exp(-|zeta|) is
+// min/max of beta p and (1-beta) q. row_stats takes sp_ref from it too (a = 0, q = inv_sum_a), so the argmax's
+// delta is exactly 0.
 struct JsdSoftplus {
   float pos;
   float neg;
 };
 
 VOCAB_KD_HD JsdSoftplus jsd_softplus(float a, float b, float q, float p, const RowStats& st) {
-  const float zeta = ((b - st.log_sum_b) - (a - st.log_sum_a)) + (st.log_beta - st.log_1m_beta);
+  const float zeta = (b - a) + st.zeta0;
   const float bp = st.beta * p, bq = st.one_m_beta * q;
-  const float hi = bp > bq ? bp : bq, lo = bp > bq ? bq : bp;
-  const float log1p_e = vocab_log1p(lo / (hi > 0.0f ? hi : 1.0f));  // 0 when both are 0
+  const float log1p_e = vocab_log1p_ratio(bp > bq ? bq : bp, bp > bq ? bp : bq);
   return {(zeta > 0.0f ? zeta : 0.0f) + log1p_e, (zeta < 0.0f ? -zeta : 0.0f) + log1p_e};
 }
 
@@ -261,10 +236,11 @@ VOCAB_KD_HD RowStats row_stats(OnlineSum a, OnlineSum b, OnlineSum raw, float te
   st.log_1m_beta = logf(1.0f - beta);
   st.one_m_beta = 1.0f - beta;
   st.div_w = kind == kReverseKL ? 1.0f : 1.0f - beta;
-  // The student's argmax r (a = 0), as jsd_element_as computes it there.
+  st.zeta0 = (st.log_sum_a - st.log_sum_b) + (st.log_beta - st.log_1m_beta);
+  // The student's argmax r (a = 0, q = 1 * inv_sum_a), as jsd_element_as computes it there.
   const float b_r = (t_ref - st.t_max) * st.inv_t;
-  st.sp_ref = kind == kJSD ? jsd_softplus(0.0f, b_r, vocab_exp(0.0f) * st.inv_sum_a, vocab_exp(b_r) * st.inv_sum_b,
-                                          st).pos : 0.0f;
+  st.sp_ref = kind == kJSD ? jsd_softplus(0.0f, b_r, 1.0f * st.inv_sum_a, vocab_exp(b_r) * st.inv_sum_b, st).pos
+                           : 0.0f;
   return st;
 }
 
@@ -293,18 +269,41 @@ VOCAB_KD_HD float raw_softmax_as(float s, float e_a, float q, const RowStats& st
   return q;
 }
 
-// One element of forward KL / soft CE.
+// The student side of one element: a = (s - s_max)/T (log q + log_sum_a), e_a = exp(a), q = e_a/sum.
+struct StudentTerm {
+  float a;
+  float e_a;
+  float q;
+};
+
+VOCAB_KD_HD StudentTerm student_term(float s, const RowStats& st) {
+  const float a = (s - st.s_max) * st.inv_t;
+  const float e_a = vocab_exp(a);
+  return {a, e_a, e_a * st.inv_sum_a};
+}
+
+// Both sides: b = (t - t_max)/T (log p + log_sum_b; -inf for a teacher logit dropped by top-k), e_b, p.
 // q and p are exp(relative logit) / sum: the exps lose nothing to the rounding of the log sums.
+struct ElementTerms {
+  StudentTerm s;
+  float b;
+  float e_b;
+  float p;
+};
+
+VOCAB_KD_HD ElementTerms element_terms(float s, float t, const RowStats& st) {
+  const float b = (t - st.t_max) * st.inv_t;
+  const float e_b = vocab_exp(b);
+  return {student_term(s, st), b, e_b, e_b * st.inv_sum_b};
+}
+
+// One element of forward KL / soft CE.
 template <int Raw>
 VOCAB_KD_HD ElementOut element_grad_as(float s, float t, const RowStats& st) {
-  const float a = (s - st.s_max) * st.inv_t;  // log q + log_sum_a
-  const float b = (t - st.t_max) * st.inv_t;  // log p + log_sum_b; -inf for a teacher logit dropped by top-k
-  const float e_a = vocab_exp(a);
-  const float q = e_a * st.inv_sum_a;
-  const float p = vocab_exp(b) * st.inv_sum_b;
-  const float log_q = a - st.log_sum_a, log_p = b - st.log_sum_b;
-  const float kd_term = p > 0.0f ? p * (st.kind == kSoftCE ? -log_q : log_p - log_q) : 0.0f;
-  return {st.kd_coef * (q - p) + st.mlm_coef * raw_softmax_as<Raw>(s, e_a, q, st), kd_term};
+  const ElementTerms x = element_terms(s, t, st);
+  const float log_q = x.s.a - st.log_sum_a, log_p = x.b - st.log_sum_b;
+  const float kd_term = x.p > 0.0f ? x.p * (st.kind == kSoftCE ? -log_q : log_p - log_q) : 0.0f;
+  return {st.kd_coef * (x.s.q - x.p) + st.mlm_coef * raw_softmax_as<Raw>(s, x.s.e_a, x.s.q, st), kd_term};
 }
 
 VOCAB_KD_HD ElementOut element_grad(float s, float t, const RowStats& st) {
@@ -318,11 +317,17 @@ VOCAB_KD_HD ElementOut element_grad(float s, float t, const RowStats& st) {
 // pass 1 (DivSum acc / sum), t_ref the teacher logit at s_max.
 template <int Raw>
 VOCAB_KD_HD float reverse_kl_grad_as(float s, float t, const RowStats& st, float k) {
-  const float a = (s - st.s_max) * st.inv_t;
-  const float e_a = vocab_exp(a);
-  const float q = e_a * st.inv_sum_a;
-  const float delta = a - (t - st.t_ref) * st.inv_t;
-  return st.kd_coef * q * (delta - k) + st.mlm_coef * raw_softmax_as<Raw>(s, e_a, q, st);
+  const StudentTerm x = student_term(s, st);
+  const float delta = x.a - (t - st.t_ref) * st.inv_t;
+  return st.kd_coef * x.q * (delta - k) + st.mlm_coef * raw_softmax_as<Raw>(s, x.e_a, x.q, st);
+}
+
+// reverse_kl_grad_as with the row's raw_softmax_mode picked per call (the CUDA kernel; CPU loops hoist it).
+VOCAB_KD_HD float reverse_kl_grad(float s, float t, const RowStats& st, float k) {
+  const int raw = raw_softmax_mode(st);
+  return raw == kRawIsQ      ? reverse_kl_grad_as<kRawIsQ>(s, t, st, k)
+         : raw == kRawSquared ? reverse_kl_grad_as<kRawSquared>(s, t, st, k)
+                              : reverse_kl_grad_as<kRawExp>(s, t, st, k);
 }
 
 // JSD pass 2, one element: ``grad`` = kd_coef*w*q*delta + mlm_coef*softmax(s) (pass 3 subtracts k*``q_coef``),
@@ -336,16 +341,20 @@ struct JsdElement {
 
 template <int Raw>
 VOCAB_KD_HD JsdElement jsd_element_as(float s, float t, const RowStats& st) {
-  const float a = (s - st.s_max) * st.inv_t;  // log q + log_sum_a
-  const float b = (t - st.t_max) * st.inv_t;  // log p + log_sum_b; -inf for a teacher logit dropped by top-k
-  const float e_a = vocab_exp(a);
-  const float q = e_a * st.inv_sum_a, p = vocab_exp(b) * st.inv_sum_b;
-  const JsdSoftplus sp = jsd_softplus(a, b, q, p, st);
+  const ElementTerms x = element_terms(s, t, st);
+  const JsdSoftplus sp = jsd_softplus(x.s.a, x.b, x.s.q, x.p, st);
   const float delta = st.sp_ref - sp.pos;
   const float log_p_over_m = -st.log_beta - sp.neg;  // -inf where p = 0
-  const float q_coef = st.kd_coef * st.div_w * q;
-  return {q_coef * delta + st.mlm_coef * raw_softmax_as<Raw>(s, e_a, q, st), q_coef, q * delta,
-          p > 0.0f ? p * log_p_over_m : 0.0f};
+  const float q_coef = st.kd_coef * st.div_w * x.s.q;
+  return {q_coef * delta + st.mlm_coef * raw_softmax_as<Raw>(s, x.s.e_a, x.s.q, st), q_coef, x.s.q * delta,
+          x.p > 0.0f ? x.p * log_p_over_m : 0.0f};
+}
+
+VOCAB_KD_HD JsdElement jsd_element(float s, float t, const RowStats& st) {
+  const int raw = raw_softmax_mode(st);
+  return raw == kRawIsQ      ? jsd_element_as<kRawIsQ>(s, t, st)
+         : raw == kRawSquared ? jsd_element_as<kRawSquared>(s, t, st)
+                              : jsd_element_as<kRawExp>(s, t, st);
 }
 
 // After pass 2, from the row's sums of q*delta and p_term: its KD term and k = sum q*delta.

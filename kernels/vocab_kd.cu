@@ -29,16 +29,22 @@ __device__ OnlineSum warp_merge(OnlineSum x, float scale) {
   return x;
 }
 
-// Every thread gets the merged state of the block. `scratch` holds kWarps states.
-__device__ OnlineSum block_merge(OnlineSum x, float scale, OnlineSum* scratch) {
+// Every thread gets the block's merge of its threads' states (WarpMerge within each warp, then across the
+// warps; `empty` pads the second round). `scratch` holds kWarps states.
+template <class State, State (*WarpMerge)(State, float)>
+__device__ State block_merge_states(State x, float scale, State* scratch, State empty) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  x = warp_merge(x, scale);
+  x = WarpMerge(x, scale);
   if (lane == 0) scratch[warp] = x;
   __syncthreads();
-  x = lane < kWarps ? scratch[lane] : vocab_kd::online_empty();
-  x = warp_merge(x, scale);
+  x = lane < kWarps ? scratch[lane] : empty;
+  x = WarpMerge(x, scale);
   __syncthreads();  // scratch may be reused right after
   return x;
+}
+
+__device__ OnlineSum block_merge(OnlineSum x, float scale, OnlineSum* scratch) {
+  return block_merge_states<OnlineSum, warp_merge>(x, scale, scratch, vocab_kd::online_empty());
 }
 
 __device__ float block_sum(float x, float* scratch) {
@@ -64,14 +70,7 @@ __device__ vocab_kd::DivSum warp_merge_div(vocab_kd::DivSum x, float inv_t) {
 
 // Every thread gets the merged reverse-KL state of the block. `scratch` holds kWarps states.
 __device__ vocab_kd::DivSum block_merge_div(vocab_kd::DivSum x, float inv_t, vocab_kd::DivSum* scratch) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  x = warp_merge_div(x, inv_t);
-  if (lane == 0) scratch[warp] = x;
-  __syncthreads();
-  x = lane < kWarps ? scratch[lane] : vocab_kd::div_empty();
-  x = warp_merge_div(x, inv_t);
-  __syncthreads();
-  return x;
+  return block_merge_states<vocab_kd::DivSum, warp_merge_div>(x, inv_t, scratch, vocab_kd::div_empty());
 }
 
 // Largest x over the block (-inf if none), for every thread.
@@ -136,26 +135,20 @@ vocab_kd_rows_kernel(float* __restrict__ s_all, float* __restrict__ t_all, const
   const float s_label = has_label ? s[label] : 0.0f;  // read before the last pass overwrites it
   __syncthreads();
 
-  const int raw_mode = vocab_kd::raw_softmax_mode(st);
   float kd = 0.0f;
   if (reverse) {
     const float k = a_div.acc / a_div.sum;
     kd = vocab_kd::div_finish(st, k, 0.0f).kd;
     for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
       const float sv = s[v], tv = t[v];
-      s[v] = raw_mode == vocab_kd::kRawIsQ      ? vocab_kd::reverse_kl_grad_as<vocab_kd::kRawIsQ>(sv, tv, st, k)
-             : raw_mode == vocab_kd::kRawSquared ? vocab_kd::reverse_kl_grad_as<vocab_kd::kRawSquared>(sv, tv, st, k)
-                                                 : vocab_kd::reverse_kl_grad_as<vocab_kd::kRawExp>(sv, tv, st, k);
+      s[v] = vocab_kd::reverse_kl_grad(sv, tv, st, k);
     }
     __syncthreads();  // the last pass's writes before the label fix
   } else if (jsd) {
     float sum_q_delta = 0.0f, sum_p_term = 0.0f;
     for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
       const float sv = s[v], tv = t[v];
-      const vocab_kd::JsdElement e =
-          raw_mode == vocab_kd::kRawIsQ      ? vocab_kd::jsd_element_as<vocab_kd::kRawIsQ>(sv, tv, st)
-          : raw_mode == vocab_kd::kRawSquared ? vocab_kd::jsd_element_as<vocab_kd::kRawSquared>(sv, tv, st)
-                                              : vocab_kd::jsd_element_as<vocab_kd::kRawExp>(sv, tv, st);
+      const vocab_kd::JsdElement e = vocab_kd::jsd_element(sv, tv, st);
       s[v] = e.grad;
       t[v] = e.q_coef;
       sum_q_delta += e.q_delta;

@@ -54,6 +54,25 @@ def test_vocab_kd_bench_writes_the_schema(tmp_path, monkeypatch, capsys):
     assert "chunk_phases_ms" not in rows[("eager", None)]
 
 
+@pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")
+def test_several_kinds_in_one_run(tmp_path, monkeypatch):
+    """``--kind all`` (or a comma list) times each shape once per kind and writes one row per kind, shape and impl."""
+    monkeypatch.setattr(vocab_kd, "shapes", lambda quick, device: [dict(TINY)])
+    path = tmp_path / "out.json"
+    args = _args(op="vocab_kd", quick=True, device="cpu", impl=["kdfast"], json=str(path), repeats=1, warmup=0,
+                 kind=kernels.kind_list("all"))
+    assert kernels.run(args) == 0
+    rows = json.loads(path.read_text())["results"]
+    kdfast_rows = [r for r in rows if r["impl"] == "kdfast"]
+    assert [r["shape"]["kind"] for r in kdfast_rows] == list(kernels.KINDS)
+    assert all(r["max_rel_err"] < 1e-5 for r in kdfast_rows)
+    assert kernels.kind_list("kl, jsd") == ("kl", "jsd")
+    with pytest.raises(argparse.ArgumentTypeError, match="got 'kl,js'"):
+        kernels.kind_list("kl,js")
+    keep = kernels._shape_filter(["rows=2048", "V=30522,128256"])
+    assert keep({"rows": 2048, "V": 128256}) and not keep({"rows": 2048, "V": 151936})
+
+
 def test_llm_shapes_keep_the_cuda_chunk_bytes():
     """LLM vocabularies are in the full grid (selectable with --shape V=...); the CUDA driver's chunks take
     fewer rows as V grows, so its logit buffers stay at CUDA_CHUNK_BYTES whatever rows x V."""

@@ -23,7 +23,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -46,12 +46,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impl", action="append", default=None,
                         help="only these impls (repeatable; 'floor' is always timed)")
     parser.add_argument("--shape", action="append", default=None, metavar="KEY=VALUE",
-                        help="only the shapes with this value (repeatable, e.g. --shape rows=2048 --shape Hs=384)")
-    parser.add_argument("--kind", default=None, choices=KINDS,
-                        help="the KD divergence of ops that take one (vocab_kd; default: its own, kl)")
+                        help="only the shapes with this value, or any of a comma list (repeatable, e.g. "
+                             "--shape rows=2048 --shape Hs=384,2048 --shape V=30522,128256)")
+    parser.add_argument("--kind", default=None, type=kind_list, metavar="KIND[,KIND...]|all",
+                        help="the KD divergences of ops that take one (vocab_kd; default: its own, kl): one of "
+                             f"{', '.join(KINDS)}, a comma list, or 'all'; one result row per kind and shape")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up calls (default 2, quick 1)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results here")
+
+
+def kind_list(text: str) -> tuple[str, ...]:
+    """``--kind``: ``"jsd"``, ``"kl,jsd"`` or ``"all"`` (every kind of ``KINDS``) -> the kinds, in that order."""
+    kinds = KINDS if text == "all" else tuple(k.strip() for k in text.split(","))
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(KINDS)}, a comma list or 'all', got {text!r}")
+    return kinds
 
 
 def environment(device: torch.device, quick: bool) -> dict:
@@ -69,16 +80,19 @@ def _max_rel_err(outputs: tuple, reference: tuple) -> float:
 
 
 def _shape_filter(pairs: Optional[list]) -> Callable[[dict], bool]:
-    """``["rows=2048", "Hs=384"]`` -> a predicate keeping shapes whose values match (as strings)."""
-    wanted = dict(pair.split("=", 1) for pair in (pairs or []))
-    return lambda shape: all(str(shape.get(key)) == value for key, value in wanted.items())
+    """``["rows=2048", "V=30522,128256"]`` -> a predicate keeping shapes whose values match (as strings): every
+    key, any of its comma-separated values."""
+    wanted = {key: value.split(",") for key, value in (pair.split("=", 1) for pair in (pairs or []))}
+    return lambda shape: all(str(shape.get(key)) in values for key, values in wanted.items())
 
 
 def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick: bool, only: Optional[list],
              warmup: int, repeats: int, log: Callable[[str], None] = print,
-             keep: Callable[[dict], bool] = lambda shape: True, kind: Optional[str] = None) -> list[dict]:
-    """Time every impl of ``op`` on each of its shapes; one result dict per (shape, impl). ``kind`` goes into
-    each shape (``"kind"``) of an op whose module sets ``TAKES_KIND``."""
+             keep: Callable[[dict], bool] = lambda shape: True,
+             kind: "Optional[str | Sequence[str]]" = None) -> list[dict]:
+    """Time every impl of ``op`` on each of its shapes; one result dict per (shape, impl). ``kind`` (one kind or
+    several) goes into each shape (``"kind"``) of an op whose module sets ``TAKES_KIND``: each shape is timed
+    once per kind, the kinds of a shape one after the other."""
     module = importlib.import_module(f"kdfast.bench.ops.{op}")
     dtype = dtype or getattr(module, "DEFAULT_DTYPES", DEFAULT_DTYPES)[device.type]
     impls = module.impls(device)
@@ -89,7 +103,8 @@ def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick:
     results = []
     shapes = module.shapes(quick, device)
     if kind is not None and getattr(module, "TAKES_KIND", False):
-        shapes = [dict(shape, kind=kind) for shape in shapes]
+        kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+        shapes = [dict(shape, kind=k) for shape in shapes for k in kinds]
     for shape in filter(keep, shapes):
         torch.manual_seed(SEED)
         inputs = module.inputs(shape, dtype, device)
@@ -128,14 +143,14 @@ def bench_op(op: str, device: torch.device, dtype: Optional[torch.dtype], quick:
 
 
 def format_table(results: list[dict]) -> str:
-    head = (f"{'op':<14}{'impl':<19}{'backend':<9}{'shape':<44}{'dtype':<10}"
+    head = (f"{'op':<14}{'impl':<19}{'backend':<9}{'shape':<56}{'dtype':<10}"
             f"{'ms':>10}{'x floor':>9}{'peak MB':>10}{'work MB':>10}{'rel err':>10}")
     lines = [head, "-" * len(head)]
     for r in results:
         shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
         err = "-" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"
         ratio = f"{r['vs_floor']:.2f}" if r.get("vs_floor") else "-"
-        lines.append(f"{r['op']:<14}{r['impl']:<19}{r['backend'] or '-':<9}{shape:<44}{r['dtype']:<10}"
+        lines.append(f"{r['op']:<14}{r['impl']:<19}{r['backend'] or '-':<9}{shape:<55} {r['dtype']:<10}"
                      f"{r['median_ms']:>10.1f}{ratio:>9}{r['peak_mb']:>10.1f}{r['working_mb']:>10.1f}{err:>10}")
     return "\n".join(lines)
 

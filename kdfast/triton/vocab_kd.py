@@ -1,7 +1,7 @@
 """Triton row kernel for vocabulary KD: loss per row and d loss / d student logits, in place.
 
-One program per row walks the vocabulary in ``BLOCK_V`` chunks twice (see ``../shared/DESIGN.md``,
-"Vocabulary KD: one row"), with a = s/T and b = t/T:
+One program per row walks the vocabulary in ``BLOCK_V`` chunks twice, ``_stats_pass`` then ``_grad_pass`` (see
+``../shared/DESIGN.md``, "Vocabulary KD: one row"), with a = s/T and b = t/T:
 
 1. one online pass keeps running (max, sum) of exp(a) and exp(b) (and of exp(s) for the MLM
    log-sum-exp when T != 1), plus acc = sum exp(b - m_b)·(b - a) (KL) or sum exp(b - m_b)·(-a)
@@ -11,7 +11,7 @@ One program per row walks the vocabulary in ``BLOCK_V`` chunks twice (see ``../s
 Reverse KL and JSD (``KIND`` 2, 3; the math of ``csrc/vocab_kd_math.h``). Reverse KL: pass 1 also keeps
 k = sum q·delta online (deltas relative to the running argmax, moved when the max moves), so its second pass
 writes ``kd_coef·q·(delta - k) + mlm_coef·(softmax(s) - onehot(y))``. JSD: pass 1 also keeps b_ref, the
-teacher's b at the student's argmax; pass 2 writes the gradient without its k term into ``s`` and
+teacher's b at the student's argmax; pass 2 (``_jsd_pass``) writes the gradient without its k term into ``s`` and
 ``kd_coef·w·q`` into ``t`` (scratch) while summing q·delta and the p terms; pass 3 subtracts k·t.
 The launcher is the ``torch.library.triton_op`` ``kdfast::vocab_kd_rows_triton`` (``wrap_triton``).
 
@@ -46,35 +46,57 @@ def _online_update(m, total, x):
 
 
 @triton.jit
-def _jsd_softplus(log_q, log_p, q, p, beta, log_odds):
-    """(softplus(zeta), softplus(-zeta)), zeta = log p - log q + log(beta / (1 - beta)); exp(-|zeta|) is the
-    ratio of the smaller to the larger of beta·p and (1 - beta)·q, log1p in Goldberg's form."""
-    zeta = (log_p - log_q) + log_odds
+def _load_block(s_row, t_row, start, V, BLOCK_V: tl.constexpr):
+    """Columns ``start + [0, BLOCK_V)`` of one row: (cols, in_row, s, t) in fp32; past V, s = 0 and t = -inf."""
+    cols = start + tl.arange(0, BLOCK_V)
+    in_row = cols < V
+    s = tl.load(s_row + cols, mask=in_row, other=0.0).to(tl.float32)
+    t = tl.load(t_row + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+    return cols, in_row, s, t
+
+
+@triton.jit
+def _log1p_ratio(lo, hi):
+    """log(1 + lo/hi) for 0 <= lo <= hi (0 where hi = 0): 2 atanh(w), w = lo/(2 hi + lo), a series in w^2 <= 1/9
+    (``vocab_log1p_ratio`` of csrc/vocab_kd_math.h)."""
+    w = lo / tl.where(hi > 0.0, 2.0 * hi + lo, 1.0)
+    z = w * w
+    y = 1.0 / 13.0
+    y = y * z + 1.0 / 11.0
+    y = y * z + 1.0 / 9.0
+    y = y * z + 1.0 / 7.0
+    y = y * z + 1.0 / 5.0
+    y = y * z + 1.0 / 3.0
+    y = y * z + 1.0
+    return 2.0 * w * y
+
+
+@triton.jit
+def _jsd_softplus(a, b, q, p, beta, zeta0):
+    """(softplus(zeta), softplus(-zeta)), zeta = log p - log q + log(beta / (1 - beta)) = (b - a) + zeta0 with
+    a, b the row-max-relative a = s/T, b = t/T; exp(-|zeta|) is the ratio of the smaller to the larger of beta·p
+    and (1 - beta)·q (``jsd_softplus`` of csrc/vocab_kd_math.h)."""
+    zeta = (b - a) + zeta0
     bp = beta * p
     bq = (1.0 - beta) * q
-    hi = tl.maximum(bp, bq)
-    x = tl.minimum(bp, bq) / tl.where(hi > 0.0, hi, 1.0)
-    u = 1.0 + x
-    log1p = tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+    log1p = _log1p_ratio(tl.minimum(bp, bq), tl.maximum(bp, bq))
     return tl.maximum(zeta, 0.0) + log1p, tl.maximum(-zeta, 0.0) + log1p
 
 
 @triton.jit
-def vocab_kd_row_kernel(
-    s_ptr, t_ptr, labels_ptr, kd_coef_ptr, mlm_coef_ptr, kd_row_ptr, mlm_row_ptr,
-    stride_s, stride_t, V, inv_temperature, beta, log_beta, log_1m_beta,
-    KIND: tl.constexpr,          # 0 KL, 1 soft CE, 2 reverse KL, 3 JSD (kdfast._reduction.KINDS)
-    RAW_LSE: tl.constexpr,       # T != 1: the MLM term needs its own log-sum-exp of raw s
-    BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * stride_s
-    t_row = t_ptr + row * stride_t
-    label = tl.load(labels_ptr + row).to(tl.int32)  # V < 2**31
-    kd_coef = tl.load(kd_coef_ptr + row).to(tl.float32)
-    mlm_coef = tl.where(label >= 0, tl.load(mlm_coef_ptr + row).to(tl.float32), 0.0)
+def _softmax_s(s, q, lse_s, RAW_LSE: tl.constexpr):
+    """softmax(s) of the MLM term: q at T = 1, else its own exp."""
+    if RAW_LSE:
+        return tl.exp(s - lse_s)
+    return q
 
-    # Pass 1: online max/sum for a = s/T, b = t/T (and raw s), and the rescaled KL accumulator.
+
+@triton.jit
+def _stats_pass(s_row, t_row, V, inv_temperature, KIND: tl.constexpr, RAW_LSE: tl.constexpr,
+                BLOCK_V: tl.constexpr):
+    """Pass 1 over a row: online (max, sum) of exp(a), exp(b) (and of exp(s) when RAW_LSE), with a = s/T,
+    b = t/T; KL / soft CE: the rescaled accumulator acc; reverse KL: k = sum exp(a - m_a)·delta online;
+    reverse KL and JSD: b_ref, b at the student's argmax. Returns (m_a, l_a, m_b, l_b, acc, m_s, l_s, b_ref, k)."""
     m_a = float("-inf")
     l_a = 0.0
     m_b = float("-inf")
@@ -83,12 +105,9 @@ def vocab_kd_row_kernel(
     m_s = float("-inf")
     l_s = 0.0
     b_ref = 0.0
-    k = 0.0  # reverse KL: sum exp(a - m_a)·delta, then sum q·delta
+    k = 0.0
     for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        in_row = cols < V
-        s = tl.load(s_row + cols, mask=in_row, other=0.0).to(tl.float32)
-        t = tl.load(t_row + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+        _, in_row, s, t = _load_block(s_row, t_row, start, V, BLOCK_V)
         a = s * inv_temperature
         b = t * inv_temperature
         a_in = tl.where(in_row, a, float("-inf"))
@@ -125,67 +144,49 @@ def vocab_kd_row_kernel(
             acc = acc * rescale_b + tl.sum(e_b * tl.where(e_b > 0.0, gap, 0.0), axis=0)
         if RAW_LSE:
             m_s, l_s, _, _ = _online_update(m_s, l_s, tl.where(in_row, s, float("-inf")))
+    return m_a, l_a, m_b, l_b, acc, m_s, l_s, b_ref, k
 
-    lse_a = m_a + tl.log(l_a)
-    lse_b = m_b + tl.log(l_b)
-    if RAW_LSE:
-        lse_s = m_s + tl.log(l_s)
-    else:
-        lse_s = lse_a
-    log_odds = log_beta - log_1m_beta
-    log_l_a = tl.log(l_a)
-    log_l_b = tl.log(l_b)
-    s_label = tl.load(s_row + tl.maximum(label, 0)).to(tl.float32)  # before any pass overwrites it
-    if KIND == 2:  # R = D_r + k, D_r = log q_r - log p_r
-        k = k / l_a
-        kd_row = k - log_l_a - ((b_ref - m_b) - log_l_b)
-    elif KIND == 3:
-        # The argmax's softplus as pass 2 computes it there (a - m_a = 0), so its delta is exactly 0.
-        log_q_r = -log_l_a
-        log_p_r = (b_ref - m_b) - log_l_b
-        sp_ref, _ = _jsd_softplus(log_q_r, log_p_r, tl.exp(log_q_r), tl.exp(log_p_r), beta, log_odds)
-        # Pass 2: the gradient without its k term into s, kd_coef·(1 - beta)·q into t; sums.
-        sum_q_delta = 0.0
-        sum_p = 0.0
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            in_row = cols < V
-            s = tl.load(s_row + cols, mask=in_row, other=0.0).to(tl.float32)
-            t = tl.load(t_row + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-            log_q = tl.where(in_row, s * inv_temperature - m_a, float("-inf")) - log_l_a
-            log_p = (t * inv_temperature - m_b) - log_l_b
-            q = tl.exp(log_q)
-            p = tl.exp(log_p)
-            sp_pos, sp_neg = _jsd_softplus(log_q, log_p, q, p, beta, log_odds)
-            delta = tl.where(in_row, sp_ref - sp_pos, 0.0)
-            sum_q_delta += tl.sum(q * delta, axis=0)
-            sum_p += tl.sum(tl.where(p > 0.0, p * (-log_beta - sp_neg), 0.0), axis=0)
-            q_coef = kd_coef * (1.0 - beta) * q
-            if RAW_LSE:
-                softmax_s = tl.exp(s - lse_s)
-            else:
-                softmax_s = q
-            grad = q_coef * delta + mlm_coef * (softmax_s - tl.where(cols == label, 1.0, 0.0))
-            tl.store(s_row + cols, grad, mask=in_row)
-            tl.store(t_row + cols, q_coef, mask=in_row)
-        k = sum_q_delta
-        kd_row = beta * sum_p + (1.0 - beta) * ((-log_1m_beta - sp_ref) + k)
-    elif KIND == 1:
-        kd_row = acc / l_b + lse_a
-    else:
-        kd_row = acc / l_b - lse_b + lse_a
 
-    mlm_row = tl.where(label >= 0, lse_s - s_label, 0.0)
-    tl.store(kd_row_ptr + row, kd_row)
-    tl.store(mlm_row_ptr + row, mlm_row)
-
-    # Last pass: d loss / d s = kd_coef·d kd_row / d a + mlm_coef·(softmax(s) - onehot(label)), over s
-    # (JSD: s -= k·t, the rest written by pass 2).
+@triton.jit
+def _jsd_pass(s_row, t_row, V, label, inv_temperature, m_a, l_a, m_b, l_b, b_ref, lse_s, kd_coef, mlm_coef,
+              beta, log_beta, log_1m_beta, RAW_LSE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """JSD pass 2: the gradient without its k term into s, kd_coef·(1 - beta)·q into t (scratch).
+    Returns (k = sum q·delta, the row's JSD)."""
+    zeta0 = (tl.log(l_a) - tl.log(l_b)) + (log_beta - log_1m_beta)
+    inv_l_a = 1.0 / l_a
+    inv_l_b = 1.0 / l_b
+    # The argmax's softplus as this pass computes it there (a = 0, q = inv_l_a), so its delta is exactly 0.
+    b_r = b_ref - m_b
+    sp_ref, _ = _jsd_softplus(0.0, b_r, inv_l_a, tl.exp(b_r) * inv_l_b, beta, zeta0)
+    q_scale = kd_coef * (1.0 - beta)
+    sum_q_delta = 0.0
+    sum_p = 0.0
     for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        in_row = cols < V
-        s = tl.load(s_row + cols, mask=in_row, other=0.0).to(tl.float32)
-        t = tl.load(t_row + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+        cols, in_row, s, t = _load_block(s_row, t_row, start, V, BLOCK_V)
+        a = tl.where(in_row, s * inv_temperature - m_a, float("-inf"))
+        b = t * inv_temperature - m_b
+        q = tl.exp(a) * inv_l_a
+        p = tl.exp(b) * inv_l_b
+        sp_pos, sp_neg = _jsd_softplus(a, b, q, p, beta, zeta0)
+        delta = tl.where(in_row, sp_ref - sp_pos, 0.0)
+        sum_q_delta += tl.sum(q * delta, axis=0)
+        sum_p += tl.sum(tl.where(p > 0.0, p * (-log_beta - sp_neg), 0.0), axis=0)
+        q_coef = q_scale * q
+        softmax_s = _softmax_s(s, q, lse_s, RAW_LSE)
+        grad = q_coef * delta + mlm_coef * (softmax_s - tl.where(cols == label, 1.0, 0.0))
+        tl.store(s_row + cols, grad, mask=in_row)
+        tl.store(t_row + cols, q_coef, mask=in_row)
+    return sum_q_delta, beta * sum_p + (1.0 - beta) * ((-log_1m_beta - sp_ref) + sum_q_delta)
+
+
+@triton.jit
+def _grad_pass(s_row, t_row, V, label, inv_temperature, m_a, l_a, lse_a, lse_b, b_ref, lse_s, k, kd_coef,
+               mlm_coef, KIND: tl.constexpr, RAW_LSE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Last pass: d loss / d s = kd_coef·d kd_row / d a + mlm_coef·(softmax(s) - onehot(label)), over s
+    (JSD: s -= k·t, the rest written by _jsd_pass)."""
+    log_l_a = tl.log(l_a)
+    for start in range(0, V, BLOCK_V):
+        cols, in_row, s, t = _load_block(s_row, t_row, start, V, BLOCK_V)
         if KIND == 3:
             grad = s - k * t
         else:
@@ -196,12 +197,49 @@ def vocab_kd_row_kernel(
             else:
                 q = tl.exp(s * inv_temperature - lse_a)
                 d_kd = q - tl.exp(t * inv_temperature - lse_b)
-            if RAW_LSE:
-                softmax_s = tl.exp(s - lse_s)
-            else:
-                softmax_s = q
+            softmax_s = _softmax_s(s, q, lse_s, RAW_LSE)
             grad = kd_coef * d_kd + mlm_coef * (softmax_s - tl.where(cols == label, 1.0, 0.0))
         tl.store(s_row + cols, grad, mask=in_row)
+
+
+@triton.jit
+def vocab_kd_row_kernel(
+    s_ptr, t_ptr, labels_ptr, kd_coef_ptr, mlm_coef_ptr, kd_row_ptr, mlm_row_ptr,
+    stride_s, stride_t, V, inv_temperature, beta, log_beta, log_1m_beta,
+    KIND: tl.constexpr,          # 0 KL, 1 soft CE, 2 reverse KL, 3 JSD (kdfast._reduction.KINDS)
+    RAW_LSE: tl.constexpr,       # T != 1: the MLM term needs its own log-sum-exp of raw s
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    label = tl.load(labels_ptr + row).to(tl.int32)  # V < 2**31
+    kd_coef = tl.load(kd_coef_ptr + row).to(tl.float32)
+    mlm_coef = tl.where(label >= 0, tl.load(mlm_coef_ptr + row).to(tl.float32), 0.0)
+
+    m_a, l_a, m_b, l_b, acc, m_s, l_s, b_ref, k = _stats_pass(s_row, t_row, V, inv_temperature, KIND, RAW_LSE,
+                                                             BLOCK_V)
+    lse_a = m_a + tl.log(l_a)
+    lse_b = m_b + tl.log(l_b)
+    if RAW_LSE:
+        lse_s = m_s + tl.log(l_s)
+    else:
+        lse_s = lse_a
+    s_label = tl.load(s_row + tl.maximum(label, 0)).to(tl.float32)  # before any pass overwrites it
+    if KIND == 2:  # R = D_r + k, D_r = log q_r - log p_r
+        k = k / l_a
+        kd_row = k - tl.log(l_a) - ((b_ref - m_b) - tl.log(l_b))
+    elif KIND == 3:
+        k, kd_row = _jsd_pass(s_row, t_row, V, label, inv_temperature, m_a, l_a, m_b, l_b, b_ref, lse_s, kd_coef,
+                              mlm_coef, beta, log_beta, log_1m_beta, RAW_LSE, BLOCK_V)
+    elif KIND == 1:
+        kd_row = acc / l_b + lse_a
+    else:
+        kd_row = acc / l_b - lse_b + lse_a
+    tl.store(kd_row_ptr + row, kd_row)
+    tl.store(mlm_row_ptr + row, tl.where(label >= 0, lse_s - s_label, 0.0))
+    _grad_pass(s_row, t_row, V, label, inv_temperature, m_a, l_a, lse_a, lse_b, b_ref, lse_s, k, kd_coef, mlm_coef,
+               KIND, RAW_LSE, BLOCK_V)
 
 
 def block_size(vocab: int) -> tuple[int, int]:
@@ -216,8 +254,14 @@ def block_size(vocab: int) -> tuple[int, int]:
 REVERSE_KL_MAX_BLOCK = (1024, 4)
 
 
+# JSD at 1024 columns over 4 warps (V <= 1024) spilled 8 bytes on sm_90 (raw_lse); over 8 warps none.
+JSD_MIN_WARPS = 8
+
+
 def kind_block(kind: str, block: int, warps: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for ``kind`` from :func:`block_size`'s choice."""
+    if kind == "jsd" and block >= 1024:
+        return block, max(warps, JSD_MIN_WARPS)
     return REVERSE_KL_MAX_BLOCK if kind == "reverse_kl" and block > REVERSE_KL_MAX_BLOCK[0] else (block, warps)
 
 

@@ -81,6 +81,8 @@ def eager_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, l
         kd = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
     elif kind == "reverse_kl":
         kd = F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)
+    elif kind == "soft_ce":
+        kd = -(log_p.exp() * log_q).sum() / s.shape[0]
     else:
         log_m = torch.logaddexp(log_q + math.log(1 - BETA), log_p + math.log(BETA))
         kd = (BETA * F.kl_div(log_m, log_p, reduction="batchmean", log_target=True)
