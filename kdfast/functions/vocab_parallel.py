@@ -41,6 +41,7 @@ from kdfast.functions.outputs import KDOutput
 from kdfast.functions.vocab_kd.chunking import chunk_rows, chunk_view
 from kdfast.functions.vocab_kd.gradients import add_chunk_grads, pass_buffers, scale_stored_grads
 from kdfast.functions.vocab_kd.head import Head
+from kdfast.functions.vocab_kd.options import VocabKDOptions
 from kdfast.functions.vocab_kd.row_kernels import RowKernel
 from kdfast.functions.vocab_kd.selection import select_rows
 from kdfast.functions.vocab_shard_rows import shard_chunk
@@ -291,28 +292,27 @@ class _Chunks:
 
 
 def _sharded_pass(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                  opts: dict, need: "tuple[bool, bool, bool]", kd_weight: float, mlm_weight: float):
+                  opts: VocabKDOptions, shards: "ShardedHeads", need: "tuple[bool, bool, bool]", kd_weight: float,
+                  mlm_weight: float):
     """``vocab_kd.fused_pass.fused_pass`` on this rank's vocabulary shard: (kd [0-dim fp64], mlm, d_hidden [N, Hs]
     (all-reduced: the whole gradient), d_weight [V_r, Hs], d_bias [V_r]), gradients None where not needed."""
-    shards: ShardedHeads = opts["shards"]
     local_vocab, device = student_weight.shape[0], student_hidden.device
-    sel = select_rows(student_hidden.shape[0], shards.vocab, device, opts["labels"], opts["ignore_index"], opts["mask"],
-                      opts["row_weights"], opts["temperature"], kd_weight, mlm_weight, opts["reduction"],
-                      opts["t2_scale"])
+    sel = select_rows(student_hidden.shape[0], shards.vocab, device, opts.labels, opts.ignore_index, opts.mask,
+                      opts.row_weights, opts.temperature, kd_weight, mlm_weight, opts.reduction, opts.t2_scale)
     d_hidden, d_weight, d_bias, kd_sum, mlm_sum = pass_buffers(student_hidden, student_weight, need)
     if not sel.count:
         if d_weight is not None:
             d_weight.zero_()
         return kd_sum, mlm_sum, d_hidden, d_weight, d_bias
-    kind = kd_term(opts["kind"], opts["beta"]) if kd_weight != 0 else None  # None: no KD term
-    topk, kernel = opts["teacher_topk"], opts["row_kernel"]
-    student_map, teacher_map = opts["student_map"], opts["teacher_map"]
+    kind = opts.kind if kd_weight != 0 else None  # None: no KD term
+    topk, kernel = opts.teacher_topk, opts.row_kernel
+    student_map, teacher_map = opts.student_map, opts.teacher_map
     with_labels = bool((sel.labels >= 0).any())
     student = Head(student_weight, student_bias)
     teacher = Head(teacher_weight, teacher_bias) if kind is not None else None
     vocab_major = getattr(kernel, "vocab_major", False) and not student.native16 and not (
         teacher is not None and teacher.native16)
-    plan = _Chunks.plan(kind, student_map.needs_slope, sel.count, local_vocab, shards, opts["chunk_rows"], vocab_major)
+    plan = _Chunks.plan(kind, student_map.needs_slope, sel.count, local_vocab, shards, opts.chunk_rows, vocab_major)
     with workspace(plan.count * plan.size * plan.width, device) as flat:
         for start in range(0, sel.count, plan.size):
             stop = min(start + plan.size, sel.count)
@@ -330,8 +330,8 @@ def _sharded_pass(student_hidden, student_weight, student_bias, teacher_hidden, 
                 if topk is not None and topk < shards.vocab:
                     _keep_global_topk(t, topk, shards)
             kd_row, mlm_row = shard_chunk(kernel, bufs["s"], bufs["t"], bufs["u"], bufs["w"], sel.labels[part],
-                                          sel.kd_coef[part], sel.mlm_coef[part], opts["temperature"], kind,
-                                          opts["beta"], with_labels, shards)
+                                          sel.kd_coef[part], sel.mlm_coef[part], opts.temperature, kind,
+                                          opts.beta, with_labels, shards)
             kd_sum += (kd_row * sel.kd_scale[part]).sum()
             mlm_sum += mlm_row.sum()
             # s now holds d loss / d logits of this shard's chunk; t is spent.
@@ -348,29 +348,28 @@ class _ShardedFusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                opts: dict):
-        kd_weight, mlm_weight = opts["kd_weight"], opts["mlm_weight"]
+                opts: VocabKDOptions, shards: "ShardedHeads", kd_weight: float, mlm_weight: float):
         need = tuple(ctx.needs_input_grad[:3])
         kd, mlm, *grads = _sharded_pass(student_hidden, student_weight, student_bias, teacher_hidden,
-                                        teacher_weight, teacher_bias, opts, need, kd_weight, mlm_weight)
+                                        teacher_weight, teacher_bias, opts, shards, need, kd_weight, mlm_weight)
         kd = (kd if kd_weight != 0 else kd * 0).float()
         mlm = (mlm if mlm_weight != 0 else mlm * 0).float()
-        ctx.opts, ctx.need = opts, need
+        ctx.opts, ctx.shards, ctx.need, ctx.weights = opts, shards, need, (kd_weight, mlm_weight)
         ctx.save_for_backward(*grads, student_hidden, student_weight, student_bias)
         return kd_weight * kd + mlm_weight * mlm, kd, mlm
 
     @staticmethod
     def backward(ctx, grad_loss, grad_kd, grad_mlm):
         *stored, hidden, weight, bias = ctx.saved_tensors
-        opts = ctx.opts
+        kd_weight, mlm_weight = ctx.weights
 
         def mlm_grads():
-            return _sharded_pass(hidden, weight, bias, None, None, None, opts, ctx.need, 0.0, 1.0)[2:]
+            return _sharded_pass(hidden, weight, bias, None, None, None, ctx.opts, ctx.shards, ctx.need, 0.0, 1.0)[2:]
 
-        grads = scale_stored_grads(grad_loss * opts["kd_weight"] + grad_kd, grad_loss * opts["mlm_weight"] + grad_mlm,
-                                   stored, opts["kd_weight"], opts["mlm_weight"], mlm_grads)
+        grads = scale_stored_grads(grad_loss * kd_weight + grad_kd, grad_loss * mlm_weight + grad_mlm,
+                                   stored, kd_weight, mlm_weight, mlm_grads)
         out = [None if g is None else g.to(like.dtype) for g, like in zip(grads, (hidden, weight, bias))]
-        return (*out, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None)
 
 
 def fused_linear_kd(shards: ShardedHeads, row_kernel: RowKernel, *, student_hidden, student_weight, teacher_hidden,
@@ -385,13 +384,13 @@ def fused_linear_kd(shards: ShardedHeads, row_kernel: RowKernel, *, student_hidd
     if kd_term(kind, beta) == "reverse_kl" and teacher_topk is not None and teacher_topk < shards.vocab:
         raise ValueError(f"teacher_topk: expected None with kind={kind!r}, beta={beta} (reverse KL: KL(q || p) is "
                          f"infinite where the top-k teacher has p = 0), got {teacher_topk}")
-    opts = dict(shards=shards, row_kernel=row_kernel, labels=labels, ignore_index=ignore_index,
-                temperature=float(temperature), kd_weight=float(kd_weight), mlm_weight=float(mlm_weight), kind=kind,
-                reduction=reduction, t2_scale=bool(t2_scale), mask=mask, row_weights=row_weights,
-                teacher_topk=teacher_topk, beta=float(beta), chunk_rows=None,
-                student_map=LogitMap(student_softcap, student_logit_scale),
-                teacher_map=LogitMap(teacher_softcap, teacher_logit_scale))
+    opts = VocabKDOptions(row_kernel=row_kernel, labels=labels, ignore_index=ignore_index,
+                          temperature=float(temperature), kind=kd_term(kind, beta), reduction=reduction,
+                          t2_scale=bool(t2_scale), mask=mask, row_weights=row_weights, teacher_topk=teacher_topk,
+                          beta=float(beta), student_map=LogitMap(student_softcap, student_logit_scale),
+                          teacher_map=LogitMap(teacher_softcap, teacher_logit_scale))
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()
     loss, kd, mlm = _ShardedFusedLinearKD.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
-                                                teacher_weight.detach(), teacher_bias, opts)
+                                                teacher_weight.detach(), teacher_bias, opts, shards, float(kd_weight),
+                                                float(mlm_weight))
     return KDOutput(loss, kd, mlm)
