@@ -1,4 +1,5 @@
-"""Shared test setup: poisoned kernel outputs, seeded RNG, the optional ../shared data."""
+"""Shared test setup: poisoned kernel outputs, seeded RNG, the optional ../shared data, and how pytest-xdist
+shares the suite between its workers (pyproject.toml's addopts: one worker per core)."""
 from __future__ import annotations
 
 import os
@@ -32,3 +33,44 @@ def interpreting_triton() -> bool:
 
 needs_triton_interpreter = pytest.mark.skipif(
     not interpreting_triton(), reason="Triton kernels run on CPU only under TRITON_INTERPRET=1 (set in .ci/run)")
+
+
+# Modules that launch several processes: torchrun and accelerate on their default port 29500 (two launches at
+# once would collide), or 4 spawned ranks. Under pytest-xdist one worker runs them one after another.
+LAUNCHING = {"test_docs_many_devices.py", "test_parallel_distillation.py", "test_rank_faults.py",
+             "test_train_pretrain.py", "test_vocab_parallel.py"}
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+def _scope(nodeid: str) -> str:
+    """A worker's unit of work: the module (its module-scoped fixtures are built once), or all LAUNCHING ones."""
+    module = _module(nodeid)
+    return "launching processes" if module.rsplit("/", 1)[-1] in LAUNCHING else module
+
+
+def pytest_collection_modifyitems(items):
+    """The launching modules first, then the modules with a slow test, then the rest, each in file order:
+    under pytest-xdist the workers start on the longest units of work and end together."""
+    slow = {_module(item.nodeid) for item in items if item.get_closest_marker("slow")}
+    first = {}
+    for index, item in enumerate(items):
+        first.setdefault(_module(item.nodeid), index)
+    items.sort(key=lambda item: (_scope(item.nodeid) != "launching processes", _module(item.nodeid) not in slow,
+                                 first[_module(item.nodeid)]))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        """Whole modules (or the launching group) per worker, in the collected order (longest first)."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid)
+
+    config.option.loadscopereorder = False
+    return ModuleScheduling(config, log)
