@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import distil_many_devices as example  # noqa: E402
-from test_integrations_transformers import examples, stack, tiny_bert, tiny_llama  # noqa: E402
+from distillation_fixtures import examples, stack, tiny_bert, tiny_llama  # noqa: E402
 
 from kdfast.integrations.transformers import DistillationTrainer, distillation_loss  # noqa: E402
 from kdfast.integrations.wrapped import fully_shard_model, is_sharded  # noqa: E402

@@ -74,9 +74,9 @@ def test_tokenizer_that_does_not_match_the_teacher_is_refused(tmp_path):
 @pytest.mark.slow
 def test_miniature_comparison_writes_the_report_with_equal_budgets(tmp_path, shared_data):
     os.chdir(tmp_path)
-    assert _compare(tmp_path, "--glue-dir", str(shared_data / "glue"), "glue.tasks=[sst2]",
-                    "glue.max_train_examples=64", "glue.max_eval_examples=64", "glue.epochs=1",
-                    "glue.evaluate_teacher=false") == 0
+    glue = ("--glue-dir", str(shared_data / "glue"), "glue.tasks=[sst2]", "glue.max_train_examples=64",
+            "glue.max_eval_examples=64", "glue.epochs=1", "glue.evaluate_teacher=false")
+    assert _compare(tmp_path, *glue) == 0
     out = tmp_path / "out"
     report = json.loads((out / "results.json").read_text())
     rows = report["rows"]
@@ -107,9 +107,12 @@ def test_miniature_comparison_writes_the_report_with_equal_budgets(tmp_path, sha
     assert "## Known effects" in table and "## Method" in table and "## Time per phase" in table
     assert "## Where the variance comes from" in table and "No better/worse calls" not in table
     assert (out / "mlm_loss.png").stat().st_size > 1000 and (out / "metrics.png").stat().st_size > 1000
-    # a second run resumes from the finished arms and the cached teacher without retraining; with R = 1 (the
-    # replicate-0 folders, the single-run layout) it reports differences and intervals but makes no call
-    assert _compare(tmp_path, "--resume", "glue.tasks=[]", "--replicates", "1") == 0
+    # a second run resumes from the finished arms and the cached teacher without retraining, and reuses every
+    # stored evaluation; with R = 1 (the replicate-0 folders, the single-run layout) it reports differences and
+    # intervals but makes no call
+    evaluations = sorted((out / "eval").rglob("*"))
+    assert _compare(tmp_path, "--resume", *glue, "--replicates", "1") == 0
+    assert sorted((out / "eval").rglob("*")) == evaluations
     report = json.loads((out / "results.json").read_text())
     assert {v["verdict"] for v in report["analysis"]["verdicts"]} == {"no call (R = 1)"}
     table = (out / "results.md").read_text()

@@ -33,7 +33,7 @@ def test_glue_path_on_shared_tasks_gives_sane_metrics(shared_data, tmp_path):
                                        num_attention_heads=2, intermediate_size=128))
     model.save_pretrained(str(tmp_path / "model"))
     results = glue.evaluate_model(str(tmp_path / "model"), glue_tasks.parse_tasks("cola,sst2,stsb"), str(glue_dir),
-                                  seeds=[0, 1], lrs=[1e-3], batch_sizes=[16], epochs=3, seq_len=48,
+                                  seeds=[0, 1], lrs=[3e-3], batch_sizes=[64], epochs=3, seq_len=32,
                                   device=torch.device("cpu"), max_train_examples=1000, max_eval_examples=200)
     summary = {name: r.summary() for name, r in results.items()}
     assert set(summary) == {"cola", "sst2", "stsb"}

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from test_integrations_transformers import LENGTH, VOCAB, examples, reference_loss, run_trainer, stack
+from distillation_fixtures import LENGTH, VOCAB, examples, reference_loss, run_trainer, stack
 from transformers import (
     CohereConfig,
     CohereForCausalLM,

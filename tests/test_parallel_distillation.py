@@ -45,6 +45,20 @@ def parallel_run(tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """``one_process(name)``: (start, end) parameters of the Trainer case ``name`` in this process, trained
+    once per module (the DDP and the FSDP2 run are compared with the same one)."""
+    runs = {}
+
+    def run(name: str) -> tuple[dict, dict]:
+        if name not in runs:
+            runs[name] = one_process_parameters(name, tmp_path_factory.mktemp(name))
+        return runs[name]
+
+    return run
+
+
 @functools.lru_cache(maxsize=None)
 def one_process_loop() -> tuple[dict, dict, list]:
     """(start, end, per-step losses) of the custom loop in this process."""
@@ -73,9 +87,9 @@ def assert_same_steps(start: dict, expected: dict, got: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("name", list(worker.TRAINER_CASES))
-def test_trainer_on_two_ranks_equals_one_process(parallel_run, engine, name, tmp_path):
+def test_trainer_on_two_ranks_equals_one_process(parallel_run, one_process, engine, name):
     parameters, _ = parallel_run(engine)
-    start, expected = one_process_parameters(name, tmp_path)
+    start, expected = one_process(name)
     assert_same_steps(start, expected, parameters[name])
 
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train_pretrain import _env, _pretrain_args, _train_steps
+from trainer_fixtures import kdfast_env, pretrain_args, train_steps
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "distil_many_devices.py"
@@ -55,28 +55,28 @@ def checkpoint_steps(folder: Path, prefix: str, digits: slice) -> list[int]:
 @pytest.mark.slow
 def test_pretrain_rank_killed_ends_then_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    args = [*TORCHRUN, "-m", "kdfast", *_pretrain_args(tmp_path, run_dir, f"{60 * 8 * 32}tok", "device=cpu",
-                                                       "train.checkpoint_steps=10", "dist_timeout=60")]
-    launcher = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    args = [*TORCHRUN, "-m", "kdfast", *pretrain_args(tmp_path, run_dir, f"{60 * 8 * 32}tok", "device=cpu",
+                                                      "train.checkpoint_steps=10", "dist_timeout=60")]
+    launcher = subprocess.Popen(args, cwd=tmp_path, env=kdfast_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)
-    kill_rank_when(launcher, lambda: len(_train_steps(run_dir)) >= 25)
-    killed_at = _train_steps(run_dir)[-1]["step"]
+    kill_rank_when(launcher, lambda: len(train_steps(run_dir)) >= 25)
+    killed_at = train_steps(run_dir)[-1]["step"]
     assert not (run_dir / "summary.json").exists()
     assert killed_at - checkpoint_steps(run_dir / "checkpoints", "step-", slice(5, 14))[-1] <= 10 + 1
 
-    done = subprocess.run(args + ["--resume"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+    done = subprocess.run(args + ["--resume"], cwd=tmp_path, env=kdfast_env(), capture_output=True, text=True,
                           timeout=DEADLINE_S)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 60 and summary["tokens"] == 60 * 8 * 32
-    assert [r["step"] for r in _train_steps(run_dir)] == list(range(1, 61))
+    assert [r["step"] for r in train_steps(run_dir)] == list(range(1, 61))
 
 
 @pytest.mark.slow
 def test_distillation_trainer_rank_killed_ends_then_resumes(tmp_path):
     out = tmp_path / "ckpt"
     args = [*TORCHRUN, str(EXAMPLE), "--steps", "60", "--save-steps", "10", "--out", str(out)]
-    env = {**_env(), "PYTHONUNBUFFERED": "1"}
+    env = {**kdfast_env(), "PYTHONUNBUFFERED": "1"}
     launcher = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)
     kill_rank_when(launcher, lambda: len(checkpoint_steps(out, "checkpoint-", slice(11, None))) >= 2)

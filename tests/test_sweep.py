@@ -67,6 +67,7 @@ def _lrs(cell_dir):
     return [r["lr"] for r in rows if r["event"] == "train"]
 
 
+@pytest.mark.slow
 def test_each_cell_has_its_own_schedule_and_a_rerun_reuses_finished_cells(tmp_path, corpus, monkeypatch):
     assert _sweep(tmp_path, corpus, "1024tok,2048tok") == 0
     out = tmp_path / "out"
@@ -128,6 +129,7 @@ def test_tiny_sweep_preset_extends_tiny():
     assert [b.tag for b in sweep.parse_budgets(preset["sweep"]["budgets"])] == ["10s", "30s", "90s"]
 
 
+@pytest.mark.slow
 def test_a_sweep_in_a_compare_folder_reuses_its_teacher_and_reports_with_it(tmp_path, corpus):
     assert main(["compare", "--preset", "tiny", "--data", str(corpus), "--out", str(tmp_path / "out"), "--budget",
                  "4096tok", *TINY_MODEL, "teacher.budget=2048tok", "glue.tasks=[]", "strategies=[no-kd, vanilla]"]) == 0

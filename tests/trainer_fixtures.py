@@ -1,6 +1,9 @@
-"""Small corpora, tokenizers and run arguments shared by the trainer tests (no downloads)."""
+"""Small corpora, tokenizers and run arguments shared by the trainer tests (no downloads), and the
+environment, arguments and training log of a `kdfast pretrain` run in a subprocess."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from kdfast.data.corpus import BUILTIN_PYTHON_DOCS, documents
@@ -25,3 +28,28 @@ def write_corpus(folder: Path, characters: int = 60_000) -> Path:
     path = folder / "corpus.txt"
     path.write_text("\n\n".join(text))
     return path
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def kdfast_env() -> dict:
+    """This environment for a `kdfast` subprocess: the checkout first on PYTHONPATH, one thread, no torchrun rank."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def train_steps(run_dir: Path) -> list:
+    """The "train" events of ``run_dir/log.jsonl`` so far ([] before the first)."""
+    path = run_dir / "log.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["event"] == "train"]
+
+
+def pretrain_args(tmp_path: Path, run_dir: Path, budget: str, *extra: str) -> list:
+    """`kdfast pretrain` of the no-KD arm on TINY_MODEL over a corpus written in ``tmp_path``."""
+    return ["pretrain", "--strategy", "no-kd", "--data", str(write_corpus(tmp_path)), "--budget", budget,
+            "--out", str(run_dir), *TINY_MODEL, "train.eval_points=4", *extra]

@@ -80,16 +80,37 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    return {"kernel": spec.name, "arch": gpu, "shared_bytes": kernel.metadata.shared,
+            **parse_ptxas(ptxas_log(kernel.asm["ptx"], gpu, spec.name))}
+
+
+def ptxas_log(ptx: str, gpu: str, name: str) -> str:
+    """``ptxas -v``'s report on ``ptx`` for ``gpu``. Stored beside Triton's own cache, keyed by the PTX, the GPU
+    and the ptxas binary, so an unchanged kernel is not assembled again (Triton caches the PTX the same way)."""
+    import hashlib
+
+    from triton import knobs
+
+    ptxas = _ptxas()
+    binary = os.stat(ptxas)
+    key = hashlib.sha256(f"{gpu}\0{ptxas}\0{binary.st_size}\0{binary.st_mtime_ns}\0{ptx}".encode()).hexdigest()
+    stored = os.path.join(knobs.cache.dir, "kdfast-ptxas", f"{key}.log")
+    if os.path.isfile(stored):
+        with open(stored) as fh:
+            return fh.read()
     with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        with open(ptx, "w") as fh:
-            fh.write(kernel.asm["ptx"])
-        proc = subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", ptx, "-o", os.path.join(tmp, "k.cubin")],
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as fh:
+            fh.write(ptx)
+        proc = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", path, "-o", os.path.join(tmp, "k.cubin")],
                               capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"ptxas failed for {spec.name} on {gpu}:\n{proc.stderr}")
-    return {"kernel": spec.name, "arch": gpu, "shared_bytes": kernel.metadata.shared,
-            **parse_ptxas(proc.stdout + proc.stderr)}
+        raise RuntimeError(f"ptxas failed for {name} on {gpu}:\n{proc.stderr}")
+    os.makedirs(os.path.dirname(stored), exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(stored), delete=False) as fh:
+        fh.write(proc.stdout + proc.stderr)
+    os.replace(fh.name, stored)
+    return proc.stdout + proc.stderr
 
 
 def check_all() -> list[dict]:
