@@ -9,6 +9,10 @@ import pytest
 import torch
 
 os.environ.setdefault("KDFAST_POISON", "1")
+# pytest-xdist runs one worker per core: one torch thread each (two per worker oversubscribe the cores and cost
+# about a fifth more CPU time); tests/test_native_threads.py runs the C++ kernels on 2 threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

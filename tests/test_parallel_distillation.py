@@ -14,8 +14,8 @@ from pathlib import Path
 import parallel_worker as worker
 import pytest
 import torch
+from many_devices_fixtures import WORLD, assert_same_steps, one_process_parameters
 
-WORLD = 2
 TIMEOUT_S = 420
 WORKER = Path(worker.__file__)
 
@@ -65,23 +65,6 @@ def one_process_loop() -> tuple[dict, dict, list]:
     start = {n: p.detach().clone() for n, p in worker.models(causal=True, tied=False)[0].named_parameters()}
     model, losses = worker.loop_case(rank=0, world=1, shard_teacher=False, head_unit=False)
     return start, worker.full_parameters(model), losses
-
-
-def one_process_parameters(name: str, out: Path) -> tuple[dict, dict]:
-    """(start, end) parameters of the Trainer case ``name`` in this process."""
-    causal, tied, _ = worker.TRAINER_CASES[name]
-    start = {n: p.detach().clone() for n, p in worker.models(causal, tied)[0].named_parameters()}
-    return start, worker.full_parameters(worker.train_case(name, str(out), world=1))
-
-
-def assert_same_steps(start: dict, expected: dict, got: dict) -> None:
-    """Parameters equal within 1e-5 of the update's size (fp32), parameter by parameter."""
-    assert set(got) == set(expected)
-    moved = torch.cat([(expected[n] - start[n]).reshape(-1) for n in expected]).norm()
-    assert moved > 1e-2
-    for name in expected:
-        error = (got[name] - expected[name]).norm()
-        assert error <= 1e-5 * max(moved, expected[name].norm()), (name, float(error), float(moved))
 
 
 @pytest.mark.slow

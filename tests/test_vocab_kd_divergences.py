@@ -8,17 +8,12 @@ import math
 import pytest
 import torch
 import vocab_kd_float64 as f64
-from conftest import needs_triton_interpreter
-from vocab_kd_inputs import assert_close, make
+from vocab_kd_inputs import BACKENDS, assert_close, make, run
+from vocab_kd_inputs import SMALL_N as N
+from vocab_kd_inputs import SMALL_V as V
 
 import kdfast
-from kdfast import _ext
 
-V = 555  # a full 512-element C++ block and a partial one; 5 Triton chunks of 128, the last partial
-N = 13
-BACKENDS = [pytest.param("torch"),
-            pytest.param("cpu", marks=pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")),
-            pytest.param("triton", marks=needs_triton_interpreter)]
 DIVERGENCES = [("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 0.5), ("jsd", 1.0)]
 
 
@@ -30,13 +25,6 @@ def backend(request, monkeypatch) -> str:
 
         monkeypatch.setattr(vocab_kd, "block_size", lambda vocab: (128, 4))
     return request.param
-
-
-def run(inputs: dict, backend: str, **options) -> tuple:
-    """(loss, d hidden, d weight[, d bias]) of fused_linear_kd."""
-    out = kdfast.fused_linear_kd(**inputs, **options, backend=backend)
-    leaves = [inputs[k] for k in ("student_hidden", "student_weight", "student_bias") if inputs.get(k) is not None]
-    return (out.loss.detach(), *torch.autograd.grad(out.loss, leaves))
 
 
 def kd_kl_and_grad(s: torch.Tensor, t: torch.Tensor, backend: str, **options) -> tuple:

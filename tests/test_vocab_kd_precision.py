@@ -10,7 +10,7 @@ import functools
 import pytest
 import torch
 import vocab_kd_float64 as f64
-from test_vocab_kd_divergences import BACKENDS
+from vocab_kd_inputs import BACKENDS
 
 import kdfast
 

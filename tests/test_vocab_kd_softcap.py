@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import vocab_kd_float64 as f64
-from test_vocab_kd_cpu import assert_close, make
-from test_vocab_kd_divergences import BACKENDS, N, V, run
+from vocab_kd_inputs import BACKENDS, assert_close, make, run
+from vocab_kd_inputs import SMALL_N as N
+from vocab_kd_inputs import SMALL_V as V
 
 import kdfast
 

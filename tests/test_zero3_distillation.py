@@ -17,13 +17,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import many_devices_fixtures as docs
 import parallel_worker as worker
 import pytest
-import test_docs_many_devices as docs
 import torch
 import torch.utils.cpp_extension
 import zero3_worker
-from test_parallel_distillation import WORLD, assert_same_steps, one_process_parameters
+from many_devices_fixtures import WORLD, assert_same_steps, one_process_parameters
 
 import kdfast
 

@@ -2,10 +2,21 @@
 divergence tests."""
 from __future__ import annotations
 
+import pytest
 import torch
 import vocab_kd_float64 as f64
+from conftest import needs_triton_interpreter
+
+import kdfast
+from kdfast import _ext
 
 N, HS, HT, V = 29, 8, 12, 1100  # V spans two full 512-element blocks and a partial one
+# The divergence, softcap and precision tests' size: V a full 512-element C++ block and a partial one, 5 Triton
+# chunks of 128 (their backend fixture sets that), the last partial.
+SMALL_N, SMALL_V = 13, 555
+BACKENDS = [pytest.param("torch"),
+            pytest.param("cpu", marks=pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")),
+            pytest.param("triton", marks=needs_triton_interpreter)]
 
 
 def make(n=N, hs=HS, ht=HT, v=V, dtype=torch.float32, scale=1.0, bias=True, ignored=True):
@@ -26,3 +37,10 @@ def assert_close(got: tuple, ref: tuple, tol: float) -> None:
     names = ("loss", "d_hidden", "d_weight", "d_bias")
     errors = {name: f64.rel_err(g, r) for name, g, r in zip(names, got, ref)}
     assert all(e <= tol for e in errors.values()), errors
+
+
+def run(inputs: dict, backend: str, **options) -> tuple:
+    """(loss, d hidden, d weight[, d bias]) of fused_linear_kd."""
+    out = kdfast.fused_linear_kd(**inputs, **options, backend=backend)
+    leaves = [inputs[k] for k in ("student_hidden", "student_weight", "student_bias") if inputs.get(k) is not None]
+    return (out.loss.detach(), *torch.autograd.grad(out.loss, leaves))

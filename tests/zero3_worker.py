@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/ only, as parallel_worker.py explains
 
+from distillation_fixtures import examples, stack  # noqa: E402
 from parallel_worker import GLOBAL_BATCH, STEPS, TRAINER_CASES, example, models, trainer_args  # noqa: E402
-from test_integrations_transformers import examples, stack  # noqa: E402
 
 from kdfast.integrations.transformers import DistillationTrainer, distillation_loss  # noqa: E402
 
