@@ -137,10 +137,13 @@ def test_jsd_against_installed_peers(beta):
     s, t = torch.randn(6, 40) * 2, torch.randn(6, 40) * 2
     ours = kdfast.kd_kl(s, t, kind="jsd", beta=beta, temperature=1.0, t2_scale=False, backend="torch")
     checked = 0
-    try:
-        from trl import GKDTrainer
+    try:  # TRL >= 1.x keeps GKDTrainer under trl.experimental.gkd
+        from trl.experimental.gkd import GKDTrainer
     except Exception:  # noqa: BLE001 - any import failure means "not installed here"
-        GKDTrainer = None
+        try:
+            from trl import GKDTrainer
+        except Exception:  # noqa: BLE001
+            GKDTrainer = None
     if GKDTrainer is not None:
         theirs = GKDTrainer.generalized_jsd_loss(s, t, beta=beta, temperature=1.0, reduction="batchmean")
         assert abs(ours.item() - theirs.item()) <= 1e-5 * abs(theirs.item())
