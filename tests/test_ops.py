@@ -8,6 +8,7 @@ import importlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import interpreting_triton
 
 import kdfast.triton as kdfast_triton
@@ -250,5 +251,60 @@ def test_fused_backward_scales_and_reweights_without_a_bias(parts):
                                      mlm_weight=0.5, temperature=2.0, backend=backend)
         (scale * out.loss + extra_kd * out.kd).backward()
         grads[backend] = (h.grad, w.grad)
+    for got, ref in zip(grads["cpu"], grads["torch"]):
+        assert float((got.double() - ref).norm() / ref.norm()) < 1e-5
+
+
+class _ZeroFills(TorchDispatchMode):
+    """Records the size of every tensor that an op fills with zeros (zeros, zeros_like, zero_, fill_)."""
+
+    def __init__(self):
+        super().__init__()
+        self.filled = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("zeros", "zeros_like", "zero_", "fill_", "new_zeros") and isinstance(out, torch.Tensor):
+            self.filled.append((name, out.numel()))
+        return out
+
+
+LOSS_OPS = ("kdfast::fused_linear_kd", "kdfast::kd_kl", "kdfast::attention_kl", "kdfast::relation_kl",
+            "kdfast::attention_score_mse", "kdfast::hidden_mse")
+
+
+@pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")
+@pytest.mark.parametrize("name", LOSS_OPS)
+def test_backward_fills_no_zero_gradients(name):
+    """Back-propagating a loss op's loss fills no tensor with zeros: its other outputs (stored gradients,
+    statistics) get no zero-filled gradient from autograd (a write of each, per call). The fused op's loss
+    is kd_weight * kd + mlm_weight * mlm, as ``kdfast.fused_linear_kd`` forms it."""
+    op = getattr(torch.ops.kdfast, name.split("::")[1])
+    for args in SAMPLES[name]("cpu"):
+        out = op(*args)
+        loss = out[0] * args[14] + out[1] * args[15] if name == "kdfast::fused_linear_kd" else out[0]
+        with _ZeroFills() as spy:
+            loss.backward()
+        assert [size for _, size in spy.filled if size > 1] == [], spy.filled
+
+
+@pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")
+@pytest.mark.parametrize("part", ["kd", "mlm"])
+def test_fused_backward_of_one_part_alone(part):
+    """The gradient of ``kd`` or ``mlm`` alone (the other part's gradient arrives as None) equals the torch
+    reference's autograd in float64."""
+    import kdfast
+
+    hidden, weight, bias = _leaf(N, HS), _leaf(V, HS), _leaf(V)
+    teacher_hidden, teacher_weight = torch.randn(N, HT), torch.randn(V, HT)
+    labels = _labels()
+    grads = {}
+    for backend, dtype in (("cpu", torch.float32), ("torch", torch.float64)):
+        leaves = [x.detach().to(dtype).requires_grad_() for x in (hidden, weight, bias)]
+        out = kdfast.fused_linear_kd(leaves[0], leaves[1], teacher_hidden.to(dtype), teacher_weight.to(dtype),
+                                     student_bias=leaves[2], labels=labels, mlm_weight=0.5, temperature=2.0,
+                                     backend=backend)
+        grads[backend] = torch.autograd.grad(getattr(out, part), leaves)
     for got, ref in zip(grads["cpu"], grads["torch"]):
         assert float((got.double() - ref).norm() / ref.norm()) < 1e-5

@@ -1,5 +1,5 @@
 """Helpers shared by the op modules: the backend module behind a ``backend`` argument, empty
-stand-ins for gradients not asked for, and whether a call is being traced."""
+stand-ins for gradients not asked for, outputs without gradients, and whether a call is being traced."""
 from __future__ import annotations
 
 from types import ModuleType
@@ -23,6 +23,14 @@ def backend_module(op: str, backend: str) -> ModuleType:
 def no_grad_like(x: torch.Tensor) -> torch.Tensor:
     """The [0] fp32 tensor an op returns in place of a gradient nobody asked for."""
     return x.new_empty((0,), dtype=torch.float32)
+
+
+def non_differentiable(ctx, *outputs: torch.Tensor) -> None:
+    """Mark an op's extra outputs (stored gradients, statistics) non-differentiable, and have autograd pass
+    None, not a zero-filled tensor, for any output without a gradient (that fill costs a write of every
+    extra output per call); the backward formulas read only the losses' gradients."""
+    ctx.mark_non_differentiable(*outputs)
+    ctx.set_materialize_grads(False)
 
 
 def wants_grad(x: Optional[torch.Tensor]) -> bool:

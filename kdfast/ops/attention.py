@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from kdfast.functions.attention_score_mse import attention_score_mse_pass
-from kdfast.ops._common import backend_module, no_grad_like, wants_grad
+from kdfast.ops._common import backend_module, no_grad_like, non_differentiable, wants_grad
 
 OPS = ("kdfast::attention_kl", "kdfast::attention_kl_backward", "kdfast::relation_kl",
        "kdfast::relation_kl_backward", "kdfast::attention_score_mse")
@@ -60,7 +60,7 @@ def _(grad_loss, q_s, k_s, *args):
 
 def _attention_kl_setup(ctx, inputs, output):
     q_s, k_s, q_t, k_t, key_mask, ctx.backend = inputs
-    ctx.mark_non_differentiable(*output[1:])
+    non_differentiable(ctx, *output[1:])
     ctx.save_for_backward(q_s, k_s, q_t, k_t, key_mask, *output[1:])
 
 
@@ -108,7 +108,7 @@ def _(grad_loss, x_s, *args):
 
 def _relation_kl_setup(ctx, inputs, output):
     x_s, x_t, ctx.heads, key_mask, ctx.backend = inputs
-    ctx.mark_non_differentiable(*output[1:])
+    non_differentiable(ctx, *output[1:])
     ctx.save_for_backward(x_s, x_t, key_mask, *output[1:])
 
 
@@ -148,7 +148,7 @@ def _(q_s, k_s, q_t, k_t, key_mask, include_masked_keys, backend, need):
 
 
 def _score_mse_setup(ctx, inputs, output):
-    ctx.mark_non_differentiable(*output[1:])
+    non_differentiable(ctx, *output[1:])
     ctx.save_for_backward(*output[1:])
     ctx.need = inputs[-1]
 

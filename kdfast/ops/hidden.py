@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from kdfast.functions.hidden_mse import hidden_mse_pass
-from kdfast.ops._common import backend_module, no_grad_like, wants_grad
+from kdfast.ops._common import backend_module, no_grad_like, non_differentiable, wants_grad
 
 OPS = ("kdfast::hidden_mse",)
 
@@ -33,7 +33,7 @@ def _(h_s, h_t, weight, bias, mask, backend, need):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.mark_non_differentiable(*output[1:])
+    non_differentiable(ctx, *output[1:])
     ctx.save_for_backward(*output[1:])
     ctx.need = inputs[-1]
 

@@ -20,7 +20,7 @@ from kdfast.functions import vocab_kd as driver
 from kdfast.functions.logit_map import LogitMap
 from kdfast.functions.outputs import KDOutput
 from kdfast.functions.sparse_targets import SparseTargets
-from kdfast.ops._common import backend_module, no_grad_like, tracing, wants_grad
+from kdfast.ops._common import backend_module, no_grad_like, non_differentiable, tracing, wants_grad
 
 OPS = ("kdfast::fused_linear_kd", "kdfast::fused_linear_kd_backward", "kdfast::kd_kl")
 
@@ -78,7 +78,7 @@ def _(student_hidden, student_weight, *args):
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, _, _, _, labels, mask, row_weights, target_ids, target_weights, *options) = inputs
     _, _, d_hidden, d_weight, d_bias = output
-    ctx.mark_non_differentiable(d_hidden, d_weight, d_bias)
+    non_differentiable(ctx, d_hidden, d_weight, d_bias)
     ctx.save_for_backward(d_hidden, d_weight, d_bias, hidden, weight, bias, labels, mask, row_weights, target_ids,
                           target_weights)
     ctx.options = options
@@ -128,6 +128,8 @@ def _(grad_kd, grad_mlm, d_hidden, d_weight, d_bias, *args):
 
 def _backward(ctx, grad_kd, grad_mlm, *_):
     d_hidden, d_weight, d_bias, *inputs = ctx.saved_tensors
+    zero = torch.zeros((), dtype=torch.float32, device=d_hidden.device)  # a loss without a gradient comes as None
+    grad_kd, grad_mlm = (zero if g is None else g for g in (grad_kd, grad_mlm))
     need = ctx.options[-1]
     if tracing(grad_kd, grad_mlm, d_hidden):
         grads = torch.ops.kdfast.fused_linear_kd_backward(grad_kd, grad_mlm, d_hidden, d_weight, d_bias, *inputs,
@@ -185,7 +187,7 @@ def _(student_logits, teacher_logits, mask, backend, temperature, kind, reductio
 
 
 def _kd_kl_setup(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[1])
+    non_differentiable(ctx, output[1])
     ctx.save_for_backward(output[1])
     ctx.need_grad = inputs[-1]
 
