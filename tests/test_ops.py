@@ -8,8 +8,8 @@ import importlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import interpreting_triton
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdfast.triton as kdfast_triton
 from kdfast import _ext, ops
@@ -181,8 +181,6 @@ TRITON_OPS = {
     "kdfast::attention_mse_gram_triton": _gram_samples(with_alphas=False),
     "kdfast::hidden_mse_rows_triton": _hidden_rows_samples,
 }
-# Triton ops with an explicit fake implementation: test_faketensor runs for them under the interpreter too.
-TRITON_FAKES = set(TRITON_OPS) - {"kdfast::vocab_kd_rows_triton"}
 
 
 def test_every_op_has_samples():
@@ -221,14 +219,14 @@ def test_attention_kl_kernel_ops_take_both_keys_or_none():
 def test_opcheck_triton_op(name):
     """The interpreter runs a wrap_triton kernel as a plain function, also on FakeTensors and on the
     functional tensors of AOT dispatch (it reads their storage), so on CPU the checks are the schema
-    (mutations as declared), autograd registration and, for the ops with an explicit fake implementation,
-    the fake tensor check (the fake's shapes, dtypes and strides against the real outputs). AOT dispatch
-    needs a GPU, where the kernels are traced instead of run."""
+    (mutations as declared), autograd registration and the fake tensor check of each op's explicit fake
+    (its shapes, dtypes and strides against the real outputs). AOT dispatch needs a GPU, where the kernels
+    are traced instead of run."""
     for module in ("vocab_kd", "attention_kl", "attention_score_mse", "hidden_mse"):
         importlib.import_module(f"kdfast.triton.{module}")  # registers the triton_ops
 
     op = getattr(torch.ops.kdfast, name.split("::")[1]).default
-    utils = ("test_schema", "test_autograd_registration") + (("test_faketensor",) if name in TRITON_FAKES else ())
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")  # each has an explicit fake
     for args in TRITON_OPS[name]("triton"):
         torch.library.opcheck(op, args, test_utils=utils)
 

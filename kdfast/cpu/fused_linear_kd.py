@@ -2,8 +2,6 @@
 C++/OpenMP vocabulary-KD row kernel."""
 from __future__ import annotations
 
-import torch
-
 from kdfast.functions.outputs import KDOutput
 from kdfast.functions.vocab_kd import fused_unsupported_reason
 from kdfast.ops import kernels, vocab
@@ -11,7 +9,7 @@ from kdfast.ops import kernels, vocab
 # Row kernel (contract in kdfast/functions/vocab_kd/), the custom op kdfast::vocab_kd_rows: s [C, V] becomes
 # d loss / d s; returns kd_row, mlm_row [C].
 # It takes both layouts; the fused driver fills vocab-major chunks (faster head products in MKL).
-rows = kernels.row_kernel(torch.ops.kdfast.vocab_kd_rows, vocab_major=True)
+rows = kernels.row_kernel(kernels.vocab_kd_rows, vocab_major=True)
 
 
 def fused_linear_kd(**kwargs) -> KDOutput:

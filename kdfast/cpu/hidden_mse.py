@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 
 from kdfast.functions.hidden_mse import decline
-from kdfast.ops import hidden
+from kdfast.ops import hidden, hidden_kernels
 
-rows = torch.ops.kdfast.hidden_mse_rows  # the driver's row-kernel contract
+rows = hidden_kernels.hidden_mse_rows  # the driver's row-kernel contract (op kdfast::hidden_mse_rows)
 
 
 def unsupported_reason(h_s=None, h_t=None, **_) -> Optional[str]:

@@ -3,15 +3,16 @@ kernel ops ``kdfast::attention_kl_rows`` and ``kdfast::attention_kl_rows_backwar
 run the CUDA kernels of ``kdfast._cuda``."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from kdfast.functions import attention_kl as native
-from kdfast.ops import attention
+from kdfast.ops import attention, attention_kernels
 
-forward = native.forward
-backward = native.backward
+forward = functools.partial(native.forward, attention_kernels)
+backward = functools.partial(native.backward, attention_kernels)
 unsupported_reason = native.attention_kl_unsupported
 
 

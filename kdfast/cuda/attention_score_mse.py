@@ -8,10 +8,10 @@ from typing import Optional
 import torch
 
 from kdfast.functions.attention_score_mse import decline
-from kdfast.ops import attention
+from kdfast.ops import attention, attention_kernels
 
 MAX_HEAD_DIM = 128
-kernel = torch.ops.kdfast.attention_mse_gram  # the driver's kernel contract; [0] tensors for grads not asked for
+kernel = attention_kernels.attention_mse_gram  # the driver's kernel contract (op kdfast::attention_mse_gram)
 
 
 def unsupported_reason(q_s=None, q_t=None, **_) -> Optional[str]:

@@ -3,15 +3,16 @@ relation-head views) on the kernel ops ``kdfast::attention_kl_rows`` and ``kdfas
 whose CUDA implementations run the CUDA kernels of ``kdfast._cuda``."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from kdfast.functions import attention_kl as native
-from kdfast.ops import attention
+from kdfast.ops import attention, attention_kernels
 
-forward = native.relation_forward
-backward = native.relation_backward
+forward = functools.partial(native.relation_forward, attention_kernels)
+backward = functools.partial(native.relation_backward, attention_kernels)
 unsupported_reason = native.relation_kl_unsupported
 
 

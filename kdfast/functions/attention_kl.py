@@ -1,12 +1,12 @@
 """The two-operand attention KL on the native backends (forward and backward of ops
 ``kdfast::attention_kl`` and ``kdfast::relation_kl``, ``kdfast/ops/attention.py``).
 
-One driver serves ``cpu`` and ``cuda``: it calls the kernel ops ``kdfast::attention_kl_rows`` and
-``kdfast::attention_kl_rows_backward`` (``kdfast/ops/attention_kernels.py``), whose CPU and CUDA
-implementations run ``kdfast._C`` and ``kdfast._cuda``. The forward stores only the two log-sum-exps per
-row ([B, h, L] fp32 each); the backward recomputes the score tiles from them. Relations (MiniLMv2) are
-the case k = q on a strided [B, A_r, L, d_r] view of x [B, L, H]: no copy, and the kernel sums the query
-and key gradients into one buffer.
+One driver serves ``cpu`` and ``cuda``: it calls the implementations of the kernel ops
+``kdfast::attention_kl_rows`` and ``kdfast::attention_kl_rows_backward``, passed in as ``kernels`` (the
+module ``kdfast/ops/attention_kernels.py``: they run ``kdfast._C`` or ``kdfast._cuda`` by device). The
+forward stores only the two log-sum-exps per row ([B, h, L] fp32 each); the backward recomputes the score
+tiles from them. Relations (MiniLMv2) are the case k = q on a strided [B, A_r, L, d_r] view of x [B, L, H]:
+no copy, and the kernel sums the query and key gradients into one buffer.
 """
 from __future__ import annotations
 
@@ -42,34 +42,34 @@ def _rows(key_mask: Optional[torch.Tensor], batch: int, heads: int, length: int,
     return (key_mask.sum(dtype=torch.float32) * heads).clamp_min(1.0)
 
 
-def forward(q_s, k_s, q_t, k_t, key_mask):
+def forward(kernels, q_s, k_s, q_t, k_t, key_mask):
     """Mean KL over (B, h, valid rows) and what the backward reads: (loss, lse_s, lse_t, rows), the
     log-sum-exps [B, h, L] fp32 and the 0-dim fp32 row count. ``k_s``/``k_t`` None mean k = q."""
-    kl_rows, lse_s, lse_t = torch.ops.kdfast.attention_kl_rows(q_s, k_s, q_t, k_t, key_mask)
+    kl_rows, lse_s, lse_t = kernels.attention_kl_rows(q_s, k_s, q_t, k_t, key_mask)
     rows = _rows(key_mask, *q_s.shape[:3], q_s.device)
     return (kl_rows.sum(dtype=torch.float64) / rows).float(), lse_s, lse_t, rows
 
 
-def backward(grad_loss, q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, rows):
+def backward(kernels, grad_loss, q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, rows):
     """(d q_s, d k_s) in the inputs' dtypes; with ``k_s`` None (k = q) one gradient, the sum of both,
     and None."""
-    dq, dk = torch.ops.kdfast.attention_kl_rows_backward(q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, 1.0)
+    dq, dk = kernels.attention_kl_rows_backward(q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, 1.0)
     scale = grad_loss.float() / rows
     return dq.mul_(scale).to(q_s.dtype), None if k_s is None else dk.mul_(scale).to(k_s.dtype)
 
 
-def relation_forward(x_s: torch.Tensor, x_t: torch.Tensor, num_relation_heads: int,
+def relation_forward(kernels, x_s: torch.Tensor, x_t: torch.Tensor, num_relation_heads: int,
                      key_mask: Optional[torch.Tensor]):
     """:func:`forward` of op ``relation_kl``: attention KL with q = k on strided head views of x [B, L, H]."""
     x_s, x_t = x_s.contiguous(), x_t.contiguous()
-    return forward(relation_heads(x_s, num_relation_heads), None, relation_heads(x_t, num_relation_heads), None,
-                   key_mask)
+    return forward(kernels, relation_heads(x_s, num_relation_heads), None, relation_heads(x_t, num_relation_heads),
+                   None, key_mask)
 
 
-def relation_backward(grad_loss, x_s, x_t, num_relation_heads, key_mask, lse_s, lse_t, rows):
+def relation_backward(kernels, grad_loss, x_s, x_t, num_relation_heads, key_mask, lse_s, lse_t, rows):
     """d x_s [B, L, H_s] of op ``relation_kl`` (the kernel op writes it as a head view of a [B, L, H_s] buffer)."""
     x_s, x_t = x_s.contiguous(), x_t.contiguous()
-    grad, _ = backward(grad_loss, relation_heads(x_s, num_relation_heads), None,
+    grad, _ = backward(kernels, grad_loss, relation_heads(x_s, num_relation_heads), None,
                        relation_heads(x_t, num_relation_heads), None, key_mask, lse_s, lse_t, rows)
     return grad.transpose(1, 2).reshape(x_s.shape)
 

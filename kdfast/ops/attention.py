@@ -19,6 +19,7 @@ from torch import Tensor
 
 from kdfast.functions.attention_score_mse import attention_score_mse_pass
 from kdfast.ops._common import backend_module, no_grad_like, non_differentiable, wants_grad
+from kdfast.ops._library import custom_op
 
 OPS = ("kdfast::attention_kl", "kdfast::attention_kl_backward", "kdfast::relation_kl",
        "kdfast::relation_kl_backward", "kdfast::attention_score_mse")
@@ -34,7 +35,7 @@ def _stats_like(x: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 # --------------------------------------------------------------------------- attention KL (MiniLM)
 
 
-@torch.library.custom_op("kdfast::attention_kl", mutates_args=())
+@custom_op("kdfast::attention_kl", mutates_args=())
 def _attention_kl(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, key_mask: Optional[Tensor],
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return backend_module("attention_kl", backend).forward(q_s, k_s, q_t, k_t, key_mask)
@@ -45,7 +46,7 @@ def _(q_s, k_s, q_t, k_t, key_mask, backend):
     return _stats_like(q_s, q_s.shape[1])
 
 
-@torch.library.custom_op("kdfast::attention_kl_backward", mutates_args=())
+@custom_op("kdfast::attention_kl_backward", mutates_args=())
 def _attention_kl_backward(grad_loss: Tensor, q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor,
                            key_mask: Optional[Tensor], lse_s: Tensor, lse_t: Tensor, rows: Tensor,
                            backend: str) -> tuple[Tensor, Tensor]:
@@ -65,7 +66,7 @@ def _attention_kl_setup(ctx, inputs, output):
 
 
 def _attention_kl_grads(ctx, grad_loss, *_):
-    dq, dk = torch.ops.kdfast.attention_kl_backward(grad_loss, *ctx.saved_tensors, ctx.backend)
+    dq, dk = _attention_kl_backward(grad_loss, *ctx.saved_tensors, ctx.backend)
     return dq, dk, None, None, None, None
 
 
@@ -75,14 +76,14 @@ _attention_kl.register_autograd(_attention_kl_grads, setup_context=_attention_kl
 def attention_kl(backend: str, q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor,
                  key_mask: Optional[Tensor]) -> Tensor:
     """``kdfast.attention_kl`` (validated arguments) through ``kdfast::attention_kl`` on ``backend``."""
-    loss, *_ = torch.ops.kdfast.attention_kl(q_s, k_s, q_t.detach(), k_t.detach(), key_mask, backend)
+    loss, *_ = _attention_kl(q_s, k_s, q_t.detach(), k_t.detach(), key_mask, backend)
     return loss
 
 
 # --------------------------------------------------------------------------- relation KL (MiniLMv2)
 
 
-@torch.library.custom_op("kdfast::relation_kl", mutates_args=())
+@custom_op("kdfast::relation_kl", mutates_args=())
 def _relation_kl(x_s: Tensor, x_t: Tensor, num_relation_heads: int, key_mask: Optional[Tensor],
                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return backend_module("relation_kl", backend).forward(x_s, x_t, num_relation_heads, key_mask)
@@ -93,7 +94,7 @@ def _(x_s, x_t, num_relation_heads, key_mask, backend):
     return _stats_like(x_s, num_relation_heads)
 
 
-@torch.library.custom_op("kdfast::relation_kl_backward", mutates_args=())
+@custom_op("kdfast::relation_kl_backward", mutates_args=())
 def _relation_kl_backward(grad_loss: Tensor, x_s: Tensor, x_t: Tensor, num_relation_heads: int,
                           key_mask: Optional[Tensor], lse_s: Tensor, lse_t: Tensor, rows: Tensor,
                           backend: str) -> Tensor:
@@ -114,7 +115,7 @@ def _relation_kl_setup(ctx, inputs, output):
 
 def _relation_kl_grads(ctx, grad_loss, *_):
     x_s, x_t, key_mask, lse_s, lse_t, rows = ctx.saved_tensors
-    dx = torch.ops.kdfast.relation_kl_backward(grad_loss, x_s, x_t, ctx.heads, key_mask, lse_s, lse_t, rows,
+    dx = _relation_kl_backward(grad_loss, x_s, x_t, ctx.heads, key_mask, lse_s, lse_t, rows,
                                                ctx.backend)
     return dx, None, None, None, None
 
@@ -124,14 +125,14 @@ _relation_kl.register_autograd(_relation_kl_grads, setup_context=_relation_kl_se
 
 def relation_kl(backend: str, x_s: Tensor, x_t: Tensor, num_relation_heads: int, key_mask: Optional[Tensor]) -> Tensor:
     """``kdfast.relation_kl`` (validated arguments) through ``kdfast::relation_kl`` on ``backend``."""
-    loss, *_ = torch.ops.kdfast.relation_kl(x_s, x_t.detach(), num_relation_heads, key_mask, backend)
+    loss, *_ = _relation_kl(x_s, x_t.detach(), num_relation_heads, key_mask, backend)
     return loss
 
 
 # --------------------------------------------------------------------------- attention-score MSE (TinyBERT)
 
 
-@torch.library.custom_op("kdfast::attention_score_mse", mutates_args=())
+@custom_op("kdfast::attention_score_mse", mutates_args=())
 def _attention_score_mse(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, key_mask: Optional[Tensor],
                          include_masked_keys: bool, backend: str,
                          need: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
@@ -165,6 +166,6 @@ def attention_score_mse(backend: str, q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t
                         key_mask: Optional[Tensor], include_masked_keys: bool) -> Tensor:
     """``kdfast.attention_score_mse`` (validated arguments) through ``kdfast::attention_score_mse``."""
     need = [wants_grad(q_s), wants_grad(k_s)]
-    loss, *_ = torch.ops.kdfast.attention_score_mse(q_s, k_s, q_t.detach(), k_t.detach(), key_mask,
+    loss, *_ = _attention_score_mse(q_s, k_s, q_t.detach(), k_t.detach(), key_mask,
                                                     include_masked_keys, backend, need)
     return loss

@@ -14,7 +14,10 @@ stride is copied), key_mask bool [B, L] (True = real token). ``k_s``, ``k_t`` No
 one gradient, dq + dk, and a [0] tensor for dk). Gradients not asked for are [0] fp32 tensors.
 The ops are the forward and backward pieces of the loss ops ``kdfast::attention_kl``, ``relation_kl`` and
 ``attention_score_mse`` (``kdfast/ops/attention.py``), whose registered autograd formulas call them; they
-have no autograd formula of their own (not differentiable).
+have no autograd formula of their own (not differentiable). The drivers call the functions
+:func:`attention_kl_rows`, :func:`attention_kl_rows_backward` and :func:`attention_mse_gram`, the ops'
+implementations for the inputs' device, directly: they run inside the loss ops (below autograd, never
+traced), where a second dispatch would add ~80 us of Python per call.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from torch import Tensor
 
 from kdfast import _ext
 from kdfast._buffers import new_output, new_output_like
+from kdfast.ops._library import custom_op
 
 OPS = ("kdfast::attention_kl_rows", "kdfast::attention_kl_rows_backward", "kdfast::attention_mse_gram")
 STORAGE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernels' attn::Storage codes
@@ -88,8 +92,7 @@ def _row_stats(q_s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(new_output(q_s.shape[:3], torch.float32, q_s.device) for _ in range(3))
 
 
-@torch.library.custom_op("kdfast::attention_kl_rows", mutates_args=(), device_types=("cpu", "cuda"))
-def _attention_kl_rows(q_s: Tensor, k_s: Optional[Tensor], q_t: Tensor, k_t: Optional[Tensor],
+def attention_kl_rows(q_s: Tensor, k_s: Optional[Tensor], q_t: Tensor, k_t: Optional[Tensor],
                        key_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     same_qk = keys_are_queries(k_s, k_t)
     inputs = _kl_inputs(q_s, k_s, q_t, k_t, key_mask)
@@ -101,9 +104,8 @@ def _attention_kl_rows(q_s: Tensor, k_s: Optional[Tensor], q_t: Tensor, k_t: Opt
     return kl_rows, lse_s, lse_t
 
 
-@_attention_kl_rows.register_fake
-def _(q_s, k_s, q_t, k_t, key_mask):
-    return _row_stats(q_s)
+_kl_rows_op = custom_op("kdfast::attention_kl_rows", attention_kl_rows, mutates_args=(), device_types=("cpu", "cuda"))
+_kl_rows_op.register_fake(lambda q_s, k_s, q_t, k_t, key_mask: _row_stats(q_s))
 
 
 def _kl_grads(q_s: Tensor, k_s: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -113,8 +115,7 @@ def _kl_grads(q_s: Tensor, k_s: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return tuple(new_output(x.shape, torch.float32, x.device) for x in (q_s, k_s))
 
 
-@torch.library.custom_op("kdfast::attention_kl_rows_backward", mutates_args=(), device_types=("cpu", "cuda"))
-def _attention_kl_rows_backward(q_s: Tensor, k_s: Optional[Tensor], q_t: Tensor, k_t: Optional[Tensor],
+def attention_kl_rows_backward(q_s: Tensor, k_s: Optional[Tensor], q_t: Tensor, k_t: Optional[Tensor],
                                 key_mask: Optional[Tensor], lse_s: Tensor, lse_t: Tensor,
                                 coef: float) -> tuple[Tensor, Tensor]:
     same_qk = keys_are_queries(k_s, k_t)
@@ -129,9 +130,9 @@ def _attention_kl_rows_backward(q_s: Tensor, k_s: Optional[Tensor], q_t: Tensor,
     return dq, dk
 
 
-@_attention_kl_rows_backward.register_fake
-def _(q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, coef):
-    return _kl_grads(q_s, k_s)
+_kl_rows_backward_op = custom_op("kdfast::attention_kl_rows_backward", attention_kl_rows_backward, mutates_args=(),
+                                device_types=("cpu", "cuda"))
+_kl_rows_backward_op.register_fake(lambda q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, coef: _kl_grads(q_s, k_s))
 
 
 # --------------------------------------------------------------------------- attention-score MSE (Gram algebra)
@@ -159,10 +160,9 @@ def _mse_launch_args(inputs: tuple) -> list:
     return args + [(*operands[0].shape, operands[2].shape[-1])]
 
 
-@torch.library.custom_op("kdfast::attention_mse_gram", mutates_args=(), device_types="cpu")
-def _attention_mse_gram(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, key_mask: Optional[Tensor],
-                        alpha_s: float, alpha_t: float, grad_scale_q: float, grad_scale_k: float,
-                        with_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _gram_cpu(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, key_mask: Optional[Tensor], alpha_s: float,
+              alpha_t: float, grad_scale_q: float, grad_scale_k: float,
+              with_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     energy, dq_s, dk_s = _mse_outputs(q_s, with_grad)
     inputs = _mse_inputs(q_s, k_s, q_t, k_t, key_mask)
     _ext.require_cpu().attention_mse_forward(*_mse_launch_args(inputs), alpha_s, alpha_t, grad_scale_q,
@@ -171,8 +171,9 @@ def _attention_mse_gram(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, key_
     return energy, dq_s, dk_s
 
 
-@_attention_mse_gram.register_kernel("cuda")
-def _(q_s, k_s, q_t, k_t, key_mask, alpha_s, alpha_t, grad_scale_q, grad_scale_k, with_grad):
+def _gram_cuda(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, key_mask: Optional[Tensor], alpha_s: float,
+               alpha_t: float, grad_scale_q: float, grad_scale_k: float,
+               with_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     extension, launch = _extension(q_s.device)
     energy, dq_s, dk_s = _mse_outputs(q_s, with_grad)
     inputs = _mse_inputs(q_s, k_s, q_t, k_t, key_mask)
@@ -186,6 +187,15 @@ def _(q_s, k_s, q_t, k_t, key_mask, alpha_s, alpha_t, grad_scale_q, grad_scale_k
     return energy, dq_s, dk_s
 
 
-@_attention_mse_gram.register_fake
-def _(q_s, k_s, q_t, k_t, key_mask, alpha_s, alpha_t, grad_scale_q, grad_scale_k, with_grad):
-    return _mse_outputs(q_s, with_grad)
+def attention_mse_gram(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, key_mask: Optional[Tensor],
+                       alpha_s: float, alpha_t: float, grad_scale_q: float, grad_scale_k: float,
+                       with_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The op's implementation for ``q_s``'s device (see the module docstring)."""
+    kernel = _gram_cuda if q_s.device.type == "cuda" else _gram_cpu
+    return kernel(q_s, k_s, q_t, k_t, key_mask, alpha_s, alpha_t, grad_scale_q, grad_scale_k, with_grad)
+
+
+_gram_op = custom_op("kdfast::attention_mse_gram", _gram_cpu, mutates_args=(), device_types="cpu")
+_gram_op.register_kernel("cuda")(_gram_cuda)
+_gram_op.register_fake(lambda q_s, k_s, q_t, k_t, key_mask, alpha_s, alpha_t, grad_scale_q, grad_scale_k, with_grad:
+                       _mse_outputs(q_s, with_grad))

@@ -12,11 +12,12 @@ from torch import Tensor
 
 from kdfast.functions.hidden_mse import hidden_mse_pass
 from kdfast.ops._common import backend_module, no_grad_like, non_differentiable, wants_grad
+from kdfast.ops._library import custom_op
 
 OPS = ("kdfast::hidden_mse",)
 
 
-@torch.library.custom_op("kdfast::hidden_mse", mutates_args=())
+@custom_op("kdfast::hidden_mse", mutates_args=())
 def _hidden_mse(h_s: Tensor, h_t: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mask: Optional[Tensor],
                 backend: str, need: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     loss, grads = hidden_mse_pass(backend_module("hidden_mse", backend).rows, h_s, h_t, weight, bias, mask,
@@ -50,5 +51,5 @@ def hidden_mse(backend: str, h_s: Tensor, h_t: Tensor, weight: Optional[Tensor],
                mask: Optional[Tensor]) -> Tensor:
     """``kdfast.hidden_mse`` (validated arguments) through ``kdfast::hidden_mse`` on ``backend``; fp32 scalar."""
     need = [wants_grad(h_s), wants_grad(weight), wants_grad(bias)]
-    loss, *_ = torch.ops.kdfast.hidden_mse(h_s, h_t.detach(), weight, bias, mask, backend, need)
+    loss, *_ = _hidden_mse(h_s, h_t.detach(), weight, bias, mask, backend, need)
     return loss

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from torch import Tensor
 
 from kdfast import _ext
-from kdfast.functions.vocab_kd import RowKernel, pointer_row_kernel
+from kdfast.functions.vocab_kd import RowKernel, fake_rows, pointer_row_kernel
+from kdfast.ops._library import custom_op
 
 OPS = ("kdfast::vocab_kd_rows",)
 
@@ -21,25 +21,26 @@ _CPU = pointer_row_kernel(lambda *args: _ext.require_cpu().vocab_kd_rows(*args),
 _CUDA = pointer_row_kernel(lambda *args: _ext.require_cuda().vocab_kd_rows(*args), with_stream=True)
 
 
-@torch.library.custom_op("kdfast::vocab_kd_rows", mutates_args=("s", "t"), device_types="cpu")
-def _vocab_kd_rows(s: Tensor, t: Tensor, labels: Tensor, kd_coef: Tensor, mlm_coef: Tensor, temperature: float,
-                   kind: str, beta: float) -> tuple[Tensor, Tensor]:
+def _rows_cpu(s: Tensor, t: Tensor, labels: Tensor, kd_coef: Tensor, mlm_coef: Tensor, temperature: float, kind: str,
+              beta: float) -> tuple[Tensor, Tensor]:
     return _CPU(s, t, labels, kd_coef, mlm_coef, temperature, kind, beta)
 
 
-@_vocab_kd_rows.register_kernel("cuda")
-def _(s, t, labels, kd_coef, mlm_coef, temperature, kind, beta):
-    return _CUDA(s, t, labels, kd_coef, mlm_coef, temperature, kind, beta)
+def vocab_kd_rows(s: Tensor, t: Tensor, labels: Tensor, kd_coef: Tensor, mlm_coef: Tensor, temperature: float,
+                  kind: str, beta: float) -> tuple[Tensor, Tensor]:
+    """The op's implementation for ``s``'s device, which the driver calls directly: it runs inside the loss
+    ops (below autograd, never traced), where a dispatch per chunk would add ~80 us of Python."""
+    return (_CUDA if s.device.type == "cuda" else _CPU)(s, t, labels, kd_coef, mlm_coef, temperature, kind, beta)
 
 
-@_vocab_kd_rows.register_fake
-def _(s, t, labels, kd_coef, mlm_coef, temperature, kind, beta):
-    return s.new_empty((s.shape[0],)), s.new_empty((s.shape[0],))
+_op = custom_op("kdfast::vocab_kd_rows", _rows_cpu, mutates_args=("s", "t"), device_types="cpu")
+_op.register_kernel("cuda")(_CUDA)
+_op.register_fake(fake_rows)
 
 
 def row_kernel(op: Callable[..., "tuple[Tensor, Tensor]"], vocab_major: bool) -> RowKernel:
-    """The driver's row kernel calling the custom op ``op``; ``vocab_major``: it also takes ``s``, ``t``
-    with unit stride along C."""
+    """The driver's row kernel calling ``op`` (a kernel op's implementation, with this module's arguments);
+    ``vocab_major``: it also takes ``s``, ``t`` with unit stride along C."""
 
     def rows(s: Tensor, t: Tensor, labels: Tensor, kd_coef: Tensor, mlm_coef: Tensor, temperature: float,
              kind: str, beta: float = 0.5) -> "tuple[Tensor, Tensor]":

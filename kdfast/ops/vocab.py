@@ -21,6 +21,7 @@ from kdfast.functions.logit_map import LogitMap
 from kdfast.functions.outputs import KDOutput
 from kdfast.functions.sparse_targets import SparseTargets
 from kdfast.ops._common import backend_module, no_grad_like, non_differentiable, tracing, wants_grad
+from kdfast.ops._library import custom_op
 
 OPS = ("kdfast::fused_linear_kd", "kdfast::fused_linear_kd_backward", "kdfast::kd_kl")
 
@@ -42,7 +43,7 @@ def _options(backend: str, labels, mask, row_weights, target_ids, target_weights
         teacher_map=LogitMap(teacher_softcap, teacher_logit_scale))
 
 
-@torch.library.custom_op("kdfast::fused_linear_kd", mutates_args=())
+@custom_op("kdfast::fused_linear_kd", mutates_args=())
 def _fused_linear_kd(student_hidden: Tensor, student_weight: Tensor, student_bias: Optional[Tensor],
                      teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor],
                      teacher_bias: Optional[Tensor], labels: Optional[Tensor], mask: Optional[Tensor],
@@ -101,7 +102,7 @@ def _scaled_grads(grad_kd: Tensor, grad_mlm: Tensor, stored: Sequence[Tensor], i
     return driver.scale_stored_grads(grad_kd, grad_mlm, stored, kd_weight, mlm_weight, mlm_grads)
 
 
-@torch.library.custom_op("kdfast::fused_linear_kd_backward", mutates_args=())
+@custom_op("kdfast::fused_linear_kd_backward", mutates_args=())
 def _fused_linear_kd_backward(grad_kd: Tensor, grad_mlm: Tensor, d_hidden: Tensor, d_weight: Tensor,
                               d_bias: Tensor, student_hidden: Tensor, student_weight: Tensor,
                               student_bias: Optional[Tensor], labels: Optional[Tensor], mask: Optional[Tensor],
@@ -132,7 +133,7 @@ def _backward(ctx, grad_kd, grad_mlm, *_):
     grad_kd, grad_mlm = (zero if g is None else g for g in (grad_kd, grad_mlm))
     need = ctx.options[-1]
     if tracing(grad_kd, grad_mlm, d_hidden):
-        grads = torch.ops.kdfast.fused_linear_kd_backward(grad_kd, grad_mlm, d_hidden, d_weight, d_bias, *inputs,
+        grads = _fused_linear_kd_backward(grad_kd, grad_mlm, d_hidden, d_weight, d_bias, *inputs,
                                                           *ctx.options)
     else:
         grads = _scaled_grads(grad_kd, grad_mlm, [g if wanted else None for g, wanted in
@@ -156,7 +157,7 @@ def fused_linear_kd(backend: str, *, student_hidden, student_weight, teacher_hid
     target_ids, target_weights = (None, None) if teacher_targets is None else teacher_targets
     need = [wants_grad(student_hidden), wants_grad(student_weight), wants_grad(student_bias)]
     detached = (None if x is None else x.detach() for x in (teacher_hidden, teacher_weight, teacher_bias))
-    kd, mlm, *_ = torch.ops.kdfast.fused_linear_kd(
+    kd, mlm, *_ = _fused_linear_kd(
         student_hidden, student_weight, student_bias, *detached, labels, mask, row_weights, target_ids,
         target_weights, backend, ignore_index, float(temperature), float(kd_weight), float(mlm_weight), kind,
         reduction, bool(t2_scale), teacher_topk, float(beta), chunk_rows,
@@ -168,7 +169,7 @@ def fused_linear_kd(backend: str, *, student_hidden, student_weight, teacher_hid
 # --------------------------------------------------------------------------- KD on given logits
 
 
-@torch.library.custom_op("kdfast::kd_kl", mutates_args=())
+@custom_op("kdfast::kd_kl", mutates_args=())
 def _kd_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor], backend: str, temperature: float,
            kind: str, reduction: str, t2_scale: bool, beta: float, chunk_rows: Optional[int],
            need_grad: bool) -> tuple[Tensor, Tensor]:
@@ -203,7 +204,7 @@ _kd_kl.register_autograd(_kd_kl_backward, setup_context=_kd_kl_setup)
 def kd_kl(backend: str, *, student_logits, teacher_logits, temperature=1.0, mask=None, kind="kl",
           reduction="batchmean", t2_scale=True, beta=0.5, chunk_rows: Optional[int] = None) -> Tensor:
     """``kdfast.kd_kl`` (validated keyword arguments) through ``kdfast::kd_kl`` on ``backend``: a 0-dim fp32 loss."""
-    loss, _ = torch.ops.kdfast.kd_kl(student_logits, teacher_logits.detach(), mask, backend, float(temperature), kind,
+    loss, _ = _kd_kl(student_logits, teacher_logits.detach(), mask, backend, float(temperature), kind,
                                      reduction, bool(t2_scale), float(beta), chunk_rows,
                                      wants_grad(student_logits))
     return loss

@@ -21,11 +21,11 @@ from typing import Optional
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
 
 from kdfast._backends import triton_interpreting
 from kdfast._buffers import new_output, new_output_like
 from kdfast.ops import attention
+from kdfast.ops._library import triton_op, wrap_triton
 from kdfast.ops.attention_kernels import keys_are_queries
 from kdfast.triton import _attention_kl_kernels as kernels
 from kdfast.triton.static import KernelSpec
@@ -99,8 +99,7 @@ def _row_stats(q_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return tuple(new_output(q_s.shape[:3], torch.float32, q_s.device) for _ in range(3))
 
 
-@triton_op("kdfast::attention_kl_rows_triton", mutates_args=())
-def _attention_kl_rows(q_s: torch.Tensor, k_s: Optional[torch.Tensor], q_t: torch.Tensor, k_t: Optional[torch.Tensor],
+def attention_kl_rows(q_s: torch.Tensor, k_s: Optional[torch.Tensor], q_t: torch.Tensor, k_t: Optional[torch.Tensor],
                        key_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q_s, k_s, q_t, k_t = _operands(q_s, k_s, q_t, k_t)
     b, h, length, d_s = q_s.shape
@@ -117,9 +116,8 @@ def _attention_kl_rows(q_s: torch.Tensor, k_s: Optional[torch.Tensor], q_t: torc
     return kl, lse_s, lse_t
 
 
-@_attention_kl_rows.register_fake
-def _(q_s, k_s, q_t, k_t, key_mask):
-    return _row_stats(q_s)
+_rows_op = triton_op("kdfast::attention_kl_rows_triton", attention_kl_rows, mutates_args=())
+_rows_op.register_fake(lambda q_s, k_s, q_t, k_t, key_mask: _row_stats(q_s))
 
 
 def _grads(q_s: torch.Tensor, k_s: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,8 +132,7 @@ def _grads(q_s: torch.Tensor, k_s: Optional[torch.Tensor]) -> tuple[torch.Tensor
     return dx, q_s.new_empty((0,), dtype=torch.float32), dq32
 
 
-@triton_op("kdfast::attention_kl_rows_backward_triton", mutates_args=())
-def _attention_kl_rows_backward(q_s: torch.Tensor, k_s: Optional[torch.Tensor], q_t: torch.Tensor,
+def attention_kl_rows_backward(q_s: torch.Tensor, k_s: Optional[torch.Tensor], q_t: torch.Tensor,
                                 k_t: Optional[torch.Tensor], key_mask: Optional[torch.Tensor], lse_s: torch.Tensor,
                                 lse_t: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     add_dq = k_s is None
@@ -160,9 +157,8 @@ def _attention_kl_rows_backward(q_s: torch.Tensor, k_s: Optional[torch.Tensor], 
     return dq, dk
 
 
-@_attention_kl_rows_backward.register_fake
-def _(q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, scale):
-    return _grads(q_s, k_s)[:2]
+_rows_backward_op = triton_op("kdfast::attention_kl_rows_backward_triton", attention_kl_rows_backward, mutates_args=())
+_rows_backward_op.register_fake(lambda q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, scale: _grads(q_s, k_s)[:2])
 
 
 def mean_over_valid_rows(kl: torch.Tensor, key_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +179,7 @@ def grad_scale(grad_output: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 def forward(q_s, k_s, q_t, k_t, key_mask):
     """Op ``attention_kl``'s forward (``k_s``, ``k_t`` None: k = q, op ``relation_kl``): (mean KL(p_t || p_s),
     lse_s, lse_t [B, h, L], row count n)."""
-    kl, lse_s, lse_t = torch.ops.kdfast.attention_kl_rows_triton(q_s, k_s, q_t, k_t, key_mask)
+    kl, lse_s, lse_t = attention_kl_rows(q_s, k_s, q_t, k_t, key_mask)  # op kdfast::attention_kl_rows_triton
     loss, n = mean_over_valid_rows(kl, key_mask)
     return loss, lse_s, lse_t, n
 
@@ -191,8 +187,7 @@ def forward(q_s, k_s, q_t, k_t, key_mask):
 def backward(grad_output, q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, n):
     """Op ``attention_kl``'s backward: (d q_s, d k_s) from the inputs and the two LSEs (k = q: (d q_s + d k_s,
     a [0] tensor))."""
-    return torch.ops.kdfast.attention_kl_rows_backward_triton(q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t,
-                                                             grad_scale(grad_output, n))
+    return attention_kl_rows_backward(q_s, k_s, q_t, k_t, key_mask, lse_s, lse_t, grad_scale(grad_output, n))
 
 
 def head_size_reason(d_s: int, d_t: int, dtypes, batch_heads: int) -> Optional[str]:

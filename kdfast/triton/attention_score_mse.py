@@ -23,11 +23,11 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from kdfast._buffers import new_output
 from kdfast.functions.attention_score_mse import decline
 from kdfast.ops import attention
+from kdfast.ops._library import triton_op, wrap_triton
 from kdfast.triton.static import KernelSpec
 
 MAX_HEAD_DIM = 128
@@ -127,8 +127,7 @@ def _outputs(q_s: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Te
     return new_output((batch * heads,), torch.float64, q_s.device), *grads
 
 
-@triton_op("kdfast::attention_mse_gram_triton", mutates_args=())
-def _attention_mse_gram(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
+def attention_mse_gram(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
                         key_mask: Optional[torch.Tensor], grad_scale_q: float, grad_scale_k: float,
                         with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, heads, length, d_s = q_s.shape
@@ -159,16 +158,15 @@ def _attention_mse_gram(q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
     return energy, dq_s, dk_s
 
 
-@_attention_mse_gram.register_fake
-def _(q_s, k_s, q_t, k_t, key_mask, grad_scale_q, grad_scale_k, with_grad):
-    return _outputs(q_s, with_grad)
+_gram_op = triton_op("kdfast::attention_mse_gram_triton", attention_mse_gram, mutates_args=())
+_gram_op.register_fake(lambda q_s, k_s, q_t, k_t, key_mask, grad_scale_q, grad_scale_k, with_grad:
+                       _outputs(q_s, with_grad))
 
 
 def kernel(q_s, k_s, q_t, k_t, key_mask, alpha_s, alpha_t, grad_scale_q, grad_scale_k, with_grad):
-    """The driver's kernel contract on ``kdfast::attention_mse_gram_triton``. The kernels scale the scores by
-    d^-1/2 themselves, which is what the driver passes as ``alpha_s``, ``alpha_t``."""
-    return torch.ops.kdfast.attention_mse_gram_triton(q_s, k_s, q_t, k_t, key_mask, grad_scale_q, grad_scale_k,
-                                                      with_grad)
+    """The driver's kernel contract on the implementation of op ``kdfast::attention_mse_gram_triton``. The kernels
+    scale the scores by d^-1/2 themselves, which is what the driver passes as ``alpha_s``, ``alpha_t``."""
+    return attention_mse_gram(q_s, k_s, q_t, k_t, key_mask, grad_scale_q, grad_scale_k, with_grad)
 
 
 def unsupported_reason(q_s=None, q_t=None, **_) -> Optional[str]:

@@ -27,10 +27,11 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from kdfast._buffers import new_output
 from kdfast._reduction import KINDS
+from kdfast.functions.vocab_kd import fake_rows
+from kdfast.ops._library import triton_op, wrap_triton
 from kdfast.triton.static import KernelSpec
 
 
@@ -265,7 +266,6 @@ def kind_block(kind: str, block: int, warps: int) -> tuple[int, int]:
     return REVERSE_KL_MAX_BLOCK if kind == "reverse_kl" and block > REVERSE_KL_MAX_BLOCK[0] else (block, warps)
 
 
-@torch.library.triton_op("kdfast::vocab_kd_rows_triton", mutates_args={"s", "t"})
 def _vocab_kd_rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.Tensor,
                    mlm_coef: torch.Tensor, temperature: float, kind: str,
                    beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,14 +283,17 @@ def _vocab_kd_rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_co
     return kd_row, mlm_row
 
 
+_op = triton_op("kdfast::vocab_kd_rows_triton", _vocab_kd_rows, mutates_args={"s", "t"})
+_op.register_fake(fake_rows)
+
+
 def rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.Tensor, mlm_coef: torch.Tensor,
          temperature: float, kind: str, beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Row kernel (contract in kdfast/functions/vocab_kd.py), the triton_op ``kdfast::vocab_kd_rows_triton``:
     ``s``, ``t`` fp32 [C, V] with unit column stride; ``labels`` [C] int64 (-1: no MLM term);
     ``kd_coef``, ``mlm_coef`` [C] fp32; ``kind`` in ``KINDS``, ``beta`` in (0, 1) for ``"jsd"``.
     Overwrites ``s`` with the gradient and returns (kd_row, mlm_row), both fp32 [C]."""
-    return torch.ops.kdfast.vocab_kd_rows_triton(s, t, labels, kd_coef, mlm_coef, float(temperature), kind,
-                                                 float(beta))
+    return _vocab_kd_rows(s, t, labels, kd_coef, mlm_coef, float(temperature), kind, float(beta))
 
 
 _SIGNATURE = {"s_ptr": "*fp32", "t_ptr": "*fp32", "labels_ptr": "*i64", "kd_coef_ptr": "*fp32",

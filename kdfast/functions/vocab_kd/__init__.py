@@ -51,11 +51,11 @@ from kdfast.functions.vocab_kd.gradients import scale_stored_grads
 from kdfast.functions.vocab_kd.logits_pass import kd_kl_pass
 from kdfast.functions.vocab_kd.options import VocabKDOptions
 from kdfast.functions.vocab_kd.phases import phase_hook
-from kdfast.functions.vocab_kd.row_kernels import RowKernel, pointer_row_kernel, row_kernel_outputs
+from kdfast.functions.vocab_kd.row_kernels import RowKernel, fake_rows, pointer_row_kernel, row_kernel_outputs
 from kdfast.functions.vocab_kd.support import fused_unsupported_reason, kd_kl_unsupported_reason, unsupported_reason
 
 __all__ = [
     "CPU_CHUNK_BYTES", "CPU_MIN_CHUNK_ROWS", "CUDA_CHUNK_BYTES", "chunk_rows", "rows_within", "fused_pass",
-    "scale_stored_grads", "kd_kl_pass", "VocabKDOptions", "phase_hook", "RowKernel", "pointer_row_kernel",
+    "scale_stored_grads", "kd_kl_pass", "VocabKDOptions", "phase_hook", "RowKernel", "fake_rows", "pointer_row_kernel",
     "row_kernel_outputs", "fused_unsupported_reason", "kd_kl_unsupported_reason", "unsupported_reason",
 ]

@@ -1,5 +1,5 @@
 """Row kernels (contract in the package docstring): their type, the adapter of native entry points that
-take raw pointers, and the check of a kernel's arguments."""
+take raw pointers, the check of a kernel's arguments, and the ops' fake implementation."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -35,6 +35,11 @@ def pointer_row_kernel(launch: Callable[..., None], with_stream: bool,
 
     rows.vocab_major = launch_vocab_major is not None
     return rows
+
+
+def fake_rows(s: torch.Tensor, t, labels, kd_coef, mlm_coef, temperature, kind, beta) -> "tuple[torch.Tensor, ...]":
+    """Fake implementation of the row-kernel ops (C++/CUDA and Triton): ``kd_row``, ``mlm_row`` fp32 [C]."""
+    return s.new_empty((s.shape[0],)), s.new_empty((s.shape[0],))
 
 
 def row_kernel_outputs(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.Tensor,
