@@ -12,6 +12,7 @@ Triton serves CPU tensors only when asked explicitly under ``TRITON_INTERPRET=1`
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import warnings
@@ -31,7 +32,19 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None  # a constant, which torch.compile reads
+TRITON_MIN = (3, 0)  # the kernels use Triton 3's language (tested with 3.8); torch < 2.4 bundles Triton 2
+
+
+def _triton_version() -> Optional[tuple]:
+    """The installed triton's (major, minor), read from its metadata without importing it; None if absent."""
+    try:
+        return tuple(int(part) for part in importlib.metadata.version("triton").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+_TRITON_VERSION = _triton_version() if importlib.util.find_spec("triton") is not None else None
+_TRITON_IMPORTABLE = _TRITON_VERSION is not None and _TRITON_VERSION >= TRITON_MIN  # constants torch.compile reads
 
 
 def triton_importable() -> bool:
@@ -47,8 +60,11 @@ def backend_ready(backend: str, device: torch.device) -> Optional[str]:
             return f"backend 'cpu' needs CPU tensors, got device {device}"
         return _ext.C_ERROR
     if backend == "triton":
-        if not triton_importable():
+        if _TRITON_VERSION is None:
             return "backend 'triton' needs the triton package (pip install triton; Linux only)"
+        if not triton_importable():
+            return (f"backend 'triton' needs triton >= {'.'.join(map(str, TRITON_MIN))}, got "
+                    f"{'.'.join(map(str, _TRITON_VERSION))} (it comes with torch >= 2.4)")
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
             return None
         return f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got device {device}"

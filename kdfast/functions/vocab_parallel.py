@@ -45,6 +45,7 @@ from kdfast.functions.vocab_kd.options import VocabKDOptions
 from kdfast.functions.vocab_kd.row_kernels import RowKernel
 from kdfast.functions.vocab_kd.selection import select_rows
 from kdfast.functions.vocab_shard_rows import shard_chunk
+from kdfast.runtime.distributed import dtensor_api, is_dtensor
 
 # --------------------------------------------------------------------------- communication record
 
@@ -118,20 +119,13 @@ class ShardedHeads:
         return parts
 
 
-def _is_dtensor(value: object) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(value, DTensor)
-
-
 def _group_of(name: str, value: torch.Tensor) -> dist.ProcessGroup:
     """The process group along which DTensor ``value`` is sharded by rows (placement Shard(0) on one mesh
     dimension, Replicate on the others)."""
-    from torch.distributed.tensor import Replicate, Shard
-
+    api = dtensor_api()
     placements = tuple(value.placements)
-    sharded = [d for d, p in enumerate(placements) if isinstance(p, Shard) and p.dim == 0]
-    others_replicated = all(isinstance(p, Replicate) for d, p in enumerate(placements) if d not in sharded)
+    sharded = [d for d, p in enumerate(placements) if isinstance(p, api.Shard) and p.dim == 0]
+    others_replicated = all(isinstance(p, api.Replicate) for d, p in enumerate(placements) if d not in sharded)
     if len(sharded) != 1 or not others_replicated:
         raise ValueError(f"{name}: expected a DTensor with placement Shard(0) (vocabulary rows) on one mesh "
                          f"dimension and Replicate on the others, got placements {placements}")
@@ -170,7 +164,7 @@ def shard_heads(student_weight: object, teacher_weight: object, student_bias: ob
     heads = dict(student_weight=student_weight, teacher_weight=teacher_weight, student_bias=student_bias,
                  teacher_bias=teacher_bias)
     given = {name: value for name, value in heads.items() if value is not None}
-    distributed = {name for name, value in given.items() if _is_dtensor(value)}
+    distributed = {name for name, value in given.items() if is_dtensor(value)}
     if not distributed and process_group is None:
         return None
     if teacher_weight is None:
@@ -206,10 +200,8 @@ def _replicated_hidden(**hidden: object) -> dict:
     """The local tensors of DTensor hidden states, which must be replicated on every rank, by name."""
     local = {}
     for name, value in hidden.items():
-        if _is_dtensor(value):
-            from torch.distributed.tensor import Replicate
-
-            if not all(isinstance(p, Replicate) for p in value.placements):
+        if is_dtensor(value):
+            if not all(isinstance(p, dtensor_api().Replicate) for p in value.placements):
                 raise ValueError(f"{name}: expected hidden states replicated on every rank of the group (a plain "
                                  f"tensor or a DTensor with Replicate placements), got placements "
                                  f"{tuple(value.placements)}")

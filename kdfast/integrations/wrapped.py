@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from kdfast.integrations.lm_head import LMHead, find_lm_head
+from kdfast.runtime.distributed import is_dtensor
 
 _ABSENT = object()
 
@@ -56,16 +57,14 @@ def run_as_forward(caller: nn.Module, module: nn.Module, function: Callable[...,
         return caller(**inputs)
 
 
-def is_sharded(tensor: torch.Tensor) -> bool:
-    """True for a DTensor (a parameter FSDP2 holds sharded outside its module's forward)."""
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
+is_sharded = is_dtensor  # a parameter FSDP2 holds sharded outside its module's forward
 
 
 def is_fsdp_module(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: no FSDP2 in its public place
+        return False
     return isinstance(model, FSDPModule)
 
 

@@ -2,6 +2,7 @@
 needs. Without torchrun everything is a single process and no group is created."""
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -66,3 +67,22 @@ def max_across(value: float, context: Context) -> float:
 def barrier(context: Context) -> None:
     if context.distributed:
         dist.barrier()
+
+
+def dtensor_api():
+    """The module with ``DTensor``, ``Shard`` and ``Replicate``: ``torch.distributed.tensor`` (torch >= 2.5),
+    ``torch.distributed._tensor`` before; None where torch has neither."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "DTensor"):
+            return module
+    return None
+
+
+def is_dtensor(value: object) -> bool:
+    """Whether ``value`` is a DTensor (a parameter FSDP2 holds sharded, a tensor-parallel weight)."""
+    api = dtensor_api()
+    return api is not None and isinstance(value, api.DTensor)
