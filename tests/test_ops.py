@@ -306,3 +306,35 @@ def test_fused_backward_of_one_part_alone(part):
         grads[backend] = torch.autograd.grad(getattr(out, part), leaves)
     for got, ref in zip(grads["cpu"], grads["torch"]):
         assert float((got.double() - ref).norm() / ref.norm()) < 1e-5
+
+
+class _Writes(TorchDispatchMode):
+    """Records (op name, output size) of every op that returns a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.ops.append((func.overloadpacket.__name__, out.numel()))
+        return out
+
+
+@pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")
+@pytest.mark.parametrize("name", ["kdfast::attention_score_mse", "kdfast::hidden_mse"])
+def test_grad_in_forward_backward_scales_only_when_it_must(name):
+    """At an incoming gradient of exactly 1 on CPU the backward hands over the stored gradients (no write of a
+    gradient-sized tensor); at 2.5 it returns 2.5 times them."""
+    op = getattr(torch.ops.kdfast, name.split("::")[1])
+    for args in SAMPLES[name]("cpu"):
+        leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        with _Writes() as spy:
+            at_one = torch.autograd.grad(op(*args)[0], leaves)
+        forward_and_backward = spy.ops
+        at_scale = torch.autograd.grad(op(*args)[0] * 2.5, leaves)
+        for one, scaled in zip(at_one, at_scale):
+            torch.testing.assert_close(scaled, one * 2.5, rtol=1e-6, atol=0)
+        muls = [size for op_name, size in forward_and_backward if op_name == "mul" and size > 1]
+        assert muls == [], forward_and_backward

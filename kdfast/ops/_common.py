@@ -1,9 +1,10 @@
 """Helpers shared by the op modules: the backend module behind a ``backend`` argument, empty
-stand-ins for gradients not asked for, outputs without gradients, and whether a call is being traced."""
+stand-ins for gradients not asked for, outputs without gradients, the scaling of stored gradients, and whether
+a call is being traced."""
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -31,6 +32,16 @@ def non_differentiable(ctx, *outputs: torch.Tensor) -> None:
     extra output per call); the backward formulas read only the losses' gradients."""
     ctx.mark_non_differentiable(*outputs)
     ctx.set_materialize_grads(False)
+
+
+def scale_stored(stored: Sequence[torch.Tensor], need: Sequence[bool], grad_loss: torch.Tensor) -> list:
+    """A grad-in-forward op's input gradients: its stored gradients times the loss's incoming gradient, None
+    where ``need`` is False. Eager on CPU at exactly 1 (a plain ``loss.backward()``) they are the stored
+    tensors themselves, as in the vocabulary op: reading the scale costs nothing there and spares a write of
+    every gradient. On a GPU that read would be a sync, and traced code must not branch on it."""
+    if grad_loss.device.type == "cpu" and not tracing(grad_loss) and bool(grad_loss == 1):
+        return [g if wanted else None for g, wanted in zip(stored, need)]
+    return [g * grad_loss if wanted else None for g, wanted in zip(stored, need)]
 
 
 def wants_grad(x: Optional[torch.Tensor]) -> bool:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from kdfast.functions.attention_score_mse import attention_score_mse_pass
-from kdfast.ops._common import backend_module, no_grad_like, non_differentiable, wants_grad
+from kdfast.ops._common import backend_module, no_grad_like, non_differentiable, scale_stored, wants_grad
 from kdfast.ops._library import custom_op
 
 OPS = ("kdfast::attention_kl", "kdfast::attention_kl_backward", "kdfast::relation_kl",
@@ -155,7 +155,7 @@ def _score_mse_setup(ctx, inputs, output):
 
 
 def _score_mse_grads(ctx, grad_loss, *_):
-    dq, dk = (g * grad_loss if wanted else None for g, wanted in zip(ctx.saved_tensors, ctx.need))
+    dq, dk = scale_stored(ctx.saved_tensors, ctx.need, grad_loss)
     return dq, dk, None, None, None, None, None, None
 
 

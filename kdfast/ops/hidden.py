@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from kdfast.functions.hidden_mse import hidden_mse_pass
-from kdfast.ops._common import backend_module, no_grad_like, non_differentiable, wants_grad
+from kdfast.ops._common import backend_module, no_grad_like, non_differentiable, scale_stored, wants_grad
 from kdfast.ops._library import custom_op
 
 OPS = ("kdfast::hidden_mse",)
@@ -40,7 +40,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_):
-    grads = [g * grad_loss if wanted else None for g, wanted in zip(ctx.saved_tensors, ctx.need)]
+    grads = scale_stored(ctx.saved_tensors, ctx.need, grad_loss)
     return grads[0], None, grads[1], grads[2], None, None, None
 
 

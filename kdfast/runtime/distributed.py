@@ -2,7 +2,6 @@
 needs. Without torchrun everything is a single process and no group is created."""
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -71,15 +70,18 @@ def barrier(context: Context) -> None:
 
 def dtensor_api():
     """The module with ``DTensor``, ``Shard`` and ``Replicate``: ``torch.distributed.tensor`` (torch >= 2.5),
-    ``torch.distributed._tensor`` before; None where torch has neither."""
-    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+    ``torch.distributed._tensor`` before; None where torch has neither. (Import statements, not importlib:
+    torch.compile traces through this.)"""
+    try:
+        from torch.distributed import tensor as api
+    except ImportError:
+        api = None
+    if api is None or not hasattr(api, "DTensor"):
         try:
-            module = importlib.import_module(name)
+            from torch.distributed import _tensor as api
         except ImportError:
-            continue
-        if hasattr(module, "DTensor"):
-            return module
-    return None
+            return None
+    return api
 
 
 def is_dtensor(value: object) -> bool:

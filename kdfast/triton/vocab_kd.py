@@ -289,7 +289,8 @@ _op.register_fake(fake_rows)
 
 def rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, kd_coef: torch.Tensor, mlm_coef: torch.Tensor,
          temperature: float, kind: str, beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row kernel (contract in kdfast/functions/vocab_kd.py), the triton_op ``kdfast::vocab_kd_rows_triton``:
+    """Row kernel (contract in kdfast/functions/vocab_kd/), the implementation of the triton_op
+    ``kdfast::vocab_kd_rows_triton``, called directly (the driver runs inside a loss op):
     ``s``, ``t`` fp32 [C, V] with unit column stride; ``labels`` [C] int64 (-1: no MLM term);
     ``kd_coef``, ``mlm_coef`` [C] fp32; ``kind`` in ``KINDS``, ``beta`` in (0, 1) for ``"jsd"``.
     Overwrites ``s`` with the gradient and returns (kd_row, mlm_row), both fp32 [C]."""
