@@ -1,6 +1,6 @@
 """kdfast on a torch without ``torch.library.custom_op``, ``triton_op`` and ``wrap_triton`` (torch 2.3): a
 fresh process removes them while it imports kdfast, so the ops are ``kdfast/ops/_library.py``'s eager
-stand-ins (on torch 2.3.1 itself the CPU loss tests pass too; it is not installed here). Every loss on the
+stand-ins (CI has torch 2.13 only; on torch 2.3.1 the CPU loss tests were run by hand). Every loss on the
 ``cpu`` backend (and ``triton`` under the interpreter) must still equal the float64 torch reference,
 forward and gradients, with and without autograd."""
 from __future__ import annotations
