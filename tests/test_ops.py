@@ -5,11 +5,12 @@ kernel ops (``triton_op``) under TRITON_INTERPRET=1 the checks the interpreter a
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
+from alloc_spy import ShapeSpy
 from conftest import interpreting_triton
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdfast.triton as kdfast_triton
 from kdfast import _ext, ops
@@ -253,19 +254,10 @@ def test_fused_backward_scales_and_reweights_without_a_bias(parts):
         assert float((got.double() - ref).norm() / ref.norm()) < 1e-5
 
 
-class _ZeroFills(TorchDispatchMode):
-    """Records the size of every tensor that an op fills with zeros (zeros, zeros_like, zero_, fill_)."""
-
-    def __init__(self):
-        super().__init__()
-        self.filled = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        if name in ("zeros", "zeros_like", "zero_", "fill_", "new_zeros") and isinstance(out, torch.Tensor):
-            self.filled.append((name, out.numel()))
-        return out
+def _written(spy: ShapeSpy, names: "tuple[str, ...]") -> list:
+    """(aten op name, numel) of each tensor that ``spy`` saw one of the ops ``names`` return, if over 1 element."""
+    found = [(op.split(".")[1], math.prod(shape)) for op, shape in spy.outputs]
+    return [(name, size) for name, size in found if name in names and size > 1]
 
 
 LOSS_OPS = ("kdfast::fused_linear_kd", "kdfast::kd_kl", "kdfast::attention_kl", "kdfast::relation_kl",
@@ -282,9 +274,9 @@ def test_backward_fills_no_zero_gradients(name):
     for args in SAMPLES[name]("cpu"):
         out = op(*args)
         loss = out[0] * args[14] + out[1] * args[15] if name == "kdfast::fused_linear_kd" else out[0]
-        with _ZeroFills() as spy:
+        with ShapeSpy() as spy:
             loss.backward()
-        assert [size for _, size in spy.filled if size > 1] == [], spy.filled
+        assert _written(spy, ("zeros", "zeros_like", "zero_", "fill_", "new_zeros")) == []
 
 
 @pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")
@@ -308,20 +300,6 @@ def test_fused_backward_of_one_part_alone(part):
         assert float((got.double() - ref).norm() / ref.norm()) < 1e-5
 
 
-class _Writes(TorchDispatchMode):
-    """Records (op name, output size) of every op that returns a tensor."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor):
-            self.ops.append((func.overloadpacket.__name__, out.numel()))
-        return out
-
-
 @pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")
 @pytest.mark.parametrize("name", ["kdfast::attention_score_mse", "kdfast::hidden_mse"])
 def test_grad_in_forward_backward_scales_only_when_it_must(name):
@@ -330,11 +308,9 @@ def test_grad_in_forward_backward_scales_only_when_it_must(name):
     op = getattr(torch.ops.kdfast, name.split("::")[1])
     for args in SAMPLES[name]("cpu"):
         leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-        with _Writes() as spy:
+        with ShapeSpy() as spy:
             at_one = torch.autograd.grad(op(*args)[0], leaves)
-        forward_and_backward = spy.ops
         at_scale = torch.autograd.grad(op(*args)[0] * 2.5, leaves)
         for one, scaled in zip(at_one, at_scale):
             torch.testing.assert_close(scaled, one * 2.5, rtol=1e-6, atol=0)
-        muls = [size for op_name, size in forward_and_backward if op_name == "mul" and size > 1]
-        assert muls == [], forward_and_backward
+        assert _written(spy, ("mul",)) == []
