@@ -144,6 +144,8 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "losses.json").write_text(json.dumps(losses))
         print("losses", " ".join(f"{loss:.6f}" for loss in losses))
+    if dist.is_initialized():
+        dist.destroy_process_group()  # before exit: a live gloo group can abort the process at teardown
 
 
 if __name__ == "__main__":

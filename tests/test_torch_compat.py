@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import kdfast
 from kdfast import _ext
 from kdfast.ops._library import EagerOp
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
 import sys
@@ -87,11 +86,12 @@ print("compat ok:", ", ".join(backends))
 
 
 @pytest.mark.skipif(_ext.C is None, reason="kdfast._C is not built")
-def test_losses_without_torch_library_custom_ops():
+def test_losses_without_torch_library_custom_ops(tmp_path):
     backends = "cpu,triton" if os.environ.get("TRITON_INTERPRET") == "1" else "cpu"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    here = str(Path(kdfast.__file__).resolve().parents[1])  # the kdfast this test imports (installed or not)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
     done = subprocess.run([sys.executable, "-c", SCRIPT, backends], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, cwd=tmp_path)  # not the checkout's folder, which `-c` would put first
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"compat ok: {', '.join(backends.split(','))}" in done.stdout
 
