@@ -21,7 +21,8 @@ SCRIPT = r"""
 import sys
 import torch
 import torch.distributed._functional_collectives  # torch's own modules that register custom ops, first
-removed = {name: getattr(torch.library, name) for name in ("custom_op", "triton_op", "wrap_triton")}
+removed = {name: getattr(torch.library, name) for name in ("custom_op", "triton_op", "wrap_triton")
+           if hasattr(torch.library, name)}  # torch 2.3 has none of them
 for name in removed:
     delattr(torch.library, name)
 import kdfast  # noqa: E402  (registers its ops while torch.library lacks them)
