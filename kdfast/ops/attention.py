@@ -115,8 +115,7 @@ def _relation_kl_setup(ctx, inputs, output):
 
 def _relation_kl_grads(ctx, grad_loss, *_):
     x_s, x_t, key_mask, lse_s, lse_t, rows = ctx.saved_tensors
-    dx = _relation_kl_backward(grad_loss, x_s, x_t, ctx.heads, key_mask, lse_s, lse_t, rows,
-                                               ctx.backend)
+    dx = _relation_kl_backward(grad_loss, x_s, x_t, ctx.heads, key_mask, lse_s, lse_t, rows, ctx.backend)
     return dx, None, None, None, None
 
 
@@ -166,6 +165,6 @@ def attention_score_mse(backend: str, q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t
                         key_mask: Optional[Tensor], include_masked_keys: bool) -> Tensor:
     """``kdfast.attention_score_mse`` (validated arguments) through ``kdfast::attention_score_mse``."""
     need = [wants_grad(q_s), wants_grad(k_s)]
-    loss, *_ = _attention_score_mse(q_s, k_s, q_t.detach(), k_t.detach(), key_mask,
-                                                    include_masked_keys, backend, need)
+    loss, *_ = _attention_score_mse(q_s, k_s, q_t.detach(), k_t.detach(), key_mask, include_masked_keys, backend,
+                                    need)
     return loss

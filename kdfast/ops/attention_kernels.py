@@ -93,7 +93,7 @@ def _row_stats(q_s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def attention_kl_rows(q_s: Tensor, k_s: Optional[Tensor], q_t: Tensor, k_t: Optional[Tensor],
-                       key_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                      key_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     same_qk = keys_are_queries(k_s, k_t)
     inputs = _kl_inputs(q_s, k_s, q_t, k_t, key_mask)
     kl_rows, lse_s, lse_t = _row_stats(q_s)
@@ -116,8 +116,8 @@ def _kl_grads(q_s: Tensor, k_s: Optional[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 def attention_kl_rows_backward(q_s: Tensor, k_s: Optional[Tensor], q_t: Tensor, k_t: Optional[Tensor],
-                                key_mask: Optional[Tensor], lse_s: Tensor, lse_t: Tensor,
-                                coef: float) -> tuple[Tensor, Tensor]:
+                               key_mask: Optional[Tensor], lse_s: Tensor, lse_t: Tensor,
+                               coef: float) -> tuple[Tensor, Tensor]:
     same_qk = keys_are_queries(k_s, k_t)
     inputs = _kl_inputs(q_s, k_s, q_t, k_t, key_mask)
     lse_s, lse_t = lse_s.contiguous(), lse_t.contiguous()

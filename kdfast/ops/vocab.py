@@ -129,12 +129,11 @@ def _(grad_kd, grad_mlm, d_hidden, d_weight, d_bias, *args):
 
 def _backward(ctx, grad_kd, grad_mlm, *_):
     d_hidden, d_weight, d_bias, *inputs = ctx.saved_tensors
-    zero = torch.zeros((), dtype=torch.float32, device=d_hidden.device)  # a loss without a gradient comes as None
-    grad_kd, grad_mlm = (zero if g is None else g for g in (grad_kd, grad_mlm))
+    grad_kd, grad_mlm = (torch.zeros((), dtype=torch.float32, device=d_hidden.device) if g is None else g  # no grad
+                         for g in (grad_kd, grad_mlm))
     need = ctx.options[-1]
     if tracing(grad_kd, grad_mlm, d_hidden):
-        grads = _fused_linear_kd_backward(grad_kd, grad_mlm, d_hidden, d_weight, d_bias, *inputs,
-                                                          *ctx.options)
+        grads = _fused_linear_kd_backward(grad_kd, grad_mlm, d_hidden, d_weight, d_bias, *inputs, *ctx.options)
     else:
         grads = _scaled_grads(grad_kd, grad_mlm, [g if wanted else None for g, wanted in
                                                    zip((d_hidden, d_weight, d_bias), need)], inputs, ctx.options)
@@ -204,7 +203,6 @@ _kd_kl.register_autograd(_kd_kl_backward, setup_context=_kd_kl_setup)
 def kd_kl(backend: str, *, student_logits, teacher_logits, temperature=1.0, mask=None, kind="kl",
           reduction="batchmean", t2_scale=True, beta=0.5, chunk_rows: Optional[int] = None) -> Tensor:
     """``kdfast.kd_kl`` (validated keyword arguments) through ``kdfast::kd_kl`` on ``backend``: a 0-dim fp32 loss."""
-    loss, _ = _kd_kl(student_logits, teacher_logits.detach(), mask, backend, float(temperature), kind,
-                                     reduction, bool(t2_scale), float(beta), chunk_rows,
-                                     wants_grad(student_logits))
+    loss, _ = _kd_kl(student_logits, teacher_logits.detach(), mask, backend, float(temperature), kind, reduction,
+                     bool(t2_scale), float(beta), chunk_rows, wants_grad(student_logits))
     return loss

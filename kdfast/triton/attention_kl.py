@@ -100,7 +100,7 @@ def _row_stats(q_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def attention_kl_rows(q_s: torch.Tensor, k_s: Optional[torch.Tensor], q_t: torch.Tensor, k_t: Optional[torch.Tensor],
-                       key_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      key_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q_s, k_s, q_t, k_t = _operands(q_s, k_s, q_t, k_t)
     b, h, length, d_s = q_s.shape
     d_t = q_t.shape[-1]
@@ -133,8 +133,8 @@ def _grads(q_s: torch.Tensor, k_s: Optional[torch.Tensor]) -> tuple[torch.Tensor
 
 
 def attention_kl_rows_backward(q_s: torch.Tensor, k_s: Optional[torch.Tensor], q_t: torch.Tensor,
-                                k_t: Optional[torch.Tensor], key_mask: Optional[torch.Tensor], lse_s: torch.Tensor,
-                                lse_t: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                               k_t: Optional[torch.Tensor], key_mask: Optional[torch.Tensor], lse_s: torch.Tensor,
+                               lse_t: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     add_dq = k_s is None
     dq, dk, dq32 = _grads(q_s, k_s)
     q_s, k_s, q_t, k_t = _operands(q_s, k_s, q_t, k_t)
